@@ -1,0 +1,52 @@
+"""`lvd serve`: serve every deployment of the project from one process against the configured Prefect API.
+
+Each module in DEPLOYMENT_MODULES exposes `deployments() -> list[RunnerDeployment]`; once served,
+`prefect deployment run FLOW/DEPLOYMENT --param k=v` works against that server (the UI shows each run).
+With `--local`, a Prefect server on loopback (SQLite under `--home`) is started first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from pathlib import Path
+
+DEPLOYMENT_MODULES = [
+    "flows.curate",
+]
+
+
+def all_deployments() -> list:
+    deployments = []
+    for module_name in DEPLOYMENT_MODULES:
+        deployments.extend(importlib.import_module(module_name).deployments())
+    return deployments
+
+
+def serve_all(limit: int | None = None) -> None:
+    """Block, serving all deployments; runs start as subprocesses of this process."""
+    from prefect import serve
+
+    serve(*all_deployments(), limit=limit)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.local:
+        from infra.local import local_prefect_server
+
+        with local_prefect_server(Path(args.home)) as api_url:
+            os.environ["PREFECT_API_URL"] = api_url
+            print(f"Prefect UI: {api_url.removesuffix('/api')}", flush=True)
+            serve_all(args.limit)
+    else:
+        serve_all(args.limit)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve all deployments (curate-lvd/..., train-stage/..., ...)")
+    parser.add_argument("--local", action="store_true", help="start a Prefect server on 127.0.0.1 first")
+    parser.add_argument("--home", default=".lvd/prefect", help="PREFECT_HOME for --local (SQLite lives here)")
+    parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+    parser.set_defaults(func=_run)

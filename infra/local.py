@@ -42,10 +42,9 @@ def wait_for_http(url: str, timeout_s: float = 90.0, process: subprocess.Popen |
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server process exited with code {process.returncode} before {url} answered")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 

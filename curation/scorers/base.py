@@ -1,0 +1,107 @@
+"""What every learned scorer shares: device choice, weight-path checks, input checks, per-clip isolation.
+
+The `ClipScorer` contract (curation/types.py) says one bad clip never fails a batch: its columns are
+None and an `error` says why. `score_isolated` implements that once for all scorers: clips with
+unusable frames are refused up front, and if a batched forward still fails, the batch is retried one
+clip at a time so only the culprit gets an error row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation.types import ClipFrames
+
+logger = logging.getLogger(__name__)
+
+MIN_FRAME_SIDE = 16
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Real weights were asked for but are not where the configuration says; the message names the setting."""
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' -> 'cuda' when this process sees a GPU (a Ray actor with num_gpus > 0 does), else 'cpu'."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_file(path: str | os.PathLike | None, setting: str, what: str) -> Path:
+    """Return `path` as an existing file, or raise an error naming the configuration `setting` to fix."""
+    if path is None or str(path) == "":
+        raise MissingWeightsError(f"{what}: no weights configured; set `{setting}` to a local file")
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise MissingWeightsError(f"{what}: `{setting}` = {str(path)!r} does not exist or is not a file")
+    return resolved
+
+
+def check_frames(clip: ClipFrames) -> str | None:
+    """Why a clip's frames cannot be scored, or None when they are fine."""
+    frames = clip.frames
+    if not isinstance(frames, np.ndarray):
+        return f"frames must be a numpy array, got {type(frames).__name__}"
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        return f"frames must have shape (N, H, W, 3), got {tuple(frames.shape)}"
+    if frames.shape[0] == 0:
+        return "no frames"
+    if frames.dtype != np.uint8:
+        return f"frames must be uint8 RGB, got {frames.dtype}"
+    if min(frames.shape[1:3]) < MIN_FRAME_SIDE:
+        return f"frames of {frames.shape[2]}x{frames.shape[1]} px are smaller than {MIN_FRAME_SIDE} px"
+    return None
+
+
+def error_row(columns: Sequence[str], error: str) -> dict[str, Any]:
+    return {**dict.fromkeys(columns), "error": error}
+
+
+def score_isolated(
+    batch: Sequence[ClipFrames],
+    columns: Sequence[str],
+    scorer_name: str,
+    score_valid: Callable[[list[ClipFrames]], list[dict[str, Any]]],
+    extra_check: Callable[[ClipFrames], str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run `score_valid` on the clips that pass the checks; isolate failures to the clip that caused them."""
+    rows: list[dict[str, Any] | None] = [None] * len(batch)
+    valid_index: list[int] = []
+    for i, clip in enumerate(batch):
+        problem = check_frames(clip) or (extra_check(clip) if extra_check else None)
+        if problem:
+            rows[i] = error_row(columns, f"{scorer_name}: {problem}")
+        else:
+            valid_index.append(i)
+    if valid_index:
+        valid = [batch[i] for i in valid_index]
+        try:
+            results = score_valid(valid)
+        except Exception as batch_error:  # a batch failed: find the clip(s) responsible
+            if len(valid) == 1:
+                results = [error_row(columns, f"{scorer_name}: {type(batch_error).__name__}: {batch_error}")]
+            else:
+                logger.warning("%s: batch of %d failed (%s); retrying clip by clip", scorer_name,
+                               len(valid), batch_error)
+                results = [
+                    score_isolated([clip], columns, scorer_name, score_valid, extra_check)[0] for clip in valid
+                ]
+        for i, row in zip(valid_index, results, strict=True):
+            rows[i] = row
+    return [row if row is not None else error_row(columns, f"{scorer_name}: not scored") for row in rows]
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of at most `size` items (size < 1 means everything at once)."""
+    if size < 1:
+        return [items] if len(items) else []
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,247 @@
+"""Settings of the learned curation scorers (text area, CLIP, captions, RAFT) and of their Ray actor pools.
+
+Defaults follow SPEC §1 (captions mixed 0.5 / 0.25 / 0.25 at training time; RAFT at 800x450). The LVD-F
+drop rules over the columns these scorers fill (text area > 7 % and the 25 % most text, the 25 % lowest
+aesthetics, the 50 % lowest CLIP score) are `FilterRule`s in `CurationConfig.filters`, next to the
+motion rule, so every rule of the run is in one list; only the stage III `hq` selection is set here.
+Real weights are never downloaded at run time: every model setting takes a local path (or a name that
+open_clip resolves from its local cache). A scorer whose weights are not configured is switched off
+and says which setting to fill (`ScorersConfig.unavailable`); a configured path that does not exist is
+an error naming that setting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEXT_BACKENDS = ("auto", "ppocr", "craft")
+CAPTION_SOURCES = ("coca", "video", "llm_summary")
+
+
+@dataclass
+class ActorPoolConfig:
+    """How one model is spread over Ray actors. One model load per actor; each call scores a batch.
+
+    `num_gpus=None` means: 1 / `actors_per_gpu` when the Ray cluster has GPUs, else 0 (CPU actors).
+    `num_actors=None` means: GPUs in the cluster x `actors_per_gpu`, or 1 on a CPU-only cluster.
+    """
+
+    num_actors: int | None = None
+    num_gpus: float | None = None
+    actors_per_gpu: int = 2
+    num_cpus: float = 1.0
+    torch_threads: int = 1  # intra-op threads per actor; CPU actors should not oversubscribe their cores
+    batch_size: int = 16  # clips per actor call (amortises the object-store round trip)
+    max_batches_in_flight: int = 2  # per actor; bounds memory while keeping each actor's queue non-empty
+
+    def validate(self, name: str) -> None:
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError(f"{name}.pool.num_actors must be >= 1 or None (auto), got {self.num_actors}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"{name}.pool.num_gpus must be >= 0 or None (auto), got {self.num_gpus}")
+        if self.actors_per_gpu < 1:
+            raise ValueError(f"{name}.pool.actors_per_gpu must be >= 1, got {self.actors_per_gpu}")
+        if self.batch_size < 1 or self.max_batches_in_flight < 1 or self.torch_threads < 1:
+            raise ValueError(f"{name}.pool: batch_size, max_batches_in_flight, torch_threads must be >= 1")
+        if self.num_cpus < 0:
+            raise ValueError(f"{name}.pool.num_cpus must be >= 0, got {self.num_cpus}")
+
+
+def easyocr_model_dir() -> Path:
+    """Where EasyOCR keeps `craft_mlt_25k.pth` (EASYOCR_MODULE_PATH or MODULE_PATH or ~/.EasyOCR, + /model)."""
+    base = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH") or "~/.EasyOCR"
+    return Path(base).expanduser() / "model"
+
+
+@dataclass
+class TextAreaConfig:
+    """Text area on the first, middle and last frame (SPEC §1: the CRAFT detector).
+
+    backend: 'craft' = EasyOCR's CRAFT detector (the paper's), 'ppocr' = the PP-OCRv4 detector bundled
+    with rapidocr-onnxruntime, 'auto' = CRAFT when its weights are found, else PP-OCR.
+    """
+
+    enabled: bool = True
+    backend: str = "auto"
+    craft_weights: str | None = None  # path to craft_mlt_25k.pth; None: look in EasyOCR's model dir
+    ppocr_det_model: str | None = None  # path to a PP-OCR det .onnx; None: the one rapidocr ships
+    det_long_side: int = 640  # frames are resized so the long side is this (multiple of 32) for detection
+    frames_per_forward: int = 1  # model micro-batch; on CPU one frame per forward is fastest (measured)
+    # PP-OCR DB post-processing (rapidocr's defaults)
+    ppocr_pixel_threshold: float = 0.3
+    ppocr_box_threshold: float = 0.5
+    ppocr_unclip_ratio: float = 1.6
+    # CRAFT post-processing (EasyOCR's defaults)
+    craft_text_threshold: float = 0.7
+    craft_link_threshold: float = 0.4
+    craft_low_text: float = 0.4
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=4))
+
+    def resolved_craft_weights(self) -> Path | None:
+        """The CRAFT weights to use, or None when there are none (then 'auto' falls back to PP-OCR)."""
+        if self.craft_weights:
+            return Path(self.craft_weights).expanduser()
+        candidate = easyocr_model_dir() / "craft_mlt_25k.pth"
+        return candidate if candidate.is_file() else None
+
+    def resolved_backend(self) -> str:
+        if self.backend not in TEXT_BACKENDS:
+            raise ValueError(f"scorers.text.backend must be one of {TEXT_BACKENDS}, got {self.backend!r}")
+        if self.backend != "auto":
+            return self.backend
+        return "craft" if self.resolved_craft_weights() is not None else "ppocr"
+
+    def validate(self) -> None:
+        self.resolved_backend()
+        if self.det_long_side < 32 or self.det_long_side % 32:
+            raise ValueError(f"scorers.text.det_long_side must be a multiple of 32, got {self.det_long_side}")
+        self.pool.validate("scorers.text")
+
+
+@dataclass
+class ClipScoreConfig:
+    """CLIP embeddings of first/middle/last frame -> LAION aesthetic score and caption-frame similarity.
+
+    model_name: an open_clip architecture ('ViT-L-14', matching the LAION predictor's 768-d input) or
+    'local-dir:/path' holding open_clip_config.json + weights. pretrained: a weights file (or an
+    open_clip tag already in its cache). aesthetic_weights: the LAION aesthetic predictor (.pth; the
+    MLP 'sac+logos+ava1-l14-linearMSE.pth' or the linear 'sa_0_4_vit_l_14_linear.pth').
+    """
+
+    enabled: bool = True
+    model_name: str = "ViT-L-14"
+    pretrained: str | None = None
+    aesthetic_weights: str | None = None
+    frames_per_forward: int = 24
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
+
+    def missing_setting(self) -> str | None:
+        if self.model_name.startswith("local-dir:") or self.pretrained:
+            return None
+        return "scorers.clip.pretrained (a local open_clip weights file) or scorers.clip.model_name='local-dir:...'"
+
+    def validate(self) -> None:
+        if self.frames_per_forward < 1:
+            raise ValueError("scorers.clip.frames_per_forward must be >= 1")
+        self.pool.validate("scorers.clip")
+
+
+@dataclass
+class CaptionConfig:
+    """CoCa caption of the middle frame (open_clip's CoCa; SPEC §1), plus the training-time caption mix.
+
+    model_name: 'coca_ViT-L-14' (or another open_clip CoCa) or 'local-dir:/path'; pretrained: weights file,
+    e.g. the mscoco-finetuned laion2b CoCa. `mix` is how the trainer samples one caption per clip from the
+    `captions` struct (coca / video captioner / LLM summary), renormalised over the ones present.
+    """
+
+    enabled: bool = True
+    model_name: str = "coca_ViT-L-14"
+    pretrained: str | None = None
+    decoding: str = "beam_search"  # or "greedy"
+    num_beams: int = 3
+    max_tokens: int = 30  # including the start token
+    min_tokens: int = 5
+    frames_per_forward: int = 16
+    mix: dict[str, float] = field(default_factory=lambda: {"coca": 0.5, "video": 0.25, "llm_summary": 0.25})
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
+
+    def missing_setting(self) -> str | None:
+        if self.model_name.startswith("local-dir:") or self.pretrained:
+            return None
+        return "scorers.caption.pretrained (a local CoCa weights file) or scorers.caption.model_name='local-dir:...'"
+
+    def validate(self) -> None:
+        if self.decoding not in ("beam_search", "greedy"):
+            raise ValueError(f"scorers.caption.decoding must be 'beam_search' or 'greedy', got {self.decoding!r}")
+        if self.num_beams < 1 or self.max_tokens <= self.min_tokens or self.min_tokens < 1:
+            raise ValueError("scorers.caption: need num_beams >= 1 and max_tokens > min_tokens >= 1")
+        unknown = set(self.mix) - set(CAPTION_SOURCES)
+        if unknown or any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError(f"scorers.caption.mix: weights >= 0 over {CAPTION_SOURCES}, got {self.mix}")
+        self.pool.validate("scorers.caption")
+
+
+@dataclass
+class RaftConfig:
+    """RAFT motion for the stage III high-quality subset (SPEC §1: RAFT at 800x450).
+
+    Frames are sampled at `sample_fps` across the clip, resized to width x height, and the score is the
+    mean optical-flow magnitude in pixels per second at that size over all consecutive pairs.
+    The `hq` pass keeps LVD-F clips that are in the top part by RAFT motion and by aesthetics
+    (the paper picks ~1M of 152M; the exact rule is ours: [open]).
+    """
+
+    enabled: bool = True
+    architecture: str = "raft_large"  # or "raft_small" (torchvision)
+    weights: str | None = None  # path to a torchvision RAFT state dict (e.g. raft_large_C_T_SKHT_V2)
+    width: int = 800
+    height: int = 450
+    sample_fps: float = 2.0
+    max_pairs: int = 16  # at most this many frame pairs per clip (evenly spread)
+    num_flow_updates: int = 12
+    pairs_per_forward: int = 4
+    # hq selection among clips kept by LVD-F
+    hq_drop_low_motion_percent: float | None = 50.0
+    hq_drop_low_aesthetic_percent: float | None = 50.0
+    hq_max_text_area: float | None = 0.01
+    hq_max_clips: int | None = None  # cap, best aesthetics first (paper scale: ~1M)
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=1, batch_size=4))
+
+    def missing_setting(self) -> str | None:
+        return None if self.weights else "scorers.raft.weights (a torchvision RAFT state dict file)"
+
+    def validate(self) -> None:
+        if self.architecture not in ("raft_large", "raft_small"):
+            raise ValueError(f"scorers.raft.architecture must be raft_large or raft_small, got {self.architecture!r}")
+        if self.width < 128 or self.height < 128:  # RAFT's correlation pyramid needs >= 128 px per side
+            raise ValueError(f"scorers.raft: width and height must be >= 128, got {self.width}x{self.height}")
+        if self.sample_fps <= 0 or self.max_pairs < 1 or self.pairs_per_forward < 1:
+            raise ValueError("scorers.raft: sample_fps > 0, max_pairs >= 1, pairs_per_forward >= 1")
+        for name in ("hq_drop_low_motion_percent", "hq_drop_low_aesthetic_percent"):
+            _check_percent(f"scorers.raft.{name}", getattr(self, name))
+        self.pool.validate("scorers.raft")
+
+
+@dataclass
+class ScorersConfig:
+    """All learned scorers; nested into CurationConfig as `scorers`."""
+
+    text: TextAreaConfig = field(default_factory=TextAreaConfig)
+    clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    raft: RaftConfig = field(default_factory=RaftConfig)
+    use_ray: bool = True  # False: score in this process (tests of the scorers, one-machine debugging)
+
+    def validate(self) -> None:
+        self.text.validate()
+        self.clip.validate()
+        self.caption.validate()
+        self.raft.validate()
+
+    def unavailable(self) -> dict[str, str]:
+        """Enabled scorers that cannot run because weights are not configured -> the setting to fill."""
+        missing = {}
+        for name, cfg in (("clip", self.clip), ("caption", self.caption), ("raft", self.raft)):
+            setting = cfg.missing_setting()
+            if cfg.enabled and setting:
+                missing[name] = f"off: no weights configured; set {setting}"
+        return missing
+
+    def active(self) -> list[str]:
+        """Per-clip scorers (not RAFT, which runs in the hq pass) that are enabled and have weights."""
+        names = []
+        if self.text.enabled:
+            names.append("text")
+        missing = self.unavailable()
+        for name in ("caption", "clip"):
+            if getattr(self, name).enabled and name not in missing:
+                names.append(name)
+        return names
+
+
+def _check_percent(setting: str, value: float | None) -> None:
+    if value is not None and not 0 <= value < 100:
+        raise ValueError(f"{setting} is a percentage in [0, 100) or None, got {value}")

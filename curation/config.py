@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from curation.scorers.config import ScorersConfig
+
 
 @dataclass
 class DecodeConfig:
@@ -122,6 +124,7 @@ class CurationConfig:
     motion: MotionConfig = field(default_factory=MotionConfig)
     filters: list[FilterRule] = field(default_factory=default_filter_rules)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    scorers: ScorersConfig = field(default_factory=ScorersConfig)  # learned scorers + actor pools (issue 4)
     video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
 
     @classmethod

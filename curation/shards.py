@@ -23,8 +23,10 @@ import webdataset as wds
 MANIFEST_COLUMNS = (
     "clip_id", "source", "start_frame", "end_frame", "start_s", "end_s", "fps", "width", "height",
     "motion_score", "text_area", "aesthetic_score", "clip_score", "caption", "keep", "drop_reasons",
-    "shard", "key",
+    "shard", "key", "captions", "scorer_errors", "raft_motion", "hq",
 )
+# The `captions` struct: one caption per captioner of the paper (SPEC §1); the trainer mixes them.
+CAPTIONS_TYPE = pa.struct([("coca", pa.string()), ("video", pa.string()), ("llm_summary", pa.string())])
 MANIFEST_SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()), ("source", pa.string()), ("start_frame", pa.int64()), ("end_frame", pa.int64()),
@@ -33,6 +35,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("aesthetic_score", pa.float64()), ("clip_score", pa.float64()), ("caption", pa.string()),
         ("keep", pa.bool_()), ("drop_reasons", pa.list_(pa.string())), ("shard", pa.string()), ("key", pa.string()),
         ("clip_method", pa.string()),
+        ("captions", CAPTIONS_TYPE), ("scorer_errors", pa.list_(pa.string())),
+        ("raft_motion", pa.float64()), ("hq", pa.bool_()),
     ]
 )
 # Per-source staging rows: the manifest row plus where the clip file and its sampled frames live.

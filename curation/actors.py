@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -202,33 +202,48 @@ class ScorerPool:
         self.done: list[tuple[list[str], list[dict]]] = []
         self.stats = PoolStats(name=name, max_batches_in_flight=self.config.max_batches_in_flight)
         self._last_change = time.perf_counter()
+        self._pending_infos: list[Any] = []
         if use_ray:
             import ray
 
-            placement = placement or _Placement(1, 0.0, self.config.num_cpus)
+            self.placement = placement or _Placement(1, 0.0, self.config.num_cpus)
             remote = ray.remote(ScorerWorker).options(
-                num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, max_restarts=1, max_task_retries=1
+                num_cpus=self.placement.num_cpus, num_gpus=self.placement.num_gpus, max_restarts=1, max_task_retries=1
             )
-            self.workers = [remote.remote(name, config, self.config.torch_threads) for _ in range(placement.num_actors)]
-            try:
-                infos = ray.get([w.info.remote() for w in self.workers], timeout=ACTOR_START_TIMEOUT_S)
-            except ray.exceptions.GetTimeoutError as error:
-                raise RuntimeError(
-                    f"{name} scorer actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster cannot "
-                    f"place {placement.num_actors} actor(s) with num_cpus={placement.num_cpus:g}, "
-                    f"num_gpus={placement.num_gpus:g}; lower scorers.{name}.pool settings"
-                ) from error
-            except ray.exceptions.RayActorError as error:
-                raise RuntimeError(f"{name} scorer actor failed to load its model: {error}") from error
-            self.stats.num_gpus, self.stats.num_cpus = placement.num_gpus, placement.num_cpus
+            threads = self.config.torch_threads
+            self.workers = [remote.remote(name, config, threads) for _ in range(self.placement.num_actors)]
+            self._pending_infos = [w.info.remote() for w in self.workers]  # resolves once the model is loaded
+            self.stats.num_gpus, self.stats.num_cpus = self.placement.num_gpus, self.placement.num_cpus
         else:
             self.workers = [ScorerWorker(name, config, self.config.torch_threads)]
-            infos = [self.workers[0].info()]
+            self._set_infos([self.workers[0].info()])
         self.per_actor = [0] * len(self.workers)
         self.stats.actors = len(self.workers)
+
+    def _set_infos(self, infos: list[dict[str, Any]]) -> None:
+        self.info = infos[0]
         self.stats.device = infos[0].get("device", "")
         self.stats.load_s = max(info["load_s"] for info in infos)
-        self.info = infos[0]
+
+    def wait_ready(self, timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
+        """Block until every actor has loaded its model; clear errors when they cannot start."""
+        if not self._pending_infos:
+            return
+        import ray
+
+        name, placement = self.name, self.placement
+        try:
+            infos = ray.get(self._pending_infos, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            raise RuntimeError(
+                f"{name} scorer actors did not start within {timeout_s:.0f} s: the cluster cannot place "
+                f"{placement.num_actors} actor(s) with num_cpus={placement.num_cpus:g}, "
+                f"num_gpus={placement.num_gpus:g}; lower scorers.{name}.pool settings"
+            ) from error
+        except ray.exceptions.RayError as error:
+            raise RuntimeError(f"{name} scorer actor failed to load its model: {error}") from error
+        self._pending_infos = []
+        self._set_infos(infos)
 
     # -- producer side ---------------------------------------------------------------------------
     def add(self, clip_id: str, item: Any, caption: str | None = None) -> None:
@@ -335,8 +350,10 @@ def start_pools(names: list[str], config: ScorersConfig) -> dict[str, ScorerPool
         placements = plan_placement(names, config, ray.cluster_resources())
     pools: dict[str, ScorerPool] = {}
     try:
-        for name in names:
+        for name in names:  # all actors start loading in parallel ...
             pools[name] = ScorerPool(name, config, config.use_ray, placements.get(name))
+        for pool in pools.values():  # ... and are then waited for
+            pool.wait_ready()
     except BaseException:
         for pool in pools.values():
             pool.close()
@@ -350,13 +367,15 @@ def annotate(
     names: list[str] | None = None,
     report: AnnotateReport | None = None,
     pools: dict[str, ScorerPool] | None = None,
+    on_clip_done: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score every clip with the active scorers; returns {clip_id: {column: value, ...}}.
 
     `names` defaults to `config.active()` (enabled scorers with weights; the others are listed in
     `report.unavailable` and logged with the setting that would switch them on). Errors of single
     clips come back in a `scorer_errors` list. Pass `pools` from `start_pools` to reuse loaded models
-    across calls; otherwise pools are started here and stopped on return.
+    across calls; otherwise pools are started here and stopped on return. `on_clip_done(clip_id, row)`
+    is called as soon as every scorer has finished a clip (the flow persists results per source with it).
     """
     config.validate()
     report = report if report is not None else AnnotateReport()
@@ -372,6 +391,14 @@ def annotate(
     caption_pool, clip_pool = pools.get("caption"), pools.get("clip")
     direct = [pool for name, pool in pools.items() if name != "clip"]
     awaiting_caption: dict[str, Any] = {}
+    outstanding: dict[str, int] = {}  # clip_id -> scorers still to report
+
+    def finish_one(clip_id: str) -> None:
+        outstanding[clip_id] -= 1
+        if outstanding[clip_id] == 0:
+            del outstanding[clip_id]
+            if on_clip_done is not None:
+                on_clip_done(clip_id, results[clip_id])
 
     def merge(pool: ScorerPool, finished: list[tuple[list[str], list[dict]]]) -> None:
         for clip_ids, rows in finished:
@@ -381,6 +408,7 @@ def annotate(
                 if error:
                     results[clip_id].setdefault("scorer_errors", []).append(error)
                 results[clip_id].update(row)
+                finish_one(clip_id)
                 if pool is caption_pool and clip_pool is not None and clip_id in awaiting_caption:
                     clip_pool.add(clip_id, awaiting_caption.pop(clip_id), row.get("caption"))
 
@@ -401,7 +429,10 @@ def annotate(
             report.clips += 1
             results[clip.clip_id]  # every clip gets a row, even if no scorer runs
             if not pools:
+                if on_clip_done is not None:
+                    on_clip_done(clip.clip_id, results[clip.clip_id])
                 continue
+            outstanding[clip.clip_id] = len(pools)
             item = _put(clip) if config.use_ray else clip
             for pool in direct:
                 pool.add(clip.clip_id, item)

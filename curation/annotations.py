@@ -1,0 +1,147 @@
+"""Learned-scorer annotations of a curation run, streamed from the decode stage and kept per source.
+
+`annotate_sources` feeds the actor pools (curation/actors.py) with the sampled frames of each source as
+soon as that source is committed, and writes `work/annotations/part-<source id>.parquet` once all of a
+source's clips are scored. A rerun therefore only scores what is missing: committed sources without
+an annotation part (or annotated by fewer scorers than are active now) and the newly processed ones.
+`read_annotations` gives `finalize` the {clip_id: columns} it merges into the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curation.actors import AnnotateReport, annotate
+from curation.chain import source_id
+from curation.config import CurationConfig
+from curation.dataset import RunLayout, completed_sources, load_clip_frames
+from curation.shards import CAPTIONS_TYPE, read_parquet_rows, write_parquet_atomic
+from curation.types import ClipFrames
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("text_area", pa.float64()),
+        ("aesthetic_score", pa.float64()),
+        ("clip_score", pa.float64()),
+        ("caption", pa.string()),
+        ("captions", CAPTIONS_TYPE),
+        ("scorer_errors", pa.list_(pa.string())),
+        ("annotated_by", pa.list_(pa.string())),
+    ]
+)
+ANNOTATION_COLUMNS = ("text_area", "aesthetic_score", "clip_score", "caption", "captions", "scorer_errors")
+
+
+def annotations_dir(layout: RunLayout) -> Path:
+    return layout.out / "work" / "annotations"
+
+
+def read_annotations(out: str | Path) -> dict[str, dict[str, Any]]:
+    """{clip_id: {text_area, aesthetic_score, clip_score, caption, captions, scorer_errors}} of a run."""
+    rows = read_parquet_rows(annotations_dir(RunLayout(Path(out))))
+    return {row["clip_id"]: {name: row.get(name) for name in ANNOTATION_COLUMNS} for row in rows}
+
+
+def _annotated_by(layout: RunLayout) -> dict[str, set[str]]:
+    """Source id -> scorers its annotation part was made with."""
+    out: dict[str, set[str]] = {}
+    for part in annotations_dir(layout).glob("part-*.parquet"):
+        rows = read_parquet_rows(part)
+        out[part.stem.removeprefix("part-")] = set(rows[0]["annotated_by"] or []) if rows else set()
+    return out
+
+
+def _clip_rows(layout: RunLayout, sid: str) -> list[dict[str, Any]]:
+    return read_parquet_rows(layout.clip_rows / f"part-{sid}.parquet")
+
+
+def _frames(row: dict[str, Any]) -> ClipFrames:
+    """The clip's first/middle/last frames from the JPEG the chain wrote; an unreadable file gives an
+    empty ClipFrames, which every scorer turns into an error row."""
+    try:
+        return load_clip_frames(row)
+    except Exception as error:  # noqa: BLE001 - a missing frame file is one bad clip, not a failed run
+        logger.warning("%s: cannot read sampled frames %s: %s", row["clip_id"], row.get("frames_path"), error)
+        return ClipFrames(clip_id=row["clip_id"], frames=np.zeros((0, 1, 1, 3), np.uint8))
+
+
+class _PartWriter:
+    """Collects finished clips per source and writes the source's part when its last clip is done."""
+
+    def __init__(self, layout: RunLayout, names: list[str]) -> None:
+        self.layout, self.names = layout, sorted(names)
+        self.expected: dict[str, set[str]] = {}  # source id -> clip ids not yet done
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.source_of: dict[str, str] = {}
+        self.parts_written = 0
+
+    def expect(self, sid: str, clip_ids: list[str]) -> None:
+        self.expected[sid], self.rows[sid] = set(clip_ids), []
+        for clip_id in clip_ids:
+            self.source_of[clip_id] = sid
+
+    def done(self, clip_id: str, row: dict[str, Any]) -> None:
+        sid = self.source_of.pop(clip_id)
+        self.rows[sid].append({"clip_id": clip_id, **row, "annotated_by": self.names})
+        self.expected[sid].discard(clip_id)
+        if not self.expected[sid]:
+            path = annotations_dir(self.layout) / f"part-{sid}.parquet"
+            write_parquet_atomic(self.rows.pop(sid), ANNOTATION_SCHEMA, path)
+            del self.expected[sid]
+            self.parts_written += 1
+
+
+def annotate_sources(
+    out: str | Path, config: CurationConfig, finished_sources: Iterable[dict[str, Any]] = ()
+) -> AnnotateReport:
+    """Score the clips of every committed source that lacks annotations, then of each source in
+    `finished_sources` (source rows, as the flow's per-source tasks return them) as it arrives.
+
+    `finished_sources` is always consumed to the end, even when no scorer is active, because the flow
+    drives its per-source progress through it.
+    """
+    layout = RunLayout(Path(out))
+    scorers = config.scorers
+    names = scorers.active()
+    report = AnnotateReport()
+    if not names:
+        for _ in finished_sources:
+            pass
+        report.unavailable = {n: why for n, why in scorers.unavailable().items() if n != "raft"}
+        return report
+    writer = _PartWriter(layout, names)
+    have = _annotated_by(layout)
+    backlog = sorted(
+        source_id(s) for s in completed_sources(layout) if not set(names) <= have.get(source_id(s), set())
+    )
+
+    def source_ids() -> Iterator[str]:
+        yield from backlog
+        seen = set(backlog)
+        for result in finished_sources:
+            sid = source_id(result["source"])
+            if sid not in seen:
+                seen.add(sid)
+                yield sid
+
+    def clips() -> Iterator[ClipFrames]:
+        for sid in source_ids():
+            rows = _clip_rows(layout, sid)
+            if not rows:
+                continue
+            writer.expect(sid, [row["clip_id"] for row in rows])
+            for row in rows:
+                yield _frames(row)
+
+    annotate(clips(), scorers, report=report, on_clip_done=writer.done)
+    logger.info("annotated %d clips, %d source parts written", report.clips, writer.parts_written)
+    return report

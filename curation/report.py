@@ -1,0 +1,228 @@
+"""The LVD-F report: what each filter removed, so a person can judge the thresholds (SPEC §1 picked them
+by human preference).
+
+`write_report(OUT, config)` reads the finished run (manifest, summary.json, the sampled frames of each
+clip, hq/summary.json) and writes OUT/report.md with:
+- counts per rule, clips dropped by that rule alone, kept fraction;
+- the overlap between rules (clips dropped by both);
+- PNG histograms per score, kept and dropped stacked, with each rule's threshold drawn in;
+- one contact sheet per rule: first/middle/last frame of the clips it dropped, most extreme first;
+- which learned scorers ran (and which setting switches the others on), captions, the hq subset.
+It returns the same text for the Prefect markdown artifact, with figure paths instead of images
+(the Prefect UI cannot show local files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curation.config import CurationConfig
+from curation.dataset import RunLayout, pending_clip_rows
+from curation.shards import read_parquet_rows
+
+SCORE_COLUMNS = ("motion_score", "text_area", "aesthetic_score", "clip_score", "raft_motion")
+SHEET_CLIPS = 6
+SHEET_FRAME_HEIGHT = 96
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def rule_overlap(rows: list[dict[str, Any]], rule_names: list[str]) -> dict[str, dict[str, int]]:
+    """overlap[a][b] = clips dropped by both rule a and rule b (diagonal: dropped by a)."""
+    dropped = {name: {r["clip_id"] for r in rows if name in (r.get("drop_reasons") or [])} for name in rule_names}
+    return {a: {b: len(dropped[a] & dropped[b]) for b in rule_names} for a in rule_names}
+
+
+def only_by(rows: list[dict[str, Any]], rule_name: str) -> int:
+    """Clips that this rule alone dropped (every other rule kept them)."""
+    return sum((r.get("drop_reasons") or []) == [rule_name] for r in rows)
+
+
+def histogram_png(rows: list[dict[str, Any]], column: str, thresholds: list[tuple[str, float]], path: Path) -> bool:
+    """Histogram of `column`, kept and dropped clips stacked, rule thresholds as vertical lines."""
+    kept = [r[column] for r in rows if _finite(r.get(column)) and r.get("keep")]
+    dropped = [r[column] for r in rows if _finite(r.get(column)) and not r.get("keep")]
+    if not kept and not dropped:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.0, 2.8), dpi=90)
+    values = kept + dropped
+    bins = np.histogram_bin_edges(values, bins=min(30, max(5, len(values) // 2)))
+    axis.hist([kept, dropped], bins=bins, stacked=True, color=["#2b8a3e", "#c92a2a"], label=["kept", "dropped"])
+    for name, value in thresholds:
+        axis.axvline(value, color="black", linestyle="--", linewidth=1)
+        axis.annotate(name, (value, axis.get_ylim()[1] * 0.9), fontsize=7, rotation=90, ha="right")
+    axis.set_xlabel(column)
+    axis.set_ylabel("clips")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def _strip(row: dict[str, Any], label: str) -> np.ndarray:
+    """first | middle | last frame of a clip at a fixed height, with a label bar underneath."""
+    height = SHEET_FRAME_HEIGHT
+    image = cv2.imread(str(row.get("frames_path") or ""), cv2.IMREAD_COLOR)
+    if image is None:
+        frames = [np.full((height, height * 16 // 9, 3), 60, np.uint8)]
+    else:
+        third = image.shape[0] // 3
+        frames = [image[i * third : (i + 1) * third] for i in range(3)]
+        frames = [cv2.resize(f, (max(1, round(f.shape[1] * height / f.shape[0])), height)) for f in frames]
+    strip = np.concatenate([np.pad(f, ((0, 0), (0, 4), (0, 0))) for f in frames], axis=1)
+    label_lines = label.splitlines()
+    bar = np.full((6 + 14 * len(label_lines), strip.shape[1], 3), 255, np.uint8)
+    for i, text in enumerate(label_lines):
+        cv2.putText(bar, text, (4, 13 + 14 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, bar], axis=0)
+
+
+def contact_sheet(rows: list[dict[str, Any]], column: str, path: Path) -> bool:
+    """Stack clip strips (already in display order) into one PNG; False when there is nothing to show."""
+    if not rows:
+        return False
+    strips = []
+    for row in rows:
+        value = row.get(column)
+        shown = f"{value:.4g}" if _finite(value) else "n/a"
+        strips.append(_strip(row, f"{row['clip_id']}  {column}={shown}\ndropped by: {', '.join(row['drop_reasons'])}"))
+    width = max(s.shape[1] for s in strips)
+    padded = [np.pad(s, ((0, 6), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return bool(cv2.imwrite(str(path), np.concatenate(padded, axis=0)))
+
+
+def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """(scorer, status, clips with an error from it)."""
+    scorers = config.scorers
+    unavailable = scorers.unavailable()
+    columns = {"text": "text_area", "clip": "aesthetic_score / clip_score", "caption": "caption", "raft": "raft_motion"}
+    out = []
+    for name in ("text", "clip", "caption", "raft"):
+        cfg = getattr(scorers, name)
+        if not cfg.enabled:
+            status = f"disabled (scorers.{name}.enabled=false)"
+        elif name in unavailable:
+            status = unavailable[name]
+        elif name == "text":
+            status = f"ran: {cfg.resolved_backend()} detector -> {columns[name]}"
+        else:
+            status = f"ran -> {columns[name]}"
+        prefix = {"text": "text_area", "clip": "clip", "caption": "caption", "raft": "raft_motion"}[name]
+        errors = sum(any(str(e).startswith(prefix) for e in (r.get("scorer_errors") or [])) for r in rows)
+        out.append((name, status, errors))
+    if scorers.clip.enabled and "clip" not in unavailable and not scorers.clip.aesthetic_weights:
+        out.append(("aesthetics", "off: set scorers.clip.aesthetic_weights (LAION predictor .pth)", 0))
+    return out
+
+
+def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
+    """Write figures under OUT/report/ and return (report.md text, Prefect artifact text)."""
+    layout = RunLayout(Path(out))
+    figures = layout.out / "report"
+    manifest = read_parquet_rows(layout.manifest)
+    frames = {r["clip_id"]: r.get("frames_path") for r in pending_clip_rows(layout)}
+    rows = [{**r, "frames_path": frames.get(r["clip_id"]), "drop_reasons": list(r.get("drop_reasons") or [])}
+            for r in manifest]
+    summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
+    hq_file = layout.out / "hq" / "summary.json"
+    hq = json.loads(hq_file.read_text()) if hq_file.exists() else None
+    rules = summary.get("rules", [])
+    total, kept = len(rows), sum(bool(r.get("keep")) for r in rows)
+    lines = [
+        "# LVD-F curation report",
+        "",
+        f"- sources: {summary.get('sources', '?')} ({summary.get('sources_error', 0)} could not be read)",
+        f"- clips: **{total}**, kept: **{kept}** ({kept / total:.1%} kept)" if total else "- clips: **0**",
+        f"- dropped: {total - kept}; a clip can be dropped by several rules (see the overlap table)",
+        "",
+        "## What each rule removed",
+        "",
+        "| rule | column | rule | threshold | scored | dropped | dropped by this rule alone | examples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    sheets: dict[str, str] = {}
+    for rule in rules:
+        name = rule["name"]
+        dropped_rows = [r for r in rows if name in r["drop_reasons"]]
+        reverse = rule["drop"] == "high"
+        dropped_rows.sort(key=lambda r: (r.get(rule["column"]) if _finite(r.get(rule["column"])) else 0.0),
+                          reverse=reverse)
+        sheet = figures / f"dropped_{name}.png"
+        if contact_sheet(dropped_rows[:SHEET_CLIPS], rule["column"], sheet):
+            sheets[name] = str(sheet.relative_to(layout.out))
+        threshold = "-" if rule.get("threshold") is None else f"{rule['threshold']:.4g}"
+        kind = f"{rule['mode']} {rule['value']:g}{'%' if rule['mode'] == 'percentile' else ''} ({rule['drop']})"
+        dropped = rule["skipped"] if rule.get("skipped") else str(rule["dropped"])
+        example = f"[sheet]({sheets[name]})" if name in sheets else "-"
+        lines.append(f"| {name} | {rule['column']} | {kind} | {threshold} | {rule['scored']} | {dropped} "
+                     f"| {only_by(rows, name)} | {example} |")
+    names = [rule["name"] for rule in rules if not rule.get("skipped")]
+    if names:
+        overlap = rule_overlap(rows, names)
+        lines += ["", "## Overlap between rules (clips dropped by both)", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {a} | " + " | ".join(str(overlap[a][b]) for b in names) + " |" for a in names]
+    lines += ["", "## Score distributions (kept green, dropped red; dashed: rule thresholds)", ""]
+    for column in SCORE_COLUMNS:
+        thresholds = [(r["name"], r["threshold"]) for r in rules
+                      if r["column"] == column and _finite(r.get("threshold"))]
+        figure = figures / f"hist_{column}.png"
+        if histogram_png(rows, column, thresholds, figure):
+            lines.append(f"![{column}]({figure.relative_to(layout.out)})")
+        else:
+            lines.append(f"- {column}: no scores in this run")
+    if sheets:
+        lines += ["", "## Dropped examples (first | middle | last frame; most extreme first)"]
+        for name, sheet in sheets.items():
+            lines += ["", f"### {name}", "", f"![{name}]({sheet})"]
+    lines += ["", "## Learned scorers", "", "| scorer | status | clips with errors |", "|---|---|---|"]
+    lines += [f"| {name} | {status} | {errors} |" for name, status, errors in _scorer_status(config, rows)]
+    captioned = [r for r in rows if r.get("caption")]
+    lines += ["", f"Captions: {len(captioned)} of {total} clips have a CoCa caption."]
+    if captioned:
+        lines += [f"- `{r['clip_id']}`: {r['caption']}" for r in captioned[:5]]
+    lines += ["", "## Stage III high-quality subset (RAFT)"]
+    if hq is None:
+        lines.append("- not run")
+    elif hq.get("skipped"):
+        lines.append(f"- {hq['skipped']}")
+    else:
+        lines.append(f"- {hq['selected']} of {hq['candidates']} kept clips with a RAFT score selected "
+                     f"-> OUT/hq/shards ({', '.join(hq.get('shards', [])) or 'no shards'})")
+        for rule in hq.get("rules", []):
+            threshold = "-" if rule.get("threshold") is None else f"{rule['threshold']:.4g}"
+            lines.append(f"- {rule['name']}: {rule['column']} {rule['mode']} {rule['value']:g}, dropped "
+                         f"{rule['skipped'] or rule['dropped']} (threshold {threshold})")
+    markdown = "\n".join(lines) + "\n"
+    artifact = markdown.replace("](report/", f"]({figures}/")
+    artifact = "\n".join(
+        f"- figure: `{line.split('](', 1)[1].rstrip(')')}`" if line.startswith("![") else line
+        for line in artifact.splitlines()
+    )
+    return markdown, artifact + "\n"
+
+
+def write_report(out: str | Path, config: CurationConfig) -> str:
+    """Write OUT/report.md (+ OUT/report/*.png); return the markdown for the Prefect artifact."""
+    markdown, artifact = build_report(out, config)
+    path = Path(out) / "report.md"
+    temporary = path.with_name(".report.md.tmp")
+    temporary.write_text(markdown)
+    temporary.replace(path)
+    return artifact

@@ -175,3 +175,14 @@ def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, d
     temporary.write_text(json.dumps(report, indent=2))
     os.replace(temporary, layout.summary)
     return report
+
+
+def run_sequential(input_root: str | Path, out: str | Path, config: CurationConfig | None = None) -> dict:
+    """The whole run in this process, without Prefect or Ray (benchmarks, debugging, resume tests)."""
+    config = config or CurationConfig()
+    layout = prepare_output(out, config)
+    done = completed_sources(layout)
+    for relative_path in discover_sources(input_root, config.video_extensions):
+        if relative_path not in done:
+            curate_source(input_root, relative_path, out, config)
+    return finalize(layout, config)

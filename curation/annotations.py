@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation.actors import AnnotateReport, annotate
 from curation.chain import source_id
@@ -64,6 +65,11 @@ def _clip_rows(layout: RunLayout, sid: str) -> list[dict[str, Any]]:
     return read_parquet_rows(layout.clip_rows / f"part-{sid}.parquet")
 
 
+def _has_clips(layout: RunLayout, sid: str) -> bool:
+    part = layout.clip_rows / f"part-{sid}.parquet"
+    return part.exists() and pq.read_metadata(part).num_rows > 0
+
+
 def _frames(row: dict[str, Any]) -> ClipFrames:
     """The clip's first/middle/last frames from the JPEG the chain wrote; an unreadable file gives an
     empty ClipFrames, which every scorer turns into an error row."""
@@ -101,28 +107,33 @@ class _PartWriter:
 
 
 def annotate_sources(
-    out: str | Path, config: CurationConfig, finished_sources: Iterable[dict[str, Any]] = ()
+    out: str | Path,
+    config: CurationConfig,
+    finished_sources: Iterable[dict[str, Any]] = (),
+    expect_sources: bool = True,
 ) -> AnnotateReport:
     """Score the clips of every committed source that lacks annotations, then of each source in
     `finished_sources` (source rows, as the flow's per-source tasks return them) as it arrives.
 
     `finished_sources` is always consumed to the end, even when no scorer is active, because the flow
-    drives its per-source progress through it.
+    drives its per-source progress through it. With `expect_sources=False` (nothing pending) and no
+    backlog, no model is loaded at all.
     """
     layout = RunLayout(Path(out))
     scorers = config.scorers
     names = scorers.active()
     report = AnnotateReport()
-    if not names:
-        for _ in finished_sources:
-            pass
-        report.unavailable = {n: why for n, why in scorers.unavailable().items() if n != "raft"}
-        return report
-    writer = _PartWriter(layout, names)
+    report.unavailable = {n: why for n, why in scorers.unavailable().items() if n != "raft"}
     have = _annotated_by(layout)
     backlog = sorted(
-        source_id(s) for s in completed_sources(layout) if not set(names) <= have.get(source_id(s), set())
+        sid for sid in (source_id(s) for s in completed_sources(layout))
+        if not set(names) <= have.get(sid, set()) and _has_clips(layout, sid)
     )
+    if not names or not (backlog or expect_sources):
+        for _ in finished_sources:
+            pass
+        return report
+    writer = _PartWriter(layout, names)
 
     def source_ids() -> Iterator[str]:
         yield from backlog

@@ -79,6 +79,12 @@ def _raft_inputs(rows: list[dict[str, Any]], config: RaftConfig) -> Iterator[Cli
             yield ClipFrames(row["clip_id"], np.zeros((0, config.height, config.width, 3), np.uint8))
 
 
+def hq_uses_ray(config: CurationConfig) -> bool:
+    """Whether the hq pass will run RAFT actors (enabled, weights configured, Ray wanted)."""
+    raft = config.scorers.raft
+    return raft.enabled and not raft.missing_setting() and config.scorers.use_ray
+
+
 def hq_pass(out: str | Path, config: CurationConfig) -> dict[str, Any]:
     """Score kept clips with RAFT, select the hq subset, write OUT/hq/shards and update the manifest."""
     layout = RunLayout(Path(out))

@@ -17,8 +17,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurationConfig, parse_set_options
 from curation.dataset import completed_sources, curate_source, discover_sources, finalize, prepare_output
+from curation.hq import hq_pass, hq_uses_ray
+from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
 from curation.shards import read_parquet_rows
 from curation.summary import summary_markdown
@@ -55,7 +58,18 @@ def curate_source_task(input_path: str, relative_path: str, output_path: str, co
 @task(name="finalize")
 def finalize_task(output_path: str, config: dict[str, Any]) -> dict:
     cfg = CurationConfig.from_overrides(config)
-    return finalize(prepare_output(output_path, cfg), cfg)
+    return finalize(prepare_output(output_path, cfg), cfg, read_annotations(output_path))
+
+
+@task(name="lvd-f-report")
+def report_task(output_path: str, config: dict[str, Any]) -> str:
+    return write_report(output_path, CurationConfig.from_overrides(config))
+
+
+@flow(name="select-hq")
+def select_hq(output_path: str, config: dict[str, Any]) -> dict:
+    """Stage III subset: RAFT actors on the flow's Ray (task runner) score the kept clips."""
+    return hq_pass(output_path, CurationConfig.from_overrides(config))
 
 
 @flow(name="curate-sources")
@@ -70,15 +84,23 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
 
         bar = tqdm(total=len(futures), unit="source", desc="curate")
     results = []
-    for done_count, future in enumerate(futures, start=1):
-        result = future.result()
-        results.append(result)
-        if result["status"] == "error":
-            logger.warning("%s: %s", result["source"], result["error"])
-        update_progress_artifact(artifact_id, 100.0 * done_count / max(1, len(futures)))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(result["source"][-30:])
+
+    def finished_sources():
+        for done_count, future in enumerate(futures, start=1):
+            result = future.result()
+            results.append(result)
+            if result["status"] == "error":
+                logger.warning("%s: %s", result["source"], result["error"])
+            update_progress_artifact(artifact_id, 100.0 * done_count / max(1, len(futures)))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(result["source"][-30:])
+            yield result
+
+    # Learned scorers run on Ray actors while the remaining sources are still being decoded.
+    scoring = annotate_sources(output_path, CurationConfig.from_overrides(config), finished_sources(), bool(futures))
+    for line in scoring.lines():
+        logger.info("scorers: %s", line)
     if bar is not None:
         bar.close()
     if not futures:
@@ -113,6 +135,13 @@ def curate_lvd(
     runner = RayTaskRunner(**_runner_args(ray_address))
     curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, progress)
     report = finalize_task(output_path, config)
+    if hq_uses_ray(CurationConfig.from_overrides(config)):
+        hq = select_hq.with_options(task_runner=RayTaskRunner(**_runner_args(ray_address)))(output_path, config)
+    else:
+        hq = select_hq(output_path, config)  # RAFT off: records why, starts no Ray
+    report["hq"] = {key: hq[key] for key in ("selected", "skipped") if key in hq}
+    create_markdown_artifact(report_task(output_path, config), key="lvd-f-report",
+                             description="LVD-F report: what each filter removed")
     manifest_rows = read_parquet_rows(Path(output_path) / "manifest.parquet")
     create_markdown_artifact(summary_markdown(report, manifest_rows), key="curate-summary",
                              description="LVD-F curation summary")

@@ -1,0 +1,78 @@
+"""End to end: real Prefect server on loopback, `lvd serve`, `prefect deployment run curate-lvd/local`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation.shards import MANIFEST_COLUMNS, read_shard_samples
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for_deployment(env: dict, name: str, server: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"lvd serve exited early with code {server.returncode}")
+        probe = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", name],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"deployment {name} was not registered")
+
+
+def test_deployment_run_curates_sample_clips(prefect_api, sample_dir, tmp_path):
+    out = tmp_path / "lvd-f"
+    env = {**os.environ, "LVD_HOME": str(tmp_path / "home")}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--flow", "curate-lvd"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_deployment(env, "curate-lvd/local", server)
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "curate-lvd/local",
+             "--param", f"input_path={sample_dir / 'videos'}", "--param", f"output_path={out}",
+             "--watch", "--watch-timeout", "400"],
+            env=env, capture_output=True, text=True, timeout=450,
+        )
+        serve_log = (tmp_path / "serve.log").read_text()[-3000:]
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log
+        assert "Completed" in run.stdout + run.stderr
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+    sources = pq.read_table(out / "sources.parquet").to_pylist()
+    assert len(sources) == 16
+    assert sum(row["status"] == "error" for row in sources) == 6
+    bikes = next(row for row in sources if row["source"] == "bikes.mp4")
+    assert bikes["num_frames"] == 250 and bikes["fps"] == 25.0 and len(bikes["cuts"]) == 5
+
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert set(MANIFEST_COLUMNS) <= set(manifest.column_names)
+    rows = manifest.to_pylist()
+    kept = {row["key"]: row for row in rows if row["keep"]}
+    assert kept and any(not row["keep"] and "static" in row["drop_reasons"] for row in rows)
+    # PP-OCR ships real weights, so text area is scored by default; CLIP/CoCa need weights: null, never invented.
+    assert all(isinstance(row["text_area"], float) for row in rows)
+    assert all(row["caption"] is None and row["aesthetic_score"] is None for row in rows)
+    title = next(row for row in rows if row["source"] == "text_big.mp4")
+    assert title["text_area"] > 0.07 and "text_over_7pct" in title["drop_reasons"]
+
+    samples = [s for shard in sorted((out / "shards").glob("*.tar")) for s in read_shard_samples(shard)]
+    assert sorted(s["key"] for s in samples) == sorted(kept)
+    for sample in samples:
+        assert sample["mp4"][4:8] == b"ftyp"
+        assert sample["json"]["clip_id"] == kept[sample["key"]]["clip_id"]
+        assert sample["json"]["motion_score"] == pytest.approx(kept[sample["key"]]["motion_score"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sources_error"] == 6 and summary["kept"] == len(kept)

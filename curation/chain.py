@@ -22,7 +22,7 @@ import numpy as np
 from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clip
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
-from curation.decode import SourceError, probe, stream_frames
+from curation.decode import SourceError, analysis_copy, probe, stream_frames
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
 
@@ -97,7 +97,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
     width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
     long_side = config.decode.sample_long_side
     scale = min(1.0, long_side / max(info.width, info.height))
-    sample_size = (max(2, round(info.width * scale)), max(2, round(info.height * scale)))
+    sample_size = (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
 
     cascade = CutCascade(config.cuts, info.fps)
     motion = MotionMeter(config.motion, info.fps)
@@ -111,11 +111,11 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             if frame.key_frame:
                 keyframes.append(index)
             frame_pts.append(frame.pts if frame.pts is not None else -1)
-            analysis = frame.to_ndarray(width=width, height=height, format="bgr24")
+            analysis = analysis_copy(frame, width, height)
             cascade.push(index, analysis)
             if motion.wants(index):
                 motion.push(index, analysis)
-                spool.add(index, frame.to_ndarray(width=sample_size[0], height=sample_size[1], format="rgb24"))
+                spool.add(index, analysis_copy(frame, *sample_size, rgb=True))
         num_frames = index + 1
         if num_frames < config.decode.min_frames:
             raise SourceError(

@@ -18,7 +18,7 @@ from curation.scorers.config import ScorersConfig
 class DecodeConfig:
     """How sources are opened. Frames stream through the chain; nothing holds a whole video."""
 
-    analysis_width: int = 256  # cut detectors see frames scaled to this width (PySceneDetect's default scale)
+    analysis_width: int = 128  # cut detectors and motion see frames scaled to this width
     sample_long_side: int = 640  # frames kept for the learned scorers (first/middle/last of each clip)
     min_side: int = 32  # sources smaller than this (either side) are refused
     max_duration_s: float = 6 * 3600.0  # absurdly long sources are refused up front

@@ -25,8 +25,7 @@ from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDe
 
 from curation.config import CutConfig
 
-THUMB_SIZE = (32, 18)  # structure correlation: small enough to ignore motion of a few pixels
-BLEND_SIZE = (64, 36)  # dissolve fit
+THUMB_SIZE = (32, 18)  # structure correlation and dissolve fits: small enough to ignore motion of a few pixels
 
 
 @dataclass
@@ -38,25 +37,37 @@ class Candidate:
     window: tuple[int, int]
 
 
-@dataclass
 class Thumb:
-    """What verification keeps of one frame: ~12 KB, a few seconds of them in a ring buffer."""
+    """What verification keeps of one frame (~9 KB; a few seconds of them sit in a ring buffer).
 
-    structure: np.ndarray  # grey, THUMB_SIZE
-    blend: np.ndarray  # grey, BLEND_SIZE
-    colour: np.ndarray  # hue-saturation histogram, L1-normalised
+    The colour histogram is only needed for the few frames that end a dissolve candidate, so it is
+    computed on first use.
+    """
+
+    __slots__ = ("small", "structure", "_colour")
+
+    def __init__(self, analysis_bgr: np.ndarray) -> None:
+        self.small = cv2.resize(analysis_bgr, (64, 36), interpolation=cv2.INTER_AREA)
+        gray = cv2.resize(cv2.cvtColor(self.small, cv2.COLOR_BGR2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
+        self.structure = gray.astype(np.float32)
+        self._colour: np.ndarray | None = None
+
+    @property
+    def blend(self) -> np.ndarray:
+        return self.structure
+
+    @property
+    def colour(self) -> np.ndarray:
+        """Hue-saturation histogram, L1-normalised."""
+        if self._colour is None:
+            hsv = cv2.cvtColor(self.small, cv2.COLOR_BGR2HSV)
+            hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+            self._colour = cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1)
+        return self._colour
 
 
 def make_thumb(analysis_bgr: np.ndarray) -> Thumb:
-    small = cv2.resize(analysis_bgr, BLEND_SIZE, interpolation=cv2.INTER_AREA)
-    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_BGR2HSV)], [0, 1], None, [16, 8], [0, 180, 0, 256])
-    cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1)
-    return Thumb(
-        structure=cv2.resize(gray, THUMB_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32),
-        blend=gray.astype(np.float32),
-        colour=hist,
-    )
+    return Thumb(analysis_bgr)
 
 
 def colour_distance(a: Thumb, b: Thumb) -> float:
@@ -74,25 +85,22 @@ def structure_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator)
 
 
-def fit_cross_fade(frames: list[np.ndarray]) -> tuple[float, list[float]]:
-    """Fit each inner frame as alpha*first + (1-alpha)*last; return (relative residual, alphas).
+def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the inner frames of each window as alpha*first + (1-alpha)*last.
 
-    A dissolve is such a blend with alpha falling from 1 to 0; camera or subject motion is not a blend
-    of the window's ends for any alpha, so its residual stays high.
+    `windows` is (windows, frames, pixels). Returns each window's residual relative to how different its
+    ends are, and the fitted alphas (windows, frames-2). A dissolve is such a blend with alpha falling from
+    1 to 0; camera or subject motion is not a blend of the window's ends for any alpha.
     """
-    first, last = frames[0].ravel(), frames[-1].ravel()
+    first, last = windows[:, 0], windows[:, -1]
     difference = first - last
-    energy = float(difference @ difference)
-    scale = float(np.abs(difference).mean())
-    if energy < 1e-3 or scale < 1e-3:
-        return float("inf"), []
-    alphas, errors = [], []
-    for frame in frames[1:-1]:
-        offset = frame.ravel() - last
-        alpha = min(1.0, max(0.0, float(offset @ difference) / energy))
-        alphas.append(alpha)
-        errors.append(float(np.abs(offset - alpha * difference).mean()))
-    return float(np.mean(errors)) / scale, alphas
+    energy = np.maximum(np.einsum("wp,wp->w", difference, difference), 1e-6)
+    scale = np.abs(difference).mean(axis=1)
+    offsets = windows[:, 1:-1] - last[:, None]
+    alphas = np.clip(np.einsum("wfp,wp->wf", offsets, difference) / energy[:, None], 0.0, 1.0)
+    errors = np.abs(offsets - alphas[..., None] * difference[:, None]).mean(axis=(1, 2))
+    residuals = np.where(scale > 1e-3, errors / np.maximum(scale, 1e-3), np.inf)
+    return residuals, alphas
 
 
 def _monotone_fade(alphas: list[float], slack: float = 0.1) -> bool:
@@ -212,31 +220,45 @@ class CutCascade:
     def _locate_dissolve(self, candidate: Candidate) -> Candidate | str:
         """Find the longest window near a low-rate candidate that is a cross-fade between two shots.
 
-        The cut goes where the fitted blend weight crosses one half.
+        All windows of one length are fitted at once (vectorised); the cut goes where the fitted blend
+        weight crosses one half.
         """
         start, end = candidate.window
         config = self.config
+        low = start - max(self.dissolve_lengths)
+        indices = [i for i in range(low, end + max(self.dissolve_lengths) + 1) if self._thumb(i) is not None]
+        if not indices:
+            return "outside buffer"
+        first_index = indices[0]
+        stack = np.stack([self._thumb(i).blend.ravel() for i in range(first_index, indices[-1] + 1)])
         best: tuple[int, float, int, int] | None = None
         for length in self.dissolve_lengths:
-            for a in range(start - length, end + 1):
-                b = a + length
-                thumbs = [self._thumb(i) for i in range(a, b + 1)]
-                if any(thumb is None for thumb in thumbs):
+            starts = [
+                a for a in range(max(start - length, first_index), end + 1)
+                if a + length <= indices[-1] and self._is_shot_change(a, a + length)
+            ]
+            if not starts:
+                continue
+            windows = stack[np.asarray(starts)[:, None] - first_index + np.arange(length + 1)[None, :]]
+            residuals, alphas = fit_cross_fades(windows)
+            for a, residual, weights in zip(starts, residuals, alphas, strict=True):
+                if residual > config.max_blend_residual or not _monotone_fade(weights.tolist()):
                     continue
-                if colour_distance(thumbs[0], thumbs[-1]) < config.min_dissolve_colour_change:
-                    continue
-                if structure_correlation(thumbs[0].structure, thumbs[-1].structure) >= config.same_shot_correlation:
-                    continue
-                residual, alphas = fit_cross_fade([thumb.blend for thumb in thumbs])
-                if residual > config.max_blend_residual or not _monotone_fade(alphas):
-                    continue
-                crossing = a + 1 + next(i for i, alpha in enumerate(alphas + [0.0]) if alpha < 0.5)
+                crossing = a + 1 + next((i for i, w in enumerate(weights) if w < 0.5), len(weights))
                 if best is None or (length, -residual) > best[:2]:
-                    best = (length, -residual, crossing, a)
+                    best = (length, -float(residual), crossing, a)
         if best is None:
             return "no dissolve (camera or subject motion, or no colour change)"
         length, _, crossing, a = best
         return Candidate(crossing, candidate.level, (a, a + length))
+
+    def _is_shot_change(self, a: int, b: int) -> bool:
+        """Ends of a dissolve belong to different shots: new colours and a different layout."""
+        first, last = self._thumb(a), self._thumb(b)
+        return (
+            colour_distance(first, last) >= self.config.min_dissolve_colour_change
+            and structure_correlation(first.structure, last.structure) < self.config.same_shot_correlation
+        )
 
     def _merge(self) -> list[int]:
         """One cut per transition: overlapping candidates merge, preferring hard-cut positions."""

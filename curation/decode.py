@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import cv2
+import numpy as np
 
 from curation.config import DecodeConfig
 
@@ -112,3 +114,40 @@ def stream_frames(path: str | Path, threads: str = "AUTO") -> Iterator[av.VideoF
 def _short(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:200]
+
+
+FAST_FORMATS = ("yuv420p", "yuvj420p")
+
+
+def _plane(frame: av.VideoFrame, index: int, width: int) -> np.ndarray:
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :width]
+
+
+def _shrink(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-average `plane` down to `size`, first striding to about twice the target (3x cheaper, no
+    visible aliasing for detection; a no-op stride when the target is large, as for the scorer frames)."""
+    stride = max(1, min(plane.shape[1] // (2 * size[0]), plane.shape[0] // (2 * size[1])))
+    if stride > 1:
+        plane = plane[::stride, ::stride]
+    return cv2.resize(plane, size, interpolation=cv2.INTER_AREA)
+
+
+def analysis_copy(frame: av.VideoFrame, width: int, height: int, rgb: bool = False) -> np.ndarray:
+    """A small BGR (or RGB) copy of a decoded frame; `width` and `height` must be even.
+
+    For 4:2:0 video the three planes are shrunk with OpenCV and converted at the small size (BT.601
+    video range, OpenCV's I420 path), several times cheaper than PyAV's full-size swscale conversion;
+    this runs on every frame (see benchmarks/curation.py). Other pixel formats use swscale.
+    """
+    if frame.format.name not in FAST_FORMATS or width % 2 or height % 2:
+        return frame.to_ndarray(width=width, height=height, format="rgb24" if rgb else "bgr24")
+    packed = np.empty((height * 3 // 2, width), np.uint8)
+    flat = packed.reshape(-1)
+    luma_size, chroma_size = width * height, (width // 2) * (height // 2)
+    packed[:height] = _shrink(_plane(frame, 0, frame.width), (width, height))
+    chroma_width = (frame.width + 1) // 2
+    for index, offset in ((1, luma_size), (2, luma_size + chroma_size)):
+        plane = _shrink(_plane(frame, index, chroma_width), (width // 2, height // 2))
+        flat[offset : offset + chroma_size] = plane.reshape(-1)
+    return cv2.cvtColor(packed, cv2.COLOR_YUV2RGB_I420 if rgb else cv2.COLOR_YUV2BGR_I420)

@@ -11,7 +11,7 @@ import numpy as np
 from curation.chain import analysis_size
 from curation.config import CutConfig
 from curation.cuts import CutCascade
-from curation.decode import probe, stream_frames
+from curation.decode import analysis_copy, probe, stream_frames
 
 
 def ground_truth(sample_dir: Path) -> dict:
@@ -20,10 +20,10 @@ def ground_truth(sample_dir: Path) -> dict:
 
 def detect_cuts(path: Path, config: CutConfig | None = None) -> list[int]:
     info = probe(path)
-    width, height = analysis_size(info.width, info.height, 256)
+    width, height = analysis_size(info.width, info.height, 128)
     cascade = CutCascade(config or CutConfig(), info.fps)
     for index, frame in enumerate(stream_frames(path)):
-        cascade.push(index, frame.to_ndarray(width=width, height=height, format="bgr24"))
+        cascade.push(index, analysis_copy(frame, width, height))
     return cascade.finish()
 
 

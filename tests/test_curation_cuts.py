@@ -41,7 +41,7 @@ def test_single_native_detector_misses_dissolves_that_the_cascade_finds(sample_d
     """The reason for the cascade (SPEC §1): one native-rate ContentDetector misses gradual transitions."""
     path = sample_dir / "videos" / "dissolves.mp4"
     info = probe(path)
-    width, height = analysis_size(info.width, info.height, 256)
+    width, height = analysis_size(info.width, info.height, 128)
     detector = ContentDetector()
     native = []
     for index, frame in enumerate(stream_frames(path)):

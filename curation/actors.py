@@ -220,6 +220,14 @@ class ScorerPool:
         self.per_actor = [0] * len(self.workers)
         self.stats.actors = len(self.workers)
 
+    def reset_stats(self) -> None:
+        """Start counting afresh (a pool reused for another `annotate` call); keeps what describes the pool."""
+        old = self.stats
+        self.stats = PoolStats(name=old.name, actors=old.actors, num_gpus=old.num_gpus, num_cpus=old.num_cpus,
+                               max_batches_in_flight=self.config.max_batches_in_flight, device=old.device,
+                               load_s=old.load_s)
+        self._last_change = time.perf_counter()
+
     def _set_infos(self, infos: list[dict[str, Any]]) -> None:
         self.info = infos[0]
         self.stats.device = infos[0].get("device", "")
@@ -387,6 +395,9 @@ def annotate(
     own_pools = pools is None
     pools = pools if pools is not None else (start_pools(names, config) if names else {})
     pools = {name: pools[name] for name in names}
+    if not own_pools:
+        for pool in pools.values():
+            pool.reset_stats()
     results: dict[str, dict[str, Any]] = defaultdict(dict)
     caption_pool, clip_pool = pools.get("caption"), pools.get("clip")
     direct = [pool for name, pool in pools.items() if name != "clip"]

@@ -154,7 +154,8 @@ def covered_fraction(polygons: list[np.ndarray], height: int, width: int) -> flo
     if not polygons:
         return 0.0
     mask = np.zeros((height, width), dtype=np.uint8)
-    cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polygons], 1)
+    for polygon in polygons:  # one call per box: fillPoly with several polygons fills even-odd (XOR)
+        cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
     return float(mask.mean())
 
 

@@ -1,0 +1,109 @@
+"""Scorer actor pools on a real local Ray: same results as in-process, one model load per actor,
+batching and queue statistics, placement rules for CPU and GPU clusters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from curation.actors import AnnotateReport, annotate, plan_placement, start_pools
+from curation.scorers.config import ActorPoolConfig, ScorersConfig
+from curation.types import ClipFrames
+from tests.scorer_helpers import real_clips, text_clip, tiny_models, tiny_scorer_overrides
+
+
+def _config(use_ray: bool, batch_size: int = 3) -> ScorersConfig:
+    from curation.config import CurationConfig
+
+    config = CurationConfig.from_overrides({"scorers": tiny_scorer_overrides(tiny_models())}).scorers
+    config.use_ray = use_ray
+    for name in ("text", "clip", "caption"):
+        getattr(config, name).pool.batch_size = batch_size
+    return config
+
+
+def _clips() -> list[ClipFrames]:
+    clips = real_clips(6)
+    clips[2].caption = "cyclists on a city street"
+    big_text, _ = text_clip("big-text", [("BREAKING NEWS", 2.4, 5, (30, 120)), ("LIVE 24/7", 2.4, 5, (30, 300))])
+    return [*clips, big_text, ClipFrames("broken", np.zeros((3, 4, 4, 3), np.uint8))]
+
+
+def test_actor_pools_match_in_process_scoring(prefect_api, ray_local):
+    clips = _clips()
+    local = annotate(clips, _config(use_ray=False))
+    done: list[str] = []
+    report = AnnotateReport()
+    remote = annotate(clips, _config(use_ray=True), report=report, on_clip_done=lambda cid, row: done.append(cid))
+    assert sorted(done) == sorted(c.clip_id for c in clips)  # each clip reported once, when all scorers finished
+    assert set(remote) == set(local)
+    for clip_id, row in local.items():
+        other = remote[clip_id]
+        assert other.get("caption") == row.get("caption")
+        for column in ("text_area", "aesthetic_score", "clip_score"):
+            assert (row[column] is None) == (other[column] is None), (clip_id, column)
+            if row[column] is not None:
+                assert other[column] == pytest.approx(row[column], abs=1e-5)
+    assert remote["big-text"]["text_area"] > 0.07
+    assert len(remote["broken"]["scorer_errors"]) == 3 and remote["broken"]["text_area"] is None
+    assert remote["real-0"]["clip_score"] is not None  # CoCa caption fed the CLIP text score
+    assert set(report.pools) == {"text", "caption", "clip"}
+    for stats in report.pools.values():
+        assert stats.actors == 1 and stats.device == "cpu" and stats.clips == len(clips)
+        assert stats.batches == math.ceil(len(clips) / 3)
+        assert 0 < stats.utilisation <= 1.0 and 0 <= stats.queue_occupancy <= 1.0
+
+
+def test_producer_waits_only_when_every_actor_queue_is_full(prefect_api, ray_local):
+    config = _config(use_ray=True, batch_size=1)
+    clips = real_clips(8)
+    pools = start_pools(["text"], config)
+    try:
+        pools["text"].config.max_batches_in_flight = 1
+        tight = AnnotateReport()
+        annotate(clips, config, names=["text"], report=tight, pools=pools)
+        pools["text"].config.max_batches_in_flight = 100
+        loose = AnnotateReport()
+        annotate(clips, config, names=["text"], report=loose, pools=pools)
+    finally:
+        pools["text"].close()
+    assert tight.pools["text"].blocked_submissions > 0 and tight.producer_blocked_s > 0
+    assert loose.pools["text"].blocked_submissions == 0 and loose.producer_blocked_s == 0
+
+
+def test_no_active_scorer_still_consumes_every_clip():
+    config = ScorersConfig(use_ray=False)
+    config.text.enabled = False
+    seen = []
+
+    def produce():
+        for clip in real_clips(3):
+            seen.append(clip.clip_id)
+            yield clip
+
+    report = AnnotateReport()
+    assert annotate(produce(), config, report=report) == {c: {} for c in seen}
+    assert len(seen) == 3 and set(report.unavailable) == {"clip", "caption"}
+
+
+def test_placement_shares_gpus_between_pools_and_fits_cpu_reservations():
+    config = ScorersConfig()
+    gpu = plan_placement(["text", "clip", "caption"], config, {"GPU": 2.0, "CPU": 32.0})
+    assert gpu["text"].num_gpus == 0.25 and gpu["clip"].num_gpus == 0.5
+    assert gpu["text"].num_actors == 2 and gpu["clip"].num_actors == 1 and gpu["caption"].num_actors == 1
+    assert sum(p.num_actors * p.num_gpus for p in gpu.values()) <= 2.0
+    cpu = plan_placement(["text", "clip", "caption"], config, {"CPU": 2.0})
+    assert all(p.num_gpus == 0 and p.num_actors == 1 for p in cpu.values())
+    assert sum(p.num_cpus for p in cpu.values()) <= 1.0  # half the CPUs stay with decode
+    config.clip.pool = ActorPoolConfig(num_actors=4, num_gpus=1.0)
+    with pytest.raises(ValueError, match=r"num_actors / num_gpus"):
+        plan_placement(["clip"], config, {"GPU": 2.0, "CPU": 8.0})
+
+
+def test_pool_settings_are_validated():
+    config = ScorersConfig()
+    config.text.pool.batch_size = 0
+    with pytest.raises(ValueError, match=r"scorers\.text\.pool"):
+        config.validate()

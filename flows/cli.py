@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "curation.sample_data",
     "flows.curate",
     "flows.serve",
+    "flows.demo",
 ]
 
 

@@ -38,10 +38,12 @@ def serve_all(limit: int | None = None, flow_names: list[str] | None = None) -> 
 
 def _run(args: argparse.Namespace) -> int:
     if args.local:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         from infra.local import local_prefect_server
 
-        with local_prefect_server(Path(args.home)) as api_url:
-            os.environ["PREFECT_API_URL"] = api_url
+        with local_prefect_server(Path(args.home)) as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
+            os.environ["PREFECT_API_URL"] = api_url  # flow-run subprocesses read the environment
             print(f"Prefect UI: {api_url.removesuffix('/api')}", flush=True)
             serve_all(args.limit, args.flow)
     else:

@@ -32,13 +32,16 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """A real `prefect server start` on 127.0.0.1 (SQLite); the process env points clients at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     home = _SESSION_HOME / "prefect-server"
     with local_prefect_server(home) as api_url:
         port = int(api_url.rsplit(":", 1)[1].split("/")[0])
         saved = {k: os.environ.get(k) for k in prefect_server_env(home, port)}
-        os.environ.update(prefect_server_env(home, port))
+        os.environ.update(prefect_server_env(home, port))  # for subprocesses
         try:
-            yield api_url
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):  # for this process (settings are cached)
+                yield api_url
         finally:
             for key, value in saved.items():
                 if value is None:

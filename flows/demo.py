@@ -1,0 +1,86 @@
+"""`lvd demo` (`make demo`): the main job on embedded defaults, on this machine.
+
+Starts a Prefect server on 127.0.0.1 (SQLite under .lvd/prefect), serves every deployment, runs the
+demo deployment on the bundled sample clips with local Ray and tiny presets, prints where everything
+is, and keeps serving so the runs can be inspected in the UI (Ctrl-C stops; `--exit` stops at once).
+Rerunning is safe: finished sources and steps are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infra.local import local_prefect_server
+
+DEMO_DEPLOYMENT = "curate-lvd/local"
+
+
+def _wait_for_deployment(name: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"`lvd serve` exited with code {server.returncode}; see its log")
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except Exception:  # noqa: BLE001 - not registered yet
+                time.sleep(1)
+    raise TimeoutError(f"deployment {name} was not served within {timeout_s:.0f} s")
+
+
+def run_demo(home: Path, output: Path, exit_after: bool) -> int:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home.mkdir(parents=True, exist_ok=True)
+    output = output.resolve()
+    with local_prefect_server(home / "prefect") as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
+        os.environ["PREFECT_API_URL"] = api_url  # for the `lvd serve` child process
+        ui = api_url.removesuffix("/api")
+        print(f"Prefect UI: {ui}", flush=True)
+        log = open(home / "serve.log", "ab")  # noqa: SIM115 - closed in finally
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_deployment(DEMO_DEPLOYMENT, server)
+            print(f"running {DEMO_DEPLOYMENT} (watch it at {ui}/runs)", flush=True)
+            flow_run = run_deployment(DEMO_DEPLOYMENT, parameters={"output_path": str(output / "curate")},
+                                      timeout=None)
+            state = flow_run.state
+            print(f"{DEMO_DEPLOYMENT}: {state.name if state else 'unknown'} ({ui}/runs/flow-run/{flow_run.id})")
+            print(f"shards:   {output / 'curate' / 'shards'}")
+            print(f"manifest: {output / 'curate' / 'manifest.parquet'}")
+            print(f"sources:  {output / 'curate' / 'sources.parquet'}")
+            if not exit_after:
+                print("serving deployments; Ctrl-C to stop", flush=True)
+                try:
+                    while server.poll() is None:
+                        time.sleep(5)
+                except KeyboardInterrupt:
+                    pass
+            return 0 if state and state.is_completed() else 1
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+            log.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.home), Path(args.output), args.exit)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run the pipeline on the bundled sample clips (local Prefect + Ray)")
+    parser.add_argument("--home", default=".lvd", help="local state (Prefect SQLite DB, logs)")
+    parser.add_argument("--output", default="demo-out", help="where the demo writes its outputs")
+    parser.add_argument("--exit", action="store_true", help="stop the server once the run has finished")
+    parser.set_defaults(func=_run)

@@ -68,7 +68,9 @@ class TextAreaConfig:
     craft_weights: str | None = None  # path to craft_mlt_25k.pth; None: look in EasyOCR's model dir
     ppocr_det_model: str | None = None  # path to a PP-OCR det .onnx; None: the one rapidocr ships
     det_long_side: int = 640  # frames are resized so the long side is this (multiple of 32) for detection
-    frames_per_forward: int = 1  # model micro-batch; on CPU one frame per forward is fastest (measured)
+    # frames per detector forward; None = 1 on CPU (batching 640 px frames is slower there, see
+    # benchmarks/scorers.py) and 16 on a GPU
+    frames_per_forward: int | None = None
     # PP-OCR DB post-processing (rapidocr's defaults)
     ppocr_pixel_threshold: float = 0.3
     ppocr_box_threshold: float = 0.5
@@ -95,6 +97,8 @@ class TextAreaConfig:
 
     def validate(self) -> None:
         self.resolved_backend()
+        if self.frames_per_forward is not None and self.frames_per_forward < 1:
+            raise ValueError(f"scorers.text.frames_per_forward must be >= 1 or None, got {self.frames_per_forward}")
         if self.det_long_side < 32 or self.det_long_side % 32:
             raise ValueError(f"scorers.text.det_long_side must be a multiple of 32, got {self.det_long_side}")
         self.pool.validate("scorers.text")

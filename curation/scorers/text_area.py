@@ -51,6 +51,13 @@ def bundled_ppocr_det_model() -> Path:
     return found[-1]
 
 
+def frames_per_forward(config: TextAreaConfig, device: str) -> int:
+    """The configured detector micro-batch, or the measured best default for the device."""
+    if config.frames_per_forward:
+        return config.frames_per_forward
+    return 16 if device.startswith("cuda") else 1
+
+
 def detection_size(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(h, w) with the long side scaled to `long_side`, both rounded to a multiple of 32 (>= 32)."""
     scale = long_side / max(height, width)
@@ -79,7 +86,7 @@ class PPOCRDetector:
         self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.long_side = config.det_long_side
-        self.frames_per_forward = config.frames_per_forward
+        self.frames_per_forward = frames_per_forward(config, device)
         self.postprocess = DBPostProcess(
             thresh=config.ppocr_pixel_threshold,
             box_thresh=config.ppocr_box_threshold,
@@ -125,7 +132,7 @@ class CraftDetector:
         height, width = frames.shape[1:3]
         cfg = self.config
         out: list[list[np.ndarray]] = []
-        for part in chunks(frames, cfg.frames_per_forward):
+        for part in chunks(frames, frames_per_forward(cfg, self.device)):
             polygons_per_frame = get_textbox(
                 self.net,
                 np.asarray(part),

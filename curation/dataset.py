@@ -12,9 +12,11 @@ rerun to exactly one row per source: unfinished sources are simply processed aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.chain import process_source, source_id
+from curation.chain import error_result, process_source, source_id
 from curation.config import CurationConfig
 from curation.filtering import apply_filters
 from curation.shards import (
@@ -73,8 +75,28 @@ class RunLayout:
         return self.sources / f"part-{source_id(relative_path)}.parquet"
 
 
+def is_remote(input_root: str | Path) -> bool:
+    """A URL such as s3://bucket/raw or gs://... (any fsspec protocol) rather than a local path."""
+    return "://" in str(input_root)
+
+
 def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> list[str]:
-    """Relative paths of video files under `input_root` (broken links included: they become error rows)."""
+    """Relative paths of video files under `input_root` (broken links included: they become error rows).
+
+    `input_root` may be an fsspec URL (s3://, gs://, ...: install the matching fsspec backend).
+    """
+    if is_remote(input_root):
+        import fsspec
+
+        filesystem, root_path = fsspec.core.url_to_fs(str(input_root))
+        if not filesystem.exists(root_path):
+            raise FileNotFoundError(f"input path {input_root} does not exist")
+        if filesystem.isfile(root_path):
+            return [root_path.rstrip("/").rsplit("/", 1)[-1]]
+        prefix = root_path.rstrip("/") + "/"
+        return sorted(
+            path.removeprefix(prefix) for path in filesystem.find(root_path) if path.lower().endswith(extensions)
+        )
     root = Path(input_root)
     if not root.exists():
         raise FileNotFoundError(f"input path {root} does not exist")
@@ -91,6 +113,30 @@ def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> lis
 def input_file(input_root: str | Path, relative_path: str) -> Path:
     root = Path(input_root)
     return root if root.is_file() else root / relative_path
+
+
+@contextlib.contextmanager
+def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Iterator[Path]:
+    """A local path for the source: itself, or a temporary download of a remote object.
+
+    Decoding needs random access (MP4 index at the end), so remote sources are copied to the worker's
+    disk first and deleted afterwards.
+    """
+    if not is_remote(input_root):
+        yield input_file(input_root, relative_path)
+        return
+    import fsspec
+
+    url = str(input_root).rstrip("/")
+    filesystem, root_path = fsspec.core.url_to_fs(url)
+    remote = root_path if filesystem.isfile(root_path) else f"{root_path}/{relative_path}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / f"download-{source_id(relative_path)}{Path(relative_path).suffix}"
+    try:
+        filesystem.get(remote, str(target))
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
 
 
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
@@ -128,7 +174,11 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
     clips_dir, frames_dir = layout.clips / sid, layout.frames / sid
     for directory in (clips_dir, frames_dir):  # a previous attempt may have died half-way
         shutil.rmtree(directory, ignore_errors=True)
-    result = process_source(input_file(input_root, relative_path), relative_path, clips_dir, config)
+    try:
+        with local_copy(input_root, relative_path, layout.out / "work" / "downloads") as path:
+            result = process_source(path, relative_path, clips_dir, config)
+    except OSError as error:  # the download failed: still one error row, never a crashed run
+        result = error_result(relative_path, f"unreadable path: {error}")
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)

@@ -160,11 +160,20 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
     gpus = float(cluster.get("GPU", 0.0))
     cpus = float(cluster.get("CPU", 1.0))
     placements: dict[str, _Placement] = {}
-    gpu_pools = [n for n in names if (pool_config(n, config).num_gpus or 0) > 0
-                 or (pool_config(n, config).num_gpus is None and gpus > 0)]
+
+    def auto_gpus(name: str) -> float:
+        if gpus <= 0 or not _can_use_gpu(name, config):
+            return 0.0
+        return 1.0 / pool_config(name, config).actors_per_gpu
+
+    def wanted_gpus(name: str) -> float:
+        pool = pool_config(name, config)
+        return pool.num_gpus if pool.num_gpus is not None else auto_gpus(name)
+
+    gpu_pools = [n for n in names if wanted_gpus(n) > 0]
     for name in names:
         pool: ActorPoolConfig = pool_config(name, config)
-        num_gpus = pool.num_gpus if pool.num_gpus is not None else (1.0 / pool.actors_per_gpu if gpus > 0 else 0.0)
+        num_gpus = wanted_gpus(name)
         if pool.num_actors is not None:
             num_actors = pool.num_actors
         elif num_gpus > 0:
@@ -187,6 +196,15 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
         for placement in placements.values():
             placement.num_cpus = round(placement.num_cpus * scale, 4)
     return placements
+
+
+def _can_use_gpu(name: str, config: ScorersConfig) -> bool:
+    """PP-OCR runs on onnxruntime: without its CUDA provider (the CPU wheel) a GPU would sit idle."""
+    if name != "text" or config.text.resolved_backend() != "ppocr":
+        return True
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 class ScorerPool:

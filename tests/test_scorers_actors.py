@@ -91,9 +91,14 @@ def test_no_active_scorer_still_consumes_every_clip():
 def test_placement_shares_gpus_between_pools_and_fits_cpu_reservations():
     config = ScorersConfig()
     gpu = plan_placement(["text", "clip", "caption"], config, {"GPU": 2.0, "CPU": 32.0})
-    assert gpu["text"].num_gpus == 0.25 and gpu["clip"].num_gpus == 0.5
-    assert gpu["text"].num_actors == 2 and gpu["clip"].num_actors == 1 and gpu["caption"].num_actors == 1
+    # PP-OCR on the CPU onnxruntime wheel gets no GPU; CLIP and CoCa share the two GPUs
+    assert gpu["text"].num_gpus == 0 and gpu["text"].num_actors == 1
+    assert gpu["clip"].num_gpus == 0.5 and gpu["clip"].num_actors == 2 and gpu["caption"].num_actors == 2
     assert sum(p.num_actors * p.num_gpus for p in gpu.values()) <= 2.0
+    config.text.backend = "craft"  # CRAFT is torch: it takes its GPU share
+    gpu = plan_placement(["text", "clip", "caption"], config, {"GPU": 3.0, "CPU": 32.0})
+    assert gpu["text"].num_gpus == 0.25 and gpu["text"].num_actors == 4 and gpu["clip"].num_actors == 2
+    config.text.backend = "auto"
     cpu = plan_placement(["text", "clip", "caption"], config, {"CPU": 2.0})
     assert all(p.num_gpus == 0 and p.num_actors == 1 for p in cpu.values())
     assert sum(p.num_cpus for p in cpu.values()) <= 1.0  # half the CPUs stay with decode

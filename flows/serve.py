@@ -15,6 +15,7 @@ from pathlib import Path
 DEPLOYMENT_MODULES = [
     "flows.curate",
     "flows.generate",
+    "flows.evaluate",
 ]
 
 

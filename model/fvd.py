@@ -212,6 +212,7 @@ class ClipSettings:
 
     num_frames: int = DEFAULT_NUM_FRAMES
     fps: float | None = None
+    size: tuple[int, int] | None = None  # (height, width): cover-resize + centre-crop first (UCF-101 protocol)
 
     def validate(self) -> None:
         from model.i3d import MIN_FRAMES
@@ -220,6 +221,16 @@ class ClipSettings:
             raise ValueError(f"num_frames must be >= {MIN_FRAMES} for I3D, got {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"size must be (height, width), got {self.size}")
+
+    def read(self, path: str | Path) -> np.ndarray:
+        clip = read_clip(path, self.num_frames, self.fps)
+        if self.size is not None:
+            from model.ucf101 import resize_crop
+
+            clip = resize_crop(clip, *self.size)
+        return clip
 
 
 def folder_features(directory: str | Path, extractor: I3DFeatureExtractor, settings: ClipSettings | None = None,
@@ -234,7 +245,7 @@ def folder_features(directory: str | Path, extractor: I3DFeatureExtractor, setti
 
     def load(path: Path) -> np.ndarray | None:
         try:
-            return read_clip(path, settings.num_frames, settings.fps)
+            return settings.read(path)
         except VideoSetError as error:
             if not skip_unreadable:
                 raise

@@ -107,9 +107,12 @@ def score(real: dict[str, Any], shard_files: list[str], real_dir: str) -> dict[s
     from model.fvd import distances
     from model.ucf101 import counts_from_root
 
-    shards = [np.load(path) for path in shard_files]
-    fake = np.concatenate([s["features"] for s in shards])
-    clipsim = np.concatenate([s["clipsim"] for s in shards])
+    features, similarity = [], []
+    for path in shard_files:
+        with np.load(path) as shard:
+            features.append(shard["features"])
+            similarity.append(shard["clipsim"])
+    fake, clipsim = np.concatenate(features), np.concatenate(similarity)
     result = {**distances(real["features"], fake), "num_real": len(real["features"]), "num_fake": len(fake),
               "real_features_cached": real["cached"], "clipsim": float(clipsim.mean()) if len(clipsim) else None}
     result["real_class_counts"] = counts_from_root(real_dir)

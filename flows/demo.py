@@ -1,9 +1,9 @@
 """`lvd demo` (`make demo`): the main job on embedded defaults, on this machine.
 
 Starts a Prefect server on 127.0.0.1 (SQLite under .lvd/prefect), serves every deployment, runs the
-demo deployment on the bundled sample clips with local Ray and tiny presets, prints where everything
-is, and keeps serving so the runs can be inspected in the UI (Ctrl-C stops; `--exit` stops at once).
-Rerunning is safe: finished sources and steps are skipped.
+whole DAG (`lvd-pipeline`: curate -> train stages 1-3 -> FVD -> generate) on the bundled sample clips
+with local Ray and the tiny presets, prints where everything is, and keeps serving so the runs can be
+inspected in the UI (Ctrl-C stops; `--exit` stops at once). Rerunning is safe: finished steps are skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from infra.local import local_prefect_server
 
-DEMO_DEPLOYMENT = "curate-lvd/local"
+DEMO_DEPLOYMENT = "lvd-pipeline/local"
 
 
 def _wait_for_deployment(name: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -37,6 +37,29 @@ def _wait_for_deployment(name: str, server: subprocess.Popen, timeout_s: float =
     raise TimeoutError(f"deployment {name} was not served within {timeout_s:.0f} s")
 
 
+def print_outputs(output: Path) -> None:
+    """Where the DAG put everything (paths from its record `pipeline.json` when the run got that far)."""
+    import json
+
+    from flows.pipeline import STAGES, output_layout
+
+    paths = output_layout(output)
+    record = json.loads(paths["record"].read_text()) if paths["record"].exists() else {}
+    lines = [("shards", paths["shards"]), ("manifest", paths["manifest"])]
+    lines += [(f"stage {stage} checkpoint", paths[f"stage{stage}_pipeline"]) for stage in STAGES]
+    lines += [("TensorBoard logs", f"{paths['train']}  (tensorboard --logdir {paths['train']})"),
+              ("FVD report", paths["fvd_report"])]
+    if record.get("fvd"):
+        lines.append(("FVD", f"{record['fvd']['fvd']:.2f} ({record['fvd']['real_set']})"))
+    lines += [("generated video", video["mp4"]) for video in record.get("videos", [])]
+    lines += [("DAG summary", paths["summary"])]
+    if record.get("skipped"):
+        lines.append(("skipped (already done)", ", ".join(record["skipped"])))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name + ':':<{width + 1}} {value}")
+
+
 def run_demo(home: Path, output: Path, exit_after: bool) -> int:
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -53,13 +76,12 @@ def run_demo(home: Path, output: Path, exit_after: bool) -> int:
         try:
             _wait_for_deployment(DEMO_DEPLOYMENT, server)
             print(f"running {DEMO_DEPLOYMENT} (watch it at {ui}/runs)", flush=True)
-            flow_run = run_deployment(DEMO_DEPLOYMENT, parameters={"output_path": str(output / "curate")},
-                                      timeout=None)
+            started = time.monotonic()
+            flow_run = run_deployment(DEMO_DEPLOYMENT, parameters={"output_root": str(output)}, timeout=None)
             state = flow_run.state
-            print(f"{DEMO_DEPLOYMENT}: {state.name if state else 'unknown'} ({ui}/runs/flow-run/{flow_run.id})")
-            print(f"shards:   {output / 'curate' / 'shards'}")
-            print(f"manifest: {output / 'curate' / 'manifest.parquet'}")
-            print(f"sources:  {output / 'curate' / 'sources.parquet'}")
+            print(f"{DEMO_DEPLOYMENT}: {state.name if state else 'unknown'} in {time.monotonic() - started:.0f} s "
+                  f"({ui}/runs/flow-run/{flow_run.id})")
+            print_outputs(output)
             if not exit_after:
                 print("serving deployments; Ctrl-C to stop", flush=True)
                 try:

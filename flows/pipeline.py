@@ -221,6 +221,7 @@ def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset
     curate_config = dict(curate_config or {})
     paths = output_layout(output_root)
     paths["root"].mkdir(parents=True, exist_ok=True)
+    paths["record"].unlink(missing_ok=True)  # rewritten when the DAG finishes; never a stale record
     ledger = Ledger(paths["root"])
     record: dict[str, Any] = {"output_root": str(paths["root"]), "preset": preset, "steps": []}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 DEPLOYMENT_MODULES = [
     "flows.curate",
+    "flows.train",
     "flows.generate",
     "flows.evaluate",
     "flows.pipeline",

@@ -80,12 +80,17 @@ class EDMLoss:
         clean: torch.Tensor,
         generator: torch.Generator | None = None,
         sigma: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
         **conditioning,
     ) -> torch.Tensor:
-        """Per-sample loss (batch,); the caller reduces it (mean, or masked for padding)."""
+        """Per-sample loss (batch,); the caller reduces it (mean, or masked for padding).
+
+        `sigma` and `noise` may be given (e.g. drawn per sample so results do not depend on batching)."""
         if sigma is None:
             sigma = self.noise.sample(clean.shape[0], generator=generator).to(clean.device)
-        noise = torch.randn(clean.shape, generator=generator, device="cpu").to(clean.device, clean.dtype)
+        if noise is None:
+            noise = torch.randn(clean.shape, generator=generator, device="cpu")
+        noise = noise.to(clean.device, clean.dtype)
         noisy = clean + _broadcast(sigma, clean) * noise
         denoised = self.preconditioning.denoise(network, noisy, sigma, **conditioning)
         weight = self.preconditioning.loss_weight(sigma.to(clean.device, torch.float32))

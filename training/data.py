@@ -1,0 +1,297 @@
+"""Training samples from curate-lvd's WebDataset shards, deterministic and sharded by Ray and loader worker.
+
+The shards are indexed once (tar headers only: key -> member offsets), so any sample can be read by
+seeking. The sample stream is a fixed sequence of *global positions*: position g reads sample
+`permutation(seed, epoch)[g mod N]` with epoch = g // N, and every random choice for it (frame stride,
+start frame, caption, text dropout, and in the trainer its noise level and noise) is drawn from an RNG
+seeded by (seed, g). Ray worker r of W takes the positions of each optimizer step that are = r mod W, and
+dataloader worker w takes every w-th micro-batch. So the batches do not depend on how many workers
+read them (2 workers = 1 worker with the doubled batch), and resuming at step s reads exactly what an
+uninterrupted run would have read from step s on.
+
+Per sample (SPEC §1, §4): T frames at a stride (the resulting fps is the fps conditioning), resized to
+cover the phase resolution and centre-cropped, motion bucket from `motion_score`, caption drawn from the
+captioners' mix (CoCa 0.5, video 0.25, LLM summary 0.25 among those present), text dropped 15% for CFG.
+Image phases read image samples (jpg/png + txt) or one frame of a clip.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from training.stages import Phase, StagePreset
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
+MAX_MOTION_BUCKET = 255
+
+
+class DataError(ValueError):
+    """The training data is missing or unusable (raised before any worker starts)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    shard: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    key: str
+    members: dict[str, Member]  # extension -> where its bytes are
+
+    @property
+    def is_image(self) -> bool:
+        return any(ext in self.members for ext in IMAGE_EXTENSIONS)
+
+    @property
+    def is_video(self) -> bool:
+        return any(ext in self.members for ext in VIDEO_EXTENSIONS)
+
+
+def find_shards(data: str) -> list[str]:
+    """The .tar shards of a curate-lvd output directory (its shards/), a folder of shards, or one .tar."""
+    path = Path(data)
+    if path.is_file() and path.suffix == ".tar":
+        return [str(path)]
+    for folder in (path / "shards", path):
+        if folder.is_dir():
+            shards = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
+            if shards:
+                return shards
+    raise DataError(f"no WebDataset shards (*.tar) under {data!r}: pass a curate-lvd output directory "
+                    "(it has shards/) or a folder of .tar shards; has curate-lvd run?")
+
+
+def index_shards(shards: list[str]) -> list[IndexedSample]:
+    """Read the tar headers of every shard: one entry per sample key, in shard order."""
+    samples: dict[str, dict[str, Member]] = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                for info in archive:
+                    directory, _, base = info.name.rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    if not info.isfile() or not extension or base.startswith("."):
+                        continue
+                    key = f"{directory}/{stem}" if directory else stem
+                    samples.setdefault(f"{shard}:{key}", {})[extension.lower()] = Member(
+                        shard, info.offset_data, info.size)
+        except (tarfile.TarError, OSError) as error:
+            raise DataError(f"shard {shard} is not a readable tar file: {error}") from error
+    indexed = [IndexedSample(key.split(":", 1)[1], members) for key, members in samples.items()]
+    return [s for s in indexed if s.is_image or s.is_video]
+
+
+def read_member(member: Member) -> bytes:
+    with open(member.shard, "rb") as handle:
+        handle.seek(member.offset)
+        return handle.read(member.size)
+
+
+def motion_bucket(motion_score: float | None, score_at_max_bucket: float = 4.0) -> int:
+    """Farneback motion score -> SVD's motion_bucket_id (0..255), linear up to `score_at_max_bucket` [open]."""
+    if motion_score is None or not np.isfinite(motion_score):
+        return 127  # SVD's default bucket when a clip has no score
+    return int(round(MAX_MOTION_BUCKET * min(max(motion_score, 0.0) / score_at_max_bucket, 1.0)))
+
+
+def choose_caption(meta: dict[str, Any], text: str | None, mix: dict[str, float], rng: np.random.Generator) -> str:
+    """Draw a caption from the captioners' mix among those present; fall back to `caption`, then the .txt."""
+    captions = meta.get("captions") or {}
+    present = {name: weight for name, weight in mix.items() if captions.get(name)}
+    if present:
+        names = sorted(present)
+        weights = np.array([present[n] for n in names], dtype=np.float64)
+        return captions[names[rng.choice(len(names), p=weights / weights.sum())]]
+    return meta.get("caption") or text or ""
+
+
+def resize_cover_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scale so the frame covers height x width (aspect kept), then centre-crop."""
+    source_h, source_w = frame.shape[:2]
+    scale = max(height / source_h, width / source_w)
+    new_h, new_w = max(height, round(source_h * scale)), max(width, round(source_w * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(frame, (new_w, new_h), interpolation=interpolation)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top : top + height, left : left + width]
+
+
+def decode_clip_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
+    """Decode the frames at sorted `indices` (RGB uint8) from an encoded clip, stopping after the last."""
+    import av
+
+    wanted, frames, last = set(indices), {}, max(indices)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                frames[index] = frame.to_ndarray(format="rgb24")
+            if index >= last:
+                break
+    if len(frames) != len(wanted):
+        raise DataError(f"clip has fewer frames than its manifest says (wanted up to frame {last})")
+    return [frames[i] for i in indices]
+
+
+def count_frames(meta: dict[str, Any], data: bytes) -> int:
+    if meta.get("end_frame") is not None and meta.get("start_frame") is not None:
+        return int(meta["end_frame"]) - int(meta["start_frame"])
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+class SampleReader:
+    """Turns one indexed sample plus its RNG into a training example for a phase."""
+
+    def __init__(self, preset: StagePreset, score_at_max_bucket: float = 4.0) -> None:
+        self.preset = preset
+        self.score_at_max_bucket = score_at_max_bucket
+
+    def read(self, sample: IndexedSample, phase: Phase, rng: np.random.Generator) -> dict[str, Any]:
+        meta = json.loads(read_member(sample.members["json"])) if "json" in sample.members else {}
+        text = read_member(sample.members["txt"]).decode("utf-8").strip() if "txt" in sample.members else None
+        source_fps = float(meta.get("fps") or 25.0)
+        if sample.is_image and (phase.image_only or not sample.is_video):
+            extension = next(ext for ext in IMAGE_EXTENSIONS if ext in sample.members)
+            image = cv2.imdecode(np.frombuffer(read_member(sample.members[extension]), np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise DataError(f"sample {sample.key}: undecodable {extension}")
+            frames, fps = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)], source_fps
+        else:
+            extension = next(ext for ext in VIDEO_EXTENSIONS if ext in sample.members)
+            data = read_member(sample.members[extension])
+            available = count_frames(meta, data)
+            indices, stride = self.frame_indices(available, phase.num_frames, rng)
+            frames, fps = decode_clip_frames(data, indices), source_fps / stride
+        pixels = np.stack([resize_cover_crop(frame, phase.height, phase.width) for frame in frames])
+        caption = choose_caption(meta, text, self.preset.caption_mix, rng)
+        if rng.random() < self.preset.text_drop_rate:
+            caption = ""
+        return {
+            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),  # (T, 3, H, W)
+            "caption": caption,
+            "fps": float(round(fps)),
+            "motion_bucket": float(motion_bucket(meta.get("motion_score"), self.score_at_max_bucket)),
+            "key": sample.key,
+        }
+
+    def frame_indices(self, available: int, num_frames: int, rng: np.random.Generator) -> tuple[list[int], int]:
+        """T frame indices at a stride drawn from the preset's strides that fit the clip (frame-wise if none)."""
+        if available < 1:
+            raise DataError("clip has no frames")
+        if num_frames == 1:
+            return [int(rng.integers(available))], 1
+        fitting = [s for s in self.preset.frame_strides if (num_frames - 1) * s + 1 <= available]
+        if not fitting:
+            # A clip shorter than T frames: repeat its last frame rather than drop it (rare after clipping).
+            return [min(i, available - 1) for i in range(num_frames)], 1
+        stride = int(fitting[rng.integers(len(fitting))])
+        start = int(rng.integers(available - (num_frames - 1) * stride))
+        return [start + i * stride for i in range(num_frames)], stride
+
+
+def sample_rng(seed: int, position: int) -> np.random.Generator:
+    """The RNG for everything random about global position `position` (data and noise alike)."""
+    return np.random.default_rng([seed, position])
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    step: int
+    phase: Phase
+    positions: tuple[int, ...]
+
+
+def plan_micro_batches(preset: StagePreset, rank: int, world_size: int, micro_batch_size: int,
+                       start_step: int = 0) -> Iterator[MicroBatchPlan]:
+    """This rank's micro-batches from `start_step` on: global positions, step and phase of each."""
+    position = 0
+    for phase in preset.phases:
+        if phase.batch_size % world_size:
+            raise ValueError(f"phase {phase.name}: batch {phase.batch_size} not divisible by {world_size} workers")
+        share = phase.batch_size // world_size
+        micro = min(micro_batch_size, share)
+        if share % micro:
+            raise ValueError(f"phase {phase.name}: per-worker batch {share} not divisible by micro-batch {micro}")
+        step_base = sum(p.iterations for p in preset.phases[: preset.phases.index(phase)])
+        for within in range(phase.iterations):
+            step = step_base + within
+            first = position + within * phase.batch_size
+            if step >= start_step:
+                mine = [first + rank + world_size * j for j in range(share)]
+                for start in range(0, share, micro):
+                    yield MicroBatchPlan(step, phase, tuple(mine[start : start + micro]))
+        position += phase.iterations * phase.batch_size
+
+
+def accumulation_steps(phase: Phase, world_size: int, micro_batch_size: int) -> int:
+    share = phase.batch_size // world_size
+    return share // min(micro_batch_size, share)
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Collated micro-batches for one Ray worker; dataloader worker w yields micro-batches w, w+W, ..."""
+
+    def __init__(self, samples: list[IndexedSample], preset: StagePreset, seed: int, rank: int = 0,
+                 world_size: int = 1, micro_batch_size: int = 1, start_step: int = 0,
+                 score_at_max_bucket: float = 4.0) -> None:
+        if not samples:
+            raise DataError("no training samples")
+        self.samples, self.preset, self.seed = samples, preset, seed
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.start_step = micro_batch_size, start_step
+        self.reader = SampleReader(preset, score_at_max_bucket)
+        needs_video = any(not p.image_only for p in preset.phases)
+        if needs_video and not any(s.is_video for s in samples):
+            raise DataError("video phases need clips (mp4) in the shards, found only images")
+
+    def sample_at(self, position: int) -> IndexedSample:
+        count = len(self.samples)
+        epoch, offset = divmod(position, count)
+        order = np.random.default_rng([self.seed, 1_000_003, epoch]).permutation(count)
+        return self.samples[order[offset]]
+
+    def example(self, position: int, phase: Phase) -> dict[str, Any]:
+        return self.reader.read(self.sample_at(position), phase, sample_rng(self.seed, position))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plans = plan_micro_batches(self.preset, self.rank, self.world_size, self.micro_batch_size, self.start_step)
+        for index, plan in enumerate(plans):
+            if index % workers != worker:
+                continue
+            examples = [self.example(position, plan.phase) for position in plan.positions]
+            yield {
+                "pixels": torch.stack([e["pixels"] for e in examples]),
+                "captions": [e["caption"] for e in examples],
+                "fps": torch.tensor([e["fps"] for e in examples]),
+                "motion_bucket": torch.tensor([e["motion_bucket"] for e in examples]),
+                "positions": torch.tensor(plan.positions),
+                "step": plan.step,
+                "image_only": plan.phase.image_only,
+                "keys": [e["key"] for e in examples],
+            }
+
+
+def training_loader(stream: TrainingStream, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over pre-collated micro-batches (order preserved across loader workers)."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

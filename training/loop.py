@@ -1,0 +1,336 @@
+"""The training loop: one function per Ray Train worker, and the driver that runs a stage with TorchTrainer.
+
+`run_stage` checks everything it can before any worker starts (stage, shards, initialisation), then runs
+`train_loop_per_worker` on `num_workers` Ray workers (DDP, gloo on CPU / NCCL on GPU). Rank 0 reports a
+checkpoint every `checkpoint_every` steps through Ray Train (storage under the stage directory); a rerun
+after a crash or SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
+The last report carries the exported diffusers pipeline, which the driver moves to `stageN/pipeline`.
+
+Stage directory: pipeline/ (TextToVideoPipeline, loads with `lvd generate --checkpoint`), tensorboard/,
+samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), loss.png, lineage.json, done.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.data import DataError, find_shards
+from training.monitor import plot_losses, read_metrics, write_json_atomic
+from training.stages import StagePreset, get_stage_preset
+
+RUN_NAME = "train"
+
+
+@dataclass
+class StageRunConfig:
+    """Everything a worker needs; picklable so Ray can ship it."""
+
+    preset: StagePreset
+    shards: list[str]
+    init: str
+    log_dir: str
+    seed: int = 0
+    use_gpu: bool = False
+    micro_batch_size: int = 1
+    loader_workers: int = 0
+    resume_from: str | None = None
+    sample_prompt: str = "a cyclist riding down a city street"
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def load_initial_pipeline(init: str, seed: int = 0):
+    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate."""
+    from model.pipeline import TextToVideoPipeline
+
+    if init == "tiny":
+        return TextToVideoPipeline.from_preset("tiny", seed=seed)
+    index = Path(init) / "model_index.json"
+    if index.exists() and json.loads(index.read_text()).get("_class_name") == TextToVideoPipeline.__name__:
+        return TextToVideoPipeline.from_pretrained(init)
+    return TextToVideoPipeline.from_sd_checkpoint(init)
+
+
+def group_steps(loader) -> Any:
+    """Yield the list of micro-batches of each optimizer step, in order."""
+    pending: list[dict[str, Any]] = []
+    for batch in loader:
+        if pending and batch["step"] != pending[0]["step"]:
+            yield pending
+            pending = []
+        pending.append(batch)
+    if pending:
+        yield pending
+
+
+def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
+    """Ray Train worker: restore, train the stage's remaining steps, checkpoint, export (rank 0)."""
+    import ray.train
+    import torch
+
+    from training.data import TrainingStream, index_shards, training_loader
+    from training.monitor import TrainingMonitor
+    from training.trainer import StageTrainer
+
+    config = loop_config["run"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    torch.manual_seed(config.seed)
+    preset = config.preset
+    trainer = StageTrainer(load_initial_pipeline(config.init, config.seed), preset, seed=config.seed, device=device,
+                           rank=rank, world_size=world_size, micro_batch_size=config.micro_batch_size,
+                           keep_ema=rank == 0)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_state(Path(directory))
+    elif config.resume_from:
+        trainer.load_state(Path(config.resume_from))
+    if rank == 0 and trainer.step:
+        print(f"resuming stage {preset.stage} at step {trainer.step}", flush=True)
+
+    monitor = TrainingMonitor(Path(config.log_dir), preset.total_steps, trainer.step, enabled=rank == 0)
+    stream = TrainingStream(index_shards(config.shards), preset, config.seed, rank, world_size,
+                            config.micro_batch_size, start_step=trainer.step)
+    for micro_batches in group_steps(training_loader(stream, config.loader_workers)):
+        metrics = trainer.train_step(micro_batches)
+        step = metrics["step"]
+        if step % preset.log_every == 0 or step == preset.total_steps:
+            monitor.log(metrics)
+        if rank == 0 and (step % preset.sample_every == 0 or step == preset.total_steps):
+            _log_sample(trainer, monitor, config, micro_batches[0], step)
+        final = step == preset.total_steps
+        if step % preset.checkpoint_every == 0 or final:  # a report is a barrier: only with checkpoints
+            _report_checkpoint(trainer, monitor, config, metrics, final)
+    monitor.close()
+
+
+def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[str, Any], final: bool) -> None:
+    import ray.train
+
+    scalars = {k: v for k, v in metrics.items() if k != "phase"}
+    if trainer.rank != 0:
+        ray.train.report(scalars, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="lvd-ckpt-") as scratch:
+        directory = Path(scratch)
+        trainer.save_state(directory, {"lineage": config.lineage})
+        if final:
+            _export_pipeline(trainer, config, directory / "pipeline")
+            shutil.copy(monitor.metrics_path, directory / "metrics.jsonl")
+        ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+def _export_pipeline(trainer, config: StageRunConfig, target: Path) -> None:
+    from model.pipeline import TextToVideoPipeline
+
+    pipeline = TextToVideoPipeline(unet=trainer.export_unet(), vae=trainer.vae, text_encoder=trainer.text_encoder,
+                                   tokenizer=trainer.tokenizer, scheduler=_scheduler())
+    pipeline.save_pretrained(target, safe_serialization=True)
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    from model.pipeline import SVD_SCHEDULER_CONFIG
+
+    return EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
+
+
+def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any], step: int) -> None:
+    """A short sample video with the current (EMA when kept) weights, at the phase's size, few steps."""
+    import torch
+
+    from model.pipeline import TextToVideoPipeline
+
+    phase, _ = trainer.preset.phase_at(step - 1)
+    pipeline = TextToVideoPipeline(unet=trainer.export_unet(), vae=trainer.vae, text_encoder=trainer.text_encoder,
+                                   tokenizer=trainer.tokenizer, scheduler=_scheduler())
+    trainer.unet.eval()
+    try:
+        frames = pipeline(config.sample_prompt, num_frames=max(phase.num_frames, 1), height=phase.height,
+                          width=phase.width, num_inference_steps=8, guidance_scale=(1.0, 2.5),
+                          fps=int(batch["fps"][0]), motion_bucket_id=int(batch["motion_bucket"][0]),
+                          generator=torch.Generator().manual_seed(config.seed), progress=False).frames[0]
+    finally:
+        trainer.unet.train()
+    monitor.log_video(frames, step)
+
+
+# --- driver -----------------------------------------------------------------------------------------
+
+
+def stage_dir(output_root: str | Path, stage: int) -> Path:
+    return Path(output_root).resolve() / f"stage{stage}"
+
+
+def default_init(stage: int, preset: str, output_root: str | Path) -> str:
+    """Stage I starts from SD 2.x (`svd`) or the tiny preset; stage N from stage N-1's exported pipeline."""
+    if stage == 1:
+        return get_stage_preset(1, preset).init or preset
+    previous = stage_dir(output_root, stage - 1) / "pipeline"
+    if not (previous / "model_index.json").exists():
+        raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}'s output, but {previous} does not "
+                                f"exist: run stage {stage - 1} first (or pass init=<pipeline dir>)")
+    return str(previous)
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The Ray Train checkpoint with the highest step under `storage` (survives a killed driver)."""
+    best, best_step = None, -1
+    for state in storage.glob(f"{RUN_NAME}/checkpoint_*/state.json"):
+        try:
+            step = json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint torn by a kill is skipped
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best
+
+
+def validate_stage(stage: int, preset: str, data: str, output_root: str, init: str | None,
+                   num_workers: int, max_steps: int | None) -> tuple[StagePreset, list[str], str]:
+    """Fail fast, before Ray starts, with messages that say what to do."""
+    stage_preset = get_stage_preset(stage, preset).with_max_steps(max_steps)
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+    for phase in stage_preset.phases:
+        if phase.batch_size % num_workers:
+            raise ValueError(f"phase {phase.name}: global batch {phase.batch_size} is not divisible by "
+                             f"{num_workers} workers")
+    try:
+        shards = find_shards(data)
+    except DataError as error:
+        raise FileNotFoundError(str(error)) from error
+    return stage_preset, shards, init or default_init(stage, preset, output_root)
+
+
+def run_stage(
+    stage: int,
+    preset: str = "tiny",
+    data: str = "out/curate",
+    output_root: str = "out/train",
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resume: bool = True,
+    init: str | None = None,
+    max_steps: int | None = None,
+    ray_address: str | None = None,
+    seed: int = 0,
+    micro_batch_size: int | None = None,
+    loader_workers: int = 0,
+    max_failures: int = 2,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one stage to completion (or skip it when done.json says it already finished)."""
+    stage_preset, shards, init = validate_stage(stage, preset, data, output_root, init, num_workers, max_steps)
+    directory = stage_dir(output_root, stage)
+    done = directory / "done.json"
+    if resume and done.exists():
+        return {**json.loads(done.read_text()), "skipped": True}
+    if not resume and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lineage = {"stage": stage, "preset": preset, "init": init, "data": str(Path(data).resolve()), "shards": shards,
+               "seed": seed, "num_workers": num_workers, "max_steps": max_steps,
+               "stage_preset": stage_preset.to_dict()}
+    if stage > 1 and (Path(init).parent / "lineage.json").exists():
+        lineage["parent"] = json.loads((Path(init).parent / "lineage.json").read_text())
+    write_json_atomic(directory / "lineage.json", lineage)
+
+    config = StageRunConfig(
+        preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
+        micro_batch_size=micro_batch_size or max(p.batch_size for p in stage_preset.phases),
+        loader_workers=loader_workers, lineage=lineage,
+    )
+    storage = directory / "ray"
+    resumed_from = latest_checkpoint(storage) if resume else None
+    config.resume_from = str(resumed_from) if resumed_from else None
+    result = _fit(config, num_workers, use_gpu, storage, ray_address, max_failures, on_progress)
+
+    final = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
+    try:
+        result.checkpoint.to_directory(str(final))
+        if not (final / "pipeline" / "model_index.json").exists():
+            raise RuntimeError("the last checkpoint has no exported pipeline")
+        target = directory / "pipeline"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(final / "pipeline", target)
+        metrics = read_metrics(final / "metrics.jsonl")
+    finally:
+        shutil.rmtree(final, ignore_errors=True)
+    plot_losses(metrics, directory / "loss.png")
+    summary = {
+        "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(directory / "pipeline"),
+        "step": stage_preset.total_steps, "resumed_from_step": _step_of(resumed_from),
+        "losses": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"]} if metrics else {},
+        "tensorboard": str(directory / "tensorboard"), "loss_plot": str(directory / "loss.png"),
+        "samples": sorted(str(p) for p in (directory / "samples").glob("*.gif")), "init": init,
+    }
+    write_json_atomic(done, summary)
+    return {**summary, "skipped": False}
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+
+
+def _fit(config: StageRunConfig, num_workers: int, use_gpu: bool, storage: Path, ray_address: str | None,
+         max_failures: int, on_progress: Callable[[dict[str, Any]], None] | None):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from infra.local import ray_init_kwargs
+
+    if not ray.is_initialized():
+        ray.init(**ray_init_kwargs(ray_address))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": config},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_progress, args=(Path(config.log_dir) / "progress.json", on_progress, stop),
+                              daemon=True)
+    if on_progress:
+        poller.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        if on_progress:
+            poller.join(timeout=5)
+            _poll_once(Path(config.log_dir) / "progress.json", on_progress, None)
+
+
+def _poll_once(path: Path, callback, last: int | None) -> int | None:
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return last
+    if progress["step"] != last:
+        callback(progress)
+    return progress["step"]
+
+
+def _poll_progress(path: Path, callback, stop: threading.Event) -> None:
+    last = None
+    while not stop.wait(1.0):
+        last = _poll_once(path, callback, last)
+        time.sleep(0)

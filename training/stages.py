@@ -1,0 +1,156 @@
+"""The three SVD training stages as data (SPEC §4), and `tiny` copies of them that run on a CPU in minutes.
+
+A stage is a list of phases; a phase fixes what one stretch of optimisation sees: resolution, frames,
+batch, learning rate, the training noise distribution (P_mean, P_std), which parameters train, and whether
+samples are images (temporal layers bypassed via the image-only flag). Values the paper does not publish
+are marked [open] and are our choice. `tiny` keeps every stage's structure (phases, image-only flag,
+trainable sets, noise shift, EMA) at 64x64 with few steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+TRAINABLE_SETS = ("all", "time_embedding", "temporal")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training at fixed settings."""
+
+    name: str
+    height: int
+    width: int
+    num_frames: int  # 1 for image phases
+    iterations: int  # optimizer steps
+    batch_size: int  # global batch: per-worker batch x workers x accumulation
+    learning_rate: float
+    p_mean: float
+    p_std: float
+    trainable: str = "all"
+    image_only: bool = False
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE_SETS:
+            raise ValueError(f"phase {self.name}: trainable must be one of {TRAINABLE_SETS}, got {self.trainable!r}")
+        if self.height % 8 or self.width % 8 or min(self.height, self.width) < 8:
+            raise ValueError(f"phase {self.name}: resolution must be multiples of 8 (VAE f=8), "
+                             f"got {self.height}x{self.width}")
+        if self.num_frames < 1 or self.iterations < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"phase {self.name}: frames, iterations, batch size and lr must be positive")
+        if self.image_only and self.num_frames != 1:
+            raise ValueError(f"phase {self.name}: image phases have one frame")
+
+
+@dataclass(frozen=True)
+class StagePreset:
+    """A training stage: its phases in order plus stage-wide settings."""
+
+    stage: int
+    preset: str
+    phases: tuple[Phase, ...]
+    ema_decay: float | None = None
+    frame_strides: tuple[int, ...] = (1, 2, 3, 4)  # sampled per clip; fps conditioning = source fps / stride
+    text_drop_rate: float = 0.15  # SPEC §4: text dropped 15% for classifier-free guidance
+    caption_mix: dict[str, float] = field(default_factory=lambda: {"coca": 0.5, "video": 0.25, "llm_summary": 0.25})
+    weight_decay: float = 0.01  # [open] AdamW default
+    grad_clip_norm: float = 1.0  # [open]
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints
+    sample_every: int = 5000  # steps between sample videos in TensorBoard
+    log_every: int = 10
+    gradient_checkpointing: bool = True
+    init: str | None = None  # stage I: an SD 2.x checkpoint (path or hub id); later stages: previous stage
+
+    @property
+    def total_steps(self) -> int:
+        return sum(phase.iterations for phase in self.phases)
+
+    def phase_at(self, step: int) -> tuple[Phase, int]:
+        """The phase that optimizer step `step` (0-based) belongs to, and the step within it."""
+        for phase in self.phases:
+            if step < phase.iterations:
+                return phase, step
+            step -= phase.iterations
+        raise IndexError("step beyond the stage's last phase")
+
+    def with_max_steps(self, max_steps: int | None) -> StagePreset:
+        """Cut the stage to `max_steps` optimizer steps in total, keeping every phase (at least one step each)."""
+        if max_steps is None:
+            return self
+        if max_steps < len(self.phases):
+            raise ValueError(f"max_steps={max_steps} is less than the stage's {len(self.phases)} phases")
+        total, phases, left = self.total_steps, [], max_steps
+        for index, phase in enumerate(self.phases):
+            remaining_phases = len(self.phases) - index - 1
+            share = max(1, round(max_steps * phase.iterations / total))
+            share = min(share, left - remaining_phases)
+            phases.append(replace(phase, iterations=share, warmup_steps=min(phase.warmup_steps, share - 1)))
+            left -= share
+        return replace(self, phases=tuple(phases))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SD21 = "stabilityai/stable-diffusion-2-1"
+
+# SPEC §4. Stage I batch/lr are not published ([open]); iterations, resolutions, noise and lrs of II/III are.
+_SVD_STAGES = {
+    1: StagePreset(
+        stage=1, preset="svd", init=SD21, frame_strides=(1,),
+        phases=(
+            Phase("time-embedding", 512, 512, 1, 1_000, 256, 1e-4, -1.2, 1.0, trainable="time_embedding",
+                  image_only=True, warmup_steps=100),
+            Phase("images-256x384", 256, 384, 1, 30_000, 256, 1e-4, -1.2, 1.0, image_only=True, warmup_steps=500),
+        ),
+    ),
+    2: StagePreset(
+        stage=2, preset="svd",
+        phases=(
+            Phase("video-256x384", 256, 384, 14, 150_000, 1536, 1e-4, -1.2, 1.2, warmup_steps=1000),
+            Phase("video-320x576", 320, 576, 14, 100_000, 768, 1e-4, 0.0, 1.2),
+        ),
+    ),
+    3: StagePreset(
+        stage=3, preset="svd", ema_decay=0.9999,
+        phases=(Phase("finetune-576x1024", 576, 1024, 14, 50_000, 768, 3e-5, 0.5, 1.4, warmup_steps=500),),
+    ),
+}
+
+# Same structure, 64x64 pixels (8x8 latents), few frames and steps: CPU tests, the demo, CI.
+_TINY_STAGES = {
+    1: StagePreset(
+        stage=1, preset="tiny", frame_strides=(1,), checkpoint_every=10, sample_every=20, log_every=1,
+        gradient_checkpointing=False,
+        phases=(
+            Phase("time-embedding", 64, 64, 1, 4, 4, 1e-3, -1.2, 1.0, trainable="time_embedding", image_only=True),
+            Phase("images", 64, 64, 1, 16, 4, 1e-3, -1.2, 1.0, image_only=True, warmup_steps=2),
+        ),
+    ),
+    2: StagePreset(
+        stage=2, preset="tiny", checkpoint_every=10, sample_every=20, log_every=1, gradient_checkpointing=False,
+        phases=(
+            Phase("video-low", 64, 64, 6, 12, 2, 1e-3, -1.2, 1.2, warmup_steps=2),
+            Phase("video-high", 64, 96, 6, 8, 2, 1e-3, 0.0, 1.2),
+        ),
+    ),
+    3: StagePreset(
+        stage=3, preset="tiny", ema_decay=0.9, checkpoint_every=10, sample_every=20, log_every=1,
+        gradient_checkpointing=False,
+        phases=(Phase("finetune", 96, 128, 6, 12, 2, 3e-4, 0.5, 1.4, warmup_steps=2),),
+    ),
+}
+
+STAGE_PRESETS: dict[str, dict[int, StagePreset]] = {"svd": _SVD_STAGES, "tiny": _TINY_STAGES}
+
+
+def get_stage_preset(stage: int, preset: str = "tiny") -> StagePreset:
+    """The preset for `stage` (1, 2 or 3); a clear error for anything else."""
+    if preset not in STAGE_PRESETS:
+        raise ValueError(f"unknown training preset {preset!r}; choose from {sorted(STAGE_PRESETS)}")
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_PRESETS[preset]:
+        raise ValueError(f"stage must be 1 (image pretraining), 2 (video pretraining) or 3 (high-res finetune), "
+                         f"got {stage!r}")
+    return STAGE_PRESETS[preset][stage]

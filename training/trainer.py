@@ -1,0 +1,237 @@
+"""One optimizer step of SVD training, the same code in a Ray worker, a test or a benchmark.
+
+`StageTrainer` owns the video U-Net (trained), the frozen VAE and text encoder, AdamW, EMA and the step
+counter. Per phase it sets which parameters train (image phases also freeze the temporal layers, so
+image batches cannot move them, not even by weight decay) and wraps the U-Net in DDP when there is
+more than one worker; the loss always calls the *wrapped* model, so gradients are really synchronised
+(SPEC §6: community trainers skipped this). Noise level and noise are drawn per sample from
+(seed, global position): a batch's gradient does not depend on how it is split across workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
+from model.text import encode_prompts
+from model.unet import is_temporal_parameter
+from model.vae import encode_frames
+from training.stages import Phase, StagePreset
+
+TIME_EMBEDDING_PREFIXES = ("time_embedding.", "add_embedding.", "time_proj.", "add_time_proj.")
+
+
+def trainable_names(names: list[str], phase: Phase) -> set[str]:
+    """Parameter names that train in `phase` (image phases never train temporal layers)."""
+    if phase.trainable == "time_embedding":
+        chosen = {n for n in names if n.startswith(TIME_EMBEDDING_PREFIXES)}
+    elif phase.trainable == "temporal":
+        chosen = {n for n in names if is_temporal_parameter(n)}
+    else:
+        chosen = set(names)
+    if phase.image_only:
+        chosen = {n for n in chosen if not is_temporal_parameter(n)}
+    return chosen
+
+
+def noise_for_positions(positions: torch.Tensor, shape: tuple[int, ...], seed: int, phase: Phase
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sigma (ln sigma ~ N(P_mean, P_std^2)) and Gaussian noise from (seed, position)."""
+    sigmas, noises = [], []
+    for position in positions.tolist():
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7, position]).generate_state(1)[0]))
+        sigmas.append(math.exp(phase.p_mean + phase.p_std * torch.randn((), generator=generator).item()))
+        noises.append(torch.randn(shape, generator=generator))
+    return torch.tensor(sigmas), torch.stack(noises)
+
+
+class ExponentialMovingAverage:
+    """EMA of the U-Net's weights (stage III: decay 0.9999), kept in float32."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        params = dict(module.named_parameters())
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.contiguous() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA checkpoint lacks {sorted(missing)[:3]}")
+        self.shadow = {n: state[n].float().clone() for n in self.shadow}
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            param.copy_(self.shadow[name].to(param.dtype))
+
+
+class StageTrainer:
+    """Holds the model and optimizer state of a stage and performs optimizer steps."""
+
+    def __init__(self, pipeline, preset: StagePreset, seed: int = 0, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1, micro_batch_size: int = 1, mixed_precision: str = "auto",
+                 keep_ema: bool = True) -> None:
+        self.preset, self.seed = preset, seed
+        self.device = torch.device(device)
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.unet = pipeline.unet.to(self.device).train()
+        self.vae = pipeline.vae.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = pipeline.text_encoder.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = pipeline.tokenizer
+        if preset.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.optimizer = torch.optim.AdamW(list(self.unet.parameters()), lr=preset.phases[0].learning_rate,
+                                           weight_decay=preset.weight_decay)
+        self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if preset.ema_decay and keep_ema else None
+        self.loss_fn = EDMLoss(VPredictionPreconditioning(sigma_data=1.0), LogNormalNoise())
+        self.step = 0
+        self.model: torch.nn.Module = self.unet
+        self._configured_phase: str | None = None
+
+    # --- phases -----------------------------------------------------------------------------------
+    def configure_phase(self, phase: Phase) -> None:
+        """Freeze/unfreeze per the phase and (re)wrap in DDP, which registers hooks for trainable params only."""
+        if self._configured_phase == phase.name:
+            return
+        names = [n for n, _ in self.unet.named_parameters()]
+        chosen = trainable_names(names, phase)
+        for name, param in self.unet.named_parameters():
+            param.requires_grad_(name in chosen)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.unet, device_ids=device_ids)
+        self._configured_phase = phase.name
+
+    def learning_rate(self, phase: Phase, step_in_phase: int) -> float:
+        """Linear warmup at the start of each phase, then constant (the paper's schedule is constant)."""
+        if phase.warmup_steps and step_in_phase < phase.warmup_steps:
+            return phase.learning_rate * (step_in_phase + 1) / (phase.warmup_steps + 1)
+        return phase.learning_rate
+
+    # --- loss --------------------------------------------------------------------------------------
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            latents = encode_frames(self.vae, batch["pixels"].to(self.device), chunk_size=16)
+            context = encode_prompts(self.tokenizer, self.text_encoder, list(batch["captions"])).to(self.device)
+        return latents.float(), context
+
+    def per_sample_loss(self, batch: dict[str, Any], phase: Phase) -> torch.Tensor:
+        latents, context = self.encode_batch(batch)
+        batch_size, frames = latents.shape[:2]
+        sigma, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
+        added_time_ids = torch.stack([batch["fps"].float(), batch["motion_bucket"].float(),
+                                      torch.zeros(batch_size)], dim=1).to(self.device)
+        image_only = torch.full((batch_size, frames), float(phase.image_only), device=self.device)
+
+        def network(x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+            return self.model(x, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
+                              image_only_indicator=image_only).sample.float()
+
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.loss_fn(network, latents, sigma=sigma.to(self.device), noise=noise)
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over this worker's micro-batches of the step (gradient accumulation)."""
+        step = micro_batches[0]["step"]
+        if step != self.step:
+            raise RuntimeError(f"data is at step {step} but the trainer at step {self.step}")
+        phase, within = self.preset.phase_at(step)
+        self.configure_phase(phase)
+        lr = self.learning_rate(phase, within)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        share = sum(len(b["captions"]) for b in micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
+            with sync:
+                losses = self.per_sample_loss(batch, phase)
+                (losses.sum() / share).backward()
+            loss_sum += losses.detach().sum().item()
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.preset.grad_clip_norm).item()
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; check the data and learning rate")
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        self.step += 1
+        mean_loss = torch.tensor([loss_sum, float(share)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(mean_loss)
+        return {"step": self.step, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr, "grad_norm": grad_norm,
+                "phase": phase.name, "samples": int(mean_loss[1].item())}
+
+    # --- state -------------------------------------------------------------------------------------
+    def save_state(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        """Weights (safetensors), EMA, optimizer, step, RNG and data position into `directory` (rank 0)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()},
+                  directory / "unet.safetensors")
+        if self.ema is not None:
+            save_file(self.ema.state_dict(), directory / "ema.safetensors")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   directory / "rng.pt")
+        state = {"step": self.step, "stage": self.preset.stage, "preset": self.preset.preset, "seed": self.seed,
+                 "data_position": self.data_position(), **(extra or {})}
+        (directory / "state.json").write_text(json.dumps(state, indent=2))
+
+    def load_state(self, directory: Path) -> dict[str, Any]:
+        state = json.loads((directory / "state.json").read_text())
+        if state["stage"] != self.preset.stage:
+            raise ValueError(f"checkpoint {directory} is from stage {state['stage']}, not {self.preset.stage}")
+        self.unet.load_state_dict(load_file(directory / "unet.safetensors", device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        if self.ema is not None and (directory / "ema.safetensors").exists():
+            self.ema.load_state_dict(load_file(directory / "ema.safetensors"))
+        rng = torch.load(directory / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.step = int(state["step"])
+        return state
+
+    def data_position(self) -> int:
+        """Global sample position the next step starts reading at."""
+        position, left = 0, self.step
+        for phase in self.preset.phases:
+            taken = min(left, phase.iterations)
+            position += taken * phase.batch_size
+            left -= taken
+        return position
+
+    def export_unet(self):
+        """The U-Net to export: EMA weights when the stage keeps an EMA, else the trained weights."""
+        if self.ema is None:
+            return self.unet
+        import copy
+
+        exported = copy.deepcopy(self.unet)
+        self.ema.copy_to(exported)
+        return exported

@@ -268,10 +268,10 @@ def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset
                               max_steps=max_steps, ray_address=ray_address)
         stage_dir = Path(trained["output_dir"])
         ledger.write(name, {"state": "finished", "inputs": inputs, "result": trained})
-        losses = trained.get("losses") or {}
+        losses = ", ".join(f"{key} {value:.4f}" for key, value in (trained.get("losses") or {}).items())
         done(name, bool(trained.get("skipped")), started,
              {"pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
-              "steps": trained.get("step"), "loss first/last": f"{losses.get('first')} / {losses.get('last')}"})
+              "steps": trained.get("step"), "loss": losses or "n/a"})
         upstream = fingerprint(file_fingerprint(stage_dir / "done.json") or trained)
         stage_init = trained["pipeline"]
     checkpoint, checkpoint_fingerprint = str(trained["pipeline"]), upstream

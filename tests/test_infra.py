@@ -34,3 +34,56 @@ def test_prefect_yaml_entrypoints_are_flows():
         flow = getattr(module, name)
         assert isinstance(flow, Flow), deployment["entrypoint"]
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment["name"]
+
+
+def _project_deployments() -> list[tuple[dict, Flow]]:
+    project = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    found = []
+    for deployment in project["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        found.append((deployment, getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)))
+    return found
+
+
+def test_prefect_yaml_deploys_every_served_flow_on_the_process_pool():
+    """`prefect deploy --all` must give the cluster the same flows that `lvd serve` gives this machine."""
+    from flows.serve import all_deployments
+
+    project = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    served = {deployment.flow_name for deployment in all_deployments()}
+    deployed = {flow.name for _, flow in _project_deployments()}
+    assert deployed == served
+    assert {"curate-lvd", "train-stage", "evaluate-fvd", "generate-video", "lvd-pipeline"} <= deployed
+    names = [(flow.name, deployment["name"]) for deployment, flow in _project_deployments()]
+    assert len(names) == len(set(names)), "two deployments with the same FLOW/NAME"
+    pools = project["definitions"]["work_pool"]["name"]
+    assert all(deployment["work_pool"]["name"] == pools for deployment in project["deployments"])
+
+
+def test_prefect_yaml_settings_are_valid_for_their_flows():
+    """Nested settings (curation config, FVD/generate overrides) are checked the way the flows check them."""
+    from curation.config import CurationConfig
+    from flows.pipeline import check_overrides
+
+    for deployment, _ in _project_deployments():
+        parameters = deployment.get("parameters", {})
+        for key in ("config", "curate_config"):
+            if key in parameters:
+                CurationConfig.from_overrides(parameters[key]).scorers.validate()
+        for key, target in (("fvd", "flows.evaluate:evaluate_fvd"), ("generate", "flows.generate:generate_video")):
+            if key in parameters:
+                module, name = target.split(":")
+                allowed = set(getattr(importlib.import_module(module), name).parameters.properties)
+                check_overrides(key, parameters[key], allowed)
+        if "ray_address" in parameters:
+            assert parameters["ray_address"].startswith("ray://"), deployment["name"]
+
+
+def test_dockerfile_builds_the_runtime_from_the_repository():
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    root = INFRA.parent
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (root / source).exists(), f"Dockerfile copies missing {source}"
+    assert "pip install" in dockerfile and "opencv-python-headless" in dockerfile

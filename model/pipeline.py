@@ -85,7 +85,7 @@ class TextToVideoPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int | None = None,
         height: int | None = None,
@@ -100,13 +100,33 @@ class TextToVideoPipeline(DiffusionPipeline):
         decode_chunk_size: int = 8,
         output_type: str = "np",
         progress: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        init_latents: torch.Tensor | None = None,
+        init_sigma: float | None = None,
     ) -> TextToVideoOutput:
         """Generate videos. `guidance_scale`: a float (constant CFG, e.g. 7 for UCF-101) or (min, max)
-        rising linearly over frames (SVD: 1.0 -> 2.5). `output_type`: 'np' (uint8), 'pt' ([-1, 1]), 'latent'."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt list is empty")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        rising linearly over frames (SVD: 1.0 -> 2.5). `output_type`: 'np' (uint8), 'pt' ([-1, 1]), 'latent'.
+
+        `prompt_embeds` replaces `prompt` with precomputed text embeddings, (B, 77, D) or per frame
+        (B, T, 77, D), so walks can interpolate them; `negative_prompt_embeds` (same shape) defaults to the
+        empty prompt's. `init_latents` (B, T, C, h, w) with `init_sigma`: img2img, i.e. the clean latents
+        re-noised to `init_sigma` with `latents` (or fresh) noise, then Euler from `init_sigma` to 0."""
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            context, batch = self._embeds_context(prompt_embeds, negative_prompt_embeds)
+            if context.ndim == 4 and num_frames is not None and context.shape[1] != num_frames:
+                raise ValueError(f"per-frame prompt_embeds have {context.shape[1]} frames, num_frames={num_frames}")
+            num_frames = num_frames or (context.shape[1] if context.ndim == 4 else None)
+        else:
+            if prompt is None:
+                raise ValueError("prompt (or prompt_embeds) is required")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt list is empty")
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+            context, batch = self.encode_prompt(prompts, negatives), len(prompts)
         num_frames = num_frames or self.unet.config.num_frames
         factor = scale_factor(self.vae)
         height = height or self.unet.config.sample_size * factor
@@ -117,9 +137,7 @@ class TextToVideoPipeline(DiffusionPipeline):
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
-        batch = len(prompts)
-
-        context = self.encode_prompt(prompts, negatives).to(device, dtype)
+        context = context.to(device, dtype)
         ids = torch.tensor([[fps, motion_bucket_id, noise_aug_strength]], device=device, dtype=dtype)
         ids = ids.repeat(2 * batch, 1)
         if isinstance(guidance_scale, int | float):
@@ -133,7 +151,18 @@ class TextToVideoPipeline(DiffusionPipeline):
             latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(device, torch.float32) * initial_noise_scale(sigma_max)
+        if init_latents is None:
+            if init_sigma is not None:
+                raise ValueError("init_sigma needs init_latents (the clean latents to re-noise)")
+            x = latents.to(device, torch.float32) * initial_noise_scale(sigma_max)
+        else:
+            if tuple(init_latents.shape) != shape:
+                raise ValueError(f"init_latents must have shape {shape}, got {tuple(init_latents.shape)}")
+            if init_sigma is None or not sigma_min < init_sigma <= sigma_max:
+                raise ValueError(f"init_sigma must be in ({sigma_min}, {sigma_max}] with init_latents, "
+                                 f"got {init_sigma}")
+            sigma_max = float(init_sigma)
+            x = init_latents.to(device, torch.float32) + sigma_max * latents.to(device, torch.float32)
 
         def network(x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
             return self.unet(x_in.to(dtype), c_noise.to(dtype), encoder_hidden_states=context,
@@ -153,6 +182,19 @@ class TextToVideoPipeline(DiffusionPipeline):
             return TextToVideoOutput(frames=frames)
         uint8 = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
         return TextToVideoOutput(frames=uint8.cpu().numpy())
+
+    def _embeds_context(self, prompt_embeds: torch.Tensor, negative: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """(2B, ...) context from precomputed embeddings: unconditional first, as `encode_prompt` orders it."""
+        if prompt_embeds.ndim not in (3, 4) or prompt_embeds.shape[0] < 1:
+            raise ValueError(f"prompt_embeds must be (B, tokens, dim) or (B, frames, tokens, dim), "
+                             f"got {tuple(prompt_embeds.shape)}")
+        if negative is None:
+            empty = self.encode_prompt([""])[:1].to(prompt_embeds.device, prompt_embeds.dtype)
+            negative = empty.reshape(1, *([1] * (prompt_embeds.ndim - 3)), *empty.shape[1:]).expand_as(prompt_embeds)
+        elif negative.shape != prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative.shape)} must match prompt_embeds "
+                             f"{tuple(prompt_embeds.shape)}")
+        return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
 
 
 def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:

@@ -17,7 +17,8 @@ What this class adds:
 
 API: `VideoUNet.from_preset(name, **config)`, `VideoUNet.from_image_unet(unet_or_path, num_frames=14)`,
 `VideoUNet.from_pretrained(path_or_hub_id, subfolder="unet")` (SVD checkpoints load as they are),
-`forward(sample (B,T,C,H,W), timestep (B,) = c_noise, encoder_hidden_states (B,L,D), added_time_ids (B,3)
+`forward(sample (B,T,C,H,W), timestep (B,) = c_noise, encoder_hidden_states (B,L,D) or per frame
+(B,T,L,D), added_time_ids (B,3)
 = [fps, motion_bucket_id, noise_aug_strength], image_only_indicator (B,T) or None) -> output.sample`,
 `is_temporal_parameter(name)`, `parameter_counts(preset)`.
 """
@@ -213,7 +214,13 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
 
         sample = self.conv_in(sample.flatten(0, 1))
         emb = emb.repeat_interleave(num_frames, dim=0)
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
+        if encoder_hidden_states.ndim == 4:  # one context per frame (B, T, L, D), e.g. an interpolation walk
+            if encoder_hidden_states.shape[:2] != (batch_size, num_frames):
+                raise ValueError(f"per-frame encoder_hidden_states must start with ({batch_size}, {num_frames}), "
+                                 f"got {tuple(encoder_hidden_states.shape)}")
+            encoder_hidden_states = encoder_hidden_states.flatten(0, 1)
+        else:
+            encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
         shared = {"temb": emb, "image_only_indicator": image_only_indicator}
 
         up_factor = 2**self.num_upsamplers

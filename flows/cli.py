@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "flows.serve",
     "flows.demo",
     "flows.generate",
+    "flows.walk",
     "flows.train",
     "flows.evaluate",
     "flows.pipeline",

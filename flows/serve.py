@@ -16,6 +16,7 @@ DEPLOYMENT_MODULES = [
     "flows.curate",
     "flows.train",
     "flows.generate",
+    "flows.walk",
     "flows.evaluate",
     "flows.pipeline",
 ]

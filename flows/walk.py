@@ -35,7 +35,7 @@ def walk_files(
     height: int | None = None,
     width: int | None = None,
     steps: int = 25,
-    guidance: str | float | list = "1.0,2.5",
+    guidance: str | float | list = "7",
     fps: float = 8.0,
     fps_id: int = 7,
     motion_bucket_id: int = 127,
@@ -156,7 +156,7 @@ def generate_walk(
     height: int | None = None,
     width: int | None = None,
     steps: int = 25,
-    guidance: str = "1.0,2.5",
+    guidance: str = "7",
     fps: float = 8.0,
     window: int | None = None,
     overlap: int = 2,
@@ -225,7 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", default="1.0,2.5", help="'w' constant CFG or 'min,max' over frames")
+    parser.add_argument("--guidance", default="7", help="constant CFG 'w' (a 'min,max' ramp restarts every window)")
     parser.add_argument("--fps", type=float, default=8.0, help="output frame rate (and the audio clock)")
     parser.add_argument("--fps-id", type=int, default=7, help="the model's fps conditioning")
     parser.add_argument("--motion", type=int, default=127, help="motion bucket conditioning")

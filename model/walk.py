@@ -57,7 +57,8 @@ class WalkSettings:
     height: int = 320
     width: int = 576
     steps: int = 25
-    guidance: float | tuple[float, float] = (1.0, 2.5)
+    # Constant CFG: SVD's frame-rising (min, max) guidance restarts in every window, so a walk would pulse.
+    guidance: float | tuple[float, float] = 7.0
     fps_id: int = 7  # the model's fps micro-conditioning, not the output frame rate
     motion_bucket_id: int = 127
     window: int = 14  # frames per model call (the model's clip length)

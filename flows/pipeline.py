@@ -153,6 +153,16 @@ def pending_sources(input_path: str, curate_dir: Path, config: dict[str, Any]) -
     return [source for source in discover_sources(input_path, cfg.video_extensions) if source not in done]
 
 
+def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
+    """What a stage trains on: LVD-F, or for stage 3 the hq subset (`curate/hq/shards`) when it has clips."""
+    hq = curate_dir / "hq"
+    if stage == 3:
+        if any((hq / "shards").glob("*.tar")):
+            return str(hq), f"hq subset {hq / 'shards'}"
+        return str(curate_dir), "LVD-F (no hq subset: curation's RAFT pass needs scorers.raft.weights)"
+    return str(curate_dir), "LVD-F"
+
+
 @task(name="export-real-clips")
 def export_real_clips(shards_dir: str, target: str) -> dict[str, Any]:
     """The kept clips of a curate run as plain MP4 files (the smoke-test FVD reference set)."""
@@ -247,11 +257,13 @@ def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset
         curated = {key: curated[key] for key in ("sources", "sources_error", "clips", "kept") if key in curated}
         ledger.write("curate-lvd", {"state": "finished", "inputs": curate_inputs, "result": curated})
         skipped = False
-    data_fingerprint = file_fingerprint(paths["curate"] / "summary.json") or fingerprint(curated)
+    data_fingerprint = fingerprint(file_fingerprint(paths["curate"] / "summary.json") or curated,
+                                   file_fingerprint(paths["curate"] / "hq" / "summary.json"))
     done("curate-lvd", skipped, started, {"kept clips": f"{curated.get('kept')} of {curated.get('clips')}",
                                           "shards": paths["shards"], "manifest": paths["manifest"]})
 
-    # 2-4. train-stage 1 -> 2 -> 3: each stage's exported pipeline initialises the next.
+    # 2-4. train-stage 1 -> 2 -> 3: each stage's exported pipeline initialises the next. Stage 3 (the
+    # high-resolution finetune) trains on the curated `hq` subset when curation selected one (RAFT weights).
     upstream, stage_init = data_fingerprint, init
     trained: dict[str, Any] = {}
     for stage in STAGES:
@@ -263,14 +275,15 @@ def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset
         if not resume:
             log(f"{name}: its data or initialisation changed since the last run; training it again")
         ledger.write(name, {"state": "started", "inputs": inputs})
-        trained = steps.train(stage=stage, preset=preset, data=str(paths["curate"]), output_root=str(paths["train"]),
+        data, data_note = stage_data(stage, paths["curate"])
+        trained = steps.train(stage=stage, preset=preset, data=data, output_root=str(paths["train"]),
                               num_workers=num_workers, use_gpu=use_gpu, resume=resume, init=stage_init,
                               max_steps=max_steps, ray_address=ray_address)
         stage_dir = Path(trained["output_dir"])
         ledger.write(name, {"state": "finished", "inputs": inputs, "result": trained})
         losses = ", ".join(f"{key} {value:.4f}" for key, value in (trained.get("losses") or {}).items())
         done(name, bool(trained.get("skipped")), started,
-             {"pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
+             {"data": data_note, "pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
               "steps": trained.get("step"), "loss": losses or "n/a"})
         upstream = fingerprint(file_fingerprint(stage_dir / "done.json") or trained)
         stage_init = trained["pipeline"]

@@ -182,3 +182,21 @@ def test_bad_settings_are_named(raw, tmp_path):
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
         _run(Recorder(), raw, tmp_path / "run", num_workers=0)
     assert check_overrides("x", None, {"a"}) == {}
+
+
+def test_stage3_finetunes_on_the_hq_subset_when_curation_selected_one(raw, tmp_path):
+    recorder, root = Recorder(), tmp_path / "run"
+    record = _run(recorder, raw, root)
+    layout = output_layout(root)
+    assert "no hq subset" in record["steps"][3]["outputs"]["data"]
+    # The RAFT pass selected clips (as curate-lvd does with scorers.raft.weights): stage 3 trains on them,
+    # and since the data changed every stage is trained again.
+    hq = layout["curate"] / "hq"
+    (hq / "shards").mkdir(parents=True)
+    (hq / "shards" / "hq-000000.tar").write_bytes(b"")
+    (hq / "summary.json").write_text(json.dumps({"selected": 1}))
+    before = len(recorder.calls)
+    _run(recorder, raw, root)
+    stages = [kwargs for name, kwargs in recorder.calls[before:] if name == "train"]
+    assert [s["data"] for s in stages] == [str(layout["curate"])] * 2 + [str(hq)]
+    assert not any(s["resume"] for s in stages)

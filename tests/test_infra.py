@@ -53,7 +53,7 @@ def test_prefect_yaml_deploys_every_served_flow_on_the_process_pool():
     served = {deployment.flow_name for deployment in all_deployments()}
     deployed = {flow.name for _, flow in _project_deployments()}
     assert deployed == served
-    assert {"curate-lvd", "train-stage", "evaluate-fvd", "generate-video", "lvd-pipeline"} <= deployed
+    assert {"curate-lvd", "train-stage", "evaluate-fvd", "generate-video", "generate-walk", "lvd-pipeline"} <= deployed
     names = [(flow.name, deployment["name"]) for deployment, flow in _project_deployments()]
     assert len(names) == len(set(names)), "two deployments with the same FLOW/NAME"
     pools = project["definitions"]["work_pool"]["name"]

@@ -30,6 +30,17 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def curated_dir(sample_dir: Path) -> Path:
+    """The sample clips curated once per session (in-process, no Prefect/Ray): shards + manifest."""
+    from curation.dataset import run_sequential
+    from curation.sample_data import VIDEO_DIR
+
+    out = _SESSION_HOME / "curated"
+    run_sequential(sample_dir / VIDEO_DIR, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prefect_api() -> str:
     """A real `prefect server start` on 127.0.0.1 (SQLite); the process env points clients at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -135,10 +135,12 @@ class StageTrainer:
             context = encode_prompts(self.tokenizer, self.text_encoder, list(batch["captions"])).to(self.device)
         return latents.float(), context
 
-    def per_sample_loss(self, batch: dict[str, Any], phase: Phase) -> torch.Tensor:
+    def per_sample_loss(self, batch: dict[str, Any], phase: Phase, sigma: float | None = None) -> torch.Tensor:
+        """EDM loss per sample; `sigma` fixes the noise level (validation) instead of drawing it."""
         latents, context = self.encode_batch(batch)
         batch_size, frames = latents.shape[:2]
-        sigma, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
+        drawn, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
+        sigma = drawn if sigma is None else torch.full((batch_size,), float(sigma))
         added_time_ids = torch.stack([batch["fps"].float(), batch["motion_bucket"].float(),
                                       torch.zeros(batch_size)], dim=1).to(self.device)
         image_only = torch.full((batch_size, frames), float(phase.image_only), device=self.device)
@@ -151,6 +153,18 @@ class StageTrainer:
                     else contextlib.nullcontext())
         with autocast:
             return self.loss_fn(network, latents, sigma=sigma.to(self.device), noise=noise)
+
+    @torch.no_grad()
+    def validation_loss(self, batches: list[dict[str, Any]], sigmas: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)
+                        ) -> float:
+        """Mean loss at fixed noise levels and fixed noise: comparable across steps, unlike the training loss."""
+        self.unet.eval()
+        try:
+            losses = [self.per_sample_loss(batch, self.preset.phase_at(batch["step"])[0], sigma).mean().item()
+                      for batch in batches for sigma in sigmas]
+        finally:
+            self.unet.train()
+        return float(np.mean(losses))
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches of the step (gradient accumulation)."""

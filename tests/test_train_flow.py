@@ -1,0 +1,124 @@
+"""train-stage on real curated clips through Ray Train (local Ray) and a real local Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.loop import run_stage
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _unet(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(pipeline_dir) / UNET_WEIGHTS))
+
+
+def test_two_ddp_workers_equal_one_worker_with_the_doubled_batch(curated_dir, tmp_path, ray_local):
+    """Stage II tiny, global batch 2: 2 workers x 1 sample (gloo all-reduce) vs 1 worker x 2 samples."""
+    results = {
+        workers: run_stage(2, data=str(curated_dir), output_root=str(tmp_path / f"w{workers}"), init="tiny",
+                           num_workers=workers, max_steps=3, micro_batch_size=1)
+        for workers in (2, 1)
+    }
+    two, one = _unet(results[2]["pipeline"]), _unet(results[1]["pipeline"])
+    from model.pipeline import TextToVideoPipeline
+
+    initial = TextToVideoPipeline.from_preset("tiny").unet.state_dict()
+    moved = max((one[k] - initial[k]).abs().max().item() for k in one)
+    difference = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-4, "training must change the weights"
+    assert difference < 1e-6 * max(moved, 1.0) + 1e-7, f"2 workers differ from 1 by {difference} (moved {moved})"
+    assert results[1]["losses"] == pytest.approx(results[2]["losses"], rel=1e-5)
+
+
+def test_stages_chain_through_the_flow_and_bad_parameters_fail_fast(curated_dir, tmp_path, prefect_api, ray_local):
+    from prefect.client.orchestration import get_client
+
+    from flows.generate import generate_files
+    from flows.train import train_stage
+
+    root = tmp_path / "train"
+    common = dict(data=str(curated_dir), output_root=str(root), max_steps=2)
+    with pytest.raises(ValueError, match="stage must be 1"):
+        train_stage(stage=4, **common)
+    with pytest.raises(FileNotFoundError, match="no WebDataset shards"):
+        train_stage(stage=1, data=str(tmp_path / "nowhere"), output_root=str(root))
+    with pytest.raises(FileNotFoundError, match="run stage 2 first"):
+        train_stage(stage=3, **common)
+
+    results = [train_stage(stage=stage, **common) for stage in (1, 2, 3)]
+    for stage, result in enumerate(results, start=1):
+        assert result["stage"] == stage and result["step"] == 2 and not result["skipped"]
+        assert (Path(result["pipeline"]) / "model_index.json").exists()
+        assert list((Path(result["output_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    assert results[1]["init"] == results[0]["pipeline"] and results[2]["init"] == results[1]["pipeline"]
+    lineage = json.loads((root / "stage3" / "lineage.json").read_text())
+    assert lineage["parent"]["stage"] == 2 and lineage["parent"]["parent"]["init"] == "tiny"
+    # each stage really trained on top of the previous one
+    assert any(not torch.equal(a, b) for a, b in zip(_unet(results[1]["pipeline"]).values(),
+                                                      _unet(results[2]["pipeline"]).values(), strict=True))
+    again = train_stage(stage=3, **common)
+    assert again["skipped"] and again["pipeline"] == results[2]["pipeline"]
+
+    videos = generate_files(["a cyclist"], str(tmp_path / "gen"), results[2]["pipeline"], num_frames=4, height=64,
+                            width=64, steps=2, progress=False)
+    assert Path(videos[0]["mp4"]).stat().st_size > 0
+
+    response = get_client(sync_client=True)._client.post("/artifacts/filter", json={"limit": 100})
+    keys = {artifact["key"] for artifact in response.json()}
+    assert {"train-stage-3-report", "train-stage-3-progress"} <= keys
+
+
+def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_path, prefect_api):
+    """`lvd train --stage 1` killed with SIGKILL after its step-10 checkpoint; the rerun continues from step
+    10 and ends with the weights of an uninterrupted run."""
+    root = tmp_path / "train"
+    command = [sys.executable, "-m", "flows.cli", "train", "--stage", "1", "--data", str(curated_dir),
+               "--output-root", str(root)]
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoints = root / "stage1" / "ray" / "train"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            if any(json.loads(p.read_text())["step"] >= 10 for p in checkpoints.glob("checkpoint_*/state.json")):
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        log.close()
+    assert not (root / "stage1" / "done.json").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["resumed_from_step"] == 10 and result["step"] == 20
+    steps = [json.loads(line)["step"] for line in (root / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21)), "each step logged once across the kill"
+
+    from training.data import TrainingStream, find_shards, index_shards
+    from training.loop import group_steps, load_initial_pipeline
+    from training.stages import get_stage_preset
+    from training.trainer import StageTrainer
+
+    torch.set_num_threads(1)  # the Ray worker had one CPU
+    preset = get_stage_preset(1)
+    straight = StageTrainer(load_initial_pipeline("tiny"), preset)
+    stream = TrainingStream(index_shards(find_shards(str(curated_dir))), preset, seed=0, micro_batch_size=4)
+    for micro_batches in group_steps(stream):
+        straight.train_step(micro_batches)
+    resumed = _unet(result["pipeline"])
+    for name, value in straight.unet.state_dict().items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")

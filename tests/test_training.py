@@ -1,0 +1,265 @@
+"""Training on real curated sample clips, in-process (no Ray): data stream, stages, trainer behaviour."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model.unet import is_temporal_parameter
+from training.data import (
+    DataError,
+    TrainingStream,
+    choose_caption,
+    find_shards,
+    index_shards,
+    motion_bucket,
+    plan_micro_batches,
+)
+from training.loop import group_steps, load_initial_pipeline
+from training.stages import Phase, get_stage_preset
+from training.trainer import StageTrainer, trainable_names
+
+
+@pytest.fixture(scope="module")
+def samples(curated_dir):
+    return index_shards(find_shards(str(curated_dir)))
+
+
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- stages as data -----------------------------------------------------------------------------------
+
+
+def test_svd_presets_carry_the_papers_stage_table():
+    one, two, three = (get_stage_preset(s, "svd") for s in (1, 2, 3))
+    assert one.init == "stabilityai/stable-diffusion-2-1"
+    assert [(p.iterations, p.trainable, p.image_only) for p in one.phases] == [
+        (1_000, "time_embedding", True), (30_000, "all", True)]
+    assert (one.phases[1].p_mean, one.phases[1].p_std) == (-1.2, 1.0)
+    assert [(p.height, p.width, p.num_frames, p.iterations, p.batch_size, p.learning_rate) for p in two.phases] == [
+        (256, 384, 14, 150_000, 1536, 1e-4), (320, 576, 14, 100_000, 768, 1e-4)]
+    assert two.phases[1].p_mean == 0.0 and two.text_drop_rate == 0.15
+    (high,) = three.phases
+    assert (high.height, high.width, high.iterations, high.batch_size, high.learning_rate) == (
+        576, 1024, 50_000, 768, 3e-5)
+    assert (high.p_mean, high.p_std, three.ema_decay) == (0.5, 1.4, 0.9999)
+    # tiny keeps the structure
+    for stage in (1, 2, 3):
+        svd, tiny = get_stage_preset(stage, "svd"), get_stage_preset(stage, "tiny")
+        assert [(p.trainable, p.image_only, p.p_mean) for p in svd.phases] == [
+            (p.trainable, p.image_only, p.p_mean) for p in tiny.phases]
+        assert (svd.ema_decay is None) == (tiny.ema_decay is None)
+
+
+@pytest.mark.parametrize("stage", [0, 4, "2", True, None])
+def test_bad_stage_is_a_clear_error(stage):
+    with pytest.raises(ValueError, match="stage must be 1"):
+        get_stage_preset(stage)
+
+
+def test_max_steps_keeps_every_phase():
+    cut = get_stage_preset(2, "svd").with_max_steps(10)
+    assert cut.total_steps == 10 and len(cut.phases) == 2 and all(p.iterations >= 1 for p in cut.phases)
+    with pytest.raises(ValueError, match="less than"):
+        get_stage_preset(1).with_max_steps(1)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def test_data_is_sharded_by_worker_without_changing_the_batches(samples):
+    preset = get_stage_preset(2)
+    whole = list(plan_micro_batches(preset, rank=0, world_size=1, micro_batch_size=2))
+    halves = [list(plan_micro_batches(preset, rank=r, world_size=2, micro_batch_size=1)) for r in (0, 1)]
+    for step_plan, first, second in zip(whole, halves[0], halves[1], strict=True):
+        assert step_plan.step == first.step == second.step
+        assert sorted(first.positions + second.positions) == list(step_plan.positions)
+    stream = TrainingStream(samples, preset, seed=3, micro_batch_size=2)
+    one = [stream.example(p, preset.phases[0]) for p in (0, 1)]
+    again = [stream.example(p, preset.phases[0]) for p in (0, 1)]
+    assert all(torch.equal(a["pixels"], b["pixels"]) and a["fps"] == b["fps"] for a, b in zip(one, again, strict=True))
+
+
+def test_loader_workers_and_resume_read_the_same_stream(samples):
+    preset = get_stage_preset(2).with_max_steps(4)
+    stream = TrainingStream(samples, preset, seed=0, micro_batch_size=1)
+    from training.data import training_loader
+
+    serial = list(training_loader(stream, num_workers=0))
+    parallel = list(training_loader(stream, num_workers=2))
+    assert [b["keys"] for b in serial] == [b["keys"] for b in parallel]
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(serial, parallel, strict=True))
+    resumed = list(TrainingStream(samples, preset, seed=0, micro_batch_size=1, start_step=2))
+    tail = [b for b in serial if b["step"] >= 2]
+    assert [b["positions"].tolist() for b in resumed] == [b["positions"].tolist() for b in tail]
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, tail, strict=True))
+
+
+def test_clip_examples_follow_the_spec(samples, curated_dir):
+    preset = get_stage_preset(2)
+    phase = preset.phases[1]
+    stream = TrainingStream(samples, preset, seed=0)
+    manifest = {json.loads(json.dumps(r))["key"]: r for r in _manifest_rows(curated_dir)}
+    fps_seen = set()
+    for position in range(24):
+        example = stream.example(position, phase)
+        assert example["pixels"].shape == (phase.num_frames, 3, phase.height, phase.width)
+        assert example["pixels"].min() >= -1.0 and example["pixels"].max() <= 1.0
+        row = manifest[example["key"]]
+        assert example["fps"] in {round(row["fps"] / s) for s in preset.frame_strides}
+        assert example["motion_bucket"] == motion_bucket(row["motion_score"])
+        fps_seen.add(example["fps"])
+    assert len(fps_seen) > 1, "fps conditioning must vary with the sampled stride, not be hard-coded"
+    image = stream.example(0, get_stage_preset(1).phases[1])
+    assert image["pixels"].shape == (1, 3, 64, 64)
+
+
+def _manifest_rows(curated_dir):
+    import pyarrow.parquet as pq
+
+    return [r for r in pq.read_table(curated_dir / "manifest.parquet").to_pylist() if r["keep"]]
+
+
+def test_caption_mix_and_text_dropout():
+    rng = np.random.default_rng(0)
+    meta = {"captions": {"coca": "a", "video": "b", "llm_summary": "c"}}
+    mix = get_stage_preset(2).caption_mix
+    drawn = [choose_caption(meta, None, mix, rng) for _ in range(4000)]
+    shares = {c: drawn.count(c) / len(drawn) for c in "abc"}
+    assert abs(shares["a"] - 0.5) < 0.03 and abs(shares["b"] - 0.25) < 0.03 and abs(shares["c"] - 0.25) < 0.03
+    assert choose_caption({"captions": {"coca": None, "video": "v"}}, None, mix, rng) == "v"
+    assert choose_caption({"caption": "fallback"}, "txt", mix, rng) == "fallback"
+    assert choose_caption({}, "from txt", mix, rng) == "from txt"
+    assert motion_bucket(0.0) == 0 and motion_bucket(100.0) == 255 and motion_bucket(None) == 127
+
+
+@pytest.fixture(scope="module")
+def image_text_shard(sample_dir, tmp_path_factory):
+    """An image-text shard (jpg + txt + json, as LAION-style data comes) from real frames of the sample footage."""
+    import io
+
+    import av
+    import cv2
+
+    path = tmp_path_factory.mktemp("images") / "images-000000.tar"
+    with av.open(str(sample_dir / "videos" / "bikes.mp4")) as container, tarfile.open(path, "w") as archive:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index % 10 or index >= 60:
+                continue
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2BGR))
+            files = {"jpg": jpg.tobytes(), "txt": f"frame {index} of a street scene".encode(),
+                     "json": json.dumps({"captions": {"coca": f"coca {index}", "video": None}}).encode()}
+            for extension, payload in files.items():
+                info = tarfile.TarInfo(f"{index:06d}.{extension}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_image_text_shards_feed_stage_one_and_text_is_dropped_15_percent(image_text_shard):
+    preset = get_stage_preset(1)
+    samples = index_shards(find_shards(str(image_text_shard)))
+    assert len(samples) == 6 and all(s.is_image and not s.is_video for s in samples)
+    stream = TrainingStream(samples, preset, seed=0)
+    captions = [stream.example(position, preset.phases[1])["caption"] for position in range(600)]
+    dropped = captions.count("") / len(captions)
+    assert abs(dropped - preset.text_drop_rate) < 0.04, dropped
+    assert all(c == "" or c.startswith("coca ") for c in captions), "CoCa captions win over the .txt when present"
+    with pytest.raises(DataError, match="video phases need clips"):
+        TrainingStream(samples, get_stage_preset(2), seed=0)
+
+
+def test_missing_and_corrupt_shards_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no WebDataset shards"):
+        find_shards(str(tmp_path))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(DataError, match="not a readable tar"):
+        index_shards(find_shards(str(tmp_path)))
+    images_only = tmp_path / "images.tar"
+    with tarfile.open(images_only, "w") as archive:
+        archive.add(__file__, arcname="x.txt")
+    with pytest.raises(DataError, match="no training samples"):
+        TrainingStream(index_shards([str(images_only)]), get_stage_preset(2), seed=0)
+
+
+# --- trainer ------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_a_few_real_clips(samples):
+    preset = replace(get_stage_preset(2), text_drop_rate=0.0,
+                     phases=(Phase("overfit", 64, 64, 6, 30, 2, 2e-3, -1.2, 1.2),))
+    stream = TrainingStream(samples[:2], preset, seed=0, micro_batch_size=2)
+    trainer = StageTrainer(load_initial_pipeline("tiny"), preset)
+    steps = list(group_steps(stream))
+    probe = [steps[0][0], steps[1][0]]
+    before = trainer.validation_loss(probe)
+    for micro_batches in steps:
+        trainer.train_step(micro_batches)
+    after = trainer.validation_loss(probe)
+    assert trainer.step == 30
+    assert after < 0.6 * before, f"validation loss {before:.3f} -> {after:.3f}: the model did not learn the clips"
+
+
+def test_image_batches_leave_temporal_parameters_untouched(samples):
+    preset = get_stage_preset(1).with_max_steps(4)  # 1 time-embedding step, then image steps
+    trainer = StageTrainer(load_initial_pipeline("tiny"), preset)
+    initial = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    steps = list(group_steps(TrainingStream(samples, preset, seed=0, micro_batch_size=4)))
+    trainer.train_step(steps[0])  # time-embedding phase
+    changed = {n for n, p in trainer.unet.named_parameters() if not torch.equal(p, initial[n])}
+    assert changed and all(n.startswith(("time_embedding.", "add_embedding.")) for n in changed), changed
+    for micro_batches in steps[1:]:
+        trainer.train_step(micro_batches)
+    temporal = {n for n in initial if is_temporal_parameter(n)}
+    assert temporal
+    for name, param in trainer.unet.named_parameters():
+        if name in temporal:
+            assert torch.equal(param, initial[name]), f"{name} moved on image-only batches"
+    spatial_moved = [n for n, p in trainer.unet.named_parameters() if n not in temporal
+                     and not n.startswith(("time_embedding.", "add_embedding.")) and not torch.equal(p, initial[n])]
+    assert spatial_moved, "the image phase must train the spatial layers"
+
+
+def test_trainable_sets():
+    names = ["time_embedding.linear_1.weight", "add_embedding.linear_1.weight", "conv_in.weight",
+             "down_blocks.0.resnets.0.temporal_res_block.conv1.weight"]
+    image = Phase("p", 64, 64, 1, 1, 1, 1e-4, 0, 1, image_only=True)
+    assert trainable_names(names, image) == set(names[:3])
+    assert trainable_names(names, replace(image, trainable="time_embedding")) == set(names[:2])
+    video = Phase("v", 64, 64, 4, 1, 1, 1e-4, 0, 1, trainable="temporal")
+    assert trainable_names(names, video) == {names[3]}
+
+
+def test_checkpoint_round_trip_continues_identically(samples, tmp_path):
+    stage3 = get_stage_preset(3).with_max_steps(4)
+    preset = replace(stage3, phases=(replace(stage3.phases[0], height=64, width=64, num_frames=4),))
+    steps = list(group_steps(TrainingStream(samples, preset, seed=1, micro_batch_size=2)))
+    straight = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    for micro_batches in steps:
+        straight.train_step(micro_batches)
+    first = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    for micro_batches in steps[:2]:
+        first.train_step(micro_batches)
+    first.save_state(tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 2 and state["data_position"] == 2 * preset.phases[0].batch_size
+    second = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    with torch.no_grad():
+        for param in second.unet.parameters():  # the checkpoint must overwrite whatever the model holds
+            param.add_(0.01)
+    second.load_state(tmp_path)
+    resumed = list(group_steps(TrainingStream(samples, preset, seed=1, micro_batch_size=2, start_step=2)))
+    for micro_batches in resumed:
+        second.train_step(micro_batches)
+    assert _tensors_equal(straight.unet.state_dict(), second.unet.state_dict())
+    assert _tensors_equal(straight.ema.state_dict(), second.ema.state_dict())
+    exported = second.export_unet().state_dict()
+    assert not _tensors_equal(exported, second.unet.state_dict()), "stage III exports the EMA weights"

@@ -1,0 +1,145 @@
+"""The whole DAG end to end: `lvd serve` + a real Prefect server + `prefect deployment run lvd-pipeline/local`.
+
+Two real sample videos, the tiny preset cut to 2 optimizer steps per stage: curation on local Ray, three
+Ray Train stages, FVD with the real I3D, generation. Every output is then opened with the tools a user
+would use (webdataset, pyarrow, DuckDB, diffusers-style from_pretrained, PyAV, TensorBoard's event
+files), the subflow runs are looked up on the server, and a rerun must skip every step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SUBFLOWS = ["curate-lvd", "train-stage", "train-stage", "train-stage", "evaluate-fvd", "generate-video"]
+
+
+def _wait_for_deployment(env: dict, name: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"lvd serve exited early with code {server.returncode}")
+        probe = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", name],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"deployment {name} was not registered")
+
+
+def _subflows_of_pipeline_run(api_url: str) -> tuple[dict, list[str]]:
+    """The lvd-pipeline run and the flow names of its subflow runs, read from the server's REST API."""
+    import httpx
+
+    runs = httpx.post(f"{api_url}/flow_runs/filter", json={"limit": 200}).json()
+    names = {run["flow_id"]: httpx.get(f"{api_url}/flows/{run['flow_id']}").json()["name"] for run in runs}
+    (parent,) = [run for run in runs if names[run["flow_id"]] == "lvd-pipeline"]
+    children = []
+    for run in runs:
+        if run["parent_task_run_id"]:
+            task_run = httpx.get(f"{api_url}/task_runs/{run['parent_task_run_id']}").json()
+            if task_run["flow_run_id"] == parent["id"]:
+                children.append(names[run["flow_id"]])
+    return parent, children
+
+
+def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_path):
+    import av
+    import duckdb
+    import webdataset as wds
+
+    from flows.pipeline import STAGES, lvd_pipeline, output_layout
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("bikes.mp4", "static_shot.mp4"):  # real shot cuts + a static shot the motion filter drops
+        shutil.copy(sample_dir / "videos" / name, raw / name)
+    root = tmp_path / "run"
+    params = {"input_path": str(raw), "output_root": str(root), "max_steps": 2, "prompts": ["a cyclist"]}
+    env = {**os.environ, "LVD_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--flow", "lvd-pipeline"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_deployment(env, "lvd-pipeline/local", server)
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "lvd-pipeline/local", "--params",
+             json.dumps(params), "--watch", "--watch-timeout", "480"],
+            env=env, capture_output=True, text=True, timeout=540,
+        )
+        serve_log = (tmp_path / "serve.log").read_text()[-5000:]
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log
+        assert "Completed" in run.stdout + run.stderr
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+    paths = output_layout(root)
+    record = json.loads(paths["record"].read_text())
+    assert [step["name"] for step in record["steps"]] == ["curate-lvd", "train-stage1", "train-stage2",
+                                                          "train-stage3", "evaluate-fvd", "generate-video"]
+    assert record["skipped"] == []
+
+    # Every step is a subflow run of the parent on the server (what the UI shows).
+    parent, children = _subflows_of_pipeline_run(prefect_api)
+    assert parent["state"]["type"] == "COMPLETED"
+    assert sorted(children) == sorted(SUBFLOWS)
+
+    # Shards: plain webdataset; manifest: pyarrow and DuckDB.
+    manifest = pq.read_table(paths["manifest"]).to_pylist()
+    kept = {row["key"] for row in manifest if row["keep"]}
+    assert len(kept) >= 2 and len(kept) < len(manifest)
+    shards = sorted(str(p) for p in paths["shards"].glob("*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+    assert {s["__key__"] for s in samples} == kept
+    assert all(s["mp4"][4:8] == b"ftyp" and json.loads(s["json"])["keep"] for s in samples)
+    ((count,),) = duckdb.sql(f"select count(*) from read_parquet('{paths['manifest']}') where keep").fetchall()
+    assert count == len(kept)
+
+    # Checkpoints: each stage's pipeline loads; stage N started from stage N-1's; TensorBoard event files.
+    from model.pipeline import TextToVideoPipeline
+
+    pipe = TextToVideoPipeline.from_pretrained(paths["stage3_pipeline"])
+    assert pipe.unet.config.cross_attention_dim == 64  # the tiny preset
+    for stage in STAGES:
+        assert list(paths[f"stage{stage}_tensorboard"].rglob("events.out.tfevents.*")), stage
+        lineage = json.loads((paths[f"stage{stage}"] / "lineage.json").read_text())
+        assert lineage["data"] == str(paths["curate"])
+        if stage > 1:
+            assert lineage["init"] == str(paths[f"stage{stage - 1}_pipeline"])
+
+    # FVD: a finite number against the labelled smoke-test reference; the generated MP4 decodes.
+    results = json.loads(paths["fvd_report"].read_text())
+    assert math.isfinite(results["fvd"]) and results["fvd"] == pytest.approx(record["fvd"]["fvd"])
+    assert results["settings"]["checkpoint"] == str(paths["stage3_pipeline"])
+    assert results["num_real"] == len(kept) and "NOT UCF-101" in record["fvd"]["real_set"]
+    (video,) = record["videos"]
+    with av.open(video["mp4"]) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 14 and frames[0].shape == (96, 128, 3)
+    summary = paths["summary"].read_text()
+    assert "NOT UCF-101" in summary and "| generate-video | ran |" in summary
+
+    # Rerun (in this process, same server): every step is skipped and nothing is rewritten.
+    done_before = (paths["stage3"] / "done.json").stat().st_mtime_ns
+    mp4_before = Path(video["mp4"]).read_bytes()
+    started = time.monotonic()
+    again = lvd_pipeline(**params)
+    assert again["skipped"] == ["curate-lvd", "train-stage1", "train-stage2", "train-stage3", "evaluate-fvd",
+                                "generate-video"]
+    assert time.monotonic() - started < 60
+    assert (paths["stage3"] / "done.json").stat().st_mtime_ns == done_before
+    assert Path(video["mp4"]).read_bytes() == mp4_before
+    assert again["fvd"]["fvd"] == pytest.approx(results["fvd"])

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from infra.local import local_prefect_server
 DEMO_DEPLOYMENT = "lvd-pipeline/local"
 
 
-def _wait_for_deployment(name: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
+def _wait_for_deployment(name: str, server: subprocess.Popen, stop: threading.Event, timeout_s: float = 180) -> bool:
+    """True once `lvd serve` has registered the deployment; False when Ctrl-C set `stop` first."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout_s
@@ -31,9 +33,10 @@ def _wait_for_deployment(name: str, server: subprocess.Popen, timeout_s: float =
         with get_client(sync_client=True) as client:
             try:
                 client.read_deployment_by_name(name)
-                return
+                return True
             except Exception:  # noqa: BLE001 - not registered yet
-                time.sleep(1)
+                if stop.wait(1):
+                    return False
     raise TimeoutError(f"deployment {name} was not served within {timeout_s:.0f} s")
 
 
@@ -60,12 +63,25 @@ def print_outputs(output: Path) -> None:
         print(f"{name + ':':<{width + 1}} {value}")
 
 
+def _wait_for_run(flow_run_id, stop: threading.Event):
+    """Poll the run until it is final; None when Ctrl-C set `stop` first."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not stop.wait(2):
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state and flow_run.state.is_final():
+                return flow_run
+    return None
+
+
 def run_demo(home: Path, output: Path, exit_after: bool) -> int:
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home.mkdir(parents=True, exist_ok=True)
     output = output.resolve()
+    stop = threading.Event()
     with local_prefect_server(home / "prefect") as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
         os.environ["PREFECT_API_URL"] = api_url  # for the `lvd serve` child process
         ui = api_url.removesuffix("/api")
@@ -73,24 +89,31 @@ def run_demo(home: Path, output: Path, exit_after: bool) -> int:
         log = open(home / "serve.log", "ab")  # noqa: SIM115 - closed in finally
         server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+        # From here Ctrl-C only sets a flag that the waits check, so the demo always gets to stop the served
+        # run (its process group) and say how to continue, wherever in Prefect's polling the signal lands.
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
-            _wait_for_deployment(DEMO_DEPLOYMENT, server)
+            if not _wait_for_deployment(DEMO_DEPLOYMENT, server, stop):
+                return 130
             print(f"running {DEMO_DEPLOYMENT} (watch it at {ui}/runs)", flush=True)
             started = time.monotonic()
-            flow_run = run_deployment(DEMO_DEPLOYMENT, parameters={"output_root": str(output)}, timeout=None)
+            submitted = run_deployment(DEMO_DEPLOYMENT, parameters={"output_root": str(output)}, timeout=0)
+            flow_run = _wait_for_run(submitted.id, stop)
+            if flow_run is None:
+                print("stopped; rerun to continue (finished steps are skipped, training resumes from its "
+                      "last checkpoint)", flush=True)
+                return 130
             state = flow_run.state
             print(f"{DEMO_DEPLOYMENT}: {state.name if state else 'unknown'} in {time.monotonic() - started:.0f} s "
                   f"({ui}/runs/flow-run/{flow_run.id})")
             print_outputs(output)
             if not exit_after:
                 print("serving deployments; Ctrl-C to stop", flush=True)
-                try:
-                    while server.poll() is None:
-                        time.sleep(5)
-                except KeyboardInterrupt:
+                while server.poll() is None and not stop.wait(5):
                     pass
             return 0 if state and state.is_completed() else 1
         finally:
+            signal.signal(signal.SIGINT, previous_handler)
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
             log.close()

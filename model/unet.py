@@ -35,6 +35,8 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - Diffusion
 from diffusers.models.resnet import SpatioTemporalResBlock, TemporalResnetBlock  # up base classes in this module
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 
+from model.shared_context import install_shared_context, uses_shared_context
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Two levels, 32/64 channels: a few million parameters, seconds per step on a CPU.
     "tiny": dict(
@@ -108,6 +110,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
             if isinstance(module, SpatioTemporalResBlock):
                 module.spatial_res_block.norm1.eps = spatial_resnet_eps
                 module.spatial_res_block.norm2.eps = spatial_resnet_eps
+        install_shared_context(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VideoUNet:
@@ -219,7 +222,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
                 raise ValueError(f"per-frame encoder_hidden_states must start with ({batch_size}, {num_frames}), "
                                  f"got {tuple(encoder_hidden_states.shape)}")
             encoder_hidden_states = encoder_hidden_states.flatten(0, 1)
-        else:
+        elif not uses_shared_context(self):  # model/shared_context.py keeps one context row per video
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
         shared = {"temb": emb, "image_only_indicator": image_only_indicator}
 

@@ -119,3 +119,30 @@ def test_svd_preset_size_matches_the_paper_without_allocating():
     counts = parameter_counts("svd")
     assert 1.45e9 < counts["total"] < 1.6e9  # paper: 1521M
     assert 0.62e9 < counts["temporal"] < 0.69e9  # paper: 656M temporal
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_shared_text_context_matches_diffusers_copying_path(per_frame):
+    """Cross-attention on the compact (B, L, D) context equals diffusers' per-frame/per-pixel copies, with grads."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from model.shared_context import uses_shared_context
+
+    torch.manual_seed(3)
+    unet = VideoUNet.from_preset("tiny")
+    _randomise_temporal(unet)
+    sample, c_noise, text, ids = _inputs()
+    if per_frame:  # a walk: one context per frame
+        text = text[:, None].repeat(1, FRAMES, 1, 1) + 0.1 * torch.randn(2, FRAMES, 77, 64)
+    assert uses_shared_context(unet)
+    shared = unet(sample, c_noise, text, ids).sample
+    shared.square().mean().backward()
+    shared_grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+    unet.zero_grad()
+    unet.set_attn_processor(AttnProcessor2_0())
+    assert not uses_shared_context(unet)
+    copied = unet(sample, c_noise, text, ids).sample
+    copied.square().mean().backward()
+    torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-6)
+    for name, parameter in unet.named_parameters():
+        torch.testing.assert_close(shared_grads[name], parameter.grad, rtol=1e-4, atol=1e-7, msg=name)

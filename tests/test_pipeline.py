@@ -200,3 +200,19 @@ def test_stage3_finetunes_on_the_hq_subset_when_curation_selected_one(raw, tmp_p
     stages = [kwargs for name, kwargs in recorder.calls[before:] if name == "train"]
     assert [s["data"] for s in stages] == [str(layout["curate"])] * 2 + [str(hq)]
     assert not any(s["resume"] for s in stages)
+
+
+def test_demo_prints_where_every_output_is(raw, tmp_path, capsys):
+    from flows.demo import DEMO_DEPLOYMENT, print_outputs
+
+    assert DEMO_DEPLOYMENT == "lvd-pipeline/local"
+    root = tmp_path / "demo-out"
+    _run(Recorder(), raw, root)
+    print_outputs(root)
+    printed = capsys.readouterr().out
+    layout = output_layout(root)
+    for key in ("shards", "manifest", "stage1_pipeline", "stage2_pipeline", "stage3_pipeline", "train",
+                "fvd_report", "summary"):
+        assert str(layout[key]) in printed, key
+    assert str(layout["generate"] / "000.mp4") in printed and "FVD:" in printed and "123.40" in printed
+    assert f"tensorboard --logdir {layout['train']}" in printed

@@ -292,6 +292,10 @@ class TrainingStream(torch.utils.data.IterableDataset):
 
 
 def training_loader(stream: TrainingStream, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader over pre-collated micro-batches (order preserved across loader workers)."""
+    """A DataLoader over pre-collated micro-batches (order preserved across loader workers).
+
+    Workers start from a fork server: forking a process that already runs Ray, Prefect or CUDA threads
+    can leave a child with a held lock that dies on start."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                       multiprocessing_context="forkserver" if num_workers else None)

@@ -22,9 +22,9 @@ from training.stages import STAGE_PRESETS
 
 @task(name="validate-stage")
 def validate_task(stage: int, preset: str, data: str, output_root: str, init: str | None, num_workers: int,
-                  max_steps: int | None) -> dict[str, Any]:
+                  max_steps: int | None, strategy: str) -> dict[str, Any]:
     stage_preset, shards, resolved_init = validate_stage(stage, preset, data, output_root, init, num_workers,
-                                                         max_steps)
+                                                         max_steps, strategy)
     return {"shards": len(shards), "init": resolved_init, "steps": stage_preset.total_steps,
             "phases": [phase.name for phase in stage_preset.phases]}
 
@@ -73,6 +73,8 @@ def train_stage(
     ray_address: str | None = None,
     seed: int = 0,
     micro_batch_size: int | None = None,
+    strategy: str = "ddp",
+    checkpoint_every: int | None = None,
 ) -> dict[str, Any]:
     """Train SVD stage `stage` (1 images, 2 low-res video, 3 high-res finetune) with Ray Train.
 
@@ -81,17 +83,21 @@ def train_stage(
         preset: `tiny` (CPU, minutes) or `svd` (the paper's sizes, GPUs).
         data: a curate-lvd output directory (its shards/) or a folder of WebDataset .tar shards.
         output_root: stage N writes `output_root/stageN/` (pipeline/, tensorboard/, checkpoints under ray/).
-        num_workers / use_gpu: Ray Train workers (DDP; gloo on CPU, NCCL on GPU).
+        num_workers / use_gpu: Ray Train workers (gloo on CPU, NCCL on GPU).
         resume: continue from the newest checkpoint; a finished stage is skipped. False starts over.
         init: override the initialisation (pipeline dir, SD 2.x checkpoint path/hub id, or 'tiny').
         max_steps: cut the stage to this many optimizer steps (every phase keeps at least one).
         ray_address: e.g. "ray://head:10001"; default: a local Ray.
         micro_batch_size: per-worker micro-batch (gradient accumulation makes up the global batch).
+        strategy: "ddp" (replicated weights) or "fsdp" (FSDP2: weights, grads and optimizer state sharded).
+        checkpoint_every: optimizer steps between checkpoints (default: the stage preset's).
     """
     settings = dict(preset=preset, data=str(Path(data).resolve()), output_root=str(Path(output_root).resolve()),
                     num_workers=num_workers, use_gpu=use_gpu, resume=resume, init=init, max_steps=max_steps,
-                    ray_address=ray_address, seed=seed, micro_batch_size=micro_batch_size)
-    plan = validate_task(stage, preset, settings["data"], settings["output_root"], init, num_workers, max_steps)
+                    ray_address=ray_address, seed=seed, micro_batch_size=micro_batch_size, strategy=strategy,
+                    checkpoint_every=checkpoint_every)
+    plan = validate_task(stage, preset, settings["data"], settings["output_root"], init, num_workers, max_steps,
+                         strategy)
     logger = get_run_logger()
     logger.info("stage %d (%s): %d steps in phases %s from %s, %d shard(s)", stage, preset, plan["steps"],
                 plan["phases"], plan["init"], plan["shards"])
@@ -112,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     result = train_stage(stage=args.stage, preset=args.preset, data=args.data, output_root=args.output_root,
                          num_workers=args.num_workers, use_gpu=args.use_gpu, resume=not args.restart,
                          init=args.init, max_steps=args.max_steps, ray_address=args.ray_address, seed=args.seed,
-                         micro_batch_size=args.micro_batch_size)
+                         micro_batch_size=args.micro_batch_size, strategy=args.strategy,
+                         checkpoint_every=args.checkpoint_every)
     print(json.dumps(result))
     return 0
 
@@ -131,4 +138,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.set_defaults(func=_run)

@@ -263,3 +263,21 @@ def test_checkpoint_round_trip_continues_identically(samples, tmp_path):
     assert _tensors_equal(straight.ema.state_dict(), second.ema.state_dict())
     exported = second.export_unet().state_dict()
     assert not _tensors_equal(exported, second.unet.state_dict()), "stage III exports the EMA weights"
+
+
+def test_a_ray_snapshot_naming_missing_checkpoints_is_set_aside(tmp_path):
+    """Ray Train refuses to start on a snapshot that names deleted checkpoints; our resume scan does not need it."""
+    from training.loop import RUN_NAME, drop_stale_ray_snapshot
+
+    run = tmp_path / RUN_NAME
+    (run / "checkpoint_a").mkdir(parents=True)
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}]}))
+    assert drop_stale_ray_snapshot(tmp_path) is None and snapshot.exists()
+    snapshot.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"},
+                                                           {"checkpoint_dir_name": "checkpoint_b"}]}))
+    stale = drop_stale_ray_snapshot(tmp_path)
+    assert stale is not None and stale.exists() and not snapshot.exists()
+    snapshot.write_text("{torn")
+    assert drop_stale_ray_snapshot(tmp_path) is not None and not snapshot.exists()
+    assert drop_stale_ray_snapshot(tmp_path / "nothing-here") is None

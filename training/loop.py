@@ -1,9 +1,10 @@
 """The training loop: one function per Ray Train worker, and the driver that runs a stage with TorchTrainer.
 
 `run_stage` checks everything it can before any worker starts (stage, shards, initialisation), then runs
-`train_loop_per_worker` on `num_workers` Ray workers (DDP, gloo on CPU / NCCL on GPU). Rank 0 reports a
-checkpoint every `checkpoint_every` steps through Ray Train (storage under the stage directory); a rerun
-after a crash or SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
+`train_loop_per_worker` on `num_workers` Ray workers (DDP, or FSDP2 with `strategy="fsdp"`; gloo on CPU / NCCL
+on GPU). Rank 0 reports a checkpoint every `checkpoint_every` steps through Ray Train (storage under the
+stage directory; under FSDP every rank joins the gather of full weights first); a rerun after a crash or
+SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
 The last report carries the exported diffusers pipeline, which the driver moves to `stageN/pipeline`.
 
 Stage directory: pipeline/ (TextToVideoPipeline, loads with `lvd generate --checkpoint`), tensorboard/,
@@ -13,13 +14,14 @@ samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), los
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from training.monitor import plot_losses, read_metrics, write_json_atomic
 from training.stages import StagePreset, get_stage_preset
 
 RUN_NAME = "train"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class StageRunConfig:
     micro_batch_size: int = 1
     loader_workers: int = 0
     resume_from: str | None = None
+    strategy: str = "ddp"  # or "fsdp" (FSDP2 fully_shard per U-Net block)
     sample_prompt: str = "a cyclist riding down a city street"
     lineage: dict[str, Any] = field(default_factory=dict)
 
@@ -88,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     preset = config.preset
     trainer = StageTrainer(load_initial_pipeline(config.init, config.seed), preset, seed=config.seed, device=device,
                            rank=rank, world_size=world_size, micro_batch_size=config.micro_batch_size,
-                           keep_ema=rank == 0)
+                           keep_ema=rank == 0, strategy=config.strategy)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -106,8 +110,8 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
         step = metrics["step"]
         if step % preset.log_every == 0 or step == preset.total_steps:
             monitor.log(metrics)
-        if rank == 0 and (step % preset.sample_every == 0 or step == preset.total_steps):
-            _log_sample(trainer, monitor, config, micro_batches[0], step)
+        if step % preset.sample_every == 0 or step == preset.total_steps:
+            _log_sample(trainer, monitor, config, micro_batches[0], step)  # every rank: FSDP gathers
         final = step == preset.total_steps
         if step % preset.checkpoint_every == 0 or final:  # a report is a barrier: only with checkpoints
             _report_checkpoint(trainer, monitor, config, metrics, final)
@@ -118,23 +122,25 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
     import ray.train
 
     scalars = {k: v for k, v in metrics.items() if k != "phase"}
+    gathered = trainer.gather_state()  # collective under FSDP: every rank takes part
     if trainer.rank != 0:
         ray.train.report(scalars, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="lvd-ckpt-") as scratch:
         directory = Path(scratch)
-        trainer.save_state(directory, {"lineage": config.lineage})
+        trainer.save_state(directory, {"lineage": config.lineage}, gathered)
         if final:
-            _export_pipeline(trainer, config, directory / "pipeline")
+            _export_pipeline(trainer, gathered, directory / "pipeline")
             shutil.copy(monitor.metrics_path, directory / "metrics.jsonl")
         ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
-def _export_pipeline(trainer, config: StageRunConfig, target: Path) -> None:
+def _export_pipeline(trainer, gathered: dict[str, Any], target: Path) -> None:
     from model.pipeline import TextToVideoPipeline
 
-    pipeline = TextToVideoPipeline(unet=trainer.export_unet(), vae=trainer.vae, text_encoder=trainer.text_encoder,
-                                   tokenizer=trainer.tokenizer, scheduler=_scheduler())
+    pipeline = TextToVideoPipeline(unet=trainer.export_unet(gathered), vae=trainer.vae,
+                                   text_encoder=trainer.text_encoder, tokenizer=trainer.tokenizer,
+                                   scheduler=_scheduler())
     pipeline.save_pretrained(target, safe_serialization=True)
 
 
@@ -153,7 +159,10 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
     from model.pipeline import TextToVideoPipeline
 
     phase, _ = trainer.preset.phase_at(step - 1)
-    pipeline = TextToVideoPipeline(unet=trainer.export_unet(), vae=trainer.vae, text_encoder=trainer.text_encoder,
+    unet = trainer.export_unet() if trainer.sharded or trainer.rank == 0 else None
+    if trainer.rank != 0:
+        return
+    pipeline = TextToVideoPipeline(unet=unet, vae=trainer.vae, text_encoder=trainer.text_encoder,
                                    tokenizer=trainer.tokenizer, scheduler=_scheduler())
     trainer.unet.eval()
     try:
@@ -197,9 +206,33 @@ def latest_checkpoint(storage: Path) -> Path | None:
     return best
 
 
+def drop_stale_ray_snapshot(storage: Path) -> Path | None:
+    """Set Ray Train's checkpoint snapshot aside when it names checkpoints that are gone (a kill during
+    checkpoint rotation, a checkpoint deleted by hand): Ray refuses to start on it, while our resume point
+    comes from `latest_checkpoint`. Returns where the stale snapshot went."""
+    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        names = {r.get("checkpoint_dir_name") for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+        if all(name and (snapshot.parent / name).is_dir() for name in names):
+            return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # a torn snapshot is as stale as one naming missing checkpoints
+    stale = snapshot.with_suffix(".stale.json")
+    os.replace(snapshot, stale)
+    logger.warning("Ray Train's checkpoint snapshot %s names missing checkpoints; set aside as %s", snapshot, stale)
+    return stale
+
+
 def validate_stage(stage: int, preset: str, data: str, output_root: str, init: str | None,
-                   num_workers: int, max_steps: int | None) -> tuple[StagePreset, list[str], str]:
+                   num_workers: int, max_steps: int | None, strategy: str = "ddp"
+                   ) -> tuple[StagePreset, list[str], str]:
     """Fail fast, before Ray starts, with messages that say what to do."""
+    from training.trainer import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     stage_preset = get_stage_preset(stage, preset).with_max_steps(max_steps)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -229,10 +262,17 @@ def run_stage(
     micro_batch_size: int | None = None,
     loader_workers: int = 0,
     max_failures: int = 2,
+    strategy: str = "ddp",
+    checkpoint_every: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train one stage to completion (or skip it when done.json says it already finished)."""
-    stage_preset, shards, init = validate_stage(stage, preset, data, output_root, init, num_workers, max_steps)
+    stage_preset, shards, init = validate_stage(stage, preset, data, output_root, init, num_workers, max_steps,
+                                                strategy)
+    if checkpoint_every is not None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
+        stage_preset = replace(stage_preset, checkpoint_every=checkpoint_every)
     directory = stage_dir(output_root, stage)
     done = directory / "done.json"
     if resume and done.exists():
@@ -241,7 +281,7 @@ def run_stage(
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lineage = {"stage": stage, "preset": preset, "init": init, "data": str(Path(data).resolve()), "shards": shards,
-               "seed": seed, "num_workers": num_workers, "max_steps": max_steps,
+               "seed": seed, "num_workers": num_workers, "max_steps": max_steps, "strategy": strategy,
                "stage_preset": stage_preset.to_dict()}
     if stage > 1 and (Path(init).parent / "lineage.json").exists():
         lineage["parent"] = json.loads((Path(init).parent / "lineage.json").read_text())
@@ -250,10 +290,11 @@ def run_stage(
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
         micro_batch_size=micro_batch_size or max(p.batch_size for p in stage_preset.phases),
-        loader_workers=loader_workers, lineage=lineage,
+        loader_workers=loader_workers, lineage=lineage, strategy=strategy,
     )
     storage = directory / "ray"
     resumed_from = latest_checkpoint(storage) if resume else None
+    drop_stale_ray_snapshot(storage)
     config.resume_from = str(resumed_from) if resumed_from else None
     result = _fit(config, num_workers, use_gpu, storage, ray_address, max_failures, on_progress)
 

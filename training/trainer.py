@@ -54,18 +54,32 @@ def noise_for_positions(positions: torch.Tensor, shape: tuple[int, ...], seed: i
     return torch.tensor(sigmas), torch.stack(noises)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (collective under FSDP), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
 class ExponentialMovingAverage:
     """EMA of the U-Net's weights (stage III: decay 0.9999), kept in float32."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param, on this rank's shard under FSDP."""
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+        torch._foreach_lerp_([self.shadow[n] for n in names], [_local(params[n]).detach().float() for n in names],
                              1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -88,8 +102,11 @@ class StageTrainer:
 
     def __init__(self, pipeline, preset: StagePreset, seed: int = 0, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1, micro_batch_size: int = 1, mixed_precision: str = "auto",
-                 keep_ema: bool = True) -> None:
+                 keep_ema: bool = True, strategy: str = "ddp") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.preset, self.seed = preset, seed
+        self.sharded = strategy == "fsdp" and world_size > 1
         self.device = torch.device(device)
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.unet = pipeline.unet.to(self.device).train()
@@ -100,6 +117,13 @@ class StageTrainer:
             self.unet.enable_gradient_checkpointing()
         use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        if self.sharded:  # FSDP2: each U-Net block is one all-gather unit, the root holds the rest
+            from torch.distributed.fsdp import fully_shard
+
+            for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+                fully_shard(block)
+            fully_shard(self.unet)
+            keep_ema = True  # every rank keeps the EMA of its own shard
         self.optimizer = torch.optim.AdamW(list(self.unet.parameters()), lr=preset.phases[0].learning_rate,
                                            weight_decay=preset.weight_decay)
         self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if preset.ema_decay and keep_ema else None
@@ -117,7 +141,7 @@ class StageTrainer:
         chosen = trainable_names(names, phase)
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in chosen)
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.unet, device_ids=device_ids)
         self._configured_phase = phase.name
@@ -181,13 +205,17 @@ class StageTrainer:
         loss_sum = 0.0
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
+            if self.sharded:
+                self.unet.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
             with sync:
                 losses = self.per_sample_loss(batch, phase)
                 (losses.sum() / share).backward()
             loss_sum += losses.detach().sum().item()
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.preset.grad_clip_norm).item()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, self.preset.grad_clip_norm)).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; check the data and learning rate")
         self.optimizer.step()
@@ -201,35 +229,100 @@ class StageTrainer:
                 "phase": phase.name, "samples": int(mean_loss[1].item())}
 
     # --- state -------------------------------------------------------------------------------------
-    def save_state(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    def gather_state(self) -> dict[str, Any] | None:
+        """Full weights, EMA and optimizer state on rank 0 (None elsewhere). Collective under FSDP:
+        every rank must call it."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.unet, options=options)
+            optimizer = get_optimizer_state_dict(self.unet, self.optimizer, options=options)
+            ema = self._gather_ema()
+            return {"unet": weights, "optimizer": optimizer, "ema": ema} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {"unet": {k: v.detach().cpu() for k, v in self.unet.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
+
+    def _gather_ema(self) -> dict[str, torch.Tensor] | None:
+        if self.ema is None:
+            return None
+        from torch.distributed.tensor import DTensor
+
+        full = {}
+        for name, param in self.unet.named_parameters():
+            shard = self.ema.shadow[name]
+            if isinstance(param, DTensor):
+                shard = DTensor.from_local(shard, param.device_mesh, param.placements, shape=param.shape,
+                                           stride=param.stride()).full_tensor()
+            full[name] = shard.cpu()
+        return full
+
+    def save_state(self, directory: Path, extra: dict[str, Any] | None = None,
+                   gathered: dict[str, Any] | None = None) -> None:
         """Weights (safetensors), EMA, optimizer, step, RNG and data position into `directory` (rank 0)."""
+        gathered = gathered or self.gather_state()
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()},
-                  directory / "unet.safetensors")
-        if self.ema is not None:
-            save_file(self.ema.state_dict(), directory / "ema.safetensors")
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in gathered["unet"].items()}, directory / "unet.safetensors")
+        if gathered["ema"] is not None:
+            save_file({k: v.contiguous() for k, v in gathered["ema"].items()}, directory / "ema.safetensors")
+        torch.save(gathered["optimizer"], directory / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                    directory / "rng.pt")
         state = {"step": self.step, "stage": self.preset.stage, "preset": self.preset.preset, "seed": self.seed,
-                 "data_position": self.data_position(), **(extra or {})}
+                 "data_position": self.data_position(), "strategy": "fsdp" if self.sharded else "ddp",
+                 **(extra or {})}
         (directory / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_state(self, directory: Path) -> dict[str, Any]:
+        """Every rank reads the checkpoint (full tensors) and keeps what it holds."""
         state = json.loads((directory / "state.json").read_text())
         if state["stage"] != self.preset.stage:
             raise ValueError(f"checkpoint {directory} is from stage {state['stage']}, not {self.preset.stage}")
-        self.unet.load_state_dict(load_file(directory / "unet.safetensors", device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
-        if self.ema is not None and (directory / "ema.safetensors").exists():
-            self.ema.load_state_dict(load_file(directory / "ema.safetensors"))
+        saved_strategy = state.get("strategy", "ddp")
+        if saved_strategy != ("fsdp" if self.sharded else "ddp") and (self.sharded or saved_strategy == "fsdp"):
+            raise ValueError(f"checkpoint {directory} was written with strategy {saved_strategy!r}; "
+                             "resume with the same strategy (or restart the stage)")
+        weights = load_file(directory / "unet.safetensors")
+        optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        ema = load_file(directory / "ema.safetensors") if (directory / "ema.safetensors").exists() else None
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.unet, weights, options=options)
+            set_optimizer_state_dict(self.unet, self.optimizer, optimizer, options=options)
+            if self.ema is not None and ema is not None:
+                self.ema.load_state_dict({n: self._shard_like(p, ema[n]) for n, p in self.unet.named_parameters()})
+        else:
+            self.unet.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+            self.optimizer.load_state_dict(optimizer)
+            if self.ema is not None and ema is not None:
+                self.ema.load_state_dict(ema)
         rng = torch.load(directory / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.step = int(state["step"])
         return state
+
+    @staticmethod
+    def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of `full`, laid out like the FSDP parameter `param`."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(param, DTensor):
+            return full
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements).to_local()
 
     def data_position(self) -> int:
         """Global sample position the next step starts reading at."""
@@ -240,12 +333,22 @@ class StageTrainer:
             left -= taken
         return position
 
-    def export_unet(self):
-        """The U-Net to export: EMA weights when the stage keeps an EMA, else the trained weights."""
-        if self.ema is None:
-            return self.unet
+    def export_unet(self, gathered: dict[str, Any] | None = None):
+        """A plain U-Net with the weights to export (EMA when the stage keeps one) on rank 0, None elsewhere.
+        Collective under FSDP (pass `gathered` from `gather_state` to avoid a second gather)."""
         import copy
 
+        if self.sharded:
+            gathered = gathered or self.gather_state()
+            if self.rank != 0:
+                return None
+            from model.unet import VideoUNet
+
+            exported = VideoUNet.from_config(self.unet.config)
+            exported.load_state_dict(gathered["ema"] if gathered["ema"] is not None else gathered["unet"])
+            return exported.to(self.device)
+        if self.ema is None:
+            return self.unet
         exported = copy.deepcopy(self.unet)
         self.ema.copy_to(exported)
         return exported

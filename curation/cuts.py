@@ -44,13 +44,29 @@ class Thumb:
     computed on first use.
     """
 
-    __slots__ = ("small", "structure", "_colour")
+    __slots__ = ("small", "structure", "_colour", "_unit")
 
     def __init__(self, analysis_bgr: np.ndarray) -> None:
         self.small = cv2.resize(analysis_bgr, (64, 36), interpolation=cv2.INTER_AREA)
         gray = cv2.resize(cv2.cvtColor(self.small, cv2.COLOR_BGR2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
         self.structure = gray.astype(np.float32)
         self._colour: np.ndarray | None = None
+        self._unit: np.ndarray | None = None
+
+    @property
+    def unit(self) -> np.ndarray:
+        """The grey thumbnail zero-mean and unit-norm (float64; zeros for a flat frame), computed once:
+        verification correlates each frame with many others."""
+        if self._unit is None:
+            centred = self.structure.ravel().astype(np.float64)
+            centred -= centred.mean()
+            norm = float(np.sqrt(centred @ centred))
+            self._unit = centred / norm if norm >= 1e-3 else np.zeros_like(centred)
+        return self._unit
+
+    def correlation(self, other: Thumb) -> float:
+        """`structure_correlation` of the two thumbnails from the cached unit vectors."""
+        return float(self.unit @ other.unit)
 
     @property
     def blend(self) -> np.ndarray:
@@ -98,7 +114,10 @@ def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(difference).mean(axis=1)
     offsets = windows[:, 1:-1] - last[:, None]
     alphas = np.clip(np.einsum("wfp,wp->wf", offsets, difference) / energy[:, None], 0.0, 1.0)
-    errors = np.abs(offsets - alphas[..., None] * difference[:, None]).mean(axis=(1, 2))
+    misfit = alphas[..., None] * difference[:, None]  # in place from here: these arrays dominate the cost
+    np.subtract(offsets, misfit, out=misfit)
+    np.abs(misfit, out=misfit)
+    errors = misfit.reshape(len(windows), -1).mean(axis=1)
     residuals = np.where(scale > 1e-3, errors / np.maximum(scale, 1e-3), np.inf)
     return residuals, alphas
 
@@ -214,7 +233,7 @@ class CutCascade:
         """
         befores = [self._clamped_thumb(start - k) for k in (1, 2, 3)]
         afters = [self._clamped_thumb(end + k) for k in (1, 3, 5)]
-        best = max(structure_correlation(b.structure, a.structure) for b in befores for a in afters)
+        best = max(b.correlation(a) for b in befores for a in afters)
         return best >= self.config.same_shot_correlation
 
     def _locate_dissolve(self, candidate: Candidate) -> Candidate | str:
@@ -257,7 +276,7 @@ class CutCascade:
         first, last = self._thumb(a), self._thumb(b)
         return (
             colour_distance(first, last) >= self.config.min_dissolve_colour_change
-            and structure_correlation(first.structure, last.structure) < self.config.same_shot_correlation
+            and first.correlation(last) < self.config.same_shot_correlation
         )
 
     def _merge(self) -> list[int]:

@@ -125,12 +125,16 @@ def _plane(frame: av.VideoFrame, index: int, width: int) -> np.ndarray:
 
 
 def _shrink(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-average `plane` down to `size`, first striding to about twice the target (3x cheaper, no
-    visible aliasing for detection; a no-op stride when the target is large, as for the scorer frames)."""
-    stride = max(1, min(plane.shape[1] // (2 * size[0]), plane.shape[0] // (2 * size[1])))
-    if stride > 1:
-        plane = plane[::stride, ::stride]
-    return cv2.resize(plane, size, interpolation=cv2.INTER_AREA)
+    """Resize `plane` to `size` by exact 2x2 box averages (OpenCV's integer INTER_AREA path) while it is
+    at least twice the target, then one bilinear step of less than 2x. As close to a true area average
+    as OpenCV's general INTER_AREA (mean |difference| 0.5 grey levels) and 4x cheaper, which matters:
+    it runs on every decoded frame (see benchmarks/curation.py)."""
+    width, height = size
+    while plane.shape[1] >= 2 * width and plane.shape[0] >= 2 * height:
+        plane = cv2.resize(plane, (plane.shape[1] // 2, plane.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if plane.shape[1] == width and plane.shape[0] == height:
+        return plane.copy()  # never a view of the decoder's frame buffer
+    return cv2.resize(plane, size, interpolation=cv2.INTER_LINEAR)
 
 
 def analysis_copy(frame: av.VideoFrame, width: int, height: int, rgb: bool = False) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Learned-scorer throughput: batched vs one frame (or clip) at a time, in-process and on Ray actors.
 
-    python benchmarks/scorers.py [--clips 8] [--threads 1] [--clip-model ViT-B-32] [--coca-model coca_ViT-B-32]
+    python benchmarks/scorers.py [--clips 16] [--threads 1] [--clip-model ViT-B-32] [--coca-model coca_ViT-B-32]
 
 Part 1, in this process, side by side in one run: text detection (the real PP-OCRv4 detector), CLIP
 image embedding + aesthetic head, and CoCa captioning (real open_clip architectures with random weights,
@@ -163,7 +163,7 @@ def part_two(clips_count: int, models: dict[str, str], threads: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=16, help="clips per batch (the pools' batch_size)")
     parser.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads per scorer")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture (ViT-L-14 = the paper's)")
     parser.add_argument("--coca-model", default="coca_ViT-B-32")

@@ -116,8 +116,12 @@ def _kill_session(session_id: int) -> None:
 
 def _checkpointed_steps(checkpoints: Path) -> list[int]:
     """Steps of the complete checkpoints under a Ray Train run directory (a torn one is skipped)."""
+    from training.loop import checkpoint_is_complete
+
     steps = []
     for state in checkpoints.glob("checkpoint_*/state.json"):
+        if not checkpoint_is_complete(state.parent):
+            continue
         try:
             steps.append(json.loads(state.read_text())["step"])
         except (OSError, ValueError, KeyError):

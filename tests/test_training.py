@@ -281,3 +281,29 @@ def test_a_ray_snapshot_naming_missing_checkpoints_is_set_aside(tmp_path):
     snapshot.write_text("{torn")
     assert drop_stale_ray_snapshot(tmp_path) is not None and not snapshot.exists()
     assert drop_stale_ray_snapshot(tmp_path / "nothing-here") is None
+
+
+def test_a_checkpoint_torn_during_its_copy_is_skipped_for_the_one_before(tmp_path):
+    """A kill while Ray copies a checkpoint into storage leaves state.json beside a short unet.safetensors."""
+    from safetensors.torch import save_file
+
+    from training.loop import RUN_NAME, checkpoint_is_complete, latest_checkpoint, write_file_manifest
+
+    directories = {}
+    for step in (5, 10):
+        directory = tmp_path / RUN_NAME / f"checkpoint_{step:02d}"
+        (directory / "pipeline").mkdir(parents=True)
+        save_file({"weight": torch.full((64, 64), float(step))}, directory / "unet.safetensors")
+        (directory / "pipeline" / "model_index.json").write_text("{}")
+        (directory / "state.json").write_text(json.dumps({"step": step}))
+        write_file_manifest(directory)
+        directories[step] = directory
+    assert all(checkpoint_is_complete(d) for d in directories.values())
+    assert latest_checkpoint(tmp_path) == directories[10]
+
+    weights = directories[10] / "unet.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert not checkpoint_is_complete(directories[10])
+    assert latest_checkpoint(tmp_path) == directories[5]
+    (directories[5] / "files.json").unlink()  # a manifest not copied yet: as incomplete as a short file
+    assert latest_checkpoint(tmp_path) is None

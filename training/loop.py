@@ -132,6 +132,7 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
         if final:
             _export_pipeline(trainer, gathered, directory / "pipeline")
             shutil.copy(monitor.metrics_path, directory / "metrics.jsonl")
+        write_file_manifest(directory)
         ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
@@ -193,14 +194,37 @@ def default_init(stage: int, preset: str, output_root: str | Path) -> str:
     return str(previous)
 
 
+FILE_MANIFEST = "files.json"
+
+
+def write_file_manifest(directory: Path) -> None:
+    """Record every file of a checkpoint with its size, written last: Ray copies a reported checkpoint into
+    storage file by file, so a kill mid-copy leaves state.json beside a half-written unet.safetensors."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / FILE_MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
+def checkpoint_is_complete(directory: Path) -> bool:
+    """True when the checkpoint's manifest exists and every file it lists is there at its full size."""
+    try:
+        sizes = json.loads((directory / FILE_MANIFEST).read_text())
+        return all((directory / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
-    """The Ray Train checkpoint with the highest step under `storage` (survives a killed driver)."""
+    """The complete Ray Train checkpoint with the highest step under `storage` (survives a killed driver;
+    a checkpoint torn by the kill is skipped and the one before it used)."""
     best, best_step = None, -1
     for state in storage.glob(f"{RUN_NAME}/checkpoint_*/state.json"):
+        if not checkpoint_is_complete(state.parent):
+            logger.warning("skipping incomplete checkpoint %s (torn by a kill during its copy)", state.parent)
+            continue
         try:
             step = json.loads(state.read_text())["step"]
         except (OSError, ValueError, KeyError):
-            continue  # a checkpoint torn by a kill is skipped
+            continue
         if step > best_step:
             best, best_step = state.parent, step
     return best

@@ -105,13 +105,14 @@ def test_stages_chain_through_the_flow_and_bad_parameters_fail_fast(curated_dir,
 def _kill_session(session_id: int) -> None:
     """SIGKILL every process of a session, as a lost node would. Killing the process group is not enough:
     Ray puts each worker in a group of its own, and a surviving worker writes one more checkpoint."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session_id:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                continue
+    for _ in range(2):  # a second pass catches a process spawned during the first
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.getsid(int(entry.name)) == session_id:
+                        os.kill(int(entry.name), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    continue
 
 
 def _checkpointed_steps(checkpoints: Path) -> list[int]:

@@ -11,7 +11,6 @@ features are cached by content hash. The run ends with `OUT/results.json`, a per
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import sys
@@ -21,6 +20,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+
+from flows.markdown import inline_image, settings_table
 
 _MODELS: dict[tuple, Any] = {}  # pipeline / I3D / CLIP loaded once per process, shared by shard tasks
 _MODELS_LOCK = threading.Lock()
@@ -151,12 +152,10 @@ def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters
         f"| real videos | {result['num_real']} ({real_source}) |",
         "", "Paper (SPEC §5, 13,320 videos): SVD 242.02, PYoCo 355.20, Make-A-Video 367.23, Video LDM 550.61.",
         "", f"Real set: `{parameters['real_dir']}`: {matches}.",
-        "", "| setting | value |", "|---|---|",
+        "", *settings_table(parameters),
     ]
-    lines += [f"| {key} | {value} |" for key, value in sorted(parameters.items())]
-    image = base64.b64encode(grid_path.read_bytes()).decode()
     lines += ["", f"Per-class samples (middle frame of the first video of each class) -> `{grid_path}`", "",
-              f"![per-class samples](data:image/jpeg;base64,{image})"]
+              inline_image(grid_path, "per-class samples")]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ prompt and attaches a preview (the GIF inline) and the settings to the run as a 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import tempfile
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+
+from flows.markdown import inline_image, settings_table
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -92,12 +93,10 @@ def generate_task(prompts: list[str], output_dir: str, checkpoint: str | None, s
 
 def preview_markdown(results: list[dict[str, Any]], settings: dict[str, Any], checkpoint: str | None) -> str:
     lines = ["# generate-video", "", f"checkpoint: `{checkpoint or 'tiny preset (random weights)'}`", "",
-             "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in sorted(settings.items())]
+             *settings_table(settings)]
     for result in results:
-        gif = base64.b64encode(Path(result["gif"]).read_bytes()).decode()
         lines += ["", f"**{result['prompt']}** ({result['frames']} frames, {result['width']}x{result['height']}) "
-                  f"-> `{result['mp4']}`", "", f"![preview](data:image/gif;base64,{gif})"]
+                  f"-> `{result['mp4']}`", "", inline_image(result["gif"], "preview")]
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,6 @@ or `ray_address`; Prefect progress artifact follows the workers' progress file) 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from flows.markdown import inline_image
 from training.loop import run_stage, validate_stage
 from training.stages import STAGE_PRESETS
 
@@ -51,11 +51,9 @@ def report_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
              f"| skipped (already done) | {result['skipped']} |"]
     lines += [f"| {key} | {value} |" for key, value in sorted(settings.items()) if key not in ("data",)]
     lines.append(f"| data | `{settings['data']}` |")
-    for title, path, mime in (("loss", result.get("loss_plot"), "png"),
-                              ("last sample", (result.get("samples") or [None])[-1], "gif")):
+    for title, path in (("loss", result.get("loss_plot")), ("last sample", (result.get("samples") or [None])[-1])):
         if path and Path(path).exists():
-            encoded = base64.b64encode(Path(path).read_bytes()).decode()
-            lines += ["", f"**{title}**", "", f"![{title}](data:image/{mime};base64,{encoded})"]
+            lines += ["", f"**{title}**", "", inline_image(path, title)]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,6 @@ stopped. The flow attaches a preview (the walk as an inline GIF) and the setting
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.generate import DTYPES, load_pipeline, parse_guidance
+from flows.markdown import inline_image, settings_table
 
 UPSCALERS = ("lanczos", "realesrgan")
 
@@ -135,12 +135,10 @@ def render_walk_task(prompts: list[str] | None, out: str, settings: dict[str, An
 
 
 def preview_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    gif = base64.b64encode(Path(result["gif"]).read_bytes()).decode()
     lines = ["# generate-walk", "", f"`{result['mp4']}`: {result['frames']} frames, "
              f"{result['width']}x{result['height']}, segments {result['segment_frames']} "
              f"(rendered {result['generated_segments']}, reused {result['reused_segments']})", "",
-             f"![walk preview](data:image/gif;base64,{gif})", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in sorted(settings.items())]
+             inline_image(result["gif"], "walk preview"), "", *settings_table(settings)]
     return "\n".join(lines) + "\n"
 
 

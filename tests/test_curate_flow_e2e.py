@@ -4,52 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from curation.shards import MANIFEST_COLUMNS, read_shard_samples
+from tests.deployment_helpers import run_served_deployment
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for_deployment(env: dict, name: str, server: subprocess.Popen, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"lvd serve exited early with code {server.returncode}")
-        probe = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", name],
-                               env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"deployment {name} was not registered")
 
 
 def test_deployment_run_curates_sample_clips(prefect_api, sample_dir, tmp_path):
     out = tmp_path / "lvd-f"
     env = {**os.environ, "LVD_HOME": str(tmp_path / "home")}
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--flow", "curate-lvd"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_deployment(env, "curate-lvd/local", server)
-        run = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "curate-lvd/local",
-             "--param", f"input_path={sample_dir / 'videos'}", "--param", f"output_path={out}",
-             "--watch", "--watch-timeout", "400"],
-            env=env, capture_output=True, text=True, timeout=450,
-        )
-        serve_log = (tmp_path / "serve.log").read_text()[-3000:]
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log
-        assert "Completed" in run.stdout + run.stderr
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        log.close()
+    run_served_deployment("curate-lvd", ["--param", f"input_path={sample_dir / 'videos'}",
+                                         "--param", f"output_path={out}"],
+                          env, tmp_path, register_timeout_s=90, watch_timeout_s=400, timeout_s=450)
 
     sources = pq.read_table(out / "sources.parquet").to_pylist()
     assert len(sources) == 16

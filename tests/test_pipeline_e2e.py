@@ -12,30 +12,17 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.deployment_helpers import run_served_deployment
+
 pytestmark = pytest.mark.slow
 
 SUBFLOWS = ["curate-lvd", "train-stage", "train-stage", "train-stage", "evaluate-fvd", "generate-video"]
-
-
-def _wait_for_deployment(env: dict, name: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"lvd serve exited early with code {server.returncode}")
-        probe = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", name],
-                               env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"deployment {name} was not registered")
 
 
 def _subflows_of_pipeline_run(api_url: str) -> tuple[dict, list[str]]:
@@ -68,23 +55,8 @@ def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_pa
     root = tmp_path / "run"
     params = {"input_path": str(raw), "output_root": str(root), "max_steps": 2, "prompts": ["a cyclist"]}
     env = {**os.environ, "LVD_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--flow", "lvd-pipeline"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_deployment(env, "lvd-pipeline/local", server)
-        run = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "lvd-pipeline/local", "--params",
-             json.dumps(params), "--watch", "--watch-timeout", "480"],
-            env=env, capture_output=True, text=True, timeout=540,
-        )
-        serve_log = (tmp_path / "serve.log").read_text()[-5000:]
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log
-        assert "Completed" in run.stdout + run.stderr
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        log.close()
+    run_served_deployment("lvd-pipeline", ["--params", json.dumps(params)], env, tmp_path,
+                          register_timeout_s=120, watch_timeout_s=480, timeout_s=540)
 
     paths = output_layout(root)
     record = json.loads(paths["record"].read_text())

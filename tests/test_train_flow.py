@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.loop import run_stage
+from training.loop import complete_checkpoints, run_stage
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -54,9 +54,9 @@ def test_two_ddp_or_fsdp_workers_equal_one_worker_with_the_doubled_batch(curated
         assert results[1, "ddp"]["losses"] == pytest.approx(results[key]["losses"], rel=1e-4)
 
     fsdp_dir = Path(results[2, "fsdp"]["output_dir"])
-    for state in (fsdp_dir / "ray" / "train").glob("checkpoint_*/state.json"):
-        if json.loads(state.read_text())["step"] == 3:
-            shutil.rmtree(state.parent)  # as if the run died between its step-2 checkpoint and the end
+    for checkpoint, step in complete_checkpoints(fsdp_dir / "ray").items():
+        if step == 3:
+            shutil.rmtree(checkpoint)  # as if the run died between its step-2 checkpoint and the end
     (fsdp_dir / "done.json").unlink()
     resumed = run_stage(2, output_root=str(tmp_path / "fsdp2"), num_workers=2, strategy="fsdp", checkpoint_every=2,
                         **common)
@@ -115,21 +115,6 @@ def _kill_session(session_id: int) -> None:
                     continue
 
 
-def _checkpointed_steps(checkpoints: Path) -> list[int]:
-    """Steps of the complete checkpoints under a Ray Train run directory (a torn one is skipped)."""
-    from training.loop import checkpoint_is_complete
-
-    steps = []
-    for state in checkpoints.glob("checkpoint_*/state.json"):
-        if not checkpoint_is_complete(state.parent):
-            continue
-        try:
-            steps.append(json.loads(state.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return steps
-
-
 def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_path, prefect_api):
     """`lvd train --stage 1 --checkpoint-every 5` killed with SIGKILL right after its first checkpoint; the
     rerun continues from the newest checkpoint on disk and ends with the weights of an uninterrupted run."""
@@ -138,11 +123,11 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
                "--output-root", str(root), "--checkpoint-every", "5"]
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    checkpoints = root / "stage1" / "ray" / "train"
+    storage = root / "stage1" / "ray"
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            if _checkpointed_steps(checkpoints):
+            if complete_checkpoints(storage):
                 break
             time.sleep(0.02)  # a tiny step takes ~50 ms: poll faster than the run moves
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -151,7 +136,7 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
     finally:
         log.close()
     assert not (root / "stage1" / "done.json").exists()
-    on_disk = max(_checkpointed_steps(checkpoints))
+    on_disk = max(complete_checkpoints(storage).values())
     assert 5 <= on_disk < 20, f"killed with checkpoints up to step {on_disk}: nothing left to resume"
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -213,21 +213,26 @@ def checkpoint_is_complete(directory: Path) -> bool:
         return False
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The complete Ray Train checkpoint with the highest step under `storage` (survives a killed driver;
-    a checkpoint torn by the kill is skipped and the one before it used)."""
-    best, best_step = None, -1
+def complete_checkpoints(storage: Path) -> dict[Path, int]:
+    """Each complete Ray Train checkpoint under `storage` with its step; one torn by a kill (mid-copy, or
+    its state.json unreadable) is left out."""
+    found = {}
     for state in storage.glob(f"{RUN_NAME}/checkpoint_*/state.json"):
         if not checkpoint_is_complete(state.parent):
             logger.warning("skipping incomplete checkpoint %s (torn by a kill during its copy)", state.parent)
             continue
         try:
-            step = json.loads(state.read_text())["step"]
+            found[state.parent] = int(json.loads(state.read_text())["step"])
         except (OSError, ValueError, KeyError):
             continue
-        if step > best_step:
-            best, best_step = state.parent, step
-    return best
+    return found
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The complete checkpoint with the highest step (survives a killed driver; a checkpoint torn by the
+    kill is skipped and the one before it used)."""
+    checkpoints = complete_checkpoints(storage)
+    return max(checkpoints, key=checkpoints.__getitem__) if checkpoints else None
 
 
 def drop_stale_ray_snapshot(storage: Path) -> Path | None:

@@ -3,8 +3,9 @@
 `StageTrainer` owns the video U-Net (trained), the frozen VAE and text encoder, AdamW, EMA and the step
 counter. Per phase it sets which parameters train (image phases also freeze the temporal layers, so
 image batches cannot move them, not even by weight decay) and wraps the U-Net in DDP when there is
-more than one worker; the loss always calls the *wrapped* model, so gradients are really synchronised
-(SPEC §6: community trainers skipped this). Noise level and noise are drawn per sample from
+more than one worker (or shards it with FSDP2, `strategy="fsdp"`: weights, gradients, AdamW state and
+EMA split across workers); the loss always calls the *wrapped* model, so gradients are really
+synchronised (SPEC §6: community trainers skipped this). Noise level and noise are drawn per sample from
 (seed, global position): a batch's gradient does not depend on how it is split across workers.
 """
 
@@ -107,6 +108,7 @@ class StageTrainer:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.preset, self.seed = preset, seed
         self.sharded = strategy == "fsdp" and world_size > 1
+        self.strategy = "fsdp" if self.sharded else "ddp"  # what the checkpoints' layout follows
         self.device = torch.device(device)
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.unet = pipeline.unet.to(self.device).train()
@@ -229,9 +231,11 @@ class StageTrainer:
                 "phase": phase.name, "samples": int(mean_loss[1].item())}
 
     # --- state -------------------------------------------------------------------------------------
-    def gather_state(self) -> dict[str, Any] | None:
+    def gather_state(self, for_export: bool = False) -> dict[str, Any] | None:
         """Full weights, EMA and optimizer state on rank 0 (None elsewhere). Collective under FSDP:
-        every rank must call it."""
+        every rank must call it. `for_export` gathers only what an export writes (the EMA when the stage
+        keeps one, else the weights): a sample video does not need the optimizer state, twice the model."""
+        with_weights = not for_export or self.ema is None
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -240,14 +244,15 @@ class StageTrainer:
             )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(self.unet, options=options)
-            optimizer = get_optimizer_state_dict(self.unet, self.optimizer, options=options)
+            weights = get_model_state_dict(self.unet, options=options) if with_weights else None
+            optimizer = None if for_export else get_optimizer_state_dict(self.unet, self.optimizer, options=options)
             ema = self._gather_ema()
             return {"unet": weights, "optimizer": optimizer, "ema": ema} if self.rank == 0 else None
         if self.rank != 0:
             return None
-        return {"unet": {k: v.detach().cpu() for k, v in self.unet.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
+        weights = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()} if with_weights else None
+        return {"unet": weights, "optimizer": None if for_export else self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None}
 
     def _gather_ema(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -275,7 +280,7 @@ class StageTrainer:
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                    directory / "rng.pt")
         state = {"step": self.step, "stage": self.preset.stage, "preset": self.preset.preset, "seed": self.seed,
-                 "data_position": self.data_position(), "strategy": "fsdp" if self.sharded else "ddp",
+                 "data_position": self.data_position(), "strategy": self.strategy,
                  **(extra or {})}
         (directory / "state.json").write_text(json.dumps(state, indent=2))
 
@@ -285,7 +290,7 @@ class StageTrainer:
         if state["stage"] != self.preset.stage:
             raise ValueError(f"checkpoint {directory} is from stage {state['stage']}, not {self.preset.stage}")
         saved_strategy = state.get("strategy", "ddp")
-        if saved_strategy != ("fsdp" if self.sharded else "ddp") and (self.sharded or saved_strategy == "fsdp"):
+        if saved_strategy != self.strategy:
             raise ValueError(f"checkpoint {directory} was written with strategy {saved_strategy!r}; "
                              "resume with the same strategy (or restart the stage)")
         weights = load_file(directory / "unet.safetensors")
@@ -339,7 +344,7 @@ class StageTrainer:
         import copy
 
         if self.sharded:
-            gathered = gathered or self.gather_state()
+            gathered = gathered or self.gather_state(for_export=True)
             if self.rank != 0:
                 return None
             from model.unet import VideoUNet

@@ -65,7 +65,8 @@ class Thumb:
         return self._unit
 
     def correlation(self, other: Thumb) -> float:
-        """`structure_correlation` of the two thumbnails from the cached unit vectors."""
+        """Pearson correlation of the two grey thumbnails: 1 for the same picture under any gain/offset,
+        0 when either is flat (black, white: structure undefined, treated as different)."""
         return float(self.unit @ other.unit)
 
     @property
@@ -89,16 +90,6 @@ def make_thumb(analysis_bgr: np.ndarray) -> Thumb:
 def colour_distance(a: Thumb, b: Thumb) -> float:
     """Bhattacharyya distance of hue-saturation histograms: dissolves join differently coloured shots."""
     return float(cv2.compareHist(a.colour, b.colour, cv2.HISTCMP_BHATTACHARYYA))
-
-
-def structure_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two grey thumbnails: 1 for the same picture under any gain/offset."""
-    a = a.ravel() - a.mean()
-    b = b.ravel() - b.mean()
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    if denominator < 1e-6:  # a flat frame (black, white): structure undefined, treat as different
-        return 0.0
-    return float((a * b).sum() / denominator)
 
 
 def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

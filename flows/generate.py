@@ -35,7 +35,7 @@ def load_pipeline(checkpoint: str | None, dtype: str = "float32", cpu_offload: b
         if not (path / "model_index.json").exists():
             raise ValueError(f"{checkpoint} is not a pipeline directory (no model_index.json); "
                              "pass a train-stage export or a save_pretrained() directory")
-        pipe = TextToVideoPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype))
+        pipe = TextToVideoPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
     if cpu_offload:
         pipe.enable_model_cpu_offload()
     elif torch.cuda.is_available():

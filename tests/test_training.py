@@ -307,3 +307,40 @@ def test_a_checkpoint_torn_during_its_copy_is_skipped_for_the_one_before(tmp_pat
     assert latest_checkpoint(tmp_path) == directories[5]
     (directories[5] / "files.json").unlink()  # a manifest not copied yet: as incomplete as a short file
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_progress_callbacks_run_in_the_callers_context(tmp_path):
+    """The poller thread sees the caller's context variables (Prefect's API address and run live there);
+    each new step is reported once, and the final step after the block ends."""
+    import contextvars
+    import time
+
+    from training.loop import follow_progress
+
+    run_name = contextvars.ContextVar("run_name", default="no context")
+    token = run_name.set("stage-2 run")
+    seen: list[tuple[str, int]] = []
+    progress = tmp_path / "progress.json"
+
+    def write(step: int) -> None:
+        (tmp_path / "progress.tmp").write_text(json.dumps({"step": step, "total": 3}))
+        (tmp_path / "progress.tmp").replace(progress)
+
+    def wait_for(step: int) -> None:
+        deadline = time.monotonic() + 10
+        while not any(s == step for _, s in seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        with follow_progress(progress, lambda p: seen.append((run_name.get(), p["step"])), interval_s=0.02):
+            write(1)
+            wait_for(1)
+            time.sleep(0.1)  # several polls of an unchanged file report nothing new
+            write(2)
+            wait_for(2)
+            write(3)
+    finally:
+        run_name.reset(token)
+    assert seen[:2] == [("stage-2 run", 1), ("stage-2 run", 2)]
+    assert seen[-1] == ("stage-2 run", 3) and {name for name, _ in seen} == {"stage-2 run"}
+    assert len(seen) <= 4  # step 3 at most twice: by the thread, then by the final poll

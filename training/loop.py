@@ -13,14 +13,15 @@ samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), los
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -375,21 +376,39 @@ def _fit(config: StageRunConfig, num_workers: int, use_gpu: bool, storage: Path,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    stop = threading.Event()
-    poller = threading.Thread(target=_poll_progress, args=(Path(config.log_dir) / "progress.json", on_progress, stop),
-                              daemon=True)
-    if on_progress:
-        poller.start()
-    try:
+    with follow_progress(Path(config.log_dir) / "progress.json", on_progress):
         return trainer.fit()
+
+
+@contextmanager
+def follow_progress(path: Path, callback: Callable[[dict[str, Any]], None] | None, interval_s: float = 1.0):
+    """Call `callback` with the workers' progress file each time its step changes, until the block ends.
+
+    The polling thread runs in a copy of the caller's context: Prefect keeps the API address and the run
+    in context variables, which a bare thread would not see (it would start a temporary server of its
+    own and update the progress artifact there). A last poll after the block reports the final step.
+    """
+    if callback is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        last = None
+        while not stop.wait(interval_s):
+            last = _poll_once(path, callback, last)
+
+    poller = threading.Thread(target=contextvars.copy_context().run, args=(poll,), daemon=True)
+    poller.start()
+    try:
+        yield
     finally:
         stop.set()
-        if on_progress:
-            poller.join(timeout=5)
-            _poll_once(Path(config.log_dir) / "progress.json", on_progress, None)
+        poller.join(timeout=5)
+        _poll_once(path, callback, None)
 
 
-def _poll_once(path: Path, callback, last: int | None) -> int | None:
+def _poll_once(path: Path, callback: Callable[[dict[str, Any]], None], last: int | None) -> int | None:
     try:
         progress = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -397,10 +416,3 @@ def _poll_once(path: Path, callback, last: int | None) -> int | None:
     if progress["step"] != last:
         callback(progress)
     return progress["step"]
-
-
-def _poll_progress(path: Path, callback, stop: threading.Event) -> None:
-    last = None
-    while not stop.wait(1.0):
-        last = _poll_once(path, callback, last)
-        time.sleep(0)

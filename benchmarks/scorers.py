@@ -1,13 +1,15 @@
 """Learned-scorer throughput: batched vs one frame (or clip) at a time, in-process and on Ray actors.
 
-    python benchmarks/scorers.py [--clips 16] [--threads 1] [--clip-model ViT-B-32] [--coca-model coca_ViT-B-32]
+    python benchmarks/scorers.py [--clips 16] [--threads 1] [--repeat 3] [--clip-model ViT-B-32]
+                                 [--coca-model coca_ViT-B-32] [--skip-ray]
 
 Part 1, in this process, side by side in one run: text detection (the real PP-OCRv4 detector), CLIP
 image embedding + aesthetic head, and CoCa captioning (real open_clip architectures with random weights,
 since real weights are not available offline; compute is the same), each as
   - one at a time: one scorer call and one model forward per frame (per clip for captions), and
   - batched: one call for all clips, frames stacked into model batches,
-reporting clips/s and the ratio. On a machine with CUDA the same is repeated on the GPU.
+reporting clips/s (best of --repeat, the two sides interleaved) and the ratio. On a machine with CUDA
+the same is repeated on the GPU.
 
 Part 2, the actor pools (local Ray): a real decode stage (PyAV over the sample footage, frames resized
 to <= 640 px) feeds `annotate`; one clip per actor call vs batched calls, with the time the decode
@@ -67,13 +69,10 @@ def save_random_open_clip(name: str, folder: Path) -> str:
     return f"local-dir:{folder / name}"
 
 
-def timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def one_frame_at_a_time(scorer, clips: list[ClipFrames]) -> None:
@@ -82,17 +81,22 @@ def one_frame_at_a_time(scorer, clips: list[ClipFrames]) -> None:
             scorer.score([ClipFrames(f"{clip.clip_id}-{index}", frame[None], caption=clip.caption)])
 
 
-def compare(label: str, clips: list[ClipFrames], single, batched) -> dict[str, float]:
+def compare(label: str, clips: list[ClipFrames], single, batched, repeat: int) -> dict[str, float]:
+    """Best of `repeat` for each side, the two sides interleaved so that a noisy neighbour on a shared
+    machine hits both rather than one."""
     single()  # warm-up (allocators, ONNX/torch kernels)
-    t_single = timed(single)
-    t_batched = timed(batched)
+    t_single = t_batched = float("inf")
+    for _ in range(repeat):
+        t_single = min(t_single, timed(single))
+        t_batched = min(t_batched, timed(batched))
     n = len(clips)
     row = {"single": n / t_single, "batched": n / t_batched, "ratio": t_single / t_batched}
     print(f"{label:<34} {row['single']:8.2f} {row['batched']:9.2f} {row['ratio']:7.2f}x", flush=True)
     return row
 
 
-def part_one(clips: list[ClipFrames], models: dict[str, str], device: str, threads: int) -> dict[str, dict]:
+def part_one(clips: list[ClipFrames], models: dict[str, str], device: str, threads: int,
+             repeat: int) -> dict[str, dict]:
     from curation.scorers.captions import CocaCaptioner
     from curation.scorers.clip_scores import ClipScorer
     from curation.scorers.config import CaptionConfig, ClipScoreConfig, TextAreaConfig
@@ -107,20 +111,21 @@ def part_one(clips: list[ClipFrames], models: dict[str, str], device: str, threa
     text_stacked = TextAreaScorer(TextAreaConfig(backend="ppocr", frames_per_forward=12), device, threads)
     results["text (PP-OCR), forward=1 frame"] = compare(
         "text (PP-OCR), forward=1 frame", clips,
-        lambda: one_frame_at_a_time(text_single, clips), lambda: text_batched.score(clips))
+        lambda: one_frame_at_a_time(text_single, clips), lambda: text_batched.score(clips), repeat)
     results["text (PP-OCR), forward=12 frames"] = compare(
         "text (PP-OCR), forward=12 frames", clips,
-        lambda: one_frame_at_a_time(text_single, clips), lambda: text_stacked.score(clips))
+        lambda: one_frame_at_a_time(text_single, clips), lambda: text_stacked.score(clips), repeat)
     aesthetic = Path(models["root"]) / f"aesthetic_{models['clip_dim']}.pth"
     clip_cfg = ClipScoreConfig(model_name=models["clip"], aesthetic_weights=str(aesthetic), frames_per_forward=24)
     clip_scorer = ClipScorer(clip_cfg, device, threads)
     name = f"CLIP {models['clip_name']} (+aesthetic, text)"
     results["clip"] = compare(name, clips, lambda: one_frame_at_a_time(clip_scorer, clips),
-                              lambda: clip_scorer.score(clips))
+                              lambda: clip_scorer.score(clips), repeat)
     coca = CocaCaptioner(CaptionConfig(model_name=models["coca"], decoding="greedy", max_tokens=16,
                                        frames_per_forward=16), device, threads)
     results["caption"] = compare(f"CoCa {models['coca_name']} greedy, 16 tok", clips,
-                                 lambda: [coca.score([clip]) for clip in clips], lambda: coca.score(clips))
+                                 lambda: [coca.score([clip]) for clip in clips], lambda: coca.score(clips),
+                                 repeat)
     return results
 
 
@@ -167,6 +172,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads per scorer")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture (ViT-L-14 = the paper's)")
     parser.add_argument("--coca-model", default="coca_ViT-B-32")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N per side, sides interleaved")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
 
@@ -194,9 +200,9 @@ def main() -> int:
         print(f"random-init {args.clip_model} and {args.coca_model} saved in {time.perf_counter() - started:.1f} s; "
               f"torch threads {args.threads}, {args.clips} clips")
         clips = decode_clips(args.clips)
-        part_one(clips, models, "cpu", args.threads)
+        part_one(clips, models, "cpu", args.threads, max(1, args.repeat))
         if torch.cuda.is_available():
-            part_one(clips, models, "cuda", args.threads)
+            part_one(clips, models, "cuda", args.threads, max(1, args.repeat))
         else:
             print("(no CUDA device: GPU numbers not measured)")
         if not args.skip_ray:

@@ -175,6 +175,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of N per side, sides interleaved")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
 
     import torch
 
@@ -200,9 +202,9 @@ def main() -> int:
         print(f"random-init {args.clip_model} and {args.coca_model} saved in {time.perf_counter() - started:.1f} s; "
               f"torch threads {args.threads}, {args.clips} clips")
         clips = decode_clips(args.clips)
-        part_one(clips, models, "cpu", args.threads, max(1, args.repeat))
+        part_one(clips, models, "cpu", args.threads, args.repeat)
         if torch.cuda.is_available():
-            part_one(clips, models, "cuda", args.threads, max(1, args.repeat))
+            part_one(clips, models, "cuda", args.threads, args.repeat)
         else:
             print("(no CUDA device: GPU numbers not measured)")
         if not args.skip_ray:

@@ -2,7 +2,7 @@
 
 A stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
 last keyframe <= e) (or e itself at the end of the source): the cut is snapped to keyframes that do not
-cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (SPEC §1). When that
+cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (docs/recipe.md §1). When that
 leaves less than `min_clip_s` of a long-enough shot (sparse keyframes), the exact shot is re-encoded
 instead and the clip is marked `reencode`.
 """

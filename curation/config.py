@@ -1,4 +1,4 @@
-"""All curation settings in one tree of dataclasses; the defaults are SPEC §1's numbers.
+"""All curation settings in one tree of dataclasses; the defaults are docs/recipe.md §1's numbers.
 
 `CurationConfig.from_overrides({"cuts": {"native_adaptive_threshold": 2.5}})` merges a nested dict
 (the flow's `config` parameter, or `--set cuts.min_shot_s=0.5` on the CLI) onto the defaults and
@@ -28,7 +28,7 @@ class DecodeConfig:
 
 @dataclass
 class CutConfig:
-    """The detector cascade (SPEC §1: three PySceneDetect detectors at three frame rates).
+    """The detector cascade (docs/recipe.md §1: three PySceneDetect detectors at three frame rates).
 
     Level 1, AdaptiveDetector at the native rate: hard and jump cuts, robust to camera motion.
     Level 2 and 3, ContentDetector at `mid_fps` and `low_fps`: gradual transitions (dissolves) whose
@@ -64,7 +64,7 @@ class ClipConfig:
 
 @dataclass
 class MotionConfig:
-    """Farneback dense flow at 2 fps on frames whose short side is 16 px (SPEC §1)."""
+    """Farneback dense flow at 2 fps on frames whose short side is 16 px (docs/recipe.md §1)."""
 
     fps: float = 2.0
     short_side: int = 16
@@ -100,7 +100,7 @@ class FilterRule:
 
 
 def default_filter_rules() -> list[FilterRule]:
-    """SPEC §1: 25% most static, 25% lowest aesthetics, 50% lowest CLIP score, 25% most text, text > 7%."""
+    """docs/recipe.md §1: 25% most static, 25% lowest aesthetics, 50% lowest CLIP score, 25% most text, text > 7%."""
     return [
         FilterRule("static", "motion_score", "percentile", "low", 25.0),
         FilterRule("low_aesthetics", "aesthetic_score", "percentile", "low", 25.0),

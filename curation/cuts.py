@@ -1,6 +1,6 @@
 """Shot-cut detection: a cascade of PySceneDetect detectors at three frame rates, then verification.
 
-Why a cascade (SPEC §1): a detector at the native rate sees a 15-frame dissolve as 15 small changes
+Why a cascade (docs/recipe.md §1): a detector at the native rate sees a 15-frame dissolve as 15 small changes
 and misses it; the same detector fed every 3rd or 12th frame sees one large change. Low rates also
 fire on fast camera motion, so every candidate is verified on small grey thumbnails kept in a ring
 buffer (bounded memory, streaming):

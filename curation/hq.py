@@ -1,4 +1,4 @@
-"""Stage III high-quality subset (SPEC §1/§4: ~1M high-quality clips, scored with RAFT at 800x450).
+"""Stage III high-quality subset (docs/recipe.md §1/§4: ~1M high-quality clips, scored with RAFT at 800x450).
 
 After LVD-F filtering, every kept clip is decoded once more, its 2 fps frame pairs at 800x450 go to
 the RAFT actor pool, and `raft_motion` is written into the manifest. The `hq` selection then applies

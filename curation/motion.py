@@ -1,4 +1,4 @@
-"""Motion score (SPEC §1): Farneback dense flow at 2 fps on frames whose short side is 16 px.
+"""Motion score (docs/recipe.md §1): Farneback dense flow at 2 fps on frames whose short side is 16 px.
 
 Flow is computed between consecutive 2-fps samples of the whole source while it streams (one tiny
 grey frame kept at a time); a clip's score is the mean flow magnitude over the sample pairs inside it,

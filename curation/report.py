@@ -1,4 +1,4 @@
-"""The LVD-F report: what each filter removed, so a person can judge the thresholds (SPEC §1 picked them
+"""The LVD-F report: what each filter removed, so a person can judge the thresholds (docs/recipe.md §1 picked them
 by human preference).
 
 `write_report(OUT, config)` reads the finished run (manifest, summary.json, the sampled frames of each

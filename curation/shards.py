@@ -25,7 +25,7 @@ MANIFEST_COLUMNS = (
     "motion_score", "text_area", "aesthetic_score", "clip_score", "caption", "keep", "drop_reasons",
     "shard", "key", "captions", "scorer_errors", "raft_motion", "hq",
 )
-# The `captions` struct: one caption per captioner of the paper (SPEC §1); the trainer mixes them.
+# The `captions` struct: one caption per captioner of the paper (docs/recipe.md §1); the trainer mixes them.
 CAPTIONS_TYPE = pa.struct([("coca", pa.string()), ("video", pa.string()), ("llm_summary", pa.string())])
 MANIFEST_SCHEMA = pa.schema(
     [

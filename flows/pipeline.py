@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 
 # FVD protocol settings per training preset. `tiny` is a smoke test that fits a laptop: 4 videos of 16
 # frames at 64x112 (the protocol's 5:9 aspect, rounded to the VAE's factor 8), 2 sampling steps. Any other
-# preset uses evaluate-fvd's own defaults, i.e. the paper's protocol (SPEC §5: 13,320 videos, 320x576).
+# preset uses evaluate-fvd's own defaults, i.e. the paper's protocol (docs/recipe.md §5: 13,320 videos, 320x576).
 FVD_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_videos=4, batch_size=2, shard_size=4, steps=2, num_frames=16, height=64, width=112),
 }

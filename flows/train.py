@@ -77,7 +77,7 @@ def train_stage(
     """Train SVD stage `stage` (1 images, 2 low-res video, 3 high-res finetune) with Ray Train.
 
     Args:
-        stage: 1, 2 or 3 (SPEC §4); stage N starts from `output_root/stage{N-1}/pipeline` unless `init`.
+        stage: 1, 2 or 3 (docs/recipe.md §4); stage N starts from `output_root/stage{N-1}/pipeline` unless `init`.
         preset: `tiny` (CPU, minutes) or `svd` (the paper's sizes, GPUs).
         data: a curate-lvd output directory (its shards/) or a folder of WebDataset .tar shards.
         output_root: stage N writes `output_root/stageN/` (pipeline/, tensorboard/, checkpoints under ray/).

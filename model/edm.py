@@ -1,4 +1,4 @@
-"""EDM formulation with sigma_data = 1, as SVD trains it (SPEC §3; Karras et al. 2022, Table 1).
+"""EDM formulation with sigma_data = 1, as SVD trains it (docs/recipe.md §3; Karras et al. 2022, Table 1).
 
 D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with
 c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1), c_in = 1/sqrt(sigma^2+1), c_noise = 0.25 ln sigma
@@ -54,7 +54,7 @@ class VPredictionPreconditioning:
 
 
 class LogNormalNoise:
-    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2) (EDM; SVD stage table, SPEC §4)."""
+    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2) (EDM; SVD stage table, docs/recipe.md §4)."""
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
         if p_std <= 0:
@@ -99,7 +99,7 @@ class EDMLoss:
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) eq. 5 noise levels, decreasing, with a final 0 appended (SPEC §3)."""
+    """Karras et al. (2022) eq. 5 noise levels, decreasing, with a final 0 appended (docs/recipe.md §3)."""
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)

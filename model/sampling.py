@@ -1,4 +1,4 @@
-"""Samplers and guidance for the video model (SPEC §3), in the style of k-diffusion.
+"""Samplers and guidance for the video model (docs/recipe.md §3), in the style of k-diffusion.
 
 `denoiser(x, sigma, **extra)` returns D(x; sigma), the denoised estimate (model.edm applies the
 preconditioning). Samplers are plain functions; guidance wraps a denoiser.
@@ -29,7 +29,7 @@ def sample_euler(
     disable: bool | None = None,
 ) -> torch.Tensor:
     """Deterministic Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the
-    Heun correction and without churn): what SVD samples with (SPEC §3). `x` starts at noise scaled by
+    Heun correction and without churn): what SVD samples with (docs/recipe.md §3). `x` starts at noise scaled by
     sqrt(1 + sigma_max^2); `sigmas` ends with 0."""
     extra_args = extra_args or {}
     batch_ones = x.new_ones([x.shape[0]], dtype=torch.float32)

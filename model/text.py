@@ -1,4 +1,4 @@
-"""CLIP text conditioning (SPEC §2): SD 2.x's OpenCLIP ViT-H text encoder, or a tiny random one for tests.
+"""CLIP text conditioning (docs/recipe.md §2): SD 2.x's OpenCLIP ViT-H text encoder, or a tiny random one for tests.
 
 Real weights load from an SD 2.x checkpoint (path or hub id; `subfolder="text_encoder"`/`"tokenizer"`).
 The tiny preset needs no hub either: its tokenizer is built from the BPE merges that open_clip ships

@@ -1,4 +1,4 @@
-"""The paper's zero-shot UCF-101 text-to-video protocol (SPEC §5), minus the orchestration.
+"""The paper's zero-shot UCF-101 text-to-video protocol (docs/recipe.md §5), minus the orchestration.
 
 13,320 videos in the class distribution of UCF-101, the class name as prompt, 16 frames at 25 fps,
 CFG w = 7, generated at 320 x 576, resized (antialiased) to 240 x 432 and centre-cropped to 240 x 320,
@@ -137,7 +137,7 @@ def resize_crop(clips, height: int = 240, width: int = 320, chunk: int = 64) -> 
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """SPEC §5 defaults; everything that changes the generated set is here (and in the artifact)."""
+    """docs/recipe.md §5 defaults; everything that changes the generated set is here (and in the artifact)."""
 
     num_videos: int = TOTAL_VIDEOS
     num_frames: int = 16

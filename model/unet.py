@@ -1,4 +1,4 @@
-"""The video U-Net: temporal layers inserted into a 2D text-to-image U-Net (SPEC §2).
+"""The video U-Net: temporal layers inserted into a 2D text-to-image U-Net (docs/recipe.md §2).
 
 Built on diffusers' `UNetSpatioTemporalConditionModel`, whose blocks are sgm's VideoUNet: after every
 spatial ResBlock a temporal ResBlock (Conv3d kernel (3,1,1)), inside every spatial transformer a
@@ -13,7 +13,7 @@ What this class adds:
   weights are copied; the temporal output layers, the frame-index embedding and the micro-conditioning
   embedding start at zero (sgm zero-initialises the temporal ResBlock's output conv; diffusers does not),
   so at initialisation the video model on T frames equals the image model on each frame.
-* presets `tiny` (CPU tests, demo) and `svd` (SPEC §2 sizes), and parameter counts on the meta device.
+* presets `tiny` (CPU tests, demo) and `svd` (docs/recipe.md §2 sizes), and parameter counts on the meta device.
 
 API: `VideoUNet.from_preset(name, **config)`, `VideoUNet.from_image_unet(unet_or_path, num_frames=14)`,
 `VideoUNet.from_pretrained(path_or_hub_id, subfolder="unet")` (SVD checkpoints load as they are),
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         block_out_channels=(32, 64), addition_time_embed_dim=32, projection_class_embeddings_input_dim=96,
         layers_per_block=1, cross_attention_dim=64, num_attention_heads=(2, 4), num_frames=8,
     ),
-    # SPEC §2: 320/640/1280/1280, head dim 64, cross-attention 1024 (OpenCLIP ViT-H), text-to-video input.
+    # docs/recipe.md §2: 320/640/1280/1280, head dim 64, cross-attention 1024 (OpenCLIP ViT-H), text-to-video input.
     "svd": dict(
         sample_size=96, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),

@@ -1,4 +1,4 @@
-"""Latent space (SPEC §2): SD 2.x's AutoencoderKL encoder (f = 8, 4 channels) and either its image decoder
+"""Latent space (docs/recipe.md §2): SD 2.x's AutoencoderKL encoder (f = 8, 4 channels) and either its image decoder
 or SVD's temporal decoder (`AutoencoderKLTemporalDecoder`), decoding in chunks of frames to bound memory.
 """
 

@@ -38,7 +38,7 @@ def test_flashes_and_exposure_jumps_are_not_cuts(sample_dir):
 
 
 def test_single_native_detector_misses_dissolves_that_the_cascade_finds(sample_dir):
-    """The reason for the cascade (SPEC §1): one native-rate ContentDetector misses gradual transitions."""
+    """The reason for the cascade (docs/recipe.md §1): one native-rate ContentDetector misses gradual transitions."""
     path = sample_dir / "videos" / "dissolves.mp4"
     info = probe(path)
     width, height = analysis_size(info.width, info.height, 128)

@@ -1,4 +1,4 @@
-"""Text area (SPEC §1 OCR filter) with the real PP-OCRv4 detector on real footage with drawn text, and
+"""Text area (docs/recipe.md §1 OCR filter) with the real PP-OCRv4 detector on real footage with drawn text, and
 the CRAFT loading path with a random-init state dict."""
 
 from __future__ import annotations

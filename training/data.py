@@ -9,7 +9,7 @@ dataloader worker w takes every w-th micro-batch. So the batches do not depend o
 read them (2 workers = 1 worker with the doubled batch), and resuming at step s reads exactly what an
 uninterrupted run would have read from step s on.
 
-Per sample (SPEC §1, §4): T frames at a stride (the resulting fps is the fps conditioning), resized to
+Per sample (docs/recipe.md §1, §4): T frames at a stride (the resulting fps is the fps conditioning), resized to
 cover the phase resolution and centre-cropped, motion bucket from `motion_score`, caption drawn from the
 captioners' mix (CoCa 0.5, video 0.25, LLM summary 0.25 among those present), text dropped 15% for CFG.
 Image phases read image samples (jpg/png + txt) or one frame of a clip.

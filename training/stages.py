@@ -1,4 +1,4 @@
-"""The three SVD training stages as data (SPEC §4), and `tiny` copies of them that run on a CPU in minutes.
+"""The three SVD training stages as data (docs/recipe.md §4), and `tiny` copies of them that run on a CPU in minutes.
 
 A stage is a list of phases; a phase fixes what one stretch of optimisation sees: resolution, frames,
 batch, learning rate, the training noise distribution (P_mean, P_std), which parameters train, and whether
@@ -53,7 +53,7 @@ class StagePreset:
     phases: tuple[Phase, ...]
     ema_decay: float | None = None
     frame_strides: tuple[int, ...] = (1, 2, 3, 4)  # sampled per clip; fps conditioning = source fps / stride
-    text_drop_rate: float = 0.15  # SPEC §4: text dropped 15% for classifier-free guidance
+    text_drop_rate: float = 0.15  # docs/recipe.md §4: text dropped 15% for classifier-free guidance
     caption_mix: dict[str, float] = field(default_factory=lambda: {"coca": 0.5, "video": 0.25, "llm_summary": 0.25})
     weight_decay: float = 0.01  # [open] AdamW default
     grad_clip_norm: float = 1.0  # [open]
@@ -96,7 +96,7 @@ class StagePreset:
 
 SD21 = "stabilityai/stable-diffusion-2-1"
 
-# SPEC §4. Stage I batch/lr are not published ([open]); iterations, resolutions, noise and lrs of II/III are.
+# docs/recipe.md §4. Stage I batch/lr are not published ([open]); iterations, resolutions, noise and lrs of II/III are.
 _SVD_STAGES = {
     1: StagePreset(
         stage=1, preset="svd", init=SD21, frame_strides=(1,),

@@ -5,7 +5,7 @@ counter. Per phase it sets which parameters train (image phases also freeze the 
 image batches cannot move them, not even by weight decay) and wraps the U-Net in DDP when there is
 more than one worker (or shards it with FSDP2, `strategy="fsdp"`: weights, gradients, AdamW state and
 EMA split across workers); the loss always calls the *wrapped* model, so gradients are really
-synchronised (SPEC §6: community trainers skipped this). Noise level and noise are drawn per sample from
+synchronised (docs/recipe.md §6: community trainers skipped this). Noise level and noise are drawn per sample from
 (seed, global position): a batch's gradient does not depend on how it is split across workers.
 """
 

@@ -1,4 +1,4 @@
-"""Learned curation scorers (SPEC §1): text area, CLIP aesthetics + text score, CoCa captions, RAFT motion.
+"""Learned curation scorers (docs/recipe.md §1): text area, CLIP aesthetics + text score, CoCa captions, RAFT motion.
 
 Each scorer follows the `ClipScorer` protocol of curation/types.py and loads its model once; actors in
 curation/actors.py hold one each. `build_scorer` is the single place that maps a name to its class.

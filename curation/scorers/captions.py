@@ -1,4 +1,4 @@
-"""Captions (SPEC §1): CoCa on the middle frame -> `caption`, kept in a `captions` struct with room for
+"""Captions (docs/recipe.md §1): CoCa on the middle frame -> `caption`, kept in a `captions` struct with room for
 the other two captioners of the paper (a video captioner and an LLM summary of the two).
 
 open_clip ships CoCa, but its `generate` depends on transformers' BeamSearchScorer, which transformers 5
@@ -38,7 +38,7 @@ def empty_captions() -> dict[str, str | None]:
 def pick_training_caption(
     captions: dict[str, str | None] | None, rng: random.Random, mix: dict[str, float] | None = None
 ) -> str | None:
-    """One caption for a training sample: coca / video / llm_summary drawn 0.5 / 0.25 / 0.25 (SPEC §1),
+    """One caption for a training sample: coca / video / llm_summary drawn 0.5 / 0.25 / 0.25 (docs/recipe.md §1),
     renormalised over the non-empty ones; None when the clip has no caption at all."""
     mix = mix if mix is not None else CaptionConfig().mix
     available = [(name, weight) for name, weight in mix.items() if captions and captions.get(name) and weight > 0]

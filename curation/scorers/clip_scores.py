@@ -1,4 +1,4 @@
-"""CLIP aesthetics and CLIP text score of a clip (SPEC §1), from embeddings of first, middle, last frame.
+"""CLIP aesthetics and CLIP text score of a clip (docs/recipe.md §1), from embeddings of first, middle, last frame.
 
 - `aesthetic_score`: the LAION aesthetic predictor applied to each frame's L2-normalised CLIP image
   embedding, averaged over the frames (the predictor was trained on ViT-L/14 embeddings, 768-d).

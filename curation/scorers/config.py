@@ -1,6 +1,6 @@
 """Settings of the learned curation scorers (text area, CLIP, captions, RAFT) and of their Ray actor pools.
 
-Defaults follow SPEC §1 (captions mixed 0.5 / 0.25 / 0.25 at training time; RAFT at 800x450). The LVD-F
+Defaults follow docs/recipe.md §1 (captions mixed 0.5 / 0.25 / 0.25 at training time; RAFT at 800x450). The LVD-F
 drop rules over the columns these scorers fill (text area > 7 % and the 25 % most text, the 25 % lowest
 aesthetics, the 50 % lowest CLIP score) are `FilterRule`s in `CurationConfig.filters`, next to the
 motion rule, so every rule of the run is in one list; only the stage III `hq` selection is set here.
@@ -57,7 +57,7 @@ def easyocr_model_dir() -> Path:
 
 @dataclass
 class TextAreaConfig:
-    """Text area on the first, middle and last frame (SPEC §1: the CRAFT detector).
+    """Text area on the first, middle and last frame (docs/recipe.md §1: the CRAFT detector).
 
     backend: 'craft' = EasyOCR's CRAFT detector (the paper's), 'ppocr' = the PP-OCRv4 detector bundled
     with rapidocr-onnxruntime, 'auto' = CRAFT when its weights are found, else PP-OCR.
@@ -134,7 +134,7 @@ class ClipScoreConfig:
 
 @dataclass
 class CaptionConfig:
-    """CoCa caption of the middle frame (open_clip's CoCa; SPEC §1), plus the training-time caption mix.
+    """CoCa caption of the middle frame (open_clip's CoCa; docs/recipe.md §1), plus the training-time caption mix.
 
     model_name: 'coca_ViT-L-14' (or another open_clip CoCa) or 'local-dir:/path'; pretrained: weights file,
     e.g. the mscoco-finetuned laion2b CoCa. `mix` is how the trainer samples one caption per clip from the
@@ -170,7 +170,7 @@ class CaptionConfig:
 
 @dataclass
 class RaftConfig:
-    """RAFT motion for the stage III high-quality subset (SPEC §1: RAFT at 800x450).
+    """RAFT motion for the stage III high-quality subset (docs/recipe.md §1: RAFT at 800x450).
 
     Frames are sampled at `sample_fps` across the clip, resized to width x height, and the score is the
     mean optical-flow magnitude in pixels per second at that size over all consecutive pairs.

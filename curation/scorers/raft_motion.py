@@ -1,4 +1,4 @@
-"""RAFT motion for the stage III high-quality subset (SPEC §1: "HQ stage uses RAFT at 800x450").
+"""RAFT motion for the stage III high-quality subset (docs/recipe.md §1: "HQ stage uses RAFT at 800x450").
 
 Frames are sampled from the clip file at `sample_fps` (2 fps, as the Farneback score), resized to
 width x height (800x450; other aspect ratios are stretched to it, as the paper fixes the size), and

@@ -1,4 +1,4 @@
-"""Text area of a clip (SPEC §1 OCR filter): share of the frame covered by detected text boxes.
+"""Text area of a clip (docs/recipe.md §1 OCR filter): share of the frame covered by detected text boxes.
 
 Detection runs on the first, middle and last frame. Per frame, the area is that of the union of the
 detected boxes (rasterised, so overlapping boxes count once; for the usual disjoint boxes this is the

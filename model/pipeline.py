@@ -7,9 +7,9 @@ carries SVD's noise range (sigma_min 0.002, sigma_max 700); sampling is `model.s
 on the Karras schedule, which matches diffusers' EulerDiscreteScheduler configured like SVD (tested).
 
 API: `TextToVideoPipeline.from_preset("tiny", seed=0)`, `TextToVideoPipeline.from_components(unet=..., ...)`,
-`pipe(prompt, num_frames=14, height=320, width=576, num_inference_steps=25, guidance_scale=(1.0, 2.5) or 7.0,
-fps=7, motion_bucket_id=127, generator=..., decode_chunk_size=8) -> TextToVideoOutput(frames)` with frames
-uint8 (B, T, H, W, 3); `save_video(frames, path, fps)` writes .mp4 or .gif.
+`pipe(prompt, num_frames=14, height=320, width=576, num_inference_steps=25, guidance_scale=7.0 or (1.0, 2.5),
+fps=7 (the model sees fps - 1), motion_bucket_id=127, generator=..., decode_chunk_size=8) ->
+TextToVideoOutput(frames)` with frames uint8 (B, T, H, W, 3); `save_video(frames, path, fps)` writes .mp4 or .gif.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from model.conditioning import micro_conditioning
 from model.edm import VPredictionPreconditioning, initial_noise_scale, karras_sigmas
 from model.sampling import ClassifierFreeGuidance, linear_guidance_scales, sample_euler
 from model.text import encode_prompts, tiny_text_encoder
@@ -33,6 +34,10 @@ SVD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
     timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
 )
+
+# Text-to-video guides every frame equally (the paper's UCF-101 numbers use w = 7); the linear ramp over
+# frames is SVD's image-to-video recipe, where the first frame is pinned by the conditioning image.
+DEFAULT_TEXT_GUIDANCE = 7.0
 
 
 @dataclass
@@ -91,7 +96,7 @@ class TextToVideoPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float | tuple[float, float] = (1.0, 2.5),
+        guidance_scale: float | tuple[float, float] = DEFAULT_TEXT_GUIDANCE,
         fps: int = 7,
         motion_bucket_id: int = 127,
         noise_aug_strength: float = 0.0,
@@ -105,8 +110,10 @@ class TextToVideoPipeline(DiffusionPipeline):
         init_latents: torch.Tensor | None = None,
         init_sigma: float | None = None,
     ) -> TextToVideoOutput:
-        """Generate videos. `guidance_scale`: a float (constant CFG, e.g. 7 for UCF-101) or (min, max)
-        rising linearly over frames (SVD: 1.0 -> 2.5). `output_type`: 'np' (uint8), 'pt' ([-1, 1]), 'latent'.
+        """Generate videos. `guidance_scale`: a float (constant CFG; default 7, the paper's UCF-101 setting) or
+        (min, max) rising linearly over frames (SVD's image-to-video recipe). `fps` is the frame rate the video
+        should have; the model sees fps - 1 (`model.conditioning.micro_conditioning`, SVD's convention).
+        `output_type`: 'np' (uint8), 'pt' ([-1, 1]), 'latent'.
 
         `prompt_embeds` replaces `prompt` with precomputed text embeddings, (B, 77, D) or per frame
         (B, T, 77, D), so walks can interpolate them; `negative_prompt_embeds` (same shape) defaults to the
@@ -138,8 +145,8 @@ class TextToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
         context = context.to(device, dtype)
-        ids = torch.tensor([[fps, motion_bucket_id, noise_aug_strength]], device=device, dtype=dtype)
-        ids = ids.repeat(2 * batch, 1)
+        ids = micro_conditioning(fps, motion_bucket_id, noise_aug_strength, batch_size=2 * batch, device=device,
+                                 dtype=dtype)
         if isinstance(guidance_scale, int | float):
             scales = torch.full((num_frames,), float(guidance_scale))
         else:

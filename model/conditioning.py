@@ -1,4 +1,4 @@
-"""How the video U-Net is conditioned (SPEC §2, §2b): micro-conditioning for every model, and SVD's image
+"""How the video U-Net is conditioned (docs/recipe.md §2, §2b): micro-conditioning for every model, and SVD's image
 conditioning for image-to-video. The image-to-video pipeline and the trainer both call these functions, so a
 checkpoint trained here and SVD's released ones see the same numbers for the same request.
 

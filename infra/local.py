@@ -20,13 +20,19 @@ from pathlib import Path
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "1",
 }
+# Ray's authentication stays at Ray's default (a token in ~/.ray/auth_token for a new local cluster): the local
+# Ray is on loopback, and the token also keeps other users of this machine from submitting tasks into it.
+
+# Ray's switch for "this node is a single-machine cluster": its node address becomes 127.0.0.1, so GCS, raylet,
+# object manager, workers and agents bind to loopback only. Without it Ray turns a node IP of 127.0.0.1 into the
+# machine's network address and listens on every interface.
+_RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def apply_quiet_env() -> None:
-    """No telemetry and no token prompts: this machine (and many clusters) has no outbound network."""
+    """No telemetry: this machine (and many clusters) has no outbound network."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 
@@ -96,12 +102,36 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
             process.wait()
 
 
+def _ray_on_loopback(single_node: bool) -> None:
+    """Make the next `ray.init` in this process pick 127.0.0.1 (single_node) or the network address as node IP.
+
+    Ray reads the switch into a constant when it is first imported, so an already imported Ray is updated too;
+    the environment variable carries the choice to the processes the local Ray starts.
+    """
+    if single_node:
+        os.environ[_RAY_SINGLE_NODE_ENV] = "0"
+    elif os.environ.get(_RAY_SINGLE_NODE_ENV) == "0":
+        del os.environ[_RAY_SINGLE_NODE_ENV]
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = not single_node
+
+
 def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Arguments for `ray.init`: join `address` (a cluster) or start a small local Ray without a dashboard."""
+    """Arguments for `ray.init`: join exactly `address` (a cluster), or start an own local Ray on loopback.
+
+    Without an address the run never joins another cluster on this machine: not one from `ray start` (live, or
+    dead with its address file left behind in Ray's temp dir), nor one named by RAY_ADDRESS. Its processes
+    listen on 127.0.0.1 only, and it has no dashboard.
+    """
     apply_quiet_env()
     if address:
+        _ray_on_loopback(False)
         return {"address": address, "ignore_reinit_error": True}
+    _ray_on_loopback(True)
     return {
+        "address": "local",
+        "_node_ip_address": "127.0.0.1",
         "num_cpus": num_cpus or os.cpu_count() or 1,
         "include_dashboard": False,
         "ignore_reinit_error": True,

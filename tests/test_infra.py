@@ -87,3 +87,105 @@ def test_dockerfile_builds_the_runtime_from_the_repository():
             for source in line.split()[1:-1]:
                 assert (root / source).exists(), f"Dockerfile copies missing {source}"
     assert "pip install" in dockerfile and "opencv-python-headless" in dockerfile
+
+
+_RAY_PROBE = r"""
+import json, os, sys
+import psutil
+import ray
+from infra.local import ray_init_kwargs
+
+ray.init(**ray_init_kwargs(num_cpus=1))
+
+@ray.remote
+class Echo:
+    def pid(self):
+        return os.getpid()
+
+@ray.remote
+def task_pid():
+    return os.getpid()
+
+actor = Echo.remote()
+worker_pids = {ray.get(actor.pid.remote()), ray.get(task_pid.remote())}
+own = {os.getpid(), *worker_pids} | {child.pid for child in psutil.Process().children(recursive=True)}
+listening = [(conn.laddr.ip, conn.laddr.port, conn.pid) for conn in psutil.net_connections(kind="inet")
+             if conn.status == psutil.CONN_LISTEN and conn.pid in own]
+print("PROBE " + json.dumps({"listening": listening, "workers": sorted(worker_pids), "processes": len(own)}))
+ray.shutdown()
+"""
+
+
+def _run_ray_probe(env_updates: dict[str, str]) -> dict:
+    """Start the project's local Ray in a fresh interpreter (clean Ray state) and report its listening sockets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update({"PYTHONPATH": str(INFRA.parent), "RAY_TMPDIR": _short_temp_dir(), **env_updates})
+    result = subprocess.run([sys.executable, "-c", _RAY_PROBE], env=env, capture_output=True, text=True,
+                            timeout=240, cwd=INFRA.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("PROBE "))
+    return json.loads(line.removeprefix("PROBE "))
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _short_temp_dir() -> str:
+    """A fresh Ray temp dir with a short path (Ray's unix socket paths live under it)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="rt", dir="/tmp")
+
+
+def test_local_ray_listens_on_loopback_only():
+    """A local run's Ray (GCS, raylet, object manager, task and actor workers, agents) accepts no connection
+    from the network."""
+    probe = _run_ray_probe({})
+    assert probe["listening"], "the probe saw no listening socket at all: it did not look at Ray's processes"
+    exposed = [entry for entry in probe["listening"] if not _is_loopback(entry[0])]
+    assert not exposed, f"Ray processes listen beyond loopback: {exposed}"
+
+
+def test_local_ray_is_not_hijacked_by_another_cluster_on_the_machine():
+    """A dead `ray start` cluster's address file does not make a local run join (or fail to join) that cluster:
+    without `ray_address` the run starts its own Ray (with address "local", which Ray documents as also
+    ignoring RAY_ADDRESS)."""
+    ray_tmp = Path(_short_temp_dir())
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # recorded by `ray start`, long dead
+    assert _run_ray_probe({"RAY_TMPDIR": str(ray_tmp)})["workers"]
+
+
+def test_ray_init_kwargs_join_exactly_the_given_cluster():
+    from infra.local import ray_init_kwargs
+
+    kwargs = ray_init_kwargs("ray://head:10001")
+    assert kwargs["address"] == "ray://head:10001"
+    assert not {"num_cpus", "_node_ip_address", "object_store_memory"} & set(kwargs)
+    assert ray_init_kwargs()["address"] == "local"
+
+
+def test_cluster_configs_need_a_token_and_keep_the_dashboard_off_the_network():
+    """Neither cluster config opens the dashboard beyond loopback, and both turn on Ray's token authentication."""
+    kuberay = yaml.safe_load((INFRA / "ray" / "kuberay-raycluster.yaml").read_text())
+    assert kuberay["spec"]["authOptions"]["mode"] == "token"
+    for group in [kuberay["spec"]["headGroupSpec"], *kuberay["spec"]["workerGroupSpecs"]]:
+        assert "dashboard-host" not in group["rayStartParams"], group.get("groupName", "head")
+        ports = [port["containerPort"] for c in group["template"]["spec"]["containers"] for port in c.get("ports", [])]
+        assert 8265 not in ports
+    ray_up = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    starts = [cmd for cmd in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"]
+              if "ray start" in cmd]
+    assert starts and all("RAY_AUTH_MODE=token" in cmd and "dashboard-host" not in cmd for cmd in starts)
+    assert "~/.ray/auth_token" in ray_up["file_mounts"]

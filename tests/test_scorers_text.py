@@ -133,3 +133,33 @@ def test_missing_weights_name_the_setting(tmp_path):
         TextAreaScorer(TextAreaConfig(ppocr_det_model=str(tmp_path / "det.onnx")), device="cpu")
     with pytest.raises(ValueError, match=r"scorers\.text\.backend"):
         TextAreaConfig(backend="tesseract").validate()
+
+
+class _PicklePayload:
+    """Unpickling this runs os.mkdir(marker): the shape of a planted weights file that runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_craft_weights_that_would_run_code_are_refused(tmp_path, monkeypatch):
+    """A craft_mlt_25k.pth planted in EasyOCR's model dir (picked by 'auto') is refused; its payload never runs."""
+    import torch
+    from easyocr.craft import CRAFT
+
+    marker = tmp_path / "payload-ran"
+    state = CRAFT().state_dict()
+    state["extra"] = _PicklePayload(marker)
+    (tmp_path / "model").mkdir()
+    torch.save(state, tmp_path / "model" / "craft_mlt_25k.pth")
+    monkeypatch.setenv("EASYOCR_MODULE_PATH", str(tmp_path))
+    config = TextAreaConfig()
+    assert config.resolved_backend() == "craft"
+    with pytest.raises(ValueError, match="refusing to load"):
+        TextAreaScorer(config, device="cpu").score([text_clip("none", [])[0]])
+    assert not marker.exists(), "the pickle's payload ran"

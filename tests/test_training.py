@@ -344,3 +344,53 @@ def test_progress_callbacks_run_in_the_callers_context(tmp_path):
     assert seen[:2] == [("stage-2 run", 1), ("stage-2 run", 2)]
     assert seen[-1] == ("stage-2 run", 3) and {name for name, _ in seen} == {"stage-2 run"}
     assert len(seen) <= 4  # step 3 at most twice: by the thread, then by the final poll
+
+
+class _PicklePayload:
+    """Unpickling this runs os.mkdir(marker): the shape of a planted checkpoint file that runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_planted_checkpoint_cannot_run_code_on_resume(tmp_path):
+    """Resume reads RNG state from JSON and tensors with torch's weights-only unpickler: a checkpoint whose
+    rng.pt (the pre-JSON format) or optimizer.pt carries a code payload is refused and the payload never runs."""
+    import random
+
+    preset = replace(get_stage_preset(3).with_max_steps(1), phases=(replace(get_stage_preset(3).phases[0],
+                                                                             height=64, width=64, num_frames=4),))
+    trainer = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    good = tmp_path / "good"
+    trainer.save_state(good)
+    marker = tmp_path / "payload-ran"
+    for planted_file in ("rng.pt", "optimizer.pt"):
+        planted = tmp_path / planted_file.replace(".", "-")
+        planted.mkdir()
+        for item in good.iterdir():
+            if item.name not in ("rng.json", "rng.pt"):
+                (planted / item.name).write_bytes(item.read_bytes())
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   planted / "rng.pt")  # the format older checkpoints have
+        torch.save({"state": _PicklePayload(marker)}, planted / planted_file)
+        with pytest.raises(ValueError, match="refusing to load"):
+            StageTrainer(load_initial_pipeline("tiny"), preset, seed=1).load_state(planted)
+        assert not marker.exists(), f"a planted {planted_file} ran its payload"
+
+    assert (good / "rng.json").is_file() and not (good / "rng.pt").exists()
+    older = tmp_path / "older"  # an older checkpoint's genuine rng.pt (tensors and numpy arrays only) resumes
+    older.mkdir()
+    for item in good.iterdir():
+        (older / item.name).write_bytes(item.read_bytes())
+    (older / "rng.json").unlink()
+    expected = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    torch.save({"torch": expected[0], "numpy": np.random.get_state(), "python": expected[2]}, older / "rng.pt")
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    StageTrainer(load_initial_pipeline("tiny"), preset, seed=1).load_state(older)
+    assert torch.equal(torch.get_rng_state(), expected[0]) and random.getstate() == expected[2]
+    assert np.array_equal(np.random.get_state()[1], expected[1])

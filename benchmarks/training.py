@@ -27,8 +27,9 @@ if not __package__:  # run as a script: keep benchmarks/ from shadowing project 
 
 import torch  # noqa: E402
 
+from dataformat import find_shards, index_shards  # noqa: E402
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning  # noqa: E402
-from training.data import TrainingStream, find_shards, index_shards, training_loader  # noqa: E402
+from training.data import TrainingStream, training_loader  # noqa: E402
 from training.loop import group_steps, load_initial_pipeline  # noqa: E402
 from training.stages import Phase, get_stage_preset  # noqa: E402
 from training.trainer import StageTrainer  # noqa: E402

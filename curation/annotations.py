@@ -15,58 +15,45 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.actors import AnnotateReport, annotate
-from curation.chain import source_id
 from curation.config import CurationConfig
-from curation.dataset import RunLayout, completed_sources, load_clip_frames
-from curation.shards import CAPTIONS_TYPE, read_parquet_rows, write_parquet_atomic
+from curation.dataset import completed_sources, load_clip_frames
 from curation.types import ClipFrames
+from dataformat import (
+    ANNOTATED_COLUMNS,
+    ANNOTATION_SCHEMA,
+    Column,
+    RunLayout,
+    read_parquet_rows,
+    source_id,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-ANNOTATION_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("text_area", pa.float64()),
-        ("aesthetic_score", pa.float64()),
-        ("clip_score", pa.float64()),
-        ("caption", pa.string()),
-        ("captions", CAPTIONS_TYPE),
-        ("scorer_errors", pa.list_(pa.string())),
-        ("annotated_by", pa.list_(pa.string())),
-    ]
-)
-ANNOTATION_COLUMNS = ("text_area", "aesthetic_score", "clip_score", "caption", "captions", "scorer_errors")
-
-
-def annotations_dir(layout: RunLayout) -> Path:
-    return layout.out / "work" / "annotations"
-
-
 def read_annotations(out: str | Path) -> dict[str, dict[str, Any]]:
     """{clip_id: {text_area, aesthetic_score, clip_score, caption, captions, scorer_errors}} of a run."""
-    rows = read_parquet_rows(annotations_dir(RunLayout(Path(out))))
-    return {row["clip_id"]: {name: row.get(name) for name in ANNOTATION_COLUMNS} for row in rows}
+    rows = read_parquet_rows(RunLayout(out).annotations)
+    return {row[Column.CLIP_ID]: {name: row.get(name) for name in ANNOTATED_COLUMNS} for row in rows}
 
 
 def _annotated_by(layout: RunLayout) -> dict[str, set[str]]:
     """Source id -> scorers its annotation part was made with."""
     out: dict[str, set[str]] = {}
-    for part in annotations_dir(layout).glob("part-*.parquet"):
+    for part in layout.annotations.glob("part-*.parquet"):
         rows = read_parquet_rows(part)
-        out[part.stem.removeprefix("part-")] = set(rows[0]["annotated_by"] or []) if rows else set()
+        out[part.stem.removeprefix("part-")] = set(rows[0][Column.ANNOTATED_BY] or []) if rows else set()
     return out
 
 
 def _clip_rows(layout: RunLayout, sid: str) -> list[dict[str, Any]]:
-    return read_parquet_rows(layout.clip_rows / f"part-{sid}.parquet")
+    return read_parquet_rows(layout.clip_rows_part(sid))
 
 
 def _has_clips(layout: RunLayout, sid: str) -> bool:
-    part = layout.clip_rows / f"part-{sid}.parquet"
+    part = layout.clip_rows_part(sid)
     return part.exists() and pq.read_metadata(part).num_rows > 0
 
 
@@ -100,8 +87,7 @@ class _PartWriter:
         self.rows[sid].append({"clip_id": clip_id, **row, "annotated_by": self.names})
         self.expected[sid].discard(clip_id)
         if not self.expected[sid]:
-            path = annotations_dir(self.layout) / f"part-{sid}.parquet"
-            write_parquet_atomic(self.rows.pop(sid), ANNOTATION_SCHEMA, path)
+            write_parquet_atomic(self.rows.pop(sid), ANNOTATION_SCHEMA, self.layout.annotations_part(sid))
             del self.expected[sid]
             self.parts_written += 1
 
@@ -119,7 +105,7 @@ def annotate_sources(
     drives its per-source progress through it. With `expect_sources=False` (nothing pending) and no
     backlog, no model is loaded at all.
     """
-    layout = RunLayout(Path(out))
+    layout = RunLayout(out)
     scorers = config.scorers
     names = scorers.active()
     report = AnnotateReport()

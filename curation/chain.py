@@ -9,7 +9,6 @@ per clip and the first/middle/last frames of each clip. Any failure becomes an e
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,8 +24,7 @@ from curation.cuts import CutCascade
 from curation.decode import SourceError, analysis_copy, probe, stream_frames
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
-
-SOURCE_COLUMNS = ("source", "status", "error", "num_frames", "fps", "width", "height", "duration_s", "cuts")
+from dataformat import SOURCE_COLUMNS, source_id
 
 
 @dataclass
@@ -35,10 +33,6 @@ class SourceResult:
     clip_rows: list[dict[str, Any]] = field(default_factory=list)
     clip_frames: list[ClipFrames] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def source_id(relative_path: str) -> str:
-    return hashlib.sha1(relative_path.encode()).hexdigest()[:12]
 
 
 def error_result(relative_path: str, message: str) -> SourceResult:

@@ -1,10 +1,8 @@
 """A curation run on disk: which sources are done, per-source commits, and the final LVD-F files.
 
-Layout of OUT (see README "Output formats"):
-  sources.parquet/part-<id>.parquet  one row per input file; its presence marks the source done
-  work/clip_rows/part-<id>.parquet   that source's clip rows (written before the source row)
-  work/clips/<id>/<clip>.mp4         clip files;  work/frames/<id>/<clip>.jpg  first/middle/last frames
-  manifest.parquet, shards/*.tar, summary.json  written by `finalize` after every source is done
+The paths are `dataformat.RunLayout`'s (README "Output formats"): each source commits its clip rows
+(`work/clip_rows/`) and then its source row (`sources.parquet/`); `finalize` writes manifest.parquet,
+shards/*.tar and summary.json after every source is done.
 
 A source is committed by renaming its source row into place last, so a run killed at any point is
 rerun to exactly one row per source: unfinished sources are simply processed again from scratch.
@@ -13,66 +11,34 @@ rerun to exactly one row per source: unfinished sources are simply processed aga
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from curation.chain import error_result, process_source, source_id
+from curation.chain import error_result, process_source
 from curation.config import CurationConfig
 from curation.filtering import apply_filters
-from curation.shards import (
+from curation.types import ClipFrames
+from dataformat import (
     CLIP_PART_SCHEMA,
     MANIFEST_SCHEMA,
     SOURCES_SCHEMA,
+    Column,
+    RunLayout,
+    atomic_write,
+    atomic_write_json,
     read_parquet_rows,
-    remove_stale_staging,
+    remove_stale_temporaries,
+    source_id,
     write_parquet_atomic,
     write_shards,
 )
-from curation.types import ClipFrames
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    out: Path
-
-    @property
-    def sources(self) -> Path:
-        return self.out / "sources.parquet"
-
-    @property
-    def clip_rows(self) -> Path:
-        return self.out / "work" / "clip_rows"
-
-    @property
-    def clips(self) -> Path:
-        return self.out / "work" / "clips"
-
-    @property
-    def frames(self) -> Path:
-        return self.out / "work" / "frames"
-
-    @property
-    def manifest(self) -> Path:
-        return self.out / "manifest.parquet"
-
-    @property
-    def shards(self) -> Path:
-        return self.out / "shards"
-
-    @property
-    def summary(self) -> Path:
-        return self.out / "summary.json"
-
-    def source_part(self, relative_path: str) -> Path:
-        return self.sources / f"part-{source_id(relative_path)}.parquet"
 
 
 def is_remote(input_root: str | Path) -> bool:
@@ -140,10 +106,10 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 
 
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
-    layout = RunLayout(Path(out))
+    layout = RunLayout(out)
     layout.out.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(layout.out)
-    (layout.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    remove_stale_temporaries(layout.out)
+    atomic_write_json(layout.config, config.to_dict())
     return layout
 
 
@@ -153,36 +119,36 @@ def completed_sources(layout: RunLayout) -> set[str]:
 
 def save_clip_frames(path: Path, frames: np.ndarray) -> None:
     """First, middle, last frame stacked vertically in one JPEG (also a ready-made contact strip)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     stacked = np.concatenate(list(frames), axis=0)
-    temporary = path.with_name(f".{path.name}.tmp")
-    cv2.imwrite(str(temporary) + ".jpg", cv2.cvtColor(stacked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-    os.replace(str(temporary) + ".jpg", path)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(stacked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    if not ok:
+        raise OSError(f"cannot encode the sampled frames of {path.name} as JPEG")
+    atomic_write(path, encoded.tobytes())
 
 
 def load_clip_frames(row: dict[str, Any]) -> ClipFrames:
-    stacked = cv2.cvtColor(cv2.imread(row["frames_path"], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    stacked = cv2.cvtColor(cv2.imread(row[Column.FRAMES_PATH], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     height = stacked.shape[0] // 3
     frames = stacked[: 3 * height].reshape(3, height, stacked.shape[1], 3)
-    return ClipFrames(clip_id=row["clip_id"], frames=frames, caption=row.get("caption"))
+    return ClipFrames(clip_id=row[Column.CLIP_ID], frames=frames, caption=row.get(Column.CAPTION))
 
 
 def curate_source(input_root: str | Path, relative_path: str, out: str | Path, config: CurationConfig) -> dict:
     """Process one source and commit it; returns its source row plus clip count and timings."""
-    layout = RunLayout(Path(out))
+    layout = RunLayout(out)
     sid = source_id(relative_path)
     clips_dir, frames_dir = layout.clips / sid, layout.frames / sid
     for directory in (clips_dir, frames_dir):  # a previous attempt may have died half-way
         shutil.rmtree(directory, ignore_errors=True)
     try:
-        with local_copy(input_root, relative_path, layout.out / "work" / "downloads") as path:
+        with local_copy(input_root, relative_path, layout.downloads) as path:
             result = process_source(path, relative_path, clips_dir, config)
     except OSError as error:  # the download failed: still one error row, never a crashed run
         result = error_result(relative_path, f"unreadable path: {error}")
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
-    write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows / f"part-{sid}.parquet")
+    write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
     write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
     return {**result.source_row, "num_clips": len(result.clip_rows), "timings": result.timings}
 
@@ -221,9 +187,7 @@ def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, d
         ],
         "clip_methods": {m: sum(r.get("clip_method") == m for r in rows) for m in ("copy", "reencode")},
     }
-    temporary = layout.summary.with_name(".summary.json.tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, layout.summary)
+    atomic_write_json(layout.summary, report)
     return report
 
 

@@ -12,7 +12,6 @@ selected and `hq` stays null (not evaluated).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -23,12 +22,19 @@ import numpy as np
 
 from curation.actors import AnnotateReport, annotate
 from curation.config import CurationConfig, FilterRule
-from curation.dataset import RunLayout, pending_clip_rows
+from curation.dataset import pending_clip_rows
 from curation.filtering import apply_filters
 from curation.scorers.config import RaftConfig
 from curation.scorers.raft_motion import sample_raft_frames
-from curation.shards import MANIFEST_SCHEMA, read_parquet_rows, write_parquet_atomic, write_shards
 from curation.types import ClipFrames
+from dataformat import (
+    MANIFEST_SCHEMA,
+    RunLayout,
+    atomic_write_json,
+    read_parquet_rows,
+    write_parquet_atomic,
+    write_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +93,10 @@ def hq_uses_ray(config: CurationConfig) -> bool:
 
 def hq_pass(out: str | Path, config: CurationConfig) -> dict[str, Any]:
     """Score kept clips with RAFT, select the hq subset, write OUT/hq/shards and update the manifest."""
-    layout = RunLayout(Path(out))
+    layout = RunLayout(out)
     raft = config.scorers.raft
     manifest = read_parquet_rows(layout.manifest)
-    hq_dir = layout.out / "hq" / "shards"
+    hq_dir = layout.hq_shards
     skipped = None
     if not raft.enabled:
         skipped = "RAFT hq pass disabled (scorers.raft.enabled=false)"
@@ -98,7 +104,7 @@ def hq_pass(out: str | Path, config: CurationConfig) -> dict[str, Any]:
         skipped = f"RAFT hq pass off: no weights configured; set {raft.missing_setting()}"
     if skipped:
         logger.warning(skipped)
-        _write_json(layout.out / "hq" / "summary.json", {"skipped": skipped, "selected": 0})
+        atomic_write_json(layout.hq_summary, {"skipped": skipped, "selected": 0})
         return {"skipped": skipped, "selected": 0}
     paths = {row["clip_id"]: row["clip_path"] for row in pending_clip_rows(layout)}
     kept = [{**row, "clip_path": paths.get(row["clip_id"])} for row in manifest if row.get("keep")]
@@ -125,12 +131,6 @@ def hq_pass(out: str | Path, config: CurationConfig) -> dict[str, Any]:
         pool=report.as_dict(),
     )
     logger.info("hq: %d of %d kept clips selected for stage III", info["selected"], len(kept))
-    _write_json(layout.out / "hq" / "summary.json", info)
+    atomic_write_json(layout.hq_summary, info)
     return info
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
-    temporary.replace(path)

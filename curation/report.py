@@ -1,15 +1,16 @@
-"""The LVD-F report: what each filter removed, so a person can judge the thresholds (docs/recipe.md §1 picked them
-by human preference).
+"""The LVD-F report of a curation run: what each filter removed, so a person can judge the thresholds (the
+paper picked them by human preference), and how the run went.
 
 `write_report(OUT, config)` reads the finished run (manifest, summary.json, the sampled frames of each
 clip, hq/summary.json) and writes OUT/report.md with:
+- sources read and failed (with each error), clips kept, how clip files were cut, the shards written;
 - counts per rule, clips dropped by that rule alone, kept fraction;
 - the overlap between rules (clips dropped by both);
 - PNG histograms per score, kept and dropped stacked, with each rule's threshold drawn in;
 - one contact sheet per rule: first/middle/last frame of the clips it dropped, most extreme first;
 - which learned scorers ran (and which setting switches the others on), captions, the hq subset.
-It returns the same text for the Prefect markdown artifact, with figure paths instead of images
-(the Prefect UI cannot show local files).
+`build_report` returns the same text for the Prefect markdown artifact, with figure paths instead of
+images (the Prefect UI cannot show local files) and a text histogram under each score figure.
 """
 
 from __future__ import annotations
@@ -23,16 +24,34 @@ import cv2
 import numpy as np
 
 from curation.config import CurationConfig
-from curation.dataset import RunLayout, pending_clip_rows
-from curation.shards import read_parquet_rows
+from curation.dataset import pending_clip_rows
+from dataformat import SCORE_COLUMNS, Column, RunLayout, atomic_write, read_parquet_rows
 
-SCORE_COLUMNS = ("motion_score", "text_area", "aesthetic_score", "clip_score", "raft_motion")
 SHEET_CLIPS = 6
 SHEET_FRAME_HEIGHT = 96
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def text_histogram(values: list[Any], bins: int = 8, width: int = 24) -> str:
+    """A fixed-width histogram that renders in any markdown viewer (the Prefect UI included)."""
+    values = [v for v in values if _finite(v)]
+    if not values:
+        return "_no scores_"
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    counts = [0] * bins
+    for value in values:
+        counts[min(bins - 1, int((value - low) / span * bins))] += 1
+    peak = max(counts)
+    lines = []
+    for i, count in enumerate(counts):
+        left = low + span * i / bins
+        bar = "#" * round(width * count / peak) if peak else ""
+        lines.append(f"{left:10.4f} | {bar:<{width}} {count}")
+    return "```\n" + "\n".join(lines) + "\n```"
 
 
 def rule_overlap(rows: list[dict[str, Any]], rule_names: list[str]) -> dict[str, dict[str, int]]:
@@ -133,23 +152,26 @@ def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[t
 
 def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
     """Write figures under OUT/report/ and return (report.md text, Prefect artifact text)."""
-    layout = RunLayout(Path(out))
-    figures = layout.out / "report"
+    layout = RunLayout(out)
+    figures = layout.report_figures
     manifest = read_parquet_rows(layout.manifest)
-    frames = {r["clip_id"]: r.get("frames_path") for r in pending_clip_rows(layout)}
-    rows = [{**r, "frames_path": frames.get(r["clip_id"]), "drop_reasons": list(r.get("drop_reasons") or [])}
-            for r in manifest]
+    frames = {r[Column.CLIP_ID]: r.get(Column.FRAMES_PATH) for r in pending_clip_rows(layout)}
+    rows = [{**r, Column.FRAMES_PATH: frames.get(r[Column.CLIP_ID]),
+             Column.DROP_REASONS: list(r.get(Column.DROP_REASONS) or [])} for r in manifest]
     summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
-    hq_file = layout.out / "hq" / "summary.json"
-    hq = json.loads(hq_file.read_text()) if hq_file.exists() else None
+    hq = json.loads(layout.hq_summary.read_text()) if layout.hq_summary.exists() else None
     rules = summary.get("rules", [])
-    total, kept = len(rows), sum(bool(r.get("keep")) for r in rows)
+    total, kept = len(rows), sum(bool(r.get(Column.KEEP)) for r in rows)
+    methods = summary.get("clip_methods", {})
     lines = [
         "# LVD-F curation report",
         "",
-        f"- sources: {summary.get('sources', '?')} ({summary.get('sources_error', 0)} could not be read)",
+        f"- sources: {summary.get('sources', '?')} ({summary.get('sources_ok', '?')} ok, "
+        f"{summary.get('sources_error', 0)} could not be read)",
         f"- clips: **{total}**, kept: **{kept}** ({kept / total:.1%} kept)" if total else "- clips: **0**",
         f"- dropped: {total - kept}; a clip can be dropped by several rules (see the overlap table)",
+        f"- clip files: {methods.get('copy', 0)} stream-copied, {methods.get('reencode', 0)} re-encoded",
+        f"- shards: {', '.join(summary.get('shards', [])) or 'none'}",
         "",
         "## What each rule removed",
         "",
@@ -178,6 +200,10 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
         lines += ["", "## Overlap between rules (clips dropped by both)", "",
                   "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {a} | " + " | ".join(str(overlap[a][b]) for b in names) + " |" for a in names]
+    errors = summary.get("errors") or {}
+    if errors:
+        lines += ["", "## Sources with errors", "", "| source | error |", "|---|---|"]
+        lines += [f"| {source} | {error} |" for source, error in sorted(errors.items())]
     lines += ["", "## Score distributions (kept green, dropped red; dashed: rule thresholds)", ""]
     for column in SCORE_COLUMNS:
         thresholds = [(r["name"], r["threshold"]) for r in rules
@@ -210,19 +236,26 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
             lines.append(f"- {rule['name']}: {rule['column']} {rule['mode']} {rule['value']:g}, dropped "
                          f"{rule['skipped'] or rule['dropped']} (threshold {threshold})")
     markdown = "\n".join(lines) + "\n"
-    artifact = markdown.replace("](report/", f"]({figures}/")
-    artifact = "\n".join(
-        f"- figure: `{line.split('](', 1)[1].rstrip(')')}`" if line.startswith("![") else line
-        for line in artifact.splitlines()
-    )
-    return markdown, artifact + "\n"
+    return markdown, artifact_markdown(markdown, layout, rows)
+
+
+def artifact_markdown(markdown: str, layout: RunLayout, rows: list[dict[str, Any]]) -> str:
+    """report.md as the Prefect artifact shows it: each figure as its absolute path, and each score
+    histogram also as text (the UI cannot load local images)."""
+    lines = []
+    for line in markdown.splitlines():
+        if not line.startswith("!["):
+            lines.append(line)
+            continue
+        name, target = line[2:].split("](", 1)
+        lines.append(f"- figure: `{layout.out / target.rstrip(')')}`")
+        if name in SCORE_COLUMNS:
+            lines += ["", text_histogram([r.get(name) for r in rows]), ""]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(out: str | Path, config: CurationConfig) -> str:
     """Write OUT/report.md (+ OUT/report/*.png); return the markdown for the Prefect artifact."""
     markdown, artifact = build_report(out, config)
-    path = Path(out) / "report.md"
-    temporary = path.with_name(".report.md.tmp")
-    temporary.write_text(markdown)
-    temporary.replace(path)
+    atomic_write(RunLayout(out).report, markdown)
     return artifact

@@ -23,8 +23,6 @@ from curation.dataset import completed_sources, curate_source, discover_sources,
 from curation.hq import hq_pass, hq_uses_ray
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
-from curation.shards import read_parquet_rows
-from curation.summary import summary_markdown
 from infra.local import ray_init_kwargs
 
 
@@ -142,9 +140,6 @@ def curate_lvd(
     report["hq"] = {key: hq[key] for key in ("selected", "skipped") if key in hq}
     create_markdown_artifact(report_task(output_path, config), key="lvd-f-report",
                              description="LVD-F report: what each filter removed")
-    manifest_rows = read_parquet_rows(Path(output_path) / "manifest.parquet")
-    create_markdown_artifact(summary_markdown(report, manifest_rows), key="curate-summary",
-                             description="LVD-F curation summary")
     print(f"{report['sources']} sources ({report['sources_error']} errors), {report['clips']} clips, "
           f"{report['kept']} kept -> {output_path}")
     return report

@@ -166,7 +166,7 @@ def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
 @task(name="export-real-clips")
 def export_real_clips(shards_dir: str, target: str) -> dict[str, Any]:
     """The kept clips of a curate run as plain MP4 files (the smoke-test FVD reference set)."""
-    from curation.shards import read_shard_samples
+    from dataformat import read_shard_samples
 
     out = Path(target)
     out.mkdir(parents=True, exist_ok=True)

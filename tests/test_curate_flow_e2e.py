@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from curation.shards import MANIFEST_COLUMNS, read_shard_samples
+from dataformat import MANIFEST_COLUMNS, read_shard_samples
 from tests.deployment_helpers import run_served_deployment
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 
 from curation.config import CurationConfig
 from curation.dataset import curate_source, discover_sources, finalize, prepare_output
-from curation.shards import read_parquet_rows
+from dataformat import read_parquet_rows
 
 EXPECTED = {
     "empty.mp4": "empty file (0 bytes)",

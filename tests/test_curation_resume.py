@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from curation.shards import read_parquet_rows, read_shard_samples
+from dataformat import read_parquet_rows, read_shard_samples
 
 RUNNER = """
 import sys

@@ -13,7 +13,7 @@ from curation.config import CurationConfig
 from curation.dataset import curate_source, finalize, prepare_output
 from curation.hq import hq_pass
 from curation.report import build_report, rule_overlap, write_report
-from curation.shards import read_parquet_rows
+from dataformat import read_parquet_rows
 from tests.scorer_helpers import tiny_models, tiny_scorer_overrides
 
 SOURCES = ("bikes.mp4", "text_big.mp4", "text_small.mp4", "static_shot.mp4", "dissolves.mp4", "empty.mp4")

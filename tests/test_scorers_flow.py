@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from curation.shards import read_shard_samples
+from dataformat import read_shard_samples
 from tests.scorer_helpers import tiny_models, tiny_scorer_overrides
 
 pytestmark = pytest.mark.slow

@@ -3,15 +3,13 @@ exercised with tiny random-init models that the tests save to disk first."""
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 
 from curation.scorers import build_scorer
 from curation.scorers.base import MissingWeightsError
-from curation.scorers.captions import CocaCaptioner, pick_training_caption
+from curation.scorers.captions import CocaCaptioner
 from curation.scorers.clip_scores import ClipScorer
 from curation.scorers.config import CaptionConfig, ClipScoreConfig, RaftConfig, ScorersConfig
 from curation.scorers.raft_motion import RaftMotionScorer, pair_schedule, sample_raft_frames
@@ -146,19 +144,6 @@ def test_captioner_needs_real_weights_and_a_coca_model(models):
         CocaCaptioner(CaptionConfig(), "cpu")
     with pytest.raises(ValueError, match="not a CoCa model"):
         CocaCaptioner(CaptionConfig(model_name=models["clip"]), "cpu")
-
-
-def test_training_caption_mix_follows_spec_weights():
-    rng = random.Random(0)
-    full = {"coca": "c", "video": "v", "llm_summary": "l"}
-    draws = [pick_training_caption(full, rng) for _ in range(8000)]
-    shares = {key: draws.count(key) / len(draws) for key in "cvl"}
-    assert shares["c"] == pytest.approx(0.5, abs=0.03)
-    assert shares["v"] == pytest.approx(0.25, abs=0.03) and shares["l"] == pytest.approx(0.25, abs=0.03)
-    only_two = [pick_training_caption({"coca": "c", "video": None, "llm_summary": "l"}, rng) for _ in range(6000)]
-    assert only_two.count("c") / len(only_two) == pytest.approx(2 / 3, abs=0.03)
-    assert pick_training_caption({"coca": None, "video": None, "llm_summary": None}, rng) is None
-    assert pick_training_caption(None, rng) is None
 
 
 @pytest.fixture(scope="module")

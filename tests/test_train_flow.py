@@ -146,7 +146,8 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
     steps = [json.loads(line)["step"] for line in (root / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21)), "each step logged once across the kill"
 
-    from training.data import TrainingStream, find_shards, index_shards
+    from dataformat import find_shards, index_shards
+    from training.data import TrainingStream
     from training.loop import group_steps, load_initial_pipeline
     from training.stages import get_stage_preset
     from training.trainer import StageTrainer

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dataformat import DataError, find_shards, index_shards, training_caption
 from model.unet import is_temporal_parameter
-from training.data import (
-    DataError,
-    TrainingStream,
-    choose_caption,
-    find_shards,
-    index_shards,
-    motion_bucket,
-    plan_micro_batches,
-)
+from training.data import TrainingStream, motion_bucket, plan_micro_batches
 from training.loop import group_steps, load_initial_pipeline
 from training.stages import Phase, get_stage_preset
 from training.trainer import StageTrainer, trainable_names
@@ -131,12 +124,12 @@ def test_caption_mix_and_text_dropout():
     rng = np.random.default_rng(0)
     meta = {"captions": {"coca": "a", "video": "b", "llm_summary": "c"}}
     mix = get_stage_preset(2).caption_mix
-    drawn = [choose_caption(meta, None, mix, rng) for _ in range(4000)]
+    drawn = [training_caption(meta, None, rng, mix) for _ in range(4000)]
     shares = {c: drawn.count(c) / len(drawn) for c in "abc"}
     assert abs(shares["a"] - 0.5) < 0.03 and abs(shares["b"] - 0.25) < 0.03 and abs(shares["c"] - 0.25) < 0.03
-    assert choose_caption({"captions": {"coca": None, "video": "v"}}, None, mix, rng) == "v"
-    assert choose_caption({"caption": "fallback"}, "txt", mix, rng) == "fallback"
-    assert choose_caption({}, "from txt", mix, rng) == "from txt"
+    assert training_caption({"captions": {"coca": None, "video": "v"}}, None, rng, mix) == "v"
+    assert training_caption({"caption": "fallback"}, "txt", rng, mix) == "fallback"
+    assert training_caption({}, "from txt", rng, mix) == "from txt"
     assert motion_bucket(0.0) == 0 and motion_bucket(100.0) == 255 and motion_bucket(None) == 127
 
 
@@ -193,6 +186,18 @@ def test_missing_and_corrupt_shards_are_clear_errors(tmp_path):
 # --- trainer ------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def _fixed_noise_loss(trainer: StageTrainer, batches: list[dict], sigmas=(0.1, 0.5, 1.0, 2.0, 5.0)) -> float:
+    """Mean loss at fixed noise levels and fixed noise: comparable across steps, unlike the training loss."""
+    trainer.unet.eval()
+    try:
+        losses = [trainer.per_sample_loss(batch, trainer.preset.phase_at(batch["step"])[0], sigma).mean().item()
+                  for batch in batches for sigma in sigmas]
+    finally:
+        trainer.unet.train()
+    return float(np.mean(losses))
+
+
 def test_tiny_model_overfits_a_few_real_clips(samples):
     preset = replace(get_stage_preset(2), text_drop_rate=0.0,
                      phases=(Phase("overfit", 64, 64, 6, 30, 2, 2e-3, -1.2, 1.2),))
@@ -200,10 +205,10 @@ def test_tiny_model_overfits_a_few_real_clips(samples):
     trainer = StageTrainer(load_initial_pipeline("tiny"), preset)
     steps = list(group_steps(stream))
     probe = [steps[0][0], steps[1][0]]
-    before = trainer.validation_loss(probe)
+    before = _fixed_noise_loss(trainer, probe)
     for micro_batches in steps:
         trainer.train_step(micro_batches)
-    after = trainer.validation_loss(probe)
+    after = _fixed_noise_loss(trainer, probe)
     assert trainer.step == 30
     assert after < 0.6 * before, f"validation loss {before:.3f} -> {after:.3f}: the model did not learn the clips"
 

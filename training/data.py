@@ -1,6 +1,6 @@
 """Training samples from curate-lvd's WebDataset shards, deterministic and sharded by Ray and loader worker.
 
-The shards are indexed once (tar headers only: key -> member offsets), so any sample can be read by
+The shards are indexed once by `dataformat.index_shards` (tar headers only), so any sample can be read by
 seeking. The sample stream is a fixed sequence of *global positions*: position g reads sample
 `permutation(seed, epoch)[g mod N]` with epoch = g // N, and every random choice for it (frame stride,
 start frame, caption, text dropout, and in the trainer its noise level and noise) is drawn from an RNG
@@ -18,105 +18,26 @@ Image phases read image samples (jpg/png + txt) or one frame of a clip.
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
+from dataformat import Column, DataError, IndexedSample, training_caption
 from training.stages import Phase, StagePreset
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 MAX_MOTION_BUCKET = 255
+MOTION_SCORE_AT_MAX_BUCKET = 4.0  # [open] Farneback motion score that maps to the top bucket
 
 
-class DataError(ValueError):
-    """The training data is missing or unusable (raised before any worker starts)."""
-
-
-@dataclass(frozen=True)
-class Member:
-    shard: str
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True)
-class IndexedSample:
-    key: str
-    members: dict[str, Member]  # extension -> where its bytes are
-
-    @property
-    def is_image(self) -> bool:
-        return any(ext in self.members for ext in IMAGE_EXTENSIONS)
-
-    @property
-    def is_video(self) -> bool:
-        return any(ext in self.members for ext in VIDEO_EXTENSIONS)
-
-
-def find_shards(data: str) -> list[str]:
-    """The .tar shards of a curate-lvd output directory (its shards/), a folder of shards, or one .tar."""
-    path = Path(data)
-    if path.is_file() and path.suffix == ".tar":
-        return [str(path)]
-    for folder in (path / "shards", path):
-        if folder.is_dir():
-            shards = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
-            if shards:
-                return shards
-    raise DataError(f"no WebDataset shards (*.tar) under {data!r}: pass a curate-lvd output directory "
-                    "(it has shards/) or a folder of .tar shards; has curate-lvd run?")
-
-
-def index_shards(shards: list[str]) -> list[IndexedSample]:
-    """Read the tar headers of every shard: one entry per sample key, in shard order."""
-    samples: dict[str, dict[str, Member]] = {}
-    for shard in shards:
-        try:
-            with tarfile.open(shard, "r:") as archive:
-                for info in archive:
-                    directory, _, base = info.name.rpartition("/")
-                    stem, _, extension = base.partition(".")
-                    if not info.isfile() or not extension or base.startswith("."):
-                        continue
-                    key = f"{directory}/{stem}" if directory else stem
-                    samples.setdefault(f"{shard}:{key}", {})[extension.lower()] = Member(
-                        shard, info.offset_data, info.size)
-        except (tarfile.TarError, OSError) as error:
-            raise DataError(f"shard {shard} is not a readable tar file: {error}") from error
-    indexed = [IndexedSample(key.split(":", 1)[1], members) for key, members in samples.items()]
-    return [s for s in indexed if s.is_image or s.is_video]
-
-
-def read_member(member: Member) -> bytes:
-    with open(member.shard, "rb") as handle:
-        handle.seek(member.offset)
-        return handle.read(member.size)
-
-
-def motion_bucket(motion_score: float | None, score_at_max_bucket: float = 4.0) -> int:
-    """Farneback motion score -> SVD's motion_bucket_id (0..255), linear up to `score_at_max_bucket` [open]."""
+def motion_bucket(motion_score: float | None) -> int:
+    """Farneback motion score -> SVD's motion_bucket_id (0..255), linear up to MOTION_SCORE_AT_MAX_BUCKET."""
     if motion_score is None or not np.isfinite(motion_score):
         return 127  # SVD's default bucket when a clip has no score
-    return int(round(MAX_MOTION_BUCKET * min(max(motion_score, 0.0) / score_at_max_bucket, 1.0)))
-
-
-def choose_caption(meta: dict[str, Any], text: str | None, mix: dict[str, float], rng: np.random.Generator) -> str:
-    """Draw a caption from the captioners' mix among those present; fall back to `caption`, then the .txt."""
-    captions = meta.get("captions") or {}
-    present = {name: weight for name, weight in mix.items() if captions.get(name)}
-    if present:
-        names = sorted(present)
-        weights = np.array([present[n] for n in names], dtype=np.float64)
-        return captions[names[rng.choice(len(names), p=weights / weights.sum())]]
-    return meta.get("caption") or text or ""
+    return int(round(MAX_MOTION_BUCKET * min(max(motion_score, 0.0) / MOTION_SCORE_AT_MAX_BUCKET, 1.0)))
 
 
 def resize_cover_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -149,8 +70,8 @@ def decode_clip_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
 
 
 def count_frames(meta: dict[str, Any], data: bytes) -> int:
-    if meta.get("end_frame") is not None and meta.get("start_frame") is not None:
-        return int(meta["end_frame"]) - int(meta["start_frame"])
+    if meta.get(Column.END_FRAME) is not None and meta.get(Column.START_FRAME) is not None:
+        return int(meta[Column.END_FRAME]) - int(meta[Column.START_FRAME])
     import av
 
     with av.open(io.BytesIO(data)) as container:
@@ -160,35 +81,32 @@ def count_frames(meta: dict[str, Any], data: bytes) -> int:
 class SampleReader:
     """Turns one indexed sample plus its RNG into a training example for a phase."""
 
-    def __init__(self, preset: StagePreset, score_at_max_bucket: float = 4.0) -> None:
+    def __init__(self, preset: StagePreset) -> None:
         self.preset = preset
-        self.score_at_max_bucket = score_at_max_bucket
 
     def read(self, sample: IndexedSample, phase: Phase, rng: np.random.Generator) -> dict[str, Any]:
-        meta = json.loads(read_member(sample.members["json"])) if "json" in sample.members else {}
-        text = read_member(sample.members["txt"]).decode("utf-8").strip() if "txt" in sample.members else None
-        source_fps = float(meta.get("fps") or 25.0)
+        meta, text = sample.meta(), sample.text()
+        source_fps = float(meta.get(Column.FPS) or 25.0)
         if sample.is_image and (phase.image_only or not sample.is_video):
-            extension = next(ext for ext in IMAGE_EXTENSIONS if ext in sample.members)
-            image = cv2.imdecode(np.frombuffer(read_member(sample.members[extension]), np.uint8), cv2.IMREAD_COLOR)
+            extension = sample.image_extension
+            image = cv2.imdecode(np.frombuffer(sample.members[extension].read(), np.uint8), cv2.IMREAD_COLOR)
             if image is None:
                 raise DataError(f"sample {sample.key}: undecodable {extension}")
             frames, fps = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)], source_fps
         else:
-            extension = next(ext for ext in VIDEO_EXTENSIONS if ext in sample.members)
-            data = read_member(sample.members[extension])
+            data = sample.members[sample.video_extension].read()
             available = count_frames(meta, data)
             indices, stride = self.frame_indices(available, phase.num_frames, rng)
             frames, fps = decode_clip_frames(data, indices), source_fps / stride
         pixels = np.stack([resize_cover_crop(frame, phase.height, phase.width) for frame in frames])
-        caption = choose_caption(meta, text, self.preset.caption_mix, rng)
+        caption = training_caption(meta, text, rng, self.preset.caption_mix)
         if rng.random() < self.preset.text_drop_rate:
             caption = ""
         return {
             "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),  # (T, 3, H, W)
             "caption": caption,
             "fps": float(round(fps)),
-            "motion_bucket": float(motion_bucket(meta.get("motion_score"), self.score_at_max_bucket)),
+            "motion_bucket": float(motion_bucket(meta.get(Column.MOTION_SCORE))),
             "key": sample.key,
         }
 
@@ -241,23 +159,17 @@ def plan_micro_batches(preset: StagePreset, rank: int, world_size: int, micro_ba
         position += phase.iterations * phase.batch_size
 
 
-def accumulation_steps(phase: Phase, world_size: int, micro_batch_size: int) -> int:
-    share = phase.batch_size // world_size
-    return share // min(micro_batch_size, share)
-
-
 class TrainingStream(torch.utils.data.IterableDataset):
     """Collated micro-batches for one Ray worker; dataloader worker w yields micro-batches w, w+W, ..."""
 
     def __init__(self, samples: list[IndexedSample], preset: StagePreset, seed: int, rank: int = 0,
-                 world_size: int = 1, micro_batch_size: int = 1, start_step: int = 0,
-                 score_at_max_bucket: float = 4.0) -> None:
+                 world_size: int = 1, micro_batch_size: int = 1, start_step: int = 0) -> None:
         if not samples:
             raise DataError("no training samples")
         self.samples, self.preset, self.seed = samples, preset, seed
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.start_step = micro_batch_size, start_step
-        self.reader = SampleReader(preset, score_at_max_bucket)
+        self.reader = SampleReader(preset)
         needs_video = any(not p.image_only for p in preset.phases)
         if needs_video and not any(s.is_video for s in samples):
             raise DataError("video phases need clips (mp4) in the shards, found only images")

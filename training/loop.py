@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from training.data import DataError, find_shards
-from training.monitor import plot_losses, read_metrics, write_json_atomic
+from dataformat import DataError, atomic_write_json, find_shards
+from training.monitor import plot_losses, read_metrics
 from training.stages import StagePreset, get_stage_preset
 
 RUN_NAME = "train"
@@ -81,7 +81,8 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     import ray.train
     import torch
 
-    from training.data import TrainingStream, index_shards, training_loader
+    from dataformat import index_shards
+    from training.data import TrainingStream, training_loader
     from training.monitor import TrainingMonitor
     from training.trainer import StageTrainer
 
@@ -315,7 +316,7 @@ def run_stage(
                "stage_preset": stage_preset.to_dict()}
     if stage > 1 and (Path(init).parent / "lineage.json").exists():
         lineage["parent"] = json.loads((Path(init).parent / "lineage.json").read_text())
-    write_json_atomic(directory / "lineage.json", lineage)
+    atomic_write_json(directory / "lineage.json", lineage, indent=None)
 
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
@@ -348,7 +349,7 @@ def run_stage(
         "tensorboard": str(directory / "tensorboard"), "loss_plot": str(directory / "loss.png"),
         "samples": sorted(str(p) for p in (directory / "samples").glob("*.gif")), "init": init,
     }
-    write_json_atomic(done, summary)
+    atomic_write_json(done, summary, indent=None)
     return {**summary, "skipped": False}
 
 

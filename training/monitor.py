@@ -8,18 +8,13 @@ Only rank 0 writes. Sample videos go to TensorBoard as animated GIF image summar
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload))
-    os.replace(temporary, path)
+from dataformat import atomic_write_json
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -57,8 +52,9 @@ class TrainingMonitor:
             self.writer.add_scalar(f"train/{name}", metrics[name], metrics["step"])
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
-        write_json_atomic(self.progress_path, {"step": metrics["step"], "total": self.total_steps,
-                                               "loss": metrics["loss"], "phase": metrics["phase"]})
+        progress = {"step": metrics["step"], "total": self.total_steps, "loss": metrics["loss"],
+                    "phase": metrics["phase"]}
+        atomic_write_json(self.progress_path, progress, indent=None)
 
     def log_video(self, frames: np.ndarray, step: int, fps: float = 8.0, tag: str = "samples/video") -> Path | None:
         """Write uint8 (T, H, W, 3) frames as a GIF file and as a TensorBoard image summary."""

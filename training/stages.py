@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from dataformat import CAPTION_MIX, check_caption_mix
+
 TRAINABLE_SETS = ("all", "time_embedding", "temporal")
 
 
@@ -54,7 +56,7 @@ class StagePreset:
     ema_decay: float | None = None
     frame_strides: tuple[int, ...] = (1, 2, 3, 4)  # sampled per clip; fps conditioning = source fps / stride
     text_drop_rate: float = 0.15  # docs/recipe.md §4: text dropped 15% for classifier-free guidance
-    caption_mix: dict[str, float] = field(default_factory=lambda: {"coca": 0.5, "video": 0.25, "llm_summary": 0.25})
+    caption_mix: dict[str, float] = field(default_factory=lambda: dict(CAPTION_MIX))  # coca/video/llm_summary
     weight_decay: float = 0.01  # [open] AdamW default
     grad_clip_norm: float = 1.0  # [open]
     checkpoint_every: int = 1000  # optimizer steps between checkpoints
@@ -62,6 +64,9 @@ class StagePreset:
     log_every: int = 10
     gradient_checkpointing: bool = True
     init: str | None = None  # stage I: an SD 2.x checkpoint (path or hub id); later stages: previous stage
+
+    def __post_init__(self) -> None:
+        check_caption_mix(self.caption_mix)
 
     @property
     def total_steps(self) -> int:

@@ -235,18 +235,6 @@ class StageTrainer:
         with autocast:
             return self.loss_fn(network, latents, sigma=sigma.to(self.device), noise=noise)
 
-    @torch.no_grad()
-    def validation_loss(self, batches: list[dict[str, Any]], sigmas: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)
-                        ) -> float:
-        """Mean loss at fixed noise levels and fixed noise: comparable across steps, unlike the training loss."""
-        self.unet.eval()
-        try:
-            losses = [self.per_sample_loss(batch, self.preset.phase_at(batch["step"])[0], sigma).mean().item()
-                      for batch in batches for sigma in sigmas]
-        finally:
-            self.unet.train()
-        return float(np.mean(losses))
-
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches of the step (gradient accumulation)."""
         step = micro_batches[0]["step"]

@@ -6,24 +6,23 @@ removed; decoding is therefore done here, batched over clips: greedy, or beam se
 length-normalised scores (score = sum of log-probabilities / length ** length_penalty). The first
 `min_tokens` positions cannot end the caption, as in open_clip.
 
-Training-time mix (for the trainer): `pick_training_caption` samples coca / video / llm_summary with
-weights 0.5 / 0.25 / 0.25, renormalised over the captions a clip actually has. Without configured CoCa
-weights the scorer is off and `caption` stays null: no caption is ever invented.
+Without configured CoCa weights the scorer is off and `caption` stays null: no caption is ever invented.
+The trainer draws one of a clip's captions per sample (`dataformat.training_caption`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Any
 
 import numpy as np
 
 from curation.scorers.base import chunks, pick_device, score_isolated
-from curation.scorers.config import CAPTION_SOURCES, CaptionConfig
+from curation.scorers.config import CaptionConfig
 from curation.scorers.open_clip_models import frames_to_model_input, load_open_clip, resize_for_model
 from curation.types import ClipFrames
+from dataformat import CAPTION_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +32,6 @@ START_TOKEN, END_TOKEN = 49406, 49407  # open_clip's SimpleTokenizer <start_of_t
 def empty_captions() -> dict[str, str | None]:
     """The `captions` struct: one entry per captioner of the paper."""
     return dict.fromkeys(CAPTION_SOURCES)
-
-
-def pick_training_caption(
-    captions: dict[str, str | None] | None, rng: random.Random, mix: dict[str, float] | None = None
-) -> str | None:
-    """One caption for a training sample: coca / video / llm_summary drawn 0.5 / 0.25 / 0.25 (docs/recipe.md §1),
-    renormalised over the non-empty ones; None when the clip has no caption at all."""
-    mix = mix if mix is not None else CaptionConfig().mix
-    available = [(name, weight) for name, weight in mix.items() if captions and captions.get(name) and weight > 0]
-    if not available:
-        return None
-    names, weights = zip(*available, strict=True)
-    return captions[rng.choices(names, weights=weights, k=1)[0]]
 
 
 def tokens_to_text(tokens: list[int]) -> str:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TEXT_BACKENDS = ("auto", "ppocr", "craft")
-CAPTION_SOURCES = ("coca", "video", "llm_summary")
 
 
 @dataclass
@@ -134,11 +133,11 @@ class ClipScoreConfig:
 
 @dataclass
 class CaptionConfig:
-    """CoCa caption of the middle frame (open_clip's CoCa; docs/recipe.md §1), plus the training-time caption mix.
+    """CoCa caption of the middle frame (open_clip's CoCa; docs/recipe.md §1).
 
     model_name: 'coca_ViT-L-14' (or another open_clip CoCa) or 'local-dir:/path'; pretrained: weights file,
-    e.g. the mscoco-finetuned laion2b CoCa. `mix` is how the trainer samples one caption per clip from the
-    `captions` struct (coca / video captioner / LLM summary), renormalised over the ones present.
+    e.g. the mscoco-finetuned laion2b CoCa. Which caption the trainer uses per sample is
+    `dataformat.training_caption`'s mix, a training setting (`StagePreset.caption_mix`).
     """
 
     enabled: bool = True
@@ -149,7 +148,6 @@ class CaptionConfig:
     max_tokens: int = 30  # including the start token
     min_tokens: int = 5
     frames_per_forward: int = 16
-    mix: dict[str, float] = field(default_factory=lambda: {"coca": 0.5, "video": 0.25, "llm_summary": 0.25})
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
 
     def missing_setting(self) -> str | None:
@@ -162,9 +160,6 @@ class CaptionConfig:
             raise ValueError(f"scorers.caption.decoding must be 'beam_search' or 'greedy', got {self.decoding!r}")
         if self.num_beams < 1 or self.max_tokens <= self.min_tokens or self.min_tokens < 1:
             raise ValueError("scorers.caption: need num_beams >= 1 and max_tokens > min_tokens >= 1")
-        unknown = set(self.mix) - set(CAPTION_SOURCES)
-        if unknown or any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
-            raise ValueError(f"scorers.caption.mix: weights >= 0 over {CAPTION_SOURCES}, got {self.mix}")
         self.pool.validate("scorers.caption")
 
 

@@ -1,0 +1,60 @@
+"""The on-disk contract of the project: what curation writes and training and evaluation read.
+
+A leaf package (it imports nothing from the rest of the project): table schemas and their column lists,
+shard sample keys and video/image suffixes, the paths of a curation run, the seekable shard index,
+atomic writes, and the training-time caption mix.
+"""
+
+from dataformat.atomic import (
+    atomic_write,
+    atomic_write_json,
+    fsync_directory,
+    read_parquet_rows,
+    remove_stale_temporaries,
+    write_parquet_atomic,
+)
+from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, training_caption
+from dataformat.layout import RunLayout, source_id
+from dataformat.schema import (
+    ANNOTATED_COLUMNS,
+    ANNOTATION_COLUMNS,
+    ANNOTATION_SCHEMA,
+    CAPTION_SOURCES,
+    CAPTIONS_TYPE,
+    CLIP_PART_SCHEMA,
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    SCORE_COLUMNS,
+    SOURCE_COLUMNS,
+    SOURCES_SCHEMA,
+    Column,
+    select_columns,
+)
+from dataformat.shard_keys import (
+    IMAGE_EXTENSIONS,
+    IMAGE_SUFFIXES,
+    VIDEO_EXTENSIONS,
+    VIDEO_SUFFIXES,
+    SampleKey,
+    sample_key,
+)
+from dataformat.shards import (
+    DataError,
+    IndexedSample,
+    Member,
+    find_shards,
+    index_shards,
+    read_shard_samples,
+    sample_json,
+    write_shards,
+)
+
+__all__ = [
+    "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
+    "CLIP_PART_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
+    "SOURCES_SCHEMA", "SOURCE_COLUMNS", "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "Column", "DataError", "IndexedSample",
+    "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",
+    "fsync_directory", "index_shards", "pick_caption", "read_parquet_rows", "read_shard_samples",
+    "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",
+    "write_parquet_atomic", "write_shards",
+]

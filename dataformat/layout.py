@@ -1,0 +1,113 @@
+"""Where every file of a curation run lives (README "Output formats"); nothing else spells these paths.
+
+  config.json                          the resolved settings of the last run
+  sources.parquet/part-<id>.parquet    one row per input file; its presence marks the source done
+  work/clip_rows/part-<id>.parquet     that source's clip rows (written before the source row)
+  work/clips/<id>/<clip>.mp4           clip files;  work/frames/<id>/<clip>.jpg  first/middle/last frames
+  work/annotations/part-<id>.parquet   learned-scorer columns of that source's clips
+  work/downloads/                      local copies of remote sources while they are processed
+  manifest.parquet, shards/*.tar, summary.json   written once every source is done
+  hq/shards/hq-*.tar, hq/summary.json  the stage III high-quality subset
+  report.md, report/*.png              the LVD-F report and its figures
+
+`<id>` is `source_id(relative path of the source)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def source_id(relative_path: str) -> str:
+    """A short stable id for a source (its per-source file names), from its path relative to the input."""
+    return hashlib.sha1(relative_path.encode()).hexdigest()[:12]
+
+
+def _part(sid: str) -> str:
+    return f"part-{sid}.parquet"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one curation run under `out`."""
+
+    out: Path
+
+    def __init__(self, out: str | Path) -> None:
+        object.__setattr__(self, "out", Path(out))
+
+    @property
+    def config(self) -> Path:
+        return self.out / "config.json"
+
+    @property
+    def sources(self) -> Path:
+        return self.out / "sources.parquet"
+
+    def source_part(self, relative_path: str) -> Path:
+        return self.sources / _part(source_id(relative_path))
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    @property
+    def clip_rows(self) -> Path:
+        return self.work / "clip_rows"
+
+    def clip_rows_part(self, sid: str) -> Path:
+        return self.clip_rows / _part(sid)
+
+    @property
+    def clips(self) -> Path:
+        return self.work / "clips"
+
+    @property
+    def frames(self) -> Path:
+        return self.work / "frames"
+
+    @property
+    def annotations(self) -> Path:
+        return self.work / "annotations"
+
+    def annotations_part(self, sid: str) -> Path:
+        return self.annotations / _part(sid)
+
+    @property
+    def downloads(self) -> Path:
+        return self.work / "downloads"
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "manifest.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "summary.json"
+
+    @property
+    def hq(self) -> Path:
+        """The stage III subset: a directory training reads like a run (it has shards/)."""
+        return self.out / "hq"
+
+    @property
+    def hq_shards(self) -> Path:
+        return self.hq / "shards"
+
+    @property
+    def hq_summary(self) -> Path:
+        return self.hq / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.md"
+
+    @property
+    def report_figures(self) -> Path:
+        return self.out / "report"

@@ -1,0 +1,95 @@
+"""The tables of a curation run: one pyarrow schema per file, and every column list derived from it.
+
+`sources.parquet` has one row per input file, `manifest.parquet` one row per clip (the same row is each
+shard sample's `KEY.json`), `work/annotations/` the learned scorers' columns per clip. Readers spell column
+names through `Column`, which is checked against the schemas when this module is imported, so a renamed
+column fails loudly instead of reading as null.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# The `captions` struct: one caption per captioner of the paper; the trainer draws one of them per sample.
+CAPTION_SOURCES = ("coca", "video", "llm_summary")
+CAPTIONS_TYPE = pa.struct([(name, pa.string()) for name in CAPTION_SOURCES])
+
+SOURCES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()), ("status", pa.string()), ("error", pa.string()), ("num_frames", pa.int64()),
+        ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("duration_s", pa.float64()),
+        ("cuts", pa.list_(pa.int64())),
+    ]
+)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()), ("source", pa.string()), ("start_frame", pa.int64()), ("end_frame", pa.int64()),
+        ("start_s", pa.float64()), ("end_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()),
+        ("height", pa.int64()), ("motion_score", pa.float64()), ("text_area", pa.float64()),
+        ("aesthetic_score", pa.float64()), ("clip_score", pa.float64()), ("caption", pa.string()),
+        ("keep", pa.bool_()), ("drop_reasons", pa.list_(pa.string())), ("shard", pa.string()), ("key", pa.string()),
+        ("clip_method", pa.string()), ("captions", CAPTIONS_TYPE), ("scorer_errors", pa.list_(pa.string())),
+        ("raft_motion", pa.float64()), ("hq", pa.bool_()),
+    ]
+)
+# Per-source staging rows (work/clip_rows/): the manifest row plus where the clip file and its frames live.
+CLIP_PART_SCHEMA = MANIFEST_SCHEMA.append(pa.field("clip_path", pa.string())).append(
+    pa.field("frames_path", pa.string())
+)
+# Scored columns that the learned scorers add to a clip, as merged into the manifest by `finalize`.
+ANNOTATED_COLUMNS = ("text_area", "aesthetic_score", "clip_score", "caption", "captions", "scorer_errors")
+# work/annotations/ rows: the clip id, the scored columns, and which scorers produced them (for resuming).
+ANNOTATION_SCHEMA = pa.schema(
+    [pa.field("clip_id", pa.string())]
+    + [MANIFEST_SCHEMA.field(name) for name in ANNOTATED_COLUMNS]
+    + [pa.field("annotated_by", pa.list_(pa.string()))]
+)
+
+SOURCE_COLUMNS = tuple(SOURCES_SCHEMA.names)
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+ANNOTATION_COLUMNS = tuple(ANNOTATION_SCHEMA.names)
+
+
+class Column:
+    """Names of the columns code reads by name (manifest, source and annotation tables)."""
+
+    CLIP_ID = "clip_id"
+    SOURCE = "source"
+    STATUS = "status"
+    ERROR = "error"
+    START_FRAME = "start_frame"
+    END_FRAME = "end_frame"
+    FPS = "fps"
+    WIDTH = "width"
+    HEIGHT = "height"
+    MOTION_SCORE = "motion_score"
+    TEXT_AREA = "text_area"
+    AESTHETIC_SCORE = "aesthetic_score"
+    CLIP_SCORE = "clip_score"
+    RAFT_MOTION = "raft_motion"
+    CAPTION = "caption"
+    CAPTIONS = "captions"
+    KEEP = "keep"
+    DROP_REASONS = "drop_reasons"
+    SHARD = "shard"
+    KEY = "key"
+    CLIP_METHOD = "clip_method"
+    SCORER_ERRORS = "scorer_errors"
+    HQ = "hq"
+    CLIP_PATH = "clip_path"
+    FRAMES_PATH = "frames_path"
+    ANNOTATED_BY = "annotated_by"
+
+
+# Score columns a report plots (all float64 in the manifest).
+SCORE_COLUMNS = (Column.MOTION_SCORE, Column.TEXT_AREA, Column.AESTHETIC_SCORE, Column.CLIP_SCORE, Column.RAFT_MOTION)
+
+_KNOWN = set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS)
+_UNKNOWN = sorted(value for name, value in vars(Column).items() if name.isupper() and value not in _KNOWN)
+if _UNKNOWN:  # pragma: no cover - a typo here must stop every import, not read as a null column later
+    raise ImportError(f"dataformat.Column names columns no schema has: {_UNKNOWN}")
+
+
+def select_columns(row: dict, schema: pa.Schema) -> dict:
+    """The row restricted to the schema's columns (missing ones null), in schema order."""
+    return {name: row.get(name) for name in schema.names}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.scorers.config import ScorersConfig
+from dataformat import VIDEO_SUFFIXES
 
 
 @dataclass
@@ -125,7 +126,7 @@ class CurationConfig:
     filters: list[FilterRule] = field(default_factory=default_filter_rules)
     shards: ShardConfig = field(default_factory=ShardConfig)
     scorers: ScorersConfig = field(default_factory=ScorersConfig)  # learned scorers + actor pools (issue 4)
-    video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
+    video_extensions: tuple[str, ...] = VIDEO_SUFFIXES
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None = None) -> CurationConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataformat.atomic import fsync_directory
+from dataformat.layout import RunLayout
 from dataformat.schema import MANIFEST_COLUMNS, Column
 from dataformat.shard_keys import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, SampleKey, sample_key
 
@@ -154,7 +155,7 @@ def find_shards(data: str | Path) -> list[str]:
     path = Path(data)
     if path.is_file() and path.suffix == ".tar":
         return [str(path)]
-    for folder in (path / "shards", path):
+    for folder in (RunLayout(path).shards, path):
         if folder.is_dir():
             shards = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
             if shards:

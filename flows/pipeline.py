@@ -146,7 +146,8 @@ def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[st
 def pending_sources(input_path: str, curate_dir: Path, config: dict[str, Any]) -> list[str]:
     """Sources under `input_path` that the curate output directory has not committed yet."""
     from curation.config import CurationConfig
-    from curation.dataset import RunLayout, completed_sources, discover_sources
+    from curation.dataset import completed_sources, discover_sources
+    from dataformat import RunLayout
 
     cfg = CurationConfig.from_overrides(config)
     done = completed_sources(RunLayout(curate_dir)) if (curate_dir / "sources.parquet").exists() else set()

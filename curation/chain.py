@@ -22,6 +22,7 @@ from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, w
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
 from curation.decode import SourceError, analysis_copy, probe, stream_frames
+from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
 from dataformat import SOURCE_COLUMNS, source_id
@@ -39,6 +40,19 @@ def error_result(relative_path: str, message: str) -> SourceResult:
     row = dict.fromkeys(SOURCE_COLUMNS)
     row.update(source=relative_path, status="error", error=message, cuts=[])
     return SourceResult(source_row=row)
+
+
+def damaged_ranges(corrupt: list[int], keyframes: list[int], num_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges [start, end) that a corrupt frame spoils: its whole group of pictures, from the keyframe
+    before it to the next one. The decoder flags only the frame whose data was bad; it conceals the damage,
+    and the frames predicted from it (before and after it in display order) carry the broken blocks on."""
+    ranges = []
+    for index in corrupt:
+        start = max((k for k in keyframes if k <= index), default=0)
+        end = min((k for k in keyframes if k > index), default=num_frames)
+        if not ranges or ranges[-1] != (start, end):
+            ranges.append((start, end))
+    return ranges
 
 
 def analysis_size(width: int, height: int, target_width: int) -> tuple[int, int]:
@@ -99,11 +113,14 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
     spool = FrameSpool(clips_dir)
     keyframes: list[int] = []
     frame_pts: list[int] = []
+    corrupt: list[int] = []
     try:
         index = -1
         for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
             if frame.key_frame:
                 keyframes.append(index)
+            if frame.is_corrupt:
+                corrupt.append(index)
             frame_pts.append(frame.pts if frame.pts is not None else -1)
             analysis = analysis_copy(frame, width, height)
             cascade.push(index, analysis)
@@ -150,9 +167,11 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             },
             timings=timings,
         )
+        damaged = damaged_ranges(corrupt, keyframes, num_frames)
         for plan, file in named:
             clip_id = file.stem
             middle = (plan.start_frame + plan.end_frame) // 2
+            broken = any(start < plan.end_frame and plan.start_frame < end for start, end in damaged)
             result.clip_rows.append(
                 {
                     "clip_id": clip_id,
@@ -167,6 +186,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
                     "clip_method": plan.method,
                     "clip_path": str(file),
                     "motion_score": motion.score(plan.start_frame, plan.end_frame),
+                    "drop_reasons": [DECODE_ERRORS] if broken else [],
                 }
             )
             picks = (plan.start_frame, middle, plan.end_frame - 1)

@@ -14,6 +14,12 @@ from typing import Any
 
 from curation.config import FilterRule
 
+# Set at decode time on clips that hold a frame the decoder flagged corrupt (it concealed the damage and went
+# on) or a frame of the same group of pictures (they predict from it). Such clips are never kept, whatever
+# rules are configured, and do not count in the other rules' percentiles.
+DECODE_ERRORS = "decode_errors"
+DECODE_ERRORS_RULE = FilterRule(DECODE_ERRORS, "drop_reasons", "absolute", "high", 0.0)
+
 
 @dataclass
 class RuleOutcome:
@@ -34,10 +40,11 @@ class FilterSummary:
 def apply_filters(rows: list[dict[str, Any]], rules: list[FilterRule]) -> FilterSummary:
     """Set `keep` and `drop_reasons` on every row in place; return counts per rule."""
     for row in rows:
-        row["drop_reasons"] = []
+        row["drop_reasons"] = [reason for reason in row.get("drop_reasons") or [] if reason == DECODE_ERRORS]
+    usable = [row for row in rows if not row["drop_reasons"]]
     outcomes = []
     for rule in rules:
-        scored = [row for row in rows if _finite(row.get(rule.column))]
+        scored = [row for row in usable if _finite(row.get(rule.column))]
         if not scored:
             outcomes.append(RuleOutcome(rule, 0, 0, None, skipped=f"no {rule.column} scores in this run"))
             continue
@@ -55,6 +62,7 @@ def apply_filters(rows: list[dict[str, Any]], rules: list[FilterRule]) -> Filter
         for row in dropped:
             row["drop_reasons"].append(rule.name)
         outcomes.append(RuleOutcome(rule, len(scored), len(dropped), threshold))
+    outcomes.append(RuleOutcome(DECODE_ERRORS_RULE, len(rows), len(rows) - len(usable), None))
     for row in rows:
         row["keep"] = not row["drop_reasons"]
     return FilterSummary(total=len(rows), kept=sum(row["keep"] for row in rows), outcomes=outcomes)

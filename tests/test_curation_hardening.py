@@ -1,0 +1,48 @@
+"""Inputs and faults that must not corrupt a curation run (README "Guarantees"), on real sample footage and
+files derived from it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from curation.config import CurationConfig
+from curation.dataset import curate_source, finalize, prepare_output
+from dataformat import read_parquet_rows
+
+
+def corrupt_copy(source: Path, target: Path, count: int = 64) -> Path:
+    """`source` with `count` bytes in the middle of the file inverted: H.264 data the decoder conceals."""
+    data = bytearray(source.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_clips_with_frames_the_decoder_concealed_are_dropped_with_a_reason(sample_dir, tmp_path):
+    """64 flipped bytes mid-file decode without an exception; the frame is flagged corrupt and its group of
+    pictures carries the broken blocks: every clip overlapping it is dropped ('decode_errors'), the others of
+    the same file are unaffected."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copyfile(sample_dir / "videos" / "bikes.mp4", videos / "bikes.mp4")
+    corrupt_copy(sample_dir / "videos" / "bikes.mp4", videos / "bikes_corrupt.mp4")
+    out = tmp_path / "out"
+    config = CurationConfig()
+    layout = prepare_output(out, config)
+    for name in ("bikes.mp4", "bikes_corrupt.mp4"):
+        assert curate_source(videos, name, out, config)["status"] == "ok"
+    summary = finalize(layout, config)
+    manifest = read_parquet_rows(out / "manifest.parquet")
+    clean = {(r["start_frame"], r["end_frame"]): r for r in manifest if r["source"] == "bikes.mp4"}
+    damaged = {(r["start_frame"], r["end_frame"]): r for r in manifest if r["source"] == "bikes_corrupt.mp4"}
+    assert clean.keys() == damaged.keys()
+    broken = {span for span, row in damaged.items() if "decode_errors" in row["drop_reasons"]}
+    # bikes.mp4: keyframes at 0, 30, 76, 137, 187, 242; the flipped bytes fall in frame 124's data
+    assert broken and all(start >= 76 and end <= 137 for start, end in broken), broken
+    assert all(not damaged[span]["keep"] and damaged[span]["shard"] is None for span in broken)
+    assert all(damaged[span]["drop_reasons"] == clean[span]["drop_reasons"] for span in damaged.keys() - broken)
+    assert not any("decode_errors" in row["drop_reasons"] for row in clean.values())
+    outcome = next(rule for rule in summary["rules"] if rule["name"] == "decode_errors")
+    assert outcome["dropped"] == len(broken)

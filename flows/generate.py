@@ -1,14 +1,15 @@
-"""Flow `generate-video` and `lvd generate`: text -> video with a trained checkpoint (or the tiny preset).
+"""Flow `generate-video` and `lvd generate`: text -> video, image -> video, text -> image -> video.
 
-Orchestration only: loading and sampling live in model.pipeline. The flow writes one MP4 and one GIF per
-prompt and attaches a preview (the GIF inline) and the settings to the run as a markdown artifact.
+Orchestration only: the modes, their defaults, loading and writing live in `generation.generate`. The flow
+writes one MP4 and one GIF per video and attaches a preview (the GIF inline) and the settings to the run as
+a markdown artifact; the command writes one video to `--out` (.mp4, .gif, or a folder of PNG frames).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,74 +17,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.markdown import inline_image, settings_table
+from generation.generate import DTYPES, generate_video_files, parse_guidance
+from generation.generate import load_video_pipeline as load_pipeline
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def load_pipeline(checkpoint: str | None, dtype: str = "float32", cpu_offload: bool = False):
-    """A saved TextToVideoPipeline directory (e.g. a train-stage export), or the random tiny preset."""
-    import torch
-
-    from model.pipeline import TextToVideoPipeline
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if checkpoint is None:
-        pipe = TextToVideoPipeline.from_preset("tiny")
-    else:
-        path = Path(checkpoint)
-        if not (path / "model_index.json").exists():
-            raise ValueError(f"{checkpoint} is not a pipeline directory (no model_index.json); "
-                             "pass a train-stage export or a save_pretrained() directory")
-        pipe = TextToVideoPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
-    if cpu_offload:
-        pipe.enable_model_cpu_offload()
-    elif torch.cuda.is_available():
-        pipe.to("cuda")
-    return pipe
+__all__ = ["DTYPES", "generate_files", "generate_video", "load_pipeline", "parse_guidance"]
 
 
-def parse_guidance(value: str | float | list) -> float | tuple[float, float]:
-    """'7' -> 7.0 (constant CFG); '1.0,2.5' -> (1.0, 2.5) rising linearly over frames."""
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, list | tuple):
-        return (float(value[0]), float(value[1]))
-    parts = [float(p) for p in str(value).split(",")]
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return (parts[0], parts[1])
-    raise ValueError(f"guidance must be 'w' or 'min,max', got {value!r}")
-
-
-def generate_files(prompts: list[str], output_dir: str, checkpoint: str | None = None, *, num_frames: int = 14,
-                   height: int | None = None, width: int | None = None, steps: int = 25,
-                   guidance: str | float | list = "1.0,2.5", fps: int = 7, motion_bucket_id: int = 127,
-                   seed: int = 0, dtype: str = "float32", cpu_offload: bool = False, decode_chunk_size: int = 8,
-                   out_fps: float = 8.0, progress: bool = True) -> list[dict[str, Any]]:
-    import torch
-
-    from model.pipeline import save_video
-
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    pipe = load_pipeline(checkpoint, dtype, cpu_offload)
-    frames = pipe(prompts, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-                  guidance_scale=parse_guidance(guidance), fps=fps, motion_bucket_id=motion_bucket_id,
-                  generator=torch.Generator().manual_seed(seed), decode_chunk_size=decode_chunk_size,
-                  progress=progress).frames
-    out = Path(output_dir)
-    results = []
-    for index, (prompt, video) in enumerate(zip(prompts, frames, strict=True)):
-        stem = f"{index:03d}"
-        results.append({
-            "prompt": prompt,
-            "mp4": str(save_video(video, out / f"{stem}.mp4", out_fps)),
-            "gif": str(save_video(video, out / f"{stem}.gif", out_fps)),
-            "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2]),
-        })
-    return results
+def generate_files(prompts: list[str] | None, output_dir: str, checkpoint: str | None = None,
+                   **request: Any) -> list[dict[str, Any]]:
+    """One MP4 and one GIF per video in `output_dir` (see `generation.generate.generate_videos`)."""
+    return generate_video_files(output_dir, prompts, checkpoint, **request)
 
 
 @task(name="generate", retries=1)
@@ -91,12 +34,16 @@ def generate_task(prompts: list[str], output_dir: str, checkpoint: str | None, s
     return generate_files(prompts, output_dir, checkpoint, progress=False, **settings)
 
 
-def preview_markdown(results: list[dict[str, Any]], settings: dict[str, Any], checkpoint: str | None) -> str:
+def preview_markdown(results: list[dict[str, Any]], checkpoint: str | None) -> str:
+    settings = results[0]["settings"] if results else {}
     lines = ["# generate-video", "", f"checkpoint: `{checkpoint or 'tiny preset (random weights)'}`", "",
              *settings_table(settings)]
     for result in results:
-        lines += ["", f"**{result['prompt']}** ({result['frames']} frames, {result['width']}x{result['height']}) "
+        source = result["prompt"] or result["image"] or ""
+        lines += ["", f"**{source}** ({result['frames']} frames, {result['width']}x{result['height']}) "
                   f"-> `{result['mp4']}`", "", inline_image(result["gif"], "preview")]
+        if result.get("first_frame"):
+            lines += ["", inline_image(result["first_frame"], "first frame")]
     return "\n".join(lines) + "\n"
 
 
@@ -105,68 +52,97 @@ def generate_video(
     prompts: list[str] | None = None,
     checkpoint: str | None = None,
     output_dir: str = "out/generate",
-    num_frames: int = 14,
+    image: str | None = None,
+    image_model: str | None = None,
+    num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
-    steps: int = 25,
-    guidance: str = "1.0,2.5",
-    fps: int = 7,
-    motion_bucket_id: int = 127,
+    steps: int | None = None,
+    guidance: str | None = None,
+    fps: int | None = None,
+    motion_bucket_id: int | None = None,
+    noise_aug: float | None = None,
+    decode_chunk_size: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
     cpu_offload: bool = False,
 ) -> list[dict[str, Any]]:
-    """Generate videos from prompts with a pipeline directory (default: the tiny preset).
+    """Generate videos with a pipeline folder (default: the tiny text-to-video preset).
 
-    `guidance` is 'w' (constant CFG) or 'min,max' (rising over frames, SVD's default 1.0,2.5).
+    Text -> video from `prompts`; image -> video from `image` (a path or fsspec URL) with an SVD-layout
+    checkpoint; text -> image -> video from one prompt and `image_model` (a diffusers text-to-image folder).
+    Unset settings take the mode's defaults: SVD's for image-to-video (25 steps, guidance '1.0,3.0' over
+    frames, fps 7, motion 127, noise aug 0.02, frames from the checkpoint), one constant guidance scale for
+    text-to-video. `guidance` is 'w' or 'min,max'; `fps` is the video's frame rate (the model sees fps - 1).
     """
-    prompts = prompts or ["a cyclist riding down a city street"]
-    settings = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps,
-                    motion_bucket_id=motion_bucket_id, seed=seed, dtype=dtype, cpu_offload=cpu_offload)
-    parse_guidance(guidance)  # fail fast
+    if image is None and image_model is None:
+        prompts = prompts or ["a cyclist riding down a city street"]
+    if guidance is not None:
+        parse_guidance(guidance)  # fail fast, before the task
+    settings = dict(image=image, image_model=image_model, num_frames=num_frames, height=height, width=width,
+                    steps=steps, guidance=guidance, fps=fps, motion_bucket_id=motion_bucket_id, noise_aug=noise_aug,
+                    decode_chunk_size=decode_chunk_size, seed=seed, dtype=dtype, cpu_offload=cpu_offload)
     output_dir = str(Path(output_dir).resolve())
-    results = generate_task(prompts, output_dir, checkpoint, settings)
-    create_markdown_artifact(preview_markdown(results, settings, checkpoint), key="generate-video-preview",
+    results = generate_task(prompts or [], output_dir, checkpoint, settings)
+    create_markdown_artifact(preview_markdown(results, checkpoint), key="generate-video-preview",
                              description="generated videos")
     get_run_logger().info("wrote %s", ", ".join(r["mp4"] for r in results))
     return results
 
 
 def deployments() -> list:
-    return [generate_video.to_deployment(name="local", description="Text-to-video with a checkpoint directory.")]
+    return [generate_video.to_deployment(name="local", description="Text/image-to-video with a checkpoint folder.")]
 
 
 def _run(args: argparse.Namespace) -> int:
-    output = Path(args.out)
-    if output.suffix.lower() not in (".mp4", ".gif"):
-        raise SystemExit(f"--out must end in .mp4 or .gif, got {args.out}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
-        results = generate_files([args.prompt], scratch, args.checkpoint, num_frames=args.frames,
-                                 height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-                                 fps=args.fps, motion_bucket_id=args.motion, seed=args.seed, dtype=args.dtype,
-                                 cpu_offload=args.cpu_offload, decode_chunk_size=args.decode_chunk_size,
-                                 out_fps=args.out_fps)
-        Path(results[0][output.suffix.lower().lstrip(".")]).replace(output)
-    print(json.dumps({"out": str(output), "prompt": args.prompt, "frames": results[0]["frames"]}))
+    from generation.generate import check_output, generate_videos, write_frames
+
+    try:
+        check_output(args.out)
+        generated = generate_videos(
+            [args.prompt] if args.prompt else [], args.checkpoint, image=args.image, image_model=args.image_model,
+            num_frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+            fps=args.fps, motion_bucket_id=args.motion, noise_aug=args.noise_aug,
+            decode_chunk_size=args.decode_chunk_size, image_steps=args.image_steps,
+            image_guidance=args.image_guidance, seed=args.seed, dtype=args.dtype, cpu_offload=args.cpu_offload)
+        written = write_frames(generated.videos[0], args.out, args.out_fps)
+    except ValueError as error:
+        print(f"lvd generate: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "files": len(written), "prompt": args.prompt, "image": args.image,
+                      "frames": int(generated.videos.shape[1])}))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="generate a video from a prompt with a checkpoint")
-    parser.add_argument("prompt")
-    parser.add_argument("--checkpoint", default=None, help="pipeline directory (default: tiny random preset)")
-    parser.add_argument("--out", default="generated.mp4", help="output .mp4 or .gif")
-    parser.add_argument("--frames", type=int, default=14)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", default="1.0,2.5", help="'w' constant CFG or 'min,max' over frames")
-    parser.add_argument("--fps", type=int, default=7, help="fps conditioning")
-    parser.add_argument("--motion", type=int, default=127, help="motion bucket conditioning")
+    parser = subparsers.add_parser(
+        "generate", help="generate a video from a prompt, an image, or a prompt via a text-to-image model",
+        description="Text -> video (PROMPT), image -> video (--image with an SVD-layout --checkpoint), or "
+                    "text -> image -> video (PROMPT --image-model SD_DIR --checkpoint SVD_DIR). Unset settings "
+                    "take the mode's defaults (image-to-video: SVD's).")
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("--image", default=None, help="conditioning image: a file Pillow opens or an fsspec URL")
+    parser.add_argument("--image-model", default=None,
+                        help="diffusers text-to-image folder (e.g. SD 2.1) that draws the first frame from PROMPT")
+    parser.add_argument("--checkpoint", default=None, help="pipeline folder (default: tiny random text-to-video)")
+    parser.add_argument("--out", default="generated.mp4", help="output .mp4, .gif, or a folder ending in '/' "
+                        "(one lossless PNG per frame)")
+    parser.add_argument("--frames", type=int, default=None, help="default: the checkpoint's U-Net config")
+    parser.add_argument("--height", type=int, default=None, help="default: 576 for image-to-video")
+    parser.add_argument("--width", type=int, default=None, help="default: 1024 for image-to-video")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
+    parser.add_argument("--guidance", default=None, help="'w' constant or 'min,max' rising over frames "
+                        "(default: 1.0,3.0 image-to-video; 7 text-to-video)")
+    parser.add_argument("--fps", type=int, default=None, help="frame rate conditioning (default 7; model sees fps-1)")
+    parser.add_argument("--motion", type=int, default=None, help="motion bucket id (default 127)")
+    parser.add_argument("--noise-aug", type=float, default=None,
+                        help="noise augmentation of the conditioning image (default 0.02; 0 text-to-video)")
+    parser.add_argument("--decode-chunk-size", type=int, default=None,
+                        help="frames per VAE decode call (default 14 image-to-video, 8 text-to-video)")
+    parser.add_argument("--image-steps", type=int, default=None, help="text-to-image steps (default 50)")
+    parser.add_argument("--image-guidance", type=float, default=None, help="text-to-image guidance (default 7.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--cpu-offload", action="store_true")
-    parser.add_argument("--decode-chunk-size", type=int, default=8)
-    parser.add_argument("--out-fps", type=float, default=8.0, help="frame rate of the written file")
+    parser.add_argument("--out-fps", type=float, default=8.0, help="frame rate of the written .mp4/.gif")
     parser.set_defaults(func=_run)

@@ -73,3 +73,30 @@ def bikes_frame(index: int = 40) -> Image.Image:
             if position == index:
                 return Image.fromarray(np.asarray(frame.to_ndarray(format="rgb24")))
     raise ValueError(f"the bikes clip has fewer than {index + 1} frames")
+
+
+def tiny_sd(seed: int = 0):
+    """A random diffusers `StableDiffusionPipeline` in SD 2.x's layout (v-prediction DDIM, linear attention
+    projections, the real CLIP tokenizer), every parameter perturbed: the text -> image stage of the tests."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from model.text import tiny_text_encoder
+    from model.vae import tiny_vae
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+    )
+    text_encoder, tokenizer = tiny_text_encoder(hidden_size=64, seed=seed)
+    vae = tiny_vae(seed)
+    for index, module in enumerate((unet, text_encoder, vae)):
+        perturb_parameters(module, seed * 10 + index)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

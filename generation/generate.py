@@ -1,0 +1,290 @@
+"""Generation from a checkpoint: text -> video, image -> video, and text -> image -> video.
+
+`lvd generate` and the `generate-video` flow call `generate_video_files`; everything they need (loading the
+pipelines, reading the conditioning image, the per-mode defaults, writing MP4 / GIF / PNG frames) is here.
+
+Modes, chosen by the arguments:
+* text -> video: a prompt and a text-to-video checkpoint (or none: the tiny random preset). One constant
+  guidance scale by default (`model.pipeline.DEFAULT_TEXT_GUIDANCE`).
+* image -> video: `image` (a file Pillow opens or an fsspec URL) and an SVD-layout checkpoint. SVD's defaults
+  (`model.image_to_video.SVD_DEFAULTS`; frames from the checkpoint's U-Net config).
+* text -> image -> video: a prompt, `image_model` (a local diffusers text-to-image folder, e.g. SD 2.1) and an
+  SVD-layout checkpoint: the text-to-image pipeline draws the first frame at the video's size, then SVD
+  animates it. Both stages get a fresh CPU generator seeded with `seed`, so the video equals what SVD makes
+  of that first frame on its own.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
+                                              decode_chunk_size=8)
+IMAGE_MODEL_DEFAULTS: dict[str, Any] = dict(image_steps=50, image_guidance=7.5)  # diffusers' SD defaults
+DTYPES = ("float32", "bfloat16", "float16")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def parse_guidance(value: str | float | list | tuple) -> float | tuple[float, float]:
+    """'7' -> 7.0 (constant); '1.0,3.0' -> (1.0, 3.0), rising linearly from the first frame to the last."""
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ValueError(f"guidance must be 'w' or 'min,max', got {value!r}")
+        return (float(value[0]), float(value[1]))
+    try:
+        parts = [float(p) for p in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"guidance must be 'w' or 'min,max' (numbers), got {value!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise ValueError(f"guidance must be 'w' or 'min,max', got {value!r}")
+
+
+def load_image(source: str | Path):
+    """The conditioning image as RGB: a local file Pillow opens, or any fsspec URL (s3://, https://, memory://).
+    Anything else is a ValueError whose one-line message names the source."""
+    import fsspec
+    import PIL.Image
+
+    try:
+        with fsspec.open(str(source), "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise ValueError(f"image {source}: no such file") from None
+    except Exception as error:  # noqa: BLE001 - any transport failure is the same user error
+        raise ValueError(f"image {source}: cannot read it ({_one_line(error)})") from None
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"image {source}: not an image Pillow can open (unknown or damaged format)") from None
+    except Exception as error:  # noqa: BLE001 - Pillow raises several types for bad files
+        raise ValueError(f"image {source}: not an image Pillow can open ({_one_line(error)})") from None
+    return image.convert("RGB")
+
+
+def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
+    """Write one video's uint8 frames (T, H, W, 3). `out` ending in '/' (or an existing directory): one
+    lossless PNG per frame, `frame_00000.png`, ... (names sort in frame order); `.mp4` / `.gif`: one file."""
+    from PIL import Image
+
+    text = str(out)
+    if text.endswith(("/", "\\")) or Path(text).is_dir():
+        directory = Path(text)
+        directory.mkdir(parents=True, exist_ok=True)
+        width = max(5, len(str(len(frames) - 1)))
+        paths = [directory / f"frame_{index:0{width}d}.png" for index in range(len(frames))]
+        for frame, path in zip(frames, paths, strict=True):
+            Image.fromarray(frame).save(path, format="PNG")
+        return paths
+    if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
+    from model.pipeline import save_video
+
+    return [save_video(frames, text, fps)]
+
+
+def check_output(out: str | Path) -> None:
+    text = str(out)
+    if not (text.endswith(("/", "\\")) or Path(text).is_dir() or Path(text).suffix.lower() in VIDEO_SUFFIXES):
+        raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
+
+
+def load_video_pipeline(checkpoint: str | Path | None, dtype: str = "float32", cpu_offload: bool = False):
+    """A pipeline folder: SVD layout -> `ImageToVideoPipeline`, else `TextToVideoPipeline`; None -> the tiny
+    random text-to-video preset. On CUDA when there is one (or with model CPU offload)."""
+    import torch
+
+    from model.image_to_video import ImageToVideoPipeline, is_image_to_video_folder
+    from model.pipeline import TextToVideoPipeline
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if checkpoint is None:
+        pipe = TextToVideoPipeline.from_preset("tiny")
+    else:
+        path = Path(checkpoint)
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"checkpoint {checkpoint}: not a pipeline directory (no model_index.json); pass a "
+                             "train-stage export, an SVD download or a save_pretrained() directory")
+        cls = ImageToVideoPipeline if is_image_to_video_folder(path) else TextToVideoPipeline
+        pipe = cls.from_pretrained(path, dtype=getattr(torch, dtype))
+    return _place(pipe, cpu_offload)
+
+
+def load_image_model(path: str | Path, dtype: str = "float32", cpu_offload: bool = False):
+    """A local diffusers text-to-image folder (SD 1.x / 2.x / XL layout) for the first frame."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise ValueError(f"image model {path}: not a diffusers pipeline directory (no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype))
+    if not hasattr(pipe, "tokenizer") or not hasattr(pipe, "text_encoder"):
+        raise ValueError(f"image model {path}: {type(pipe).__name__} is not a text-to-image pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return _place(pipe, cpu_offload)
+
+
+def _place(pipe, cpu_offload: bool):
+    import torch
+
+    if cpu_offload:
+        pipe.enable_model_cpu_offload()
+    elif torch.cuda.is_available():
+        pipe.to("cuda")
+    return pipe
+
+
+def draw_first_frame(image_model, prompt: str, height: int, width: int, seed: int, steps: int,
+                     guidance: float):
+    """The text-to-image stage: one image at the video's size from a fresh CPU generator seeded `seed`."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return image_model(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generator, output_type="pil").images[0]
+
+
+@dataclass
+class GeneratedVideos:
+    """What one request produced: `videos` uint8 (B, T, H, W, 3), a label per video (its prompt, if any), the
+    settings actually used (defaults filled in) and the drawn first frame in text -> image -> video mode."""
+
+    videos: np.ndarray
+    labels: list[str | None]
+    settings: dict[str, Any]
+    first_frame: Any = None
+
+
+def generate_videos(
+    prompts: list[str] | None = None,
+    checkpoint: str | None = None,
+    *,
+    image: str | None = None,
+    image_model: str | None = None,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    guidance: str | float | list | None = None,
+    fps: int | None = None,
+    motion_bucket_id: int | None = None,
+    noise_aug: float | None = None,
+    decode_chunk_size: int | None = None,
+    image_steps: int | None = None,
+    image_guidance: float | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    cpu_offload: bool = False,
+    progress: bool = True,
+) -> GeneratedVideos:
+    """Run one request in the mode its arguments choose; None settings take that mode's defaults."""
+    import torch
+
+    prompts = list(prompts or [])
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompts must be non-empty strings")
+    if image is not None and image_model is not None:
+        raise ValueError("pass either image (animate it) or image_model (draw the first frame from the prompt)")
+    if image_model is not None and len(prompts) != 1:
+        raise ValueError(f"text -> image -> video takes exactly one prompt, got {len(prompts)}")
+    if image is None and image_model is None and not prompts:
+        raise ValueError("nothing to generate from: give a prompt, an image, or a prompt and an image model")
+    image_mode = image is not None or image_model is not None
+    conditioning = load_image(image) if image is not None else None  # a bad image fails before any model loads
+    pipe = load_video_pipeline(checkpoint, dtype, cpu_offload)
+    from model.image_to_video import SVD_DEFAULTS, ImageToVideoPipeline
+    from model.pipeline import DEFAULT_TEXT_GUIDANCE
+
+    if image_mode != isinstance(pipe, ImageToVideoPipeline):
+        kind = "an image-to-video (SVD layout)" if image_mode else "a text-to-video"
+        raise ValueError(f"checkpoint {checkpoint or '(tiny preset)'}: {kind} checkpoint is needed for this request")
+    if image_mode:
+        defaults = dict(height=SVD_DEFAULTS["height"], width=SVD_DEFAULTS["width"],
+                        steps=SVD_DEFAULTS["num_inference_steps"],
+                        guidance=(SVD_DEFAULTS["min_guidance_scale"], SVD_DEFAULTS["max_guidance_scale"]),
+                        fps=SVD_DEFAULTS["fps"], motion_bucket_id=SVD_DEFAULTS["motion_bucket_id"],
+                        noise_aug=SVD_DEFAULTS["noise_aug_strength"],
+                        decode_chunk_size=SVD_DEFAULTS["decode_chunk_size"])
+    else:
+        defaults = dict(height=None, width=None, guidance=DEFAULT_TEXT_GUIDANCE, **TEXT_TO_VIDEO_DEFAULTS)
+    given = dict(height=height, width=width, steps=steps, guidance=guidance, fps=fps,
+                 motion_bucket_id=motion_bucket_id, noise_aug=noise_aug, decode_chunk_size=decode_chunk_size)
+    settings: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in given.items()}
+    settings.update(num_frames=num_frames or pipe.unet.config.num_frames, seed=seed,
+                    guidance=parse_guidance(settings["guidance"]))
+
+    first_frame = None
+    if image_model is not None:
+        settings.update(image_model=str(image_model),
+                        image_steps=_pick(image_steps, IMAGE_MODEL_DEFAULTS["image_steps"]),
+                        image_guidance=_pick(image_guidance, IMAGE_MODEL_DEFAULTS["image_guidance"]))
+        drawer = load_image_model(image_model, dtype, cpu_offload)
+        first_frame = conditioning = draw_first_frame(drawer, prompts[0], settings["height"], settings["width"],
+                                                      seed, settings["image_steps"], settings["image_guidance"])
+        del drawer
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    scales = settings["guidance"]
+    common = dict(num_frames=settings["num_frames"], height=settings["height"], width=settings["width"],
+                  num_inference_steps=settings["steps"], fps=settings["fps"],
+                  motion_bucket_id=settings["motion_bucket_id"], noise_aug_strength=settings["noise_aug"],
+                  decode_chunk_size=settings["decode_chunk_size"], generator=generator, progress=progress)
+    if image_mode:
+        low, high = scales if isinstance(scales, tuple) else (scales, scales)
+        videos = pipe(conditioning, min_guidance_scale=low, max_guidance_scale=high, **common).frames
+        labels: list[str | None] = [prompts[0] if prompts else None]
+    else:
+        videos = pipe(prompts, guidance_scale=scales, **common).frames
+        labels = list(prompts)
+    return GeneratedVideos(videos=videos, labels=labels, settings=settings, first_frame=first_frame)
+
+
+def generate_video_files(output_dir: str | Path, prompts: list[str] | None = None, checkpoint: str | None = None,
+                         *, out_fps: float = 8.0, outputs: tuple[str, ...] = (".mp4", ".gif"),
+                         **request: Any) -> list[dict[str, Any]]:
+    """`generate_videos`, then each video written into `output_dir` as `NNN<suffix>` per suffix in `outputs`
+    ('/' = a folder `NNN/` of PNG frames); returns one record per video (paths, size, settings)."""
+    for suffix in outputs:
+        if suffix != "/":
+            check_output(f"NNN{suffix}")
+    generated = generate_videos(prompts, checkpoint, **request)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first_frame_path = None
+    if generated.first_frame is not None:
+        first_frame_path = out / "000-first-frame.png"
+        generated.first_frame.save(first_frame_path)
+    records = []
+    for index, (label, video) in enumerate(zip(generated.labels, generated.videos, strict=True)):
+        record: dict[str, Any] = {
+            "prompt": label, "image": request.get("image"), "frames": int(video.shape[0]),
+            "height": int(video.shape[1]), "width": int(video.shape[2]), "settings": generated.settings,
+        }
+        if first_frame_path is not None:
+            record["first_frame"] = str(first_frame_path)
+        for suffix in outputs:
+            if suffix == "/":
+                record["png"] = str(write_frames(video, f"{out / f'{index:03d}'}/", out_fps)[0].parent)
+            else:
+                record[suffix.lstrip(".")] = str(write_frames(video, out / f"{index:03d}{suffix}", out_fps)[0])
+        records.append(record)
+    return records
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

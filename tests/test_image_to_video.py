@@ -90,7 +90,8 @@ def test_svd_folder_loads_and_exports_load_in_diffusers(svd_dir, image_path, tmp
     assert index["_class_name"] == "StableVideoDiffusionPipeline"
     assert index["unet"] == ["diffusers", "UNetSpatioTemporalConditionModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKLTemporalDecoder"]
-    assert json.loads((export / "unet" / "config.json").read_text())["_class_name"] == "UNetSpatioTemporalConditionModel"
+    unet_config = json.loads((export / "unet" / "config.json").read_text())
+    assert unet_config["_class_name"] == "UNetSpatioTemporalConditionModel"
     theirs = StableVideoDiffusionPipeline.from_pretrained(export)
     assert type(theirs.unet).__name__ == "UNetSpatioTemporalConditionModel"
     theirs.set_progress_bar_config(disable=True)

@@ -7,8 +7,10 @@ to the actor with the fewest queued batches, without waiting for the result, so 
 keeps going while the models run. Only when every actor of a pool already has
 `pool.max_batches_in_flight` batches queued does the producer wait: that bounds memory, and the time it
 spends waiting is measured (`AnnotateReport.producer_blocked_s`) so a run shows whether the pools keep
-up with decode. Captions come first for clips without one: the CLIP text score of a clip is computed
-against its source caption when it has one, otherwise against its CoCa caption.
+up with decode. Two pools wait for others: the CLIP text score of a clip is computed against its source
+caption when it has one, otherwise against its CoCa caption (so CLIP waits for CoCa on uncaptioned clips),
+and the LLM summary of a clip is written from its CoCa and video captions (so it waits for both). The
+three captioners each fill their entry of the `captions` struct (`merge_captions`).
 
 On a GPU cluster a pool's actors each get `1 / actors_per_gpu` of a GPU (num_gpus=None) and pools
 share the cluster's GPUs evenly; on a CPU-only cluster each pool has one CPU actor by default and the
@@ -29,11 +31,13 @@ from typing import Any
 
 from curation.scorers import build_scorer, pool_config
 from curation.scorers.base import error_row
+from curation.scorers.captions import merge_captions
 from curation.scorers.config import ActorPoolConfig, ScorersConfig
 from curation.types import ClipFrames
 
 logger = logging.getLogger(__name__)
 
+SUMMARISED = ("caption", "video_caption")  # the captioners whose captions the LLM summary reads
 ACTOR_START_TIMEOUT_S = 900.0  # model loading included; an actor that cannot be placed fails with a clear error
 
 
@@ -50,13 +54,22 @@ class ScorerWorker:
         return {"name": self.name, "load_s": self.load_seconds, "columns": list(self.scorer.columns),
                 **self.scorer.describe()}
 
-    def score(self, items: list[Any], captions: list[str | None] | None = None) -> tuple[list[dict], float]:
-        """Score a batch; items are ClipFrames or (in an actor) object refs to them. Returns rows, seconds."""
+    def score(
+        self, items: list[Any], captions: list[str | None] | None = None, extras: list[dict | None] | None = None
+    ) -> tuple[list[dict], float]:
+        """Score a batch; items are ClipFrames or (in an actor) object refs to them. `captions` fill clips
+        without a caption, `extras` are merged into `ClipFrames.extra` (results of other scorers).
+        Returns rows, seconds."""
         clips = _resolve(items)
         if captions is not None:
             clips = [
                 dataclasses.replace(clip, caption=caption) if caption and not clip.caption else clip
                 for clip, caption in zip(clips, captions, strict=True)
+            ]
+        if extras is not None:
+            clips = [
+                dataclasses.replace(clip, extra={**clip.extra, **extra}) if extra else clip
+                for clip, extra in zip(clips, extras, strict=True)
             ]
         started = time.perf_counter()
         rows = self.scorer.score(clips)
@@ -214,7 +227,7 @@ class ScorerPool:
         self.name = name
         self.config = pool_config(name, config)
         self.use_ray = use_ray
-        self.buffer: list[tuple[str, Any, str | None]] = []
+        self.buffer: list[tuple[str, Any, str | None, dict | None]] = []
         self.inflight: dict[Any, tuple[int, list[str]]] = {}
         self.per_actor: list[int] = []
         self.done: list[tuple[list[str], list[dict]]] = []
@@ -272,8 +285,8 @@ class ScorerPool:
         self._set_infos(infos)
 
     # -- producer side ---------------------------------------------------------------------------
-    def add(self, clip_id: str, item: Any, caption: str | None = None) -> None:
-        self.buffer.append((clip_id, item, caption))
+    def add(self, clip_id: str, item: Any, caption: str | None = None, extra: dict | None = None) -> None:
+        self.buffer.append((clip_id, item, caption, extra))
         if len(self.buffer) >= self.config.batch_size:
             self.flush()
 
@@ -282,17 +295,18 @@ class ScorerPool:
             batch, self.buffer = self.buffer, []
             self._submit(batch)
 
-    def _submit(self, batch: list[tuple[str, Any, str | None]]) -> None:
-        clip_ids = [clip_id for clip_id, _, _ in batch]
-        items = [item for _, item, _ in batch]
-        captions = [caption for _, _, caption in batch]
+    def _submit(self, batch: list[tuple[str, Any, str | None, dict | None]]) -> None:
+        clip_ids = [entry[0] for entry in batch]
+        items = [entry[1] for entry in batch]
+        captions = [entry[2] for entry in batch]
+        extras = [entry[3] for entry in batch] if any(entry[3] for entry in batch) else None
         now = time.perf_counter()
         if self.stats.first_submit is None:
             self.stats.first_submit = now
         self.stats.batches += 1
         self.stats.clips += len(batch)
         if not self.use_ray:
-            rows, seconds = self.workers[0].score(items, captions)
+            rows, seconds = self.workers[0].score(items, captions, extras)
             self.stats.busy_s += seconds
             self.stats.last_result = time.perf_counter()
             self.done.append((clip_ids, rows))
@@ -305,7 +319,7 @@ class ScorerPool:
             self.stats.blocked_submissions += 1
         actor = min(range(len(self.workers)), key=lambda i: self.per_actor[i])
         self._tick()
-        ref = self.workers[actor].score.remote(items, captions)
+        ref = self.workers[actor].score.remote(items, captions, extras)
         self.inflight[ref] = (actor, clip_ids)
         self.per_actor[actor] += 1
 
@@ -404,6 +418,9 @@ def annotate(
     is called as soon as every scorer has finished a clip (the flow persists results per source with it).
     """
     config.validate()
+    if names is not None and "llm_summary" in names and not {"caption", "video_caption"} <= set(names):
+        raise ValueError("the llm_summary scorer summarises the CoCa and the video caption: "
+                         "it needs the caption and video_caption scorers in the same call")
     report = report if report is not None else AnnotateReport()
     report.unavailable = {n: why for n, why in config.unavailable().items() if n != "raft"} if names is None else {}
     for name, why in report.unavailable.items():
@@ -417,9 +434,11 @@ def annotate(
         for pool in pools.values():
             pool.reset_stats()
     results: dict[str, dict[str, Any]] = defaultdict(dict)
-    caption_pool, clip_pool = pools.get("caption"), pools.get("clip")
-    direct = [pool for name, pool in pools.items() if name != "clip"]
+    caption_pool, clip_pool, summary_pool = pools.get("caption"), pools.get("clip"), pools.get("llm_summary")
+    summarised = [pools[name] for name in SUMMARISED if name in pools] if summary_pool is not None else []
+    direct = [pool for name, pool in pools.items() if name not in ("clip", "llm_summary")]
     awaiting_caption: dict[str, Any] = {}
+    awaiting_summary: dict[str, tuple[Any, set[str]]] = {}  # clip_id -> (item, captioners still to report)
     outstanding: dict[str, int] = {}  # clip_id -> scorers still to report
 
     def finish_one(clip_id: str) -> None:
@@ -436,10 +455,18 @@ def annotate(
                 error = row.pop("error", None)
                 if error:
                     results[clip_id].setdefault("scorer_errors", []).append(error)
+                if "captions" in row:  # each captioner fills its own entry of the struct
+                    row["captions"] = merge_captions(results[clip_id].get("captions"), row["captions"])
                 results[clip_id].update(row)
                 finish_one(clip_id)
                 if pool is caption_pool and clip_pool is not None and clip_id in awaiting_caption:
                     clip_pool.add(clip_id, awaiting_caption.pop(clip_id), row.get("caption"))
+                if pool.name in SUMMARISED and clip_id in awaiting_summary:
+                    item, pending = awaiting_summary[clip_id]
+                    pending.discard(pool.name)
+                    if not pending:
+                        del awaiting_summary[clip_id]
+                        summary_pool.add(clip_id, item, extra={"captions": results[clip_id].get("captions")})
 
     def drain(block: bool) -> None:
         if block:
@@ -470,15 +497,22 @@ def annotate(
                     clip_pool.add(clip.clip_id, item, clip.caption)
                 else:
                     awaiting_caption[clip.clip_id] = item
+            if summary_pool is not None:
+                awaiting_summary[clip.clip_id] = (item, set(SUMMARISED))
             drain(block=False)
         for pool in direct:
             pool.flush()
-        while any(pool.busy for pool in pools.values()) or awaiting_caption:
+        while any(pool.busy for pool in pools.values()) or awaiting_caption or awaiting_summary:
             drain(block=True)
             if clip_pool is not None and (caption_pool is None or not caption_pool.busy):
                 clip_pool.flush()
+            captioners_busy = any(pool.busy for pool in summarised)
+            if summary_pool is not None and not captioners_busy:
+                summary_pool.flush()
             if awaiting_caption and caption_pool is not None and not caption_pool.busy:
                 raise RuntimeError(f"{len(awaiting_caption)} clips never got a caption result")  # a bug, not data
+            if awaiting_summary and not captioners_busy:
+                raise RuntimeError(f"{len(awaiting_summary)} clips never got both captions")  # a bug, not data
     finally:
         if own_pools:
             for pool in pools.values():

@@ -4,7 +4,9 @@ For each decoded frame the chain makes one small BGR copy (`decode.analysis_widt
 cascade and the motion meter share, and every half second one RGB copy (long side
 `decode.sample_long_side`) spooled to disk as JPEG for the learned scorers. After the stream ends it
 knows the cuts, plans clips, writes them (stream copy or re-encode), and returns the source row, one row
-per clip and the first/middle/last frames of each clip. Any failure becomes an error row.
+per clip and the first/middle/last frames of each clip (plus, while the video captioner is active, its
+`scorers.video_caption.num_frames` frames spread over the clip, taken from the same samples: nothing is
+decoded twice). Any failure becomes an error row.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def damaged_ranges(corrupt: list[int], keyframes: list[int], num_frames: int) ->
         if not ranges or ranges[-1] != (start, end):
             ranges.append((start, end))
     return ranges
+
+
+def spread_frames(start: int, end: int, count: int) -> list[int]:
+    """`count` frame indices at the centres of `count` equal segments of [start, end): the video
+    captioner's view of a clip (the usual segment sampling of video-captioning models)."""
+    length = max(end - start, 1)
+    return [start + min(int((i + 0.5) * length / count), length - 1) for i in range(count)]
 
 
 def analysis_size(width: int, height: int, target_width: int) -> tuple[int, int]:
@@ -168,6 +177,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             timings=timings,
         )
         damaged = damaged_ranges(corrupt, keyframes, num_frames)
+        video_frame_count = config.scorers.spooled_video_frames()
         for plan, file in named:
             clip_id = file.stem
             middle = (plan.start_frame + plan.end_frame) // 2
@@ -191,7 +201,11 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             )
             picks = (plan.start_frame, middle, plan.end_frame - 1)
             frames = np.stack([spool.nearest(f, plan.start_frame, plan.end_frame) for f in picks])
-            result.clip_frames.append(ClipFrames(clip_id=clip_id, frames=frames))
+            video_frames = None
+            if video_frame_count:
+                spread = spread_frames(plan.start_frame, plan.end_frame, video_frame_count)
+                video_frames = np.stack([spool.nearest(f, plan.start_frame, plan.end_frame) for f in spread])
+            result.clip_frames.append(ClipFrames(clip_id=clip_id, frames=frames, video_frames=video_frames))
         return result
     finally:
         spool.close()

@@ -118,7 +118,8 @@ def completed_sources(layout: RunLayout) -> set[str]:
 
 
 def save_clip_frames(path: Path, frames: np.ndarray) -> None:
-    """First, middle, last frame stacked vertically in one JPEG (also a ready-made contact strip)."""
+    """Frames (first, middle, last; or the video captioner's) stacked vertically in one JPEG (also a
+    ready-made contact strip)."""
     stacked = np.concatenate(list(frames), axis=0)
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(stacked, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
@@ -126,11 +127,24 @@ def save_clip_frames(path: Path, frames: np.ndarray) -> None:
     atomic_write(path, encoded.tobytes())
 
 
+def video_frames_path(frames_path: str | Path) -> Path:
+    """Where the video captioner's frames of a clip live: next to its first/middle/last strip."""
+    return Path(frames_path).with_suffix(".video.jpg")
+
+
 def load_clip_frames(row: dict[str, Any]) -> ClipFrames:
+    """The first/middle/last frames of a clip, and its video-captioner frames when they were kept."""
     stacked = cv2.cvtColor(cv2.imread(row[Column.FRAMES_PATH], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     height = stacked.shape[0] // 3
     frames = stacked[: 3 * height].reshape(3, height, stacked.shape[1], 3)
-    return ClipFrames(clip_id=row[Column.CLIP_ID], frames=frames, caption=row.get(Column.CAPTION))
+    video_frames = None
+    video_path = video_frames_path(row[Column.FRAMES_PATH])
+    if video_path.exists():
+        strip = cv2.cvtColor(cv2.imread(str(video_path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        count = strip.shape[0] // height
+        video_frames = strip[: count * height].reshape(count, height, strip.shape[1], 3)
+    return ClipFrames(clip_id=row[Column.CLIP_ID], frames=frames, caption=row.get(Column.CAPTION),
+                      video_frames=video_frames)
 
 
 def curate_source(input_root: str | Path, relative_path: str, out: str | Path, config: CurationConfig) -> dict:
@@ -148,6 +162,8 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
+        if clip_frames.video_frames is not None:
+            save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)
     write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
     write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
     return {**result.source_row, "num_clips": len(result.clip_rows), "timings": result.timings}

@@ -2,7 +2,8 @@
 
 A source is decoded once; what later steps need of it is kept as small records: per-frame cut
 features inside the detectors, per-sample flow magnitudes for motion, and a few sampled RGB frames
-per clip (first, middle, last) for the learned scorers.
+per clip (first, middle, last) for the learned scorers, plus a few more spread over the clip for the video
+captioner when it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class ClipFrames:
     frames: np.ndarray  # (3, H, W, 3) uint8, order: first, middle, last
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # (K, H, W, 3) uint8 evenly spread over the clip for the video captioner; None when it was not active
+    video_frames: np.ndarray | None = None
 
 
 class ClipScorer(Protocol):

@@ -85,7 +85,7 @@ def test_no_active_scorer_still_consumes_every_clip():
 
     report = AnnotateReport()
     assert annotate(produce(), config, report=report) == {c: {} for c in seen}
-    assert len(seen) == 3 and set(report.unavailable) == {"clip", "caption"}
+    assert len(seen) == 3 and set(report.unavailable) == {"clip", "caption", "video_caption", "llm_summary"}
 
 
 def test_placement_shares_gpus_between_pools_and_fits_cpu_reservations():

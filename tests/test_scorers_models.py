@@ -107,7 +107,7 @@ def test_defaults_switch_off_scorers_without_weights_and_say_which_setting():
     config = ScorersConfig()
     assert config.active() == ["text"]
     unavailable = config.unavailable()
-    assert set(unavailable) == {"clip", "caption", "raft"}
+    assert set(unavailable) == {"clip", "caption", "video_caption", "llm_summary", "raft"}
     assert "scorers.clip.pretrained" in unavailable["clip"]
     assert "scorers.caption.pretrained" in unavailable["caption"]
     assert "scorers.raft.weights" in unavailable["raft"]

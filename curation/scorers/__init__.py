@@ -1,4 +1,5 @@
-"""Learned curation scorers (docs/recipe.md §1): text area, CLIP aesthetics + text score, CoCa captions, RAFT motion.
+"""Learned curation scorers (docs/recipe.md §1): text area, CLIP aesthetics + text score, the three captioners
+(CoCa on the middle frame, a GIT video captioner, an LLM summary of both), RAFT motion.
 
 Each scorer follows the `ClipScorer` protocol of curation/types.py and loads its model once; actors in
 curation/actors.py hold one each. `build_scorer` is the single place that maps a name to its class.
@@ -10,7 +11,7 @@ from typing import Any
 
 from curation.scorers.config import ScorersConfig
 
-SCORER_NAMES = ("text", "caption", "clip", "raft")
+SCORER_NAMES = ("text", "caption", "video_caption", "llm_summary", "clip", "raft")
 
 
 def build_scorer(name: str, config: ScorersConfig, device: str = "auto", threads: int = 1) -> Any:
@@ -27,6 +28,14 @@ def build_scorer(name: str, config: ScorersConfig, device: str = "auto", threads
         from curation.scorers.captions import CocaCaptioner
 
         return CocaCaptioner(config.caption, device, threads)
+    if name == "video_caption":
+        from curation.scorers.video_captions import GitVideoCaptioner
+
+        return GitVideoCaptioner(config.video_caption, device, threads)
+    if name == "llm_summary":
+        from curation.scorers.llm_summary import LlmCaptionSummarizer
+
+        return LlmCaptionSummarizer(config.llm_summary, device, threads)
     if name == "raft":
         from curation.scorers.raft_motion import RaftMotionScorer
 

@@ -72,12 +72,14 @@ def score_isolated(
     scorer_name: str,
     score_valid: Callable[[list[ClipFrames]], list[dict[str, Any]]],
     extra_check: Callable[[ClipFrames], str | None] | None = None,
+    needs_frames: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run `score_valid` on the clips that pass the checks; isolate failures to the clip that caused them."""
+    """Run `score_valid` on the clips that pass the checks; isolate failures to the clip that caused them.
+    `needs_frames=False` skips the frame checks (a scorer of text, such as the LLM summary)."""
     rows: list[dict[str, Any] | None] = [None] * len(batch)
     valid_index: list[int] = []
     for i, clip in enumerate(batch):
-        problem = check_frames(clip) or (extra_check(clip) if extra_check else None)
+        problem = (check_frames(clip) if needs_frames else None) or (extra_check(clip) if extra_check else None)
         if problem:
             rows[i] = error_row(columns, f"{scorer_name}: {problem}")
         else:
@@ -93,7 +95,8 @@ def score_isolated(
                 logger.warning("%s: batch of %d failed (%s); retrying clip by clip", scorer_name,
                                len(valid), batch_error)
                 results = [
-                    score_isolated([clip], columns, scorer_name, score_valid, extra_check)[0] for clip in valid
+                    score_isolated([clip], columns, scorer_name, score_valid, extra_check, needs_frames)[0]
+                    for clip in valid
                 ]
         for i, row in zip(valid_index, results, strict=True):
             rows[i] = row

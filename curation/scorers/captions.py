@@ -1,5 +1,6 @@
-"""Captions (docs/recipe.md §1): CoCa on the middle frame -> `caption`, kept in a `captions` struct with room for
-the other two captioners of the paper (a video captioner and an LLM summary of the two).
+"""Captions (docs/recipe.md §1): CoCa on the middle frame -> `caption`, kept in a `captions` struct next to the other
+two captioners of the paper (the video captioner of video_captions.py and the LLM summary of llm_summary.py;
+each fills its own entry and `merge_captions` combines them).
 
 open_clip ships CoCa, but its `generate` depends on transformers' BeamSearchScorer, which transformers 5
 removed; decoding is therefore done here, batched over clips: greedy, or beam search with the usual
@@ -32,6 +33,18 @@ START_TOKEN, END_TOKEN = 49406, 49407  # open_clip's SimpleTokenizer <start_of_t
 def empty_captions() -> dict[str, str | None]:
     """The `captions` struct: one entry per captioner of the paper."""
     return dict.fromkeys(CAPTION_SOURCES)
+
+
+def merge_captions(
+    current: dict[str, str | None] | None, update: dict[str, str | None] | None
+) -> dict[str, str | None] | None:
+    """Combine the `captions` structs that the three captioners fill separately: a caption one of them
+    wrote is never replaced by another's empty entry."""
+    if not current:
+        return dict(update) if update else current
+    if not update:
+        return current
+    return {name: update.get(name) or current.get(name) for name in CAPTION_SOURCES}
 
 
 def tokens_to_text(tokens: list[int]) -> str:

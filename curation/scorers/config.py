@@ -1,4 +1,4 @@
-"""Settings of the learned curation scorers (text area, CLIP, captions, RAFT) and of their Ray actor pools.
+"""Settings of the learned curation scorers (text area, CLIP, the three captioners, RAFT) and of their Ray actor pools.
 
 Defaults follow docs/recipe.md §1 (captions mixed 0.5 / 0.25 / 0.25 at training time; RAFT at 800x450). The LVD-F
 drop rules over the columns these scorers fill (text area > 7 % and the 25 % most text, the 25 % lowest
@@ -163,6 +163,68 @@ class CaptionConfig:
         self.pool.validate("scorers.caption")
 
 
+LLM_SUMMARY_PROMPT = (
+    "Two captions describe the same short video clip. A caption of its middle frame: \"{coca}\". "
+    "A caption of the whole clip: \"{video}\". Write one sentence that describes the clip, keeping what both "
+    "say about its subject, action and setting. Answer with the sentence only."
+)
+
+
+@dataclass
+class VideoCaptionConfig:
+    """The paper's video captioner: GIT (transformers' GitForCausalLM) over `num_frames` frames of the clip.
+
+    model_path: a local directory written by `save_pretrained` holding a video GIT and its processor
+    (e.g. a copy of microsoft/git-large-vatex or git-base-vatex). The decode stage keeps `num_frames`
+    frames evenly spread over each clip (from its 2 fps samples) while this scorer is active; the model
+    sees as many frames as it has temporal embeddings (`num_image_with_embedding`, 6 for the VATEX GITs).
+    """
+
+    enabled: bool = True
+    model_path: str | None = None
+    num_frames: int = 6
+    num_beams: int = 1  # 1 = greedy
+    max_new_tokens: int = 30
+    clips_per_forward: int = 8
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
+
+    def missing_setting(self) -> str | None:
+        return None if self.model_path else "scorers.video_caption.model_path (a local GIT video-captioner directory)"
+
+    def validate(self) -> None:
+        if self.num_frames < 2 or self.num_beams < 1 or self.max_new_tokens < 1 or self.clips_per_forward < 1:
+            raise ValueError("scorers.video_caption: need num_frames >= 2, num_beams, max_new_tokens and "
+                             "clips_per_forward >= 1")
+        self.pool.validate("scorers.video_caption")
+
+
+@dataclass
+class LlmSummaryConfig:
+    """The paper's third caption: a local causal LM summarises the CoCa and the video caption of a clip.
+
+    model_path: a local directory with a transformers causal LM and its tokenizer (`save_pretrained`), e.g. an
+    instruction-tuned Qwen2.5 or SmolLM2. `prompt` gets the two captions as {coca} and {video}; it is sent
+    through the tokenizer's chat template when it has one. Decoding is greedy with at most `max_new_tokens`.
+    """
+
+    enabled: bool = True
+    model_path: str | None = None
+    prompt: str = LLM_SUMMARY_PROMPT
+    max_new_tokens: int = 60
+    clips_per_forward: int = 16
+    pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=1))
+
+    def missing_setting(self) -> str | None:
+        return None if self.model_path else "scorers.llm_summary.model_path (a local causal-LM directory)"
+
+    def validate(self) -> None:
+        if "{coca}" not in self.prompt or "{video}" not in self.prompt:
+            raise ValueError("scorers.llm_summary.prompt must contain the placeholders {coca} and {video}")
+        if self.max_new_tokens < 1 or self.clips_per_forward < 1:
+            raise ValueError("scorers.llm_summary: max_new_tokens and clips_per_forward must be >= 1")
+        self.pool.validate("scorers.llm_summary")
+
+
 @dataclass
 class RaftConfig:
     """RAFT motion for the stage III high-quality subset (docs/recipe.md §1: RAFT at 800x450).
@@ -211,6 +273,8 @@ class ScorersConfig:
     text: TextAreaConfig = field(default_factory=TextAreaConfig)
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    video_caption: VideoCaptionConfig = field(default_factory=VideoCaptionConfig)
+    llm_summary: LlmSummaryConfig = field(default_factory=LlmSummaryConfig)
     raft: RaftConfig = field(default_factory=RaftConfig)
     use_ray: bool = True  # False: score in this process (tests of the scorers, one-machine debugging)
 
@@ -218,15 +282,25 @@ class ScorersConfig:
         self.text.validate()
         self.clip.validate()
         self.caption.validate()
+        self.video_caption.validate()
+        self.llm_summary.validate()
         self.raft.validate()
 
     def unavailable(self) -> dict[str, str]:
-        """Enabled scorers that cannot run because weights are not configured -> the setting to fill."""
+        """Enabled scorers that cannot run -> why and the setting to fill (no weights configured, or the LLM
+        summary without both captioners it summarises)."""
         missing = {}
-        for name, cfg in (("clip", self.clip), ("caption", self.caption), ("raft", self.raft)):
+        for name in ("clip", "caption", "video_caption", "llm_summary", "raft"):
+            cfg = getattr(self, name)
             setting = cfg.missing_setting()
             if cfg.enabled and setting:
                 missing[name] = f"off: no weights configured; set {setting}"
+        if self.llm_summary.enabled and "llm_summary" not in missing:
+            lacking = [name for name in ("caption", "video_caption")
+                       if not getattr(self, name).enabled or name in missing]
+            if lacking:
+                missing["llm_summary"] = ("off: it summarises the CoCa and the video caption; switch on "
+                                          + " and ".join(f"scorers.{name}" for name in lacking))
         return missing
 
     def active(self) -> list[str]:
@@ -235,10 +309,15 @@ class ScorersConfig:
         if self.text.enabled:
             names.append("text")
         missing = self.unavailable()
-        for name in ("caption", "clip"):
+        for name in ("caption", "video_caption", "llm_summary", "clip"):
             if getattr(self, name).enabled and name not in missing:
                 names.append(name)
         return names
+
+    def spooled_video_frames(self) -> int:
+        """Frames per clip the decode stage keeps for the video captioner (0 while it cannot run)."""
+        active = self.video_caption.enabled and self.video_caption.missing_setting() is None
+        return self.video_caption.num_frames if active else 0
 
 
 def _check_percent(setting: str, value: float | None) -> None:

@@ -1,11 +1,13 @@
-"""The paper's video captioner (docs/recipe.md §1): one caption per clip from several of its frames -> `captions.video`.
+"""The paper's video captioner (docs/recipe.md §1): one caption per clip from several of its frames
+-> `captions.video`.
 
 Model family: GIT (Wang et al. 2022, "GIT: A Generative Image-to-text Transformer"), as transformers'
 `GitForCausalLM`. Its video checkpoints (microsoft/git-base-vatex, git-large-vatex; MIT licence) encode
 each of 6 frames with a CLIP ViT, add a learned temporal embedding per frame and decode one caption over
 all of them, so the caption describes what happens across the clip rather than in one frame (CoCa's
-job). It is small (~0.2-0.7B parameters, fits next to the other scorers on one GPU), is loaded with
-AutoProcessor + AutoModelForCausalLM from a local directory, and decodes batched with `generate`.
+job). It is small (hundreds of millions of parameters: it fits next to the other scorers on one GPU),
+loads with AutoProcessor + AutoModelForCausalLM from a local directory, and decodes batched with
+`generate`.
 
 The decode stage keeps `scorers.video_caption.num_frames` frames at the centres of equal segments of
 each clip (taken from its 2 fps samples, so nothing is decoded twice); they are resampled to the

@@ -185,7 +185,7 @@ def test_decode_keeps_spread_frames_and_the_run_gets_three_captions(models, samp
     from curation.annotations import annotate_sources, read_annotations
     from curation.chain import process_source
     from curation.dataset import RunLayout, curate_source, finalize, prepare_output, video_frames_path
-    from training.data import choose_caption
+    from dataformat import training_caption
     from training.stages import get_stage_preset
 
     videos = sample_dir / "videos"
@@ -222,7 +222,7 @@ def test_decode_keeps_spread_frames_and_the_run_gets_three_captions(models, samp
     meta = manifest[0]
     source_of = {meta["captions"][name]: name for name in ("coca", "video", "llm_summary")}
     assert len(source_of) == 3  # three different texts, so each draw names its captioner
-    draws = [source_of[choose_caption(meta, None, mix, rng)] for _ in range(6000)]
+    draws = [source_of[training_caption(meta, None, rng, mix)] for _ in range(6000)]  # what training/data.py calls
     shares = {name: draws.count(name) / len(draws) for name in ("coca", "video", "llm_summary")}
     assert shares["coca"] == pytest.approx(0.5, abs=0.03)
     assert shares["video"] == pytest.approx(0.25, abs=0.03) and shares["llm_summary"] == pytest.approx(0.25, abs=0.03)

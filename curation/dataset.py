@@ -28,6 +28,7 @@ from curation.types import ClipFrames
 from dataformat import (
     CLIP_PART_SCHEMA,
     MANIFEST_SCHEMA,
+    SOURCE_ID_LENGTH,
     SOURCES_SCHEMA,
     Column,
     RunLayout,
@@ -108,6 +109,9 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
     layout = RunLayout(out)
     layout.out.mkdir(parents=True, exist_ok=True)
+    if any(len(part.stem.removeprefix("part-")) != SOURCE_ID_LENGTH for part in layout.sources.glob("part-*.parquet")):
+        raise ValueError(f"{layout.out} was written by an older lvd-pipeline (48-bit source ids, which can "
+                         "collide); curate into a new output directory")
     remove_stale_temporaries(layout.out)
     atomic_write_json(layout.config, config.to_dict())
     return layout

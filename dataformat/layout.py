@@ -16,13 +16,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+SOURCE_ID_LENGTH = 64
+
 
 def source_id(relative_path: str) -> str:
-    """A short stable id for a source (its per-source file names), from its path relative to the input."""
-    return hashlib.sha1(relative_path.encode()).hexdigest()[:12]
+    """The stable id of a source in its per-source file names: the full SHA-256 of its path relative to the
+    input, as the file system spells it (names that are not UTF-8 have ids too). Ids of 48 bits let two names
+    share one id (a pair is found in minutes), and then one source silently replaced the other."""
+    return hashlib.sha256(os.fsencode(relative_path)).hexdigest()
 
 
 def _part(sid: str) -> str:

@@ -46,3 +46,29 @@ def test_clips_with_frames_the_decoder_concealed_are_dropped_with_a_reason(sampl
     assert not any("decode_errors" in row["drop_reasons"] for row in clean.values())
     outcome = next(rule for rule in summary["rules"] if rule["name"] == "decode_errors")
     assert outcome["dropped"] == len(broken)
+
+
+# Two names whose SHA-1 digests share their first 12 hex digits (found by a birthday search over 24 million
+# names): with 48-bit ids they were one source, and one of them silently replaced the other.
+COLLIDING_48_BIT = ("take_9180950.mp4", "take_18012514.mp4")
+
+
+def test_sources_whose_short_ids_collide_are_both_curated(sample_dir, tmp_path):
+    import hashlib
+
+    assert len({hashlib.sha1(name.encode()).hexdigest()[:12] for name in COLLIDING_48_BIT}) == 1
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copyfile(sample_dir / "videos" / "static_shot.mp4", videos / COLLIDING_48_BIT[0])
+    shutil.copyfile(sample_dir / "videos" / "text_small.mp4", videos / COLLIDING_48_BIT[1])
+    out = tmp_path / "out"
+    config = CurationConfig()
+    layout = prepare_output(out, config)
+    for name in COLLIDING_48_BIT:
+        curate_source(videos, name, out, config)
+    finalize(layout, config)
+    sources = read_parquet_rows(out / "sources.parquet")
+    assert sorted(row["source"] for row in sources) == sorted(COLLIDING_48_BIT)
+    clips = read_parquet_rows(out / "manifest.parquet")
+    assert {row["source"] for row in clips} == set(COLLIDING_48_BIT)
+    assert len({row["clip_id"] for row in clips}) == len(clips)

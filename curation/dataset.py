@@ -32,6 +32,7 @@ from dataformat import (
     SOURCES_SCHEMA,
     Column,
     RunLayout,
+    acquire_output_lock,
     atomic_write,
     atomic_write_json,
     read_parquet_rows,
@@ -107,8 +108,11 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 
 
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
+    """Take OUT for this process (one writer per OUT: another live run's lock is an error naming it), then
+    clear what killed writers left and record the settings."""
     layout = RunLayout(out)
     layout.out.mkdir(parents=True, exist_ok=True)
+    acquire_output_lock(layout.out)
     if any(len(part.stem.removeprefix("part-")) != SOURCE_ID_LENGTH for part in layout.sources.glob("part-*.parquet")):
         raise ValueError(f"{layout.out} was written by an older lvd-pipeline (48-bit source ids, which can "
                          "collide); curate into a new output directory")

@@ -15,6 +15,7 @@ from dataformat.atomic import (
 )
 from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, training_caption
 from dataformat.layout import SOURCE_ID_LENGTH, RunLayout, source_id
+from dataformat.lock import LOCK_NAME, OutputLocked, acquire_output_lock, release_output_lock
 from dataformat.schema import (
     ANNOTATED_COLUMNS,
     ANNOTATION_COLUMNS,
@@ -53,7 +54,8 @@ __all__ = [
     "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
     "CLIP_PART_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
     "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH",
-    "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "Column", "DataError", "IndexedSample",
+    "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "OutputLocked", "acquire_output_lock", "release_output_lock",
+    "Column", "DataError", "IndexedSample",
     "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",
     "fsync_directory", "index_shards", "pick_caption", "read_parquet_rows", "read_shard_samples",
     "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",

@@ -72,3 +72,40 @@ def test_sources_whose_short_ids_collide_are_both_curated(sample_dir, tmp_path):
     clips = read_parquet_rows(out / "manifest.parquet")
     assert {row["source"] for row in clips} == set(COLLIDING_48_BIT)
     assert len({row["clip_id"] for row in clips}) == len(clips)
+
+
+def test_one_writer_per_output_directory(sample_dir, tmp_path):
+    """A second run into an OUT that a live process writes stops with a one-line error naming the holder and
+    touches nothing (it used to delete the first run's shard staging folder); a dead holder's lock is taken
+    over."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dataformat import LOCK_NAME, release_output_lock
+
+    out = tmp_path / "out"
+    prepare_output(out, CurationConfig())  # this process is now OUT's writer
+    staging = out / "shards" / ".shards-staging-abc"  # the first run is writing shards
+    staging.mkdir(parents=True)
+    code = f"from curation.dataset import run_sequential; run_sequential({str(sample_dir / 'videos')!r}, {str(out)!r})"
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert second.returncode != 0
+    error = second.stderr.strip().splitlines()[-1]
+    assert error.startswith("dataformat.lock.OutputLocked:"), second.stderr[-2000:]
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in error
+    assert staging.is_dir() and not (out / "sources.parquet").exists()
+
+    release_output_lock(out)
+    assert not (out / LOCK_NAME).exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(),
+                                             "started": time.time() - 60, "process_started": time.time() - 61}))
+    prepare_output(out, CurationConfig())  # the killed run's lock is taken over
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    release_output_lock(out)

@@ -11,6 +11,7 @@ rerun to exactly one row per source: unfinished sources are simply processed aga
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -107,6 +108,38 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
         target.unlink(missing_ok=True)
 
 
+# Settings `finalize` applies afresh on every run (from the committed sources), so a rerun may change them.
+RECOMPUTED_SETTINGS = ("filters", "shards")
+# Settings that change how fast work runs, never what it produces.
+THROUGHPUT_SETTINGS = ("pool", "decoder_threads", "use_ray", "frames_per_forward", "clips_per_forward",
+                       "pairs_per_forward")
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def changed_settings(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every setting that differs and shapes what committed sources hold (settings one
+    of the two does not know, e.g. added by a newer version, are not compared)."""
+    old, new = _flatten(recorded), _flatten(json.loads(json.dumps(requested, default=str)))
+    changes = []
+    for key in sorted(old.keys() & new.keys()):
+        parts = key.split(".")
+        if parts[0] in RECOMPUTED_SETTINGS or any(part in THROUGHPUT_SETTINGS for part in parts):
+            continue
+        if old[key] != new[key]:
+            changes.append(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}")
+    return changes
+
+
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
     """Take OUT for this process (one writer per OUT: another live run's lock is an error naming it), then
     clear what killed writers left and record the settings."""
@@ -116,6 +149,12 @@ def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
     if any(len(part.stem.removeprefix("part-")) != SOURCE_ID_LENGTH for part in layout.sources.glob("part-*.parquet")):
         raise ValueError(f"{layout.out} was written by an older lvd-pipeline (48-bit source ids, which can "
                          "collide); curate into a new output directory")
+    if layout.config.is_file() and any(layout.sources.glob("part-*.parquet")):
+        changes = changed_settings(json.loads(layout.config.read_text()), config.to_dict())
+        if changes:
+            raise ValueError(f"{layout.out} holds sources curated with other settings ({'; '.join(changes)}); "
+                             "rerun with those settings, curate into a new output directory, or delete "
+                             f"{layout.out} to start over")
     remove_stale_temporaries(layout.out)
     atomic_write_json(layout.config, config.to_dict())
     return layout

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from curation.config import CurationConfig
 from curation.dataset import curate_source, finalize, prepare_output
 from dataformat import read_parquet_rows
@@ -109,3 +111,28 @@ def test_one_writer_per_output_directory(sample_dir, tmp_path):
     prepare_output(out, CurationConfig())  # the killed run's lock is taken over
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     release_output_lock(out)
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_finalize_recomputes_them(sample_dir, tmp_path):
+    """Settings that shape committed sources cannot change on a rerun (it used to report '1 already done'
+    while config.json claimed the new value); filter and shard settings, applied afresh, can."""
+    import json
+
+    from curation.dataset import run_sequential
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    shutil.copyfile(sample_dir / "videos" / "static_shot.mp4", videos / "static_shot.mp4")
+    out = tmp_path / "out"
+    run_sequential(videos, out)
+    recorded = (out / "config.json").read_text()
+    changed = CurationConfig.from_overrides({"decode": {"min_side": 64}, "clips": {"min_clip_s": 2.0}})
+    with pytest.raises(ValueError, match=r"clips\.min_clip_s: 1\.0 -> 2\.0; decode\.min_side: 32 -> 64") as error:
+        run_sequential(videos, out, changed)
+    assert "\n" not in str(error.value) and "new output directory" in str(error.value)
+    assert (out / "config.json").read_text() == recorded
+    # filters are applied afresh to every committed clip: a rerun may change them, and the outputs follow
+    no_filters = CurationConfig.from_overrides({"filters": [], "decode": {"decoder_threads": "1"}})
+    summary = run_sequential(videos, out, no_filters)
+    assert summary["kept"] == summary["clips"] > 0
+    assert json.loads((out / "config.json").read_text())["filters"] == []

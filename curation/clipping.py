@@ -16,7 +16,7 @@ from pathlib import Path
 import av
 
 from curation.config import ClipConfig
-from curation.encode import write_video
+from common.video import write_video
 
 
 @dataclass

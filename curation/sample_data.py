@@ -20,7 +20,7 @@ import av
 import cv2
 import numpy as np
 
-from curation.encode import write_video
+from common.video import write_video
 
 WIDTH, HEIGHT, FPS = 640, 360, 25
 GROUND_TRUTH = "ground_truth.json"

@@ -206,7 +206,7 @@ class TextToVideoPipeline(DiffusionPipeline):
 
 def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     """Write one video's uint8 frames (T, H, W, 3) as H.264 MP4 or animated GIF (by extension)."""
-    from curation.encode import write_video
+    from common.video import write_video
 
     path = Path(path)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

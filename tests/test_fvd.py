@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 
 import flows.evaluate  # noqa: F401  (imports prefect now: its log handler must not bind to a capsys stream)
-from curation.encode import write_video
+from common.video import write_video
 from curation.sample_data import footage_paths
 from flows.cli import main as lvd
 from model.fvd import (

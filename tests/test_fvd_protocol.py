@@ -102,7 +102,7 @@ def tiny_clip(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def real_set(tmp_path_factory) -> Path:
     """Four real-footage clips at UCF-101's geometry (320x240, 25 fps) standing in for UCF-101."""
-    from curation.encode import write_video
+    from common.video import write_video
     from tests.test_fvd import real_clips
 
     folder = tmp_path_factory.mktemp("ucf-real")

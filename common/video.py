@@ -1,13 +1,21 @@
-"""H.264 encoding with PyAV: the clipper's re-encode fallback and the sample-data builder share it."""
+"""Video in and out, once for the whole project: H.264/GIF writing, decoding the frames at given indices,
+and the resize-to-cover + centre-crop every consumer of frames needs (training, walks, open_clip input,
+the FVD protocol, the sample-data builder)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import io
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
+
+
+class NoVideoStreamError(ValueError):
+    """A container without a video stream (an audio file, a renamed document)."""
 
 
 def write_video(
@@ -47,3 +55,105 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
     return count
+
+
+def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """Write one video's uint8 frames (T, H, W, 3) as H.264 MP4 or animated GIF (by extension)."""
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    elif path.suffix.lower() == ".mp4":
+        even = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+        write_video(path, even, fps, crf=18, gop=max(1, round(fps)))
+    else:
+        raise ValueError(f"unsupported video extension {path.suffix!r}: use .mp4 or .gif")
+    return path
+
+
+def decode_frames_at(
+    source: str | Path | bytes,
+    indices: Sequence[int] | Callable[[float | None], Sequence[int]],
+    *,
+    threaded: bool = False,
+) -> list[np.ndarray]:
+    """RGB uint8 frames at `indices` (in that order, repeats allowed) of a file or encoded bytes.
+
+    `indices` may be a function of the stream's average frame rate (None when the container does not
+    say), for callers that resample to a target fps. Decoding stops after the last wanted frame; frames
+    past the end of the video are simply missing from the result, so callers compare its length with
+    what they asked for. A file without a video stream raises NoVideoStreamError."""
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
+        if not container.streams.video:
+            raise NoVideoStreamError(f"{source if isinstance(source, str | Path) else 'video bytes'}: no video stream")
+        stream = container.streams.video[0]
+        if threaded:
+            stream.thread_type = "AUTO"
+        if callable(indices):
+            rate = stream.average_rate or stream.guessed_rate
+            indices = indices(float(rate) if rate else None)
+        if not len(indices):
+            return []
+        wanted, last = set(indices), max(indices)
+        picked: dict[int, np.ndarray] = {}
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                picked[index] = frame.to_ndarray(format="rgb24")
+            if index >= last:
+                break
+    return [picked[i] for i in indices if i in picked]
+
+
+def cover_crop_box(in_h: int, in_w: int, height: int, width: int) -> tuple[float, int, int, int, int]:
+    """Geometry of resize-to-cover + centre-crop: (scale, resized height, resized width, top, left)."""
+    scale = max(height / in_h, width / in_w)
+    new_h, new_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
+    return scale, new_h, new_w, (new_h - height) // 2, (new_w - width) // 2
+
+
+def resize_cover_crop(
+    frames: np.ndarray,
+    height: int,
+    width: int,
+    *,
+    interpolation: Literal["auto", "area", "antialiased-bilinear"] = "auto",
+    chunk: int = 64,
+) -> np.ndarray:
+    """Scale uint8 RGB frames (..., H, W, 3) so they cover height x width (aspect kept), then centre-crop;
+    any leading dimensions (one frame, a clip, a batch of clips) are kept.
+
+    `interpolation`: "auto" is OpenCV's area filter when shrinking and bicubic when enlarging (what
+    open_clip's PIL preprocessing does, and what training and walks use); "area" is OpenCV's area filter
+    both ways (the sample-data builder, whose footage must not change); "antialiased-bilinear" is torch's
+    antialiased bilinear, batched `chunk` frames at a time (the UCF-101 FVD protocol's 320x576 -> 240x320)."""
+    frames = np.asarray(frames)
+    if frames.ndim < 3 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames (..., H, W, 3), got {frames.dtype} {frames.shape}")
+    in_h, in_w = frames.shape[-3:-1]
+    scale, new_h, new_w, top, left = cover_crop_box(in_h, in_w, height, width)
+    flat = frames.reshape(-1, in_h, in_w, 3)
+    out = np.empty((len(flat), height, width, 3), dtype=np.uint8)
+    if interpolation == "antialiased-bilinear":
+        import torch
+        import torch.nn.functional as F
+
+        for start in range(0, len(flat), chunk):
+            x = torch.from_numpy(flat[start : start + chunk]).permute(0, 3, 1, 2).float()
+            if (new_h, new_w) != (in_h, in_w):
+                x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+            x = x[:, :, top : top + height, left : left + width]
+            out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    elif interpolation in ("auto", "area"):
+        import cv2
+
+        flag = cv2.INTER_AREA if interpolation == "area" or scale < 1 else cv2.INTER_CUBIC
+        for i, frame in enumerate(flat):
+            out[i] = cv2.resize(frame, (new_w, new_h), interpolation=flag)[top : top + height, left : left + width]
+    else:
+        raise ValueError(f"unknown interpolation {interpolation!r}: use 'auto', 'area' or 'antialiased-bilinear'")
+    return out.reshape(*frames.shape[:-3], height, width, 3)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import av
 
-from curation.config import ClipConfig
 from common.video import write_video
+from curation.config import ClipConfig
 
 
 @dataclass

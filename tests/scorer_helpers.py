@@ -82,7 +82,7 @@ def tiny_models() -> dict[str, str]:
     from open_clip.coca_model import CoCa
     from open_clip.model import CLIP
 
-    from curation.scorers.open_clip_models import save_local_dir
+    from common.openclip import save_local_dir
     from curation.scorers.raft_motion import build_raft
 
     root = Path(tempfile.mkdtemp(prefix="lvd-tiny-models-"))

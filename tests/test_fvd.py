@@ -7,7 +7,6 @@ import functools
 import json
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -15,10 +14,9 @@ import scipy.linalg
 import torch
 
 import flows.evaluate  # noqa: F401  (imports prefect now: its log handler must not bind to a capsys stream)
-from common.video import write_video
+from common.video import decode_frames_at, write_video
 from curation.sample_data import footage_paths
-from flows.cli import main as lvd
-from model.fvd import (
+from evaluation.fvd import (
     I3DFeatureExtractor,
     VideoSetError,
     compute_fvd,
@@ -29,7 +27,8 @@ from model.fvd import (
     read_clip,
     resize_bilinear_tf,
 )
-from model.i3d import ensure_i3d_weights
+from evaluation.i3d import ensure_i3d_weights
+from flows.cli import main as lvd
 
 
 @functools.cache
@@ -40,15 +39,8 @@ def real_clips() -> np.ndarray:
             ("carphone", 0), ("carphone", 60)]
     clips = []
     for name, start in cuts:
-        frames = []
-        with av.open(str(paths[name])) as container:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index >= start:
-                    rgb = frame.to_ndarray(format="rgb24")
-                    frames.append(cv2.resize(rgb, (160, 120), interpolation=cv2.INTER_AREA))
-                if len(frames) == 16:
-                    break
-        clips.append(np.stack(frames))
+        frames = decode_frames_at(paths[name], range(start, start + 16))
+        clips.append(np.stack([cv2.resize(rgb, (160, 120), interpolation=cv2.INTER_AREA) for rgb in frames]))
     return np.stack(clips)
 
 

@@ -10,7 +10,9 @@ import av
 import numpy as np
 import pytest
 
-from model.ucf101 import (
+from common.video import resize_cover_crop
+from evaluation.fvd import PROTOCOL_RESIZE
+from evaluation.ucf101 import (
     CLASS_COUNTS,
     CLASS_NAMES,
     ProtocolSettings,
@@ -19,7 +21,6 @@ from model.ucf101 import (
     counts_from_root,
     generate_videos,
     protocol_videos,
-    resize_crop,
 )
 
 
@@ -59,6 +60,10 @@ def test_counts_from_a_local_ucf101_copy(tmp_path):
     assert counts_from_root(tmp_path) == {"Archery": 3, "YoYo": 2}
 
 
+def resize_crop(clips: np.ndarray, height: int = 240, width: int = 320) -> np.ndarray:
+    return resize_cover_crop(clips, height, width, interpolation=PROTOCOL_RESIZE)
+
+
 def test_resize_crop_320x576_gives_240x320_centre():
     columns = np.linspace(0, 255, 576).astype(np.uint8)
     video = np.broadcast_to(columns[None, None, :, None], (16, 320, 576, 3)).copy()
@@ -90,7 +95,7 @@ def tiny_clip(tmp_path_factory) -> str:
     import torch
     from open_clip.model import CLIP
 
-    from curation.scorers.open_clip_models import save_local_dir
+    from common.openclip import save_local_dir
     from tests.scorer_helpers import TINY_CLIP
 
     torch.manual_seed(0)
@@ -114,8 +119,8 @@ def real_set(tmp_path_factory) -> Path:
 def test_evaluate_fvd_flow_end_to_end(prefect_api, real_set, tiny_clip, tmp_path, monkeypatch):
     import httpx
 
+    from evaluation.i3d import ensure_i3d_weights
     from flows.evaluate import evaluate_fvd
-    from model.i3d import ensure_i3d_weights
 
     monkeypatch.setenv("LVD_I3D_WEIGHTS", str(ensure_i3d_weights()))
     monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "cache"))

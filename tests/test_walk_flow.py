@@ -12,7 +12,7 @@ import torch
 
 from flows.cli import main
 from flows.walk import generate_walk, walk_files
-from model.upscale import RRDBNet
+from generation.upscale import RRDBNet
 
 TINY = ["--steps", "2", "--window", "6"]
 

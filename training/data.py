@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 
+from common.video import decode_frames_at, resize_cover_crop
 from dataformat import Column, DataError, IndexedSample, training_caption
 from training.stages import Phase, StagePreset
 
@@ -38,35 +39,6 @@ def motion_bucket(motion_score: float | None) -> int:
     if motion_score is None or not np.isfinite(motion_score):
         return 127  # SVD's default bucket when a clip has no score
     return int(round(MAX_MOTION_BUCKET * min(max(motion_score, 0.0) / MOTION_SCORE_AT_MAX_BUCKET, 1.0)))
-
-
-def resize_cover_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Scale so the frame covers height x width (aspect kept), then centre-crop."""
-    source_h, source_w = frame.shape[:2]
-    scale = max(height / source_h, width / source_w)
-    new_h, new_w = max(height, round(source_h * scale)), max(width, round(source_w * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    resized = cv2.resize(frame, (new_w, new_h), interpolation=interpolation)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[top : top + height, left : left + width]
-
-
-def decode_clip_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
-    """Decode the frames at sorted `indices` (RGB uint8) from an encoded clip, stopping after the last."""
-    import av
-
-    wanted, frames, last = set(indices), {}, max(indices)
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for index, frame in enumerate(container.decode(stream)):
-            if index in wanted:
-                frames[index] = frame.to_ndarray(format="rgb24")
-            if index >= last:
-                break
-    if len(frames) != len(wanted):
-        raise DataError(f"clip has fewer frames than its manifest says (wanted up to frame {last})")
-    return [frames[i] for i in indices]
 
 
 def count_frames(meta: dict[str, Any], data: bytes) -> int:
@@ -97,8 +69,10 @@ class SampleReader:
             data = sample.members[sample.video_extension].read()
             available = count_frames(meta, data)
             indices, stride = self.frame_indices(available, phase.num_frames, rng)
-            frames, fps = decode_clip_frames(data, indices), source_fps / stride
-        pixels = np.stack([resize_cover_crop(frame, phase.height, phase.width) for frame in frames])
+            frames, fps = decode_frames_at(data, indices, threaded=True), source_fps / stride
+            if len(frames) != len(indices):
+                raise DataError(f"clip has fewer frames than its manifest says (wanted up to frame {max(indices)})")
+        pixels = resize_cover_crop(np.stack(frames), phase.height, phase.width)
         caption = training_caption(meta, text, rng, self.preset.caption_mix)
         if rng.random() < self.preset.text_drop_rate:
             caption = ""

@@ -62,7 +62,7 @@ class TrainingMonitor:
             return None
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from model.pipeline import save_video
+        from common.video import save_video
 
         path = save_video(frames, self.log_dir / "samples" / f"step-{step:06d}.gif", fps)
         image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,

@@ -9,41 +9,22 @@ clip at a time so only the culprit gets an error row.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.devices import pick_device
+from common.weights import MissingWeightsError, require_file
 from curation.types import ClipFrames
+
+# What every learned scorer shares, importable from here: device choice and weight-path checks live in common/.
+__all__ = ["MissingWeightsError", "check_frames", "chunks", "error_row", "pick_device", "require_file",
+           "score_isolated"]
 
 logger = logging.getLogger(__name__)
 
 MIN_FRAME_SIDE = 16
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Real weights were asked for but are not where the configuration says; the message names the setting."""
-
-
-def pick_device(requested: str = "auto") -> str:
-    """'auto' -> 'cuda' when this process sees a GPU (a Ray actor with num_gpus > 0 does), else 'cpu'."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def require_file(path: str | os.PathLike | None, setting: str, what: str) -> Path:
-    """Return `path` as an existing file, or raise an error naming the configuration `setting` to fix."""
-    if path is None or str(path) == "":
-        raise MissingWeightsError(f"{what}: no weights configured; set `{setting}` to a local file")
-    resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise MissingWeightsError(f"{what}: `{setting}` = {str(path)!r} does not exist or is not a file")
-    return resolved
 
 
 def check_frames(clip: ClipFrames) -> str | None:

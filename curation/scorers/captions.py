@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from common.openclip import frames_to_model_input, load_open_clip, resize_for_model
 from curation.scorers.base import chunks, pick_device, score_isolated
 from curation.scorers.config import CaptionConfig
-from curation.scorers.open_clip_models import frames_to_model_input, load_open_clip, resize_for_model
 from curation.types import ClipFrames
 from dataformat import CAPTION_SOURCES
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from common.openclip import frames_to_model_input, load_open_clip, model_input_size, resize_for_model
 from curation.scorers.base import chunks, pick_device, require_file, score_isolated
 from curation.scorers.config import ClipScoreConfig
-from curation.scorers.open_clip_models import frames_to_model_input, load_open_clip, model_input_size, resize_for_model
 from curation.types import ClipFrames
 
 logger = logging.getLogger(__name__)

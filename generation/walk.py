@@ -8,7 +8,7 @@ done with a video model, so frames come out of one joint denoising per window in
   slerp(noise(seed_s), noise(seed_s+1), t) and its text context lerp(E(prompt_s), E(prompt_s+1), t),
   passed to the U-Net per frame. The last segment also includes t = 1, so the last waypoint is shown.
 * How fast t moves is a schedule: uniform steps, or steps proportional to an audio envelope
-  (model.audio), normalised so every segment still runs from t = 0 to t = 1.
+  (generation.audio), normalised so every segment still runs from t = 0 to t = 1.
 * Seams: frames are generated in windows of `window` frames (the model's clip length) that overlap by
   `overlap` frames, and each segment also regenerates the last `overlap` frames of the previous one
   ("lead-in"). Because a frame's noise and context depend only on its place on the walk, the two
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.video import resize_cover_crop
 from model.vae import encode_frames, scale_factor
 
 
@@ -212,12 +213,7 @@ def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot read image {path}")
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    scale = max(height / image.shape[0], width / image.shape[1])
-    size = (max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale)))
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    image = image[top : top + height, left : left + width]
+    image = resize_cover_crop(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), height, width)
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 

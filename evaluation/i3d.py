@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.i3d_checkpoint import (
+from evaluation.i3d_checkpoint import (
     PICKLE_SHA256,
     REFERENCE_PACKAGE,
     REFERENCE_VERSION,

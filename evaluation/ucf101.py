@@ -2,7 +2,7 @@
 
 13,320 videos in the class distribution of UCF-101, the class name as prompt, 16 frames at 25 fps,
 CFG w = 7, generated at 320 x 576, resized (antialiased) to 240 x 432 and centre-cropped to 240 x 320,
-then scored with FVD against the real UCF-101 videos (model.fvd).
+then scored with FVD against the real UCF-101 videos (evaluation.fvd).
 
 Class names and per-class video counts are UCF-101's own: the union of the official split lists
 (ucfTrainTestlist/trainlist01 + testlist01; splits 2 and 3 give the same 13,320 files) grouped by class
@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.video import resize_cover_crop
+from evaluation.fvd import PROTOCOL_RESIZE, list_videos
 
 UCF101_CLASSES: tuple[tuple[str, int], ...] = (
     ("ApplyEyeMakeup", 145), ("ApplyLipstick", 114), ("Archery", 145), ("BabyCrawling", 132), ("BalanceBeam", 108),
@@ -96,8 +99,6 @@ def protocol_videos(num_videos: int = TOTAL_VIDEOS, seed: int = 0,
 
 def counts_from_root(root: str | Path) -> dict[str, int]:
     """Videos per UCF-101 class in a local copy (class folders or v_<Class>_gXX_cYY files)."""
-    from model.fvd import list_videos
-
     found: Counter[str] = Counter()
     for path in list_videos(root):
         match = re.match(r"v_([A-Za-z]+)_g\d+_c\d+", path.stem)
@@ -105,34 +106,6 @@ def counts_from_root(root: str | Path) -> dict[str, int]:
         if name in CLASS_COUNTS:
             found[name] += 1
     return {name: found[name] for name in CLASS_NAMES if found[name]}
-
-
-def resize_crop(clips, height: int = 240, width: int = 320, chunk: int = 64) -> np.ndarray:
-    """Scale (antialiased bilinear) to cover height x width keeping the aspect, centre-crop:
-    320 x 576 -> 240 x 432 -> 240 x 320. uint8 (B, T, H, W, 3) or (T, H, W, 3) in, same rank out."""
-    import torch
-    import torch.nn.functional as F
-
-    clips = np.asarray(clips)
-    single = clips.ndim == 4
-    if single:
-        clips = clips[None]
-    if clips.ndim != 5 or clips.shape[-1] != 3 or clips.dtype != np.uint8:
-        raise ValueError(f"expected uint8 (B, T, H, W, 3), got {clips.dtype} {clips.shape}")
-    batch, frames, in_h, in_w, _ = clips.shape
-    scale = max(height / in_h, width / in_w)
-    new_h, new_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    flat = clips.reshape(batch * frames, in_h, in_w, 3)
-    out = np.empty((batch * frames, height, width, 3), dtype=np.uint8)
-    for start in range(0, len(flat), chunk):
-        x = torch.from_numpy(flat[start : start + chunk]).permute(0, 3, 1, 2).float()
-        if (new_h, new_w) != (in_h, in_w):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        x = x[:, :, top : top + height, left : left + width]
-        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = out.reshape(batch, frames, height, width, 3)
-    return out[0] if single else out
 
 
 @dataclass(frozen=True)
@@ -152,7 +125,7 @@ class ProtocolSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        from model.i3d import MIN_FRAMES
+        from evaluation.i3d import MIN_FRAMES
 
         if self.num_videos < 2:
             raise ValueError(f"num_videos must be >= 2 (FVD needs two or more videos), got {self.num_videos}")
@@ -184,7 +157,7 @@ def generate_videos(pipe, videos: Sequence[ProtocolVideo], settings: ProtocolSet
                   width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                   fps=settings.fps, motion_bucket_id=settings.motion_bucket_id,
                   latents=initial_latents(pipe, videos, settings), progress=False)
-    return resize_crop(output.frames, settings.out_height, settings.out_width)
+    return resize_cover_crop(output.frames, settings.out_height, settings.out_width, interpolation=PROTOCOL_RESIZE)
 
 
 def sample_grid(tiles: Sequence[tuple[str, np.ndarray]], columns: int = 11, tile_width: int = 128) -> np.ndarray:

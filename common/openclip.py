@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.scorers.base import MissingWeightsError, require_file
+from common.video import resize_cover_crop
+from common.weights import MissingWeightsError, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +64,7 @@ def resize_for_model(frames: np.ndarray, preprocess_cfg: dict) -> np.ndarray:
     """open_clip's eval geometry on uint8 RGB frames (N, H, W, 3): scale the short side to the model's
     size, centre-crop. Done with OpenCV on the CPU (area filter when shrinking, like PIL's antialiased
     bicubic), so clips of different sizes can be stacked into one model batch."""
-    import cv2
-
-    out_h, out_w = model_input_size(preprocess_cfg)
-    height, width = frames.shape[1:3]
-    scale = max(out_h / height, out_w / width)
-    new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
-    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return np.stack(
-        [cv2.resize(f, (new_w, new_h), interpolation=interpolation)[top : top + out_h, left : left + out_w]
-         for f in frames]
-    )
+    return resize_cover_crop(frames, *model_input_size(preprocess_cfg))
 
 
 def frames_to_model_input(frames: np.ndarray, preprocess_cfg: dict, device: str):

@@ -3,7 +3,7 @@
 stable-diffusion-videos times its walks with librosa's onset strength; librosa is not a dependency here,
 so the envelope is computed directly: onset strength = half-wave-rectified spectral flux of the
 log-magnitude STFT (what librosa.onset.onset_strength computes, on linear instead of mel bins), or RMS
-energy. Either is averaged over each video frame's time span and min-max scaled to [0, 1]; model.walk turns it
+energy. Either is averaged over each video frame's time span and min-max scaled to [0, 1]; generation.walk turns it
 into interpolation speed (`speeds = floor + envelope`, normalised per segment).
 """
 

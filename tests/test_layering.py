@@ -1,0 +1,148 @@
+"""The package layering (CONTRIBUTING.md): which shipped package may import which, and no import cycles.
+
+Every `import` / `from ... import` in every module of the shipped packages is read from the source (AST,
+function-level imports included, nothing is executed), so a lazy import inside a function counts as much
+as one at the top of a file: both make the importing package depend on the imported one.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# package -> the other project packages it may import (its own modules are always allowed).
+ALLOWED: dict[str, set[str]] = {
+    "dataformat": set(),
+    "common": set(),
+    "infra": set(),
+    "model": {"common"},
+    "curation": {"dataformat", "common", "infra"},
+    "training": {"model", "dataformat", "common", "infra"},
+    "evaluation": {"model", "dataformat", "common"},
+    "generation": {"model", "dataformat", "common"},
+    "flows": {"dataformat", "common", "infra", "model", "curation", "training", "evaluation", "generation"},
+}
+
+
+def module_files(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the shipped packages present under `root`."""
+    modules: dict[str, Path] = {}
+    for package in ALLOWED:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def imported_names(path: Path, module: str) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) of everything `path` imports, relative imports resolved, `from a import b`
+    giving `a.b` (a submodule or a name inside `a`; the caller decides which exists)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                yield node.lineno, f"{source}.{alias.name}" if alias.name != "*" else source
+
+
+def import_graph(root: Path) -> dict[str, dict[str, int]]:
+    """module -> {imported project module: first line}; a `from a import name` edge goes to `a.name` when
+    that is a module, else to `a`."""
+    modules = module_files(root)
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in modules.items():
+        edges: dict[str, int] = {}
+        for line, name in imported_names(path, module):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                edges.setdefault(name, line)
+        graph[module] = edges
+    return graph
+
+
+def forbidden_imports(root: Path) -> list[str]:
+    """'file:line: a.b imports c.d (a may import only ...)' for every import against ALLOWED."""
+    modules, problems = module_files(root), []
+    for module, edges in import_graph(root).items():
+        package = module.split(".")[0]
+        for target, line in edges.items():
+            other = target.split(".")[0]
+            if other != package and other not in ALLOWED[package]:
+                allowed = ", ".join(sorted(ALLOWED[package])) or "nothing of the project"
+                problems.append(f"{modules[module].relative_to(root)}:{line}: {module} imports {target} "
+                                f"({package} may import {allowed})")
+    return sorted(problems)
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Strongly connected groups of two or more modules (Tarjan), each sorted; a module importing itself
+    is not possible here (self-edges are dropped when the graph is built)."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, {}):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_packages_import_only_downward():
+    problems = forbidden_imports(ROOT)
+    assert not problems, "imports against the layering:\n" + "\n".join(problems)
+
+
+def test_no_import_cycles_between_modules():
+    cycles = import_cycles(ROOT)
+    assert not cycles, "import cycles (function-level imports included):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_checker_sees_lazy_imports_and_cycles(tmp_path):
+    """The checker itself: a function-level model -> curation import and a two-module cycle are reported."""
+    for package in ("model", "curation", "common"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "model" / "a.py").write_text("def f():\n    from curation.b import g\n    return g\n")
+    (tmp_path / "curation" / "b.py").write_text("from common import c\n\ndef g():\n    return c\n")
+    (tmp_path / "common" / "c.py").write_text("from . import d\n")
+    (tmp_path / "common" / "d.py").write_text("def h():\n    from common.c import x\n")
+    assert forbidden_imports(tmp_path) == [
+        "model/a.py:2: model.a imports curation.b (model may import common)"]
+    assert import_cycles(tmp_path) == [["common.c", "common.d"]]

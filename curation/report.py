@@ -9,12 +9,15 @@ clip, hq/summary.json) and writes OUT/report.md with:
 - PNG histograms per score, kept and dropped stacked, with each rule's threshold drawn in;
 - one contact sheet per rule: first/middle/last frame of the clips it dropped, most extreme first;
 - which learned scorers ran (and which setting switches the others on), captions, the hq subset.
-`build_report` returns the same text for the Prefect markdown artifact, with figure paths instead of
-images (the Prefect UI cannot show local files) and a text histogram under each score figure.
+`build_report` returns the same text for the Prefect markdown artifact (`lvd-f-report`) with every figure
+embedded as a base64 data URI (the Prefect UI cannot load the run's local files), downscaled so that all
+of them together stay under `ARTIFACT_IMAGE_BYTES` (900 kB of base64 text; the whole artifact stays
+under 1 MB). A figure that cannot fit its share is given as its path and, for a score, a text histogram.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
@@ -29,6 +32,9 @@ from dataformat import SCORE_COLUMNS, Column, RunLayout, atomic_write, read_parq
 
 SHEET_CLIPS = 6
 SHEET_FRAME_HEIGHT = 96
+ARTIFACT_IMAGE_BYTES = 900_000  # base64 text of all figures embedded in the Prefect artifact together
+ARTIFACT_MAX_WIDTH = 640  # px; wider figures are scaled down before embedding
+MIN_EMBED_WIDTH = 160  # px; a figure that only fits narrower than this is linked instead
 
 
 def _finite(value: Any) -> bool:
@@ -130,9 +136,10 @@ def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[t
     """(scorer, status, clips with an error from it)."""
     scorers = config.scorers
     unavailable = scorers.unavailable()
-    columns = {"text": "text_area", "clip": "aesthetic_score / clip_score", "caption": "caption", "raft": "raft_motion"}
+    columns = {"text": "text_area", "clip": "aesthetic_score / clip_score", "caption": "caption",
+               "video_caption": "captions.video", "llm_summary": "captions.llm_summary", "raft": "raft_motion"}
     out = []
-    for name in ("text", "clip", "caption", "raft"):
+    for name in ("text", "clip", "caption", "video_caption", "llm_summary", "raft"):
         cfg = getattr(scorers, name)
         if not cfg.enabled:
             status = f"disabled (scorers.{name}.enabled=false)"
@@ -142,8 +149,8 @@ def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[t
             status = f"ran: {cfg.resolved_backend()} detector -> {columns[name]}"
         else:
             status = f"ran -> {columns[name]}"
-        prefix = {"text": "text_area", "clip": "clip", "caption": "caption", "raft": "raft_motion"}[name]
-        errors = sum(any(str(e).startswith(prefix) for e in (r.get("scorer_errors") or [])) for r in rows)
+        prefix = {"text": "text_area", "raft": "raft_motion"}.get(name, name)
+        errors = sum(any(str(e).startswith(f"{prefix}:") for e in (r.get("scorer_errors") or [])) for r in rows)
         out.append((name, status, errors))
     if scorers.clip.enabled and "clip" not in unavailable and not scorers.clip.aesthetic_weights:
         out.append(("aesthetics", "off: set scorers.clip.aesthetic_weights (LAION predictor .pth)", 0))
@@ -220,7 +227,10 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
     lines += ["", "## Learned scorers", "", "| scorer | status | clips with errors |", "|---|---|---|"]
     lines += [f"| {name} | {status} | {errors} |" for name, status, errors in _scorer_status(config, rows)]
     captioned = [r for r in rows if r.get("caption")]
-    lines += ["", f"Captions: {len(captioned)} of {total} clips have a CoCa caption."]
+    kinds = {kind: sum(bool((r.get(Column.CAPTIONS) or {}).get(kind)) for r in rows)
+             for kind in ("video", "llm_summary")}
+    lines += ["", f"Captions: {len(captioned)} of {total} clips have a CoCa caption, {kinds['video']} a video "
+              f"caption, {kinds['llm_summary']} an LLM summary."]
     if captioned:
         lines += [f"- `{r['clip_id']}`: {r['caption']}" for r in captioned[:5]]
     lines += ["", "## Stage III high-quality subset (RAFT)"]
@@ -239,19 +249,48 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
     return markdown, artifact_markdown(markdown, layout, rows)
 
 
+def inline_figure(path: Path, alt: str, max_chars: int, photo: bool) -> str | None:
+    """`![alt](data:...)` of a figure scaled down until its base64 text is at most `max_chars` (PNG for
+    plots, JPEG for the photos of contact sheets); None when it does not fit at a readable width."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    width = min(image.shape[1], ARTIFACT_MAX_WIDTH)
+    while width >= MIN_EMBED_WIDTH:
+        height = max(1, round(image.shape[0] * width / image.shape[1]))
+        scaled = image if width == image.shape[1] else cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        if photo:
+            ok, data = cv2.imencode(".jpg", scaled, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        else:
+            ok, data = cv2.imencode(".png", scaled, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        text = base64.b64encode(data.tobytes()).decode() if ok else ""
+        if ok and len(text) <= max_chars:
+            return f"![{alt}](data:image/{'jpeg' if photo else 'png'};base64,{text})"
+        width = int(width * 0.75)
+    return None
+
+
 def artifact_markdown(markdown: str, layout: RunLayout, rows: list[dict[str, Any]]) -> str:
-    """report.md as the Prefect artifact shows it: each figure as its absolute path, and each score
-    histogram also as text (the UI cannot load local images)."""
-    lines = []
-    for line in markdown.splitlines():
+    """report.md as the Prefect artifact shows it: each figure embedded (downscaled to an equal share of
+    `ARTIFACT_IMAGE_BYTES`), or its absolute path and a text histogram when it cannot be embedded."""
+    lines = markdown.splitlines()
+    figures = sum(line.startswith("![") for line in lines)
+    share = ARTIFACT_IMAGE_BYTES // max(1, figures)
+    out = []
+    for line in lines:
         if not line.startswith("!["):
-            lines.append(line)
+            out.append(line)
             continue
         name, target = line[2:].split("](", 1)
-        lines.append(f"- figure: `{layout.out / target.rstrip(')')}`")
+        path = layout.out / target.rstrip(")")
+        embedded = inline_figure(path, name, share, photo=name not in SCORE_COLUMNS)
+        if embedded:
+            out.append(embedded)
+            continue
+        out.append(f"- figure: `{path}`")
         if name in SCORE_COLUMNS:
-            lines += ["", text_histogram([r.get(name) for r in rows]), ""]
-    return "\n".join(lines) + "\n"
+            out += ["", text_histogram([r.get(name) for r in rows]), ""]
+    return "\n".join(out) + "\n"
 
 
 def write_report(out: str | Path, config: CurationConfig) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
 import cv2
+import numpy as np
 import pytest
 
+from curation import report as report_module
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurationConfig
 from curation.dataset import curate_source, finalize, prepare_output
 from curation.hq import hq_pass
-from curation.report import build_report, rule_overlap, write_report
+from curation.report import ARTIFACT_IMAGE_BYTES, ARTIFACT_MAX_WIDTH, build_report, rule_overlap, write_report
 from dataformat import read_parquet_rows
 from tests.scorer_helpers import tiny_models, tiny_scorer_overrides
 
@@ -82,15 +85,39 @@ def test_figures_and_contact_sheets_are_written(run):
 
 
 def test_scorer_status_and_hq_section(run):
-    out, config, _summary, hq, artifact, scoring = run
+    out, config, _summary, hq, _artifact, scoring = run
     markdown = (out / "report.md").read_text()
     assert "| text | ran: ppocr detector -> text_area | 0 |" in markdown
     assert "| caption | ran -> caption | 0 |" in markdown
     assert f"- {hq['selected']} of {hq['candidates']} kept clips with a RAFT score selected" in markdown
     assert json.loads((out / "hq" / "summary.json").read_text())["selected"] == hq["selected"]
     assert scoring.clips == sum(1 for _ in read_parquet_rows(out / "manifest.parquet"))
-    # the artifact points at the figures instead of embedding local images
-    assert "![" not in artifact and re.search(r"figure: `/.+/report/hist_text_area\.png`", artifact)
+
+
+EMBEDDED = re.compile(r"!\[([^\]]+)\]\(data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)\)")
+
+
+def test_artifact_embeds_every_figure_within_the_size_bound(run, monkeypatch):
+    out, config, _summary, _hq, artifact, _scoring = run
+    images = EMBEDDED.findall(artifact)
+    markdown = (out / "report.md").read_text()
+    assert len(images) == markdown.count("![") >= 4 and "figure: `" not in artifact  # all of report.md's figures
+    kinds = dict((name, kind) for name, kind, _ in images)
+    assert kinds["text_area"] == "png" and kinds["text_over_7pct"] == "jpeg"  # a histogram, a contact sheet
+    assert sum(len(data) for *_, data in images) <= ARTIFACT_IMAGE_BYTES and len(artifact) < 1_000_000
+    for _name, _kind, data in images:
+        image = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and 0 < image.shape[1] <= ARTIFACT_MAX_WIDTH
+    full = {name: data for name, _, data in images}
+    budget = sum(len(data) for data in full.values()) // 3  # a tighter budget: figures shrink, or are linked
+    monkeypatch.setattr(report_module, "ARTIFACT_IMAGE_BYTES", budget)
+    _, tight = build_report(out, config)
+    share = budget // len(images)
+    small = EMBEDDED.findall(tight)
+    linked = re.findall(r"figure: `(/.+\.png)`", tight)
+    assert small and len(small) + len(linked) == len(images)
+    assert all(len(data) <= share for *_, data in small)
+    assert any(len(data) < len(full[name]) for name, _, data in small)  # scaled down to fit, not dropped
 
 
 def test_report_names_the_setting_for_scorers_that_did_not_run(run):
@@ -98,6 +125,8 @@ def test_report_names_the_setting_for_scorers_that_did_not_run(run):
     markdown, _ = build_report(out, CurationConfig())
     assert "| clip | off: no weights configured; set scorers.clip.pretrained" in markdown
     assert "| raft | off: no weights configured; set scorers.raft.weights" in markdown
+    assert "| video_caption | off: no weights configured; set scorers.video_caption.model_path" in markdown
+    assert "| llm_summary | off: no weights configured; set scorers.llm_summary.model_path" in markdown
 
 
 def test_annotations_resume_only_what_is_missing(run):

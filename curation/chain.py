@@ -23,7 +23,7 @@ import numpy as np
 from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clip
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
-from curation.decode import SourceError, analysis_copy, probe, stream_frames
+from curation.decode import SourceError, StorageFault, analysis_copy, is_storage_fault, probe, stream_frames
 from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
@@ -98,13 +98,22 @@ class FrameSpool:
 
 
 def process_source(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
-    """Never raises for a bad source: the result then carries an error row and no clips."""
+    """Never raises for a bad source: the result then carries an error row and no clips. A fault of the
+    machine (disk full, I/O error, timeout: `is_storage_fault`) is raised as StorageFault naming the source."""
     try:
         return _process(Path(path), relative_path, Path(clips_dir), config)
     except SourceError as error:
         return error_result(relative_path, str(error))
     except Exception as error:  # noqa: BLE001 - one bad clip never kills a run
+        if is_storage_fault(error):
+            raise storage_fault(relative_path, error) from error
         return error_result(relative_path, f"{type(error).__name__}: {error}")
+
+
+def storage_fault(relative_path: str, error: BaseException) -> StorageFault:
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return StorageFault(getattr(error, "errno", None) or 0,
+                        f"{reason} while curating {relative_path!r} (not committed; a rerun retries it)")
 
 
 def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:

@@ -22,8 +22,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.chain import error_result, process_source
+from curation.chain import SourceResult, error_result, process_source, storage_fault
 from curation.config import CurationConfig
+from curation.decode import StorageFault, is_storage_fault
 from curation.filtering import apply_filters
 from curation.types import ClipFrames
 from dataformat import (
@@ -204,8 +205,22 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
     try:
         with local_copy(input_root, relative_path, layout.downloads) as path:
             result = process_source(path, relative_path, clips_dir, config)
-    except OSError as error:  # the download failed: still one error row, never a crashed run
+    except StorageFault:
+        raise
+    except OSError as error:  # the download failed: an error row unless the machine is at fault
+        if is_storage_fault(error):
+            raise storage_fault(relative_path, error) from error
         result = error_result(relative_path, f"unreadable path: {error}")
+    try:
+        return _commit(layout, sid, relative_path, result, frames_dir)
+    except Exception as error:
+        if is_storage_fault(error):
+            raise storage_fault(relative_path, error) from error
+        raise
+
+
+def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResult, frames_dir: Path) -> dict:
+    """Write a source's clip frames and rows, then its source row last (the commit)."""
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)

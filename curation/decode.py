@@ -7,6 +7,7 @@ bounded memory; the chain turns each frame into the small copies its steps need.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,25 @@ from curation.config import DecodeConfig
 
 class SourceError(Exception):
     """A source that cannot be curated. The flow records it as an error row and carries on."""
+
+
+# Faults of the machine, not of the input: disk full, quota, file size limit, read-only or failing storage,
+# timeouts, no memory. A source that meets one is not committed (not even as an error row): the run fails
+# naming it, and a rerun retries it.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ETIMEDOUT,
+                            errno.ENOMEM, errno.ENOBUFS, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                            errno.ENETUNREACH, errno.ESTALE})
+
+
+def is_storage_fault(error: BaseException) -> bool:
+    """Whether `error` is a fault of the machine or its storage (retry later) rather than of the input."""
+    if isinstance(error, TimeoutError | MemoryError):
+        return True
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+
+
+class StorageFault(OSError):
+    """A storage or OS fault met while curating one source; its message names the source."""
 
 
 @dataclass

@@ -128,8 +128,11 @@ def contact_sheet(rows: list[dict[str, Any]], column: str, path: Path) -> bool:
         strips.append(_strip(row, f"{row['clip_id']}  {column}={shown}\ndropped by: {', '.join(row['drop_reasons'])}"))
     width = max(s.shape[1] for s in strips)
     padded = [np.pad(s, ((0, 6), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return bool(cv2.imwrite(str(path), np.concatenate(padded, axis=0)))
+    ok, encoded = cv2.imencode(".png", np.concatenate(padded, axis=0))
+    if not ok:
+        raise ValueError(f"cannot encode the contact sheet {path.name} as PNG")
+    atomic_write(path, encoded.tobytes())  # a write that fails (disk full, ...) raises: it fails the run
+    return True
 
 
 def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:

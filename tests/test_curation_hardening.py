@@ -3,7 +3,10 @@ files derived from it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,52 @@ def test_a_rerun_with_other_settings_is_refused_unless_finalize_recomputes_them(
     summary = run_sequential(videos, out, no_filters)
     assert summary["kept"] == summary["clips"] > 0
     assert json.loads((out / "config.json").read_text())["filters"] == []
+
+
+_LIMITED_WRITER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+from curation.config import CurationConfig
+from curation.dataset import curate_source, prepare_output
+videos, out, name, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+config = CurationConfig()
+prepare_output(out, config)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if name == "--report":
+    from curation.report import write_report
+    write_report(out, config)
+else:
+    print(curate_source(videos, name, out, config)["status"])
+"""
+
+
+def _limited(videos: Path, out: Path, name: str, limit: int) -> subprocess.CompletedProcess:
+    """Run one step in a process whose writes fail (EFBIG) past `limit` bytes per file: a real OS write fault."""
+    return subprocess.run([sys.executable, "-c", _LIMITED_WRITER, str(videos), str(out), name, str(limit)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def test_a_storage_fault_leaves_the_source_uncommitted_and_a_rerun_retries_it(sample_dir, tmp_path):
+    """Clip files that cannot be written (the OS refuses the write) are not the input's fault: no error row is
+    committed, the step fails naming the source, and a rerun once the fault is gone curates it."""
+    videos, out = sample_dir / "videos", tmp_path / "out"
+    failed = _limited(videos, out, "bikes.mp4", 20_000)
+    assert failed.returncode != 0
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith("curation.decode.StorageFault:") and "'bikes.mp4'" in error and "File too large" in error
+    assert not list(out.glob("sources.parquet/*.parquet")), "a machine fault was committed as the source's result"
+    rows = read_parquet_rows(out / "sources.parquet")
+    assert rows == []
+    retried = curate_source(videos, "bikes.mp4", out, CurationConfig())
+    assert retried["status"] == "ok" and retried["num_clips"] > 0
+
+
+def test_report_figures_that_cannot_be_written_fail_the_report(curated_dir, tmp_path):
+    """A contact sheet the OS refuses to write used to be skipped silently; now the report step fails."""
+    out = tmp_path / "run"
+    shutil.copytree(curated_dir, out, symlinks=True)
+    (out / ".lvd-lock").unlink(missing_ok=True)
+    # 20 kB: the histograms (~10 kB) and report.md (~3 kB) fit, the contact sheet (~34 kB) does not
+    failed = _limited(out, out, "--report", 20_000)
+    assert failed.returncode != 0 and "File too large" in failed.stderr.strip().splitlines()[-1], failed.stderr[-1500:]

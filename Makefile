@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup test lint demo serve benchmarks clean
+.PHONY: setup test test-fast lint demo serve benchmarks clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # pytest exits 5 when it collects nothing; that is not a failure of the project.
+# `make test` is the whole suite (what CI runs); `make test-fast` leaves out the tests marked `slow`
+# (end-to-end runs that start servers or train several stages) for day-to-day work.
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .

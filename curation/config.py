@@ -15,6 +15,20 @@ from curation.scorers.config import ScorersConfig
 from dataformat import VIDEO_SUFFIXES
 
 
+def check_ranges(section: Any, name: str, limits: dict[str, tuple[float | None, float | None]]) -> None:
+    """Raise a one-line ValueError naming the first setting of `section` outside its [low, high] range."""
+    for key, (low, high) in limits.items():
+        values = getattr(section, key)
+        for value in values if isinstance(values, tuple | list) else (values,):
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
+                raise ValueError(f"setting {name}.{key} must be {bounds}, got {values!r}")
+
+
+# 8K UHD: larger frames cost gigabytes per decoded frame batch and are refused up front (decode.max_pixels).
+MAX_PIXELS_8K = 7680 * 4320
+
+
 @dataclass
 class DecodeConfig:
     """How sources are opened. Frames stream through the chain; nothing holds a whole video."""
@@ -22,9 +36,15 @@ class DecodeConfig:
     analysis_width: int = 128  # cut detectors and motion see frames scaled to this width
     sample_long_side: int = 640  # frames kept for the learned scorers (first/middle/last of each clip)
     min_side: int = 32  # sources smaller than this (either side) are refused
+    max_pixels: int = MAX_PIXELS_8K  # sources with more pixels per frame than this are refused
     max_duration_s: float = 6 * 3600.0  # absurdly long sources are refused up front
     min_frames: int = 2
     decoder_threads: str = "AUTO"  # FFmpeg frame+slice threading
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "decode", {"analysis_width": (16, None), "sample_long_side": (16, None),
+                                      "min_side": (1, None), "max_pixels": (1, None),
+                                      "max_duration_s": (1e-3, None), "min_frames": (1, None)})
 
 
 @dataclass
@@ -52,6 +72,14 @@ class CutConfig:
     min_dissolve_colour_change: float = 0.4  # Bhattacharyya distance of the ends' hue-saturation histograms
     dissolve_lengths: tuple[int, ...] = (8, 12, 16, 20, 24)  # transition lengths searched (frames @25fps)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "cuts", {"native_adaptive_threshold": (0, None), "native_min_content": (0, None),
+                                    "native_window": (1, None), "mid_fps": (1e-3, None), "mid_threshold": (0, None),
+                                    "low_fps": (1e-3, None), "low_threshold": (0, None), "fade_threshold": (0, 255),
+                                    "min_shot_s": (0, None), "same_shot_correlation": (-1, 1),
+                                    "max_blend_residual": (0, None), "min_dissolve_colour_change": (0, None),
+                                    "dissolve_lengths": (2, None)})
+
 
 @dataclass
 class ClipConfig:
@@ -61,6 +89,10 @@ class ClipConfig:
     max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
     stream_copy: bool = True  # False forces re-encoding every clip
     reencode_crf: int = 18
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),
+                                     "reencode_crf": (0, 51)})
 
 
 @dataclass
@@ -75,6 +107,11 @@ class MotionConfig:
     iterations: int = 3
     poly_n: int = 5
     poly_sigma: float = 1.1
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "motion", {"fps": (1e-3, None), "short_side": (8, None), "pyr_scale": (0.05, 0.95),
+                                      "levels": (1, None), "winsize": (1, None), "iterations": (1, None),
+                                      "poly_n": (1, None), "poly_sigma": (1e-3, None)})
 
 
 @dataclass
@@ -116,6 +153,9 @@ class ShardConfig:
     max_samples: int = 256
     max_bytes: int = 1 << 30
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "shards", {"max_samples": (1, None), "max_bytes": (1, None)})
+
 
 @dataclass
 class CurationConfig:
@@ -133,6 +173,8 @@ class CurationConfig:
         config = cls()
         if overrides:
             _merge(config, overrides, "config")
+            for section in (config.decode, config.cuts, config.clips, config.motion, config.shards):
+                section.__post_init__()  # the ranges, checked again on the merged values
         return config
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,6 +94,14 @@ def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
         raise SourceError(f"not a readable video: {_short(error)}") from None
+    if info.width <= 0 or info.height <= 0:
+        raise SourceError("the decoder reports no frame size: the header claims a size it cannot decode "
+                          "(beyond FFmpeg's limits) or the stream is broken")
+    if info.width * info.height > config.max_pixels:
+        raise SourceError(
+            f"resolution {info.width}x{info.height} ({info.width * info.height / 1e6:.1f} megapixels) exceeds "
+            f"decode.max_pixels={config.max_pixels} ({config.max_pixels / 1e6:.1f} megapixels; default 8K UHD)"
+        )
     if min(info.width, info.height) < config.min_side:
         raise SourceError(
             f"resolution {info.width}x{info.height} is below the minimum side of {config.min_side} px "

@@ -188,3 +188,30 @@ def test_report_figures_that_cannot_be_written_fail_the_report(curated_dir, tmp_
     # 20 kB: the histograms (~10 kB) and report.md (~3 kB) fit, the contact sheet (~34 kB) does not
     failed = _limited(out, out, "--report", 20_000)
     assert failed.returncode != 0 and "File too large" in failed.stderr.strip().splitlines()[-1], failed.stderr[-1500:]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"decode": {"min_side": -5}}, "setting decode.min_side must be >= 1, got -5"),
+    ({"shards": {"max_samples": 0}}, "setting shards.max_samples must be >= 1, got 0"),
+    ({"decode": {"max_pixels": 0}}, "setting decode.max_pixels must be >= 1, got 0"),
+    ({"clips": {"reencode_crf": 99}}, "setting clips.reencode_crf must be in [0, 51], got 99"),
+    ({"clips": {"min_clip_s": 3.0, "max_clip_s": 2.0}}, "setting clips.max_clip_s must be >= 3, got 2.0"),
+])
+def test_numeric_settings_out_of_range_are_one_line_errors(override, message):
+    with pytest.raises(ValueError) as error:
+        CurationConfig.from_overrides(override)
+    assert str(error.value) == message
+
+
+def test_sources_above_the_pixel_limit_are_refused_with_a_message_that_names_it(sample_dir, tmp_path):
+    from curation.config import MAX_PIXELS_8K
+
+    assert CurationConfig().decode.max_pixels == MAX_PIXELS_8K == 7680 * 4320
+    config = CurationConfig.from_overrides({"decode": {"max_pixels": 1280 * 720 - 1}})
+    out = tmp_path / "out"
+    prepare_output(out, config)
+    row = curate_source(sample_dir / "videos", "bigbuckbunny.mp4", out, config)  # 1280x720
+    assert row["status"] == "error"
+    assert row["error"] == ("resolution 1280x720 (0.9 megapixels) exceeds decode.max_pixels=921599 "
+                            "(0.9 megapixels; default 8K UHD)")
+    assert curate_source(sample_dir / "videos", "cuts_hard.mp4", out, config)["status"] == "ok"  # 640x360

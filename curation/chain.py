@@ -64,6 +64,19 @@ def spread_frames(start: int, end: int, count: int) -> list[int]:
     return [start + min(int((i + 0.5) * length / count), length - 1) for i in range(count)]
 
 
+def clip_time(frame_index: int, frame_times: list[float | None], fps: float) -> float:
+    """Seconds from the first frame to frame `frame_index` (the end of the last frame when it is one past the
+    end), from presentation timestamps: frame / fps is wrong for variable-frame-rate video. Falls back to
+    frame / fps when the stream has no timestamps."""
+    if not frame_times or any(time is None for time in frame_times):
+        return frame_index / fps
+    start = frame_times[0]
+    if frame_index < len(frame_times):
+        return frame_times[frame_index] - start
+    last_step = frame_times[-1] - frame_times[-2] if len(frame_times) > 1 else 1.0 / fps
+    return frame_times[-1] - start + (frame_index - len(frame_times) + 1) * last_step
+
+
 def analysis_size(width: int, height: int, target_width: int) -> tuple[int, int]:
     target_width = min(target_width, width) - min(target_width, width) % 2
     target_height = max(2, round(height * target_width / width / 2) * 2)
@@ -131,6 +144,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
     spool = FrameSpool(clips_dir)
     keyframes: list[int] = []
     frame_pts: list[int] = []
+    frame_times: list[float | None] = []  # presentation times (s): variable-frame-rate sources need them
     corrupt: list[int] = []
     try:
         index = -1
@@ -140,6 +154,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             if frame.is_corrupt:
                 corrupt.append(index)
             frame_pts.append(frame.pts if frame.pts is not None else -1)
+            frame_times.append(frame.time)
             analysis = analysis_copy(frame, width, height)
             cascade.push(index, analysis)
             if motion.wants(index):
@@ -197,8 +212,8 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
                     "source": relative_path,
                     "start_frame": plan.start_frame,
                     "end_frame": plan.end_frame,
-                    "start_s": plan.start_frame / info.fps,
-                    "end_s": plan.end_frame / info.fps,
+                    "start_s": clip_time(plan.start_frame, frame_times, info.fps),
+                    "end_s": clip_time(plan.end_frame, frame_times, info.fps),
                     "fps": info.fps,
                     "width": info.width,
                     "height": info.height,

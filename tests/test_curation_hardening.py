@@ -215,3 +215,45 @@ def test_sources_above_the_pixel_limit_are_refused_with_a_message_that_names_it(
     assert row["error"] == ("resolution 1280x720 (0.9 megapixels) exceeds decode.max_pixels=921599 "
                             "(0.9 megapixels; default 8K UHD)")
     assert curate_source(sample_dir / "videos", "cuts_hard.mp4", out, config)["status"] == "ok"  # 640x360
+
+
+def _vfr_remux(source: Path, target: Path, switch: int = 77) -> list[float]:
+    """`source` re-encoded with frames 40 ms apart before frame `switch` and 100 ms apart after it (a
+    variable-frame-rate file, as phones record); returns each frame's presentation time in seconds."""
+    from fractions import Fraction
+
+    import av
+
+    times: list[float] = []
+    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
+        stream = writer.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        stream.codec_context.time_base = Fraction(1, 1000)
+        milliseconds = 0
+        for index, frame in enumerate(reader.decode(video=0)):
+            image = frame.to_ndarray(format="rgb24")
+            out = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            out.pts, out.time_base = milliseconds, Fraction(1, 1000)
+            times.append(milliseconds / 1000)
+            writer.mux(stream.encode(out))
+            milliseconds += 40 if index < switch else 100
+        writer.mux(stream.encode(None))
+    return times
+
+
+def test_clip_times_of_a_variable_frame_rate_source_follow_its_timestamps(sample_dir, tmp_path):
+    """start_s/end_s come from presentation timestamps, not frame / average fps (17 % off on such a file)."""
+    videos = tmp_path / "in"
+    videos.mkdir()
+    times = _vfr_remux(sample_dir / "videos" / "cuts_hard.mp4", videos / "vfr.mp4")
+    out = tmp_path / "out"
+    config = CurationConfig()
+    prepare_output(out, config)
+    assert curate_source(videos, "vfr.mp4", out, config)["status"] == "ok"
+    clips = read_parquet_rows(out / "work" / "clip_rows")
+    assert clips and any(clip["start_frame"] > 77 for clip in clips)
+    for clip in clips:
+        assert clip["start_s"] == pytest.approx(times[clip["start_frame"]], abs=1e-3), clip
+        expected_end = times[clip["end_frame"]] if clip["end_frame"] < len(times) else times[-1] + 0.1
+        assert clip["end_s"] == pytest.approx(expected_end, abs=1e-3), clip

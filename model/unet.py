@@ -271,3 +271,19 @@ def parameter_counts(preset: str = "svd") -> dict[str, int]:
     total = sum(p.numel() for p in unet.parameters())
     temporal = sum(p.numel() for n, p in unet.named_parameters() if is_temporal_parameter(n))
     return {"total": total, "temporal": temporal, "spatial": total - temporal}
+
+
+def inflate_input_channels(unet: VideoUNet, in_channels: int = 8) -> VideoUNet:
+    """A copy of `unet` whose `conv_in` takes `in_channels` (image-to-video: 4 noisy + 4 conditioning-latent
+    channels). The new channels' weights start at zero, so the output is the text-to-video model's until they
+    train."""
+    old = unet.config.in_channels
+    if in_channels < old:
+        raise ValueError(f"cannot shrink the U-Net input from {old} to {in_channels} channels")
+    inflated = type(unet).from_config({**unet.config, "in_channels": in_channels})
+    state = unet.state_dict()
+    weight = state["conv_in.weight"]
+    extra = weight.new_zeros(weight.shape[0], in_channels - old, *weight.shape[2:])
+    state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
+    inflated.load_state_dict(state)
+    return inflated.to(device=unet.device, dtype=unet.dtype)

@@ -48,20 +48,64 @@ class StageRunConfig:
     loader_workers: int = 0
     resume_from: str | None = None
     strategy: str = "ddp"  # or "fsdp" (FSDP2 fully_shard per U-Net block)
+    image_encoder: str | None = None  # image mode from a text-to-video export: CLIP vision model (or SVD) folder
     sample_prompt: str = "a cyclist riding down a city street"
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
-def load_initial_pipeline(init: str, seed: int = 0):
-    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate."""
+def load_initial_pipeline(init: str, seed: int = 0, conditioning: str = "text", image_encoder: str | None = None):
+    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate; in image
+    mode also a diffusers SVD folder (as it is), or any of the former turned into an image-to-video model."""
+    from model.image_to_video import is_image_to_video_folder
+
     from model.pipeline import TextToVideoPipeline
 
+    if conditioning == "image" and init != "tiny" and is_image_to_video_folder(init):
+        from model.image_to_video import ImageToVideoPipeline
+
+        return ImageToVideoPipeline.from_pretrained(init)
     if init == "tiny":
-        return TextToVideoPipeline.from_preset("tiny", seed=seed)
-    index = Path(init) / "model_index.json"
-    if index.exists() and json.loads(index.read_text()).get("_class_name") == TextToVideoPipeline.__name__:
-        return TextToVideoPipeline.from_pretrained(init)
-    return TextToVideoPipeline.from_sd_checkpoint(init)
+        text = TextToVideoPipeline.from_preset("tiny", seed=seed)
+    else:
+        index = Path(init) / "model_index.json"
+        if index.exists() and json.loads(index.read_text()).get("_class_name") == TextToVideoPipeline.__name__:
+            text = TextToVideoPipeline.from_pretrained(init)
+        else:
+            text = TextToVideoPipeline.from_sd_checkpoint(init)
+    if conditioning == "text":
+        return text
+    return image_to_video_from_text(text, image_encoder, seed=seed, tiny=init == "tiny" or image_encoder == "tiny")
+
+
+def image_to_video_from_text(text, image_encoder: str | None, seed: int = 0, tiny: bool = False):
+    """An image-to-video pipeline from a text-to-video one: U-Net `conv_in` 4 -> 8 channels (new ones zero),
+    SD's VAE turned into the temporal decoder (identity temporal layers), and a CLIP image encoder: a small
+    random one for the tiny preset, else loaded from `image_encoder` (an SVD folder or a CLIP vision folder)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from model.image_to_video import ImageToVideoPipeline
+
+    from model.pipeline import SVD_SCHEDULER_CONFIG
+    from model.unet import inflate_input_channels
+    from model.vae import temporal_decoder_from_sd
+
+    unet = inflate_input_channels(text.unet, 2 * text.vae.config.latent_channels)
+    if tiny and image_encoder in (None, "tiny"):
+        from model.image_encoder import tiny_image_encoder
+
+        encoder, feature_extractor = tiny_image_encoder(unet.config.cross_attention_dim, seed=seed)
+    elif image_encoder is None:
+        raise ValueError("image-to-video training from a text-to-video checkpoint needs an image encoder: pass "
+                         "image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>")
+    else:
+        from model.image_encoder import load_image_encoder
+
+        encoder, feature_extractor = load_image_encoder(image_encoder)
+    if encoder.config.projection_dim != unet.config.cross_attention_dim:
+        raise ValueError(f"the image encoder's embedding ({encoder.config.projection_dim}) does not fit the U-Net's "
+                         f"cross-attention ({unet.config.cross_attention_dim})")
+    vae = temporal_decoder_from_sd(text.vae) if isinstance(text.vae, AutoencoderKL) else text.vae
+    return ImageToVideoPipeline(vae=vae, image_encoder=encoder, unet=unet, feature_extractor=feature_extractor,
+                                scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG))
 
 
 def group_steps(loader) -> Any:
@@ -92,7 +136,8 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     torch.manual_seed(config.seed)
     preset = config.preset
-    trainer = StageTrainer(load_initial_pipeline(config.init, config.seed), preset, seed=config.seed, device=device,
+    pipeline = load_initial_pipeline(config.init, config.seed, preset.conditioning, config.image_encoder)
+    trainer = StageTrainer(pipeline, preset, seed=config.seed, device=device,
                            rank=rank, world_size=world_size, micro_batch_size=config.micro_batch_size,
                            keep_ema=rank == 0, strategy=config.strategy)
     checkpoint = ray.train.get_checkpoint()
@@ -139,12 +184,21 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
 
 
 def _export_pipeline(trainer, gathered: dict[str, Any], target: Path) -> None:
+    """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder)."""
+    pipeline = _pipeline(trainer, trainer.export_unet(gathered))
+    pipeline.save_pretrained(target, safe_serialization=True)
+
+
+def _pipeline(trainer, unet):
+    if trainer.image_mode:
+        from model.image_to_video import ImageToVideoPipeline
+
+        return ImageToVideoPipeline(vae=trainer.vae, image_encoder=trainer.image_encoder, unet=unet,
+                                    feature_extractor=trainer.feature_extractor, scheduler=_scheduler())
     from model.pipeline import TextToVideoPipeline
 
-    pipeline = TextToVideoPipeline(unet=trainer.export_unet(gathered), vae=trainer.vae,
-                                   text_encoder=trainer.text_encoder, tokenizer=trainer.tokenizer,
-                                   scheduler=_scheduler())
-    pipeline.save_pretrained(target, safe_serialization=True)
+    return TextToVideoPipeline(unet=unet, vae=trainer.vae, text_encoder=trainer.text_encoder,
+                               tokenizer=trainer.tokenizer, scheduler=_scheduler())
 
 
 def _scheduler():
@@ -159,20 +213,21 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
     """A short sample video with the current (EMA when kept) weights, at the phase's size, few steps."""
     import torch
 
-    from model.pipeline import TextToVideoPipeline
-
     phase, _ = trainer.preset.phase_at(step - 1)
     unet = trainer.export_unet() if trainer.sharded or trainer.rank == 0 else None
     if trainer.rank != 0:
         return
-    pipeline = TextToVideoPipeline(unet=unet, vae=trainer.vae, text_encoder=trainer.text_encoder,
-                                   tokenizer=trainer.tokenizer, scheduler=_scheduler())
+    pipeline = _pipeline(trainer, unet)
+    common = dict(num_frames=max(phase.num_frames, 1), height=phase.height, width=phase.width, num_inference_steps=8,
+                  fps=int(batch["fps"][0]), motion_bucket_id=int(batch["motion_bucket"][0]),
+                  generator=torch.Generator().manual_seed(config.seed), progress=False)
     trainer.unet.eval()
     try:
-        frames = pipeline(config.sample_prompt, num_frames=max(phase.num_frames, 1), height=phase.height,
-                          width=phase.width, num_inference_steps=8, guidance_scale=(1.0, 2.5),
-                          fps=int(batch["fps"][0]), motion_bucket_id=int(batch["motion_bucket"][0]),
-                          generator=torch.Generator().manual_seed(config.seed), progress=False).frames[0]
+        if trainer.image_mode:  # animate the batch's first conditioning frame
+            image = (batch["pixels"][:1, 0].float() + 1.0) / 2.0
+            frames = pipeline(image, decode_chunk_size=max(phase.num_frames, 1), **common).frames[0]
+        else:
+            frames = pipeline(config.sample_prompt, guidance_scale=(1.0, 2.5), **common).frames[0]
     finally:
         trainer.unet.train()
     monitor.log_video(frames, step)
@@ -181,8 +236,9 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
 # --- driver -----------------------------------------------------------------------------------------
 
 
-def stage_dir(output_root: str | Path, stage: int) -> Path:
-    return Path(output_root).resolve() / f"stage{stage}"
+def stage_dir(output_root: str | Path, stage: int, conditioning: str = "text") -> Path:
+    """`stageN` (text-to-video) or `stageN-image` (image-to-video), so both can share an output root."""
+    return Path(output_root).resolve() / (f"stage{stage}" if conditioning == "text" else f"stage{stage}-{conditioning}")
 
 
 def default_init(stage: int, preset: str, output_root: str | Path) -> str:
@@ -257,14 +313,25 @@ def drop_stale_ray_snapshot(storage: Path) -> Path | None:
 
 
 def validate_stage(stage: int, preset: str, data: str, output_root: str, init: str | None,
-                   num_workers: int, max_steps: int | None, strategy: str = "ddp"
+                   num_workers: int, max_steps: int | None, strategy: str = "ddp", conditioning: str = "text",
+                   image_encoder: str | None = None, decoder_steps: int = 0
                    ) -> tuple[StagePreset, list[str], str]:
     """Fail fast, before Ray starts, with messages that say what to do."""
     from training.trainer import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    stage_preset = get_stage_preset(stage, preset).with_max_steps(max_steps)
+    stage_preset = get_stage_preset(stage, preset, conditioning).with_max_steps(max_steps)
+    if not isinstance(decoder_steps, int) or decoder_steps < 0:
+        raise ValueError(f"decoder_steps must be a number of steps >= 0, got {decoder_steps!r}")
+    if decoder_steps and conditioning != "image":
+        raise ValueError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports carry: "
+                         "use it with conditioning 'image'")
+    if conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
+        raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
+                                "SVD folder or a text-to-video stage export")
+    if image_encoder not in (None, "tiny") and not Path(image_encoder).is_dir():
+        raise FileNotFoundError(f"image_encoder {image_encoder!r} is not a folder (an SVD or CLIP vision folder)")
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
     for phase in stage_preset.phases:
@@ -296,15 +363,21 @@ def run_stage(
     strategy: str = "ddp",
     checkpoint_every: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    conditioning: str = "text",
+    image_encoder: str | None = None,
+    decoder_steps: int = 0,
 ) -> dict[str, Any]:
-    """Train one stage to completion (or skip it when done.json says it already finished)."""
+    """Train one stage to completion (or skip it when done.json says it already finished).
+
+    `conditioning="image"` trains image-to-video (from `init`: an SVD folder, or a text-to-video export turned
+    into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder."""
     stage_preset, shards, init = validate_stage(stage, preset, data, output_root, init, num_workers, max_steps,
-                                                strategy)
+                                                strategy, conditioning, image_encoder, decoder_steps)
     if checkpoint_every is not None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
         stage_preset = replace(stage_preset, checkpoint_every=checkpoint_every)
-    directory = stage_dir(output_root, stage)
+    directory = stage_dir(output_root, stage, conditioning)
     done = directory / "done.json"
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
@@ -313,6 +386,7 @@ def run_stage(
     directory.mkdir(parents=True, exist_ok=True)
     lineage = {"stage": stage, "preset": preset, "init": init, "data": str(Path(data).resolve()), "shards": shards,
                "seed": seed, "num_workers": num_workers, "max_steps": max_steps, "strategy": strategy,
+               "conditioning": conditioning, "image_encoder": image_encoder, "decoder_steps": decoder_steps,
                "stage_preset": stage_preset.to_dict()}
     if stage > 1 and (Path(init).parent / "lineage.json").exists():
         lineage["parent"] = json.loads((Path(init).parent / "lineage.json").read_text())
@@ -321,7 +395,7 @@ def run_stage(
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
         micro_batch_size=micro_batch_size or max(p.batch_size for p in stage_preset.phases),
-        loader_workers=loader_workers, lineage=lineage, strategy=strategy,
+        loader_workers=loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
     )
     storage = directory / "ray"
     resumed_from = latest_checkpoint(storage) if resume else None
@@ -342,15 +416,32 @@ def run_stage(
     finally:
         shutil.rmtree(final, ignore_errors=True)
     plot_losses(metrics, directory / "loss.png")
+    decoder = _finetune_decoder(directory / "pipeline", shards, stage_preset, decoder_steps, seed, use_gpu)
     summary = {
         "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(directory / "pipeline"),
         "step": stage_preset.total_steps, "resumed_from_step": _step_of(resumed_from),
         "losses": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"]} if metrics else {},
         "tensorboard": str(directory / "tensorboard"), "loss_plot": str(directory / "loss.png"),
         "samples": sorted(str(p) for p in (directory / "samples").glob("*.gif")), "init": init,
+        "conditioning": conditioning, **({"decoder_finetune": decoder} if decoder else {}),
     }
     atomic_write_json(done, summary, indent=None)
     return {**summary, "skipped": False}
+
+
+def _finetune_decoder(pipeline: Path, shards: list[str], preset: StagePreset, steps: int, seed: int,
+                      use_gpu: bool) -> dict[str, Any] | None:
+    """The optional temporal-decoder finetune of an image-to-video export, at the stage's last phase's size."""
+    if not steps:
+        return None
+    import torch
+
+    from training.decoder import DecoderFinetuneConfig, finetune_decoder
+
+    last = preset.phases[-1]
+    config = DecoderFinetuneConfig(steps=steps, height=last.height, width=last.width, num_frames=last.num_frames,
+                                   batch_size=1, seed=seed)
+    return finetune_decoder(pipeline, shards, config, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def _step_of(checkpoint: Path | None) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.conditioning import ImageConditioning, encode_image_conditioning, micro_conditioning
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
 from model.text import encode_prompts
 from model.unet import is_temporal_parameter
@@ -110,6 +111,22 @@ def load_weights_only(path: Path, numpy_arrays: bool = False) -> Any:
                          "refusing to load it") from None
 
 
+def augmentation_for_positions(positions: torch.Tensor, frame_shape: tuple[int, ...], seed: int,
+                               preset: StagePreset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample from (seed, position), like the noise: the conditioning frame's noise-augmentation strength
+    (ln aug ~ N(noise_aug_log_mean, noise_aug_log_std^2)), its Gaussian noise, and whether the image
+    conditioning is kept (False with probability `image_drop_rate`: embedding and latent dropped together)."""
+    strengths, noises, keep = [], [], []
+    for position in positions.tolist():
+        state = np.random.SeedSequence([seed, 11, position]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        normal = torch.randn((), generator=generator).item()
+        strengths.append(math.exp(preset.noise_aug_log_mean + preset.noise_aug_log_std * normal))
+        keep.append(torch.rand((), generator=generator).item() >= preset.image_drop_rate)
+        noises.append(torch.randn(frame_shape, generator=generator))
+    return torch.tensor(strengths), torch.stack(noises), torch.tensor(keep)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP (DTensor) parameter, or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -168,8 +185,16 @@ class StageTrainer:
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.unet = pipeline.unet.to(self.device).train()
         self.vae = pipeline.vae.to(self.device).eval().requires_grad_(False)
-        self.text_encoder = pipeline.text_encoder.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = pipeline.tokenizer
+        self.image_mode = preset.conditioning == "image"
+        if self.image_mode:  # image-to-video: CLIP image encoder instead of the text encoder
+            self.image_encoder = pipeline.image_encoder.to(self.device).eval().requires_grad_(False)
+            self.feature_extractor = pipeline.feature_extractor
+            if self.unet.config.in_channels != 2 * self.vae.config.latent_channels:
+                raise ValueError(f"image-to-video training needs a U-Net with {2 * self.vae.config.latent_channels} "
+                                 f"input channels (noisy + conditioning latent), got {self.unet.config.in_channels}")
+        else:
+            self.text_encoder = pipeline.text_encoder.to(self.device).eval().requires_grad_(False)
+            self.tokenizer = pipeline.tokenizer
         if preset.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and self.device.type == "cuda")
@@ -216,18 +241,38 @@ class StageTrainer:
             context = encode_prompts(self.tokenizer, self.text_encoder, list(batch["captions"])).to(self.device)
         return latents.float(), context
 
+    def image_conditioning(self, batch: dict[str, Any]) -> tuple[ImageConditioning, torch.Tensor]:
+        """The batch's own conditioning: each clip's first frame, augmented with its own strength and noise,
+        dropped per sample for guidance; and the micro-conditioning [fps - 1, motion bucket, that strength]."""
+        first = batch["pixels"][:, 0].to(self.device)
+        strength, noise, keep = augmentation_for_positions(batch["positions"], tuple(first.shape[1:]), self.seed,
+                                                           self.preset)
+        with torch.no_grad():
+            conditioning = encode_image_conditioning(self.image_encoder, self.feature_extractor, self.vae, first,
+                                                     strength.to(self.device), noise.to(self.device))
+        ids = micro_conditioning(batch["fps"], batch["motion_bucket"], strength, device=self.device)
+        return conditioning.dropped(keep), ids
+
     def per_sample_loss(self, batch: dict[str, Any], phase: Phase, sigma: float | None = None) -> torch.Tensor:
         """EDM loss per sample; `sigma` fixes the noise level (validation) instead of drawing it."""
-        latents, context = self.encode_batch(batch)
+        if self.image_mode:
+            with torch.no_grad():
+                latents = encode_frames(self.vae, batch["pixels"].to(self.device), chunk_size=16).float()
+            conditioning, added_time_ids = self.image_conditioning(batch)
+            context = conditioning.embedding.float()
+        else:
+            latents, context = self.encode_batch(batch)
+            conditioning = None
+            added_time_ids = micro_conditioning(batch["fps"], batch["motion_bucket"], 0.0,
+                                                batch_size=latents.shape[0], device=self.device)
         batch_size, frames = latents.shape[:2]
         drawn, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
         sigma = drawn if sigma is None else torch.full((batch_size,), float(sigma))
-        added_time_ids = torch.stack([batch["fps"].float(), batch["motion_bucket"].float(),
-                                      torch.zeros(batch_size)], dim=1).to(self.device)
         image_only = torch.full((batch_size, frames), float(phase.image_only), device=self.device)
 
         def network(x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-            return self.model(x, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
+            model_input = conditioning.model_input(x) if conditioning is not None else x
+            return self.model(model_input, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
                               image_only_indicator=image_only).sample.float()
 
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype

@@ -22,9 +22,11 @@ from training.stages import STAGE_PRESETS
 
 @task(name="validate-stage")
 def validate_task(stage: int, preset: str, data: str, output_root: str, init: str | None, num_workers: int,
-                  max_steps: int | None, strategy: str) -> dict[str, Any]:
+                  max_steps: int | None, strategy: str, conditioning: str = "text", image_encoder: str | None = None,
+                  decoder_steps: int = 0) -> dict[str, Any]:
     stage_preset, shards, resolved_init = validate_stage(stage, preset, data, output_root, init, num_workers,
-                                                         max_steps, strategy)
+                                                         max_steps, strategy, conditioning, image_encoder,
+                                                         decoder_steps)
     return {"shards": len(shards), "init": resolved_init, "steps": stage_preset.total_steps,
             "phases": [phase.name for phase in stage_preset.phases]}
 
@@ -73,6 +75,9 @@ def train_stage(
     micro_batch_size: int | None = None,
     strategy: str = "ddp",
     checkpoint_every: int | None = None,
+    conditioning: str = "text",
+    image_encoder: str | None = None,
+    decoder_steps: int = 0,
 ) -> dict[str, Any]:
     """Train SVD stage `stage` (1 images, 2 low-res video, 3 high-res finetune) with Ray Train.
 
@@ -89,13 +94,18 @@ def train_stage(
         micro_batch_size: per-worker micro-batch (gradient accumulation makes up the global batch).
         strategy: "ddp" (replicated weights) or "fsdp" (FSDP2: weights, grads and optimizer state sharded).
         checkpoint_every: optimizer steps between checkpoints (default: the stage preset's).
+        conditioning: "text" (text-to-video) or "image" (image-to-video, stages 2-3: finetunes `init`, a
+            diffusers SVD folder, or the text-to-video export; writes `output_root/stageN-image/`).
+        image_encoder: image mode from a text-to-video export: an SVD or CLIP vision folder ('tiny' preset: random).
+        decoder_steps: image mode: then finetune the export's temporal VAE decoder for this many steps.
     """
     settings = dict(preset=preset, data=str(Path(data).resolve()), output_root=str(Path(output_root).resolve()),
                     num_workers=num_workers, use_gpu=use_gpu, resume=resume, init=init, max_steps=max_steps,
                     ray_address=ray_address, seed=seed, micro_batch_size=micro_batch_size, strategy=strategy,
-                    checkpoint_every=checkpoint_every)
+                    checkpoint_every=checkpoint_every, conditioning=conditioning, image_encoder=image_encoder,
+                    decoder_steps=decoder_steps)
     plan = validate_task(stage, preset, settings["data"], settings["output_root"], init, num_workers, max_steps,
-                         strategy)
+                         strategy, conditioning, image_encoder, decoder_steps)
     logger = get_run_logger()
     logger.info("stage %d (%s): %d steps in phases %s from %s, %d shard(s)", stage, preset, plan["steps"],
                 plan["phases"], plan["init"], plan["shards"])
@@ -117,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
                          num_workers=args.num_workers, use_gpu=args.use_gpu, resume=not args.restart,
                          init=args.init, max_steps=args.max_steps, ray_address=args.ray_address, seed=args.seed,
                          micro_batch_size=args.micro_batch_size, strategy=args.strategy,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, conditioning=args.conditioning,
+                         image_encoder=args.image_encoder, decoder_steps=args.decoder_steps)
     print(json.dumps(result))
     return 0
 
@@ -137,5 +148,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
+    parser.add_argument("--conditioning", default="text", choices=("text", "image"),
+                        help="image: image-to-video finetune (of --init SVD_DIR, or of the text-to-video export)")
+    parser.add_argument("--image-encoder", default=None, help="image mode from a text export: SVD or CLIP folder")
+    parser.add_argument("--decoder-steps", type=int, default=0, help="image mode: temporal VAE decoder finetune")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.set_defaults(func=_run)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dataformat import find_shards, index_shards
 from model.conditioning import augment_frame, clip_image_embedding, conditioning_latent
-from training.data import TrainingStream, find_shards, index_shards
+from training.data import TrainingStream
 from training.loop import group_steps, image_to_video_from_text, load_initial_pipeline
 from training.stages import get_stage_preset
 from training.trainer import StageTrainer, augmentation_for_positions

@@ -146,7 +146,7 @@ def test_decoder_loss_sees_flicker_that_a_per_frame_loss_does_not():
 
 
 def test_a_few_decoder_finetune_steps_lower_the_loss_on_real_clips(curated_dir, tmp_path):
-    from training.data import find_shards
+    from dataformat import find_shards
     from training.decoder import DecoderFinetuneConfig, DecoderFinetuner, clip_batches, finetune_decoder
 
     torch.manual_seed(0)

@@ -106,7 +106,8 @@ class DecoderFinetuner:
 
 def clip_batches(shards: list[str], config: DecoderFinetuneConfig):
     """Batches of real clips (B, T, 3, H, W) from LVD-F shards, read the way the U-Net training reads them."""
-    from training.data import TrainingStream, index_shards
+    from dataformat import index_shards
+    from training.data import TrainingStream
 
     phase = Phase("decoder", config.height, config.width, config.num_frames, config.steps, config.batch_size,
                   config.learning_rate, 0.0, 1.0)

@@ -57,7 +57,6 @@ def load_initial_pipeline(init: str, seed: int = 0, conditioning: str = "text", 
     """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate; in image
     mode also a diffusers SVD folder (as it is), or any of the former turned into an image-to-video model."""
     from model.image_to_video import is_image_to_video_folder
-
     from model.pipeline import TextToVideoPipeline
 
     if conditioning == "image" and init != "tiny" and is_image_to_video_folder(init):
@@ -74,22 +73,23 @@ def load_initial_pipeline(init: str, seed: int = 0, conditioning: str = "text", 
             text = TextToVideoPipeline.from_sd_checkpoint(init)
     if conditioning == "text":
         return text
-    return image_to_video_from_text(text, image_encoder, seed=seed, tiny=init == "tiny" or image_encoder == "tiny")
+    return image_to_video_from_text(text, "tiny" if init == "tiny" and image_encoder is None else image_encoder,
+                                    seed=seed)
 
 
-def image_to_video_from_text(text, image_encoder: str | None, seed: int = 0, tiny: bool = False):
+def image_to_video_from_text(text, image_encoder: str | None, seed: int = 0):
     """An image-to-video pipeline from a text-to-video one: U-Net `conv_in` 4 -> 8 channels (new ones zero),
-    SD's VAE turned into the temporal decoder (identity temporal layers), and a CLIP image encoder: a small
-    random one for the tiny preset, else loaded from `image_encoder` (an SVD folder or a CLIP vision folder)."""
+    SD's VAE turned into the temporal decoder (identity temporal layers), and a CLIP image encoder loaded from
+    `image_encoder` (an SVD folder or a CLIP vision folder; "tiny": a small random one for the tiny preset)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
-    from model.image_to_video import ImageToVideoPipeline
 
+    from model.image_to_video import ImageToVideoPipeline
     from model.pipeline import SVD_SCHEDULER_CONFIG
     from model.unet import inflate_input_channels
     from model.vae import temporal_decoder_from_sd
 
     unet = inflate_input_channels(text.unet, 2 * text.vae.config.latent_channels)
-    if tiny and image_encoder in (None, "tiny"):
+    if image_encoder == "tiny":
         from model.image_encoder import tiny_image_encoder
 
         encoder, feature_extractor = tiny_image_encoder(unet.config.cross_attention_dim, seed=seed)
@@ -136,7 +136,8 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     torch.manual_seed(config.seed)
     preset = config.preset
-    pipeline = load_initial_pipeline(config.init, config.seed, preset.conditioning, config.image_encoder)
+    image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
+    pipeline = load_initial_pipeline(config.init, config.seed, preset.conditioning, image_encoder)
     trainer = StageTrainer(pipeline, preset, seed=config.seed, device=device,
                            rank=rank, world_size=world_size, micro_batch_size=config.micro_batch_size,
                            keep_ema=rank == 0, strategy=config.strategy)
@@ -317,6 +318,7 @@ def validate_stage(stage: int, preset: str, data: str, output_root: str, init: s
                    image_encoder: str | None = None, decoder_steps: int = 0
                    ) -> tuple[StagePreset, list[str], str]:
     """Fail fast, before Ray starts, with messages that say what to do."""
+    from model.image_to_video import is_image_to_video_folder
     from training.trainer import STRATEGIES
 
     if strategy not in STRATEGIES:
@@ -330,6 +332,10 @@ def validate_stage(stage: int, preset: str, data: str, output_root: str, init: s
     if conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
         raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
                                 "SVD folder or a text-to-video stage export")
+    if conditioning == "image" and image_encoder is None and preset != "tiny" and not (
+            init and is_image_to_video_folder(init)):
+        raise ValueError("image-to-video training from a text-to-video checkpoint needs an image encoder: pass "
+                         "image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>, or init=<SVD folder>")
     if image_encoder not in (None, "tiny") and not Path(image_encoder).is_dir():
         raise FileNotFoundError(f"image_encoder {image_encoder!r} is not a folder (an SVD or CLIP vision folder)")
     if not isinstance(num_workers, int) or num_workers < 1:

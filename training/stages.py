@@ -79,8 +79,6 @@ class StagePreset:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if not 0.0 <= self.image_drop_rate < 1.0 or self.noise_aug_log_std <= 0:
             raise ValueError("image_drop_rate must be in [0, 1) and noise_aug_log_std positive")
-
-    def __post_init__(self) -> None:
         check_caption_mix(self.caption_mix)
 
     @property

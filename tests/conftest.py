@@ -72,8 +72,17 @@ def ray_local():
     ray.shutdown()
 
 
+# A test that starts a real Prefect server or a local Ray pays seconds to minutes for it on a small machine;
+# such tests are end to end by nature, so they are `slow` (left out by `make test-fast`) without a marker.
+SLOW_FIXTURES = frozenset({"prefect_api", "ray_local"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are skipped on machines without CUDA, never faked."""
+    """Tests using a server fixture are marked `slow`; tests marked `gpu` are skipped without CUDA, never faked."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     try:
         import torch
 

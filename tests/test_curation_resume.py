@@ -8,7 +8,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from dataformat import read_parquet_rows, read_shard_samples
+
+pytestmark = pytest.mark.slow  # kills and reruns a curation subprocess many times
 
 RUNNER = """
 import sys

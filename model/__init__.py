@@ -1,4 +1,4 @@
-"""model package: one module per paper concept (unet, edm, sampling, text, vae, pipeline).
+"""model package: one module per paper concept (unet, edm, sampling, text, vae, conditioning, pipelines).
 
 Classes are exported lazily so that `diffusers` can resolve `["model", "VideoUNet"]` entries in a saved
 pipeline's model_index.json without importing torch for every `lvd` command.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"VideoUNet": "model.unet", "TextToVideoPipeline": "model.pipeline"}
+_EXPORTS = {"VideoUNet": "model.unet", "TextToVideoPipeline": "model.pipeline",
+            "ImageToVideoPipeline": "model.image_to_video"}
 
 
 def __getattr__(name: str):

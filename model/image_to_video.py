@@ -40,9 +40,10 @@ from model.conditioning import (
     micro_conditioning,
 )
 from model.edm import VPredictionPreconditioning, initial_noise_scale, karras_sigmas
+from model.pipeline import decode_output
 from model.sampling import ClassifierFreeGuidance, linear_guidance_scales, sample_euler
 from model.unet import VideoUNet
-from model.vae import decode_latents, scale_factor
+from model.vae import scale_factor
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor
 
@@ -228,15 +229,9 @@ class ImageToVideoPipeline(DiffusionPipeline):
         sigmas = karras_sigmas(num_inference_steps, config.sigma_min, config.sigma_max).to(device)
         x = sample_euler(denoiser, x, sigmas, disable=not progress)
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            return ImageToVideoOutput(frames=x)
 
-        # 5. decode
-        frames = decode_latents(self.vae, x.to(self.vae.dtype), chunk_size=decode_chunk_size).float()
-        if output_type == "pt":
-            return ImageToVideoOutput(frames=frames)
-        uint8 = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
-        return ImageToVideoOutput(frames=uint8.cpu().numpy())
+        # 5. decode (in chunks of frames that never straddle two videos)
+        return ImageToVideoOutput(frames=decode_output(self.vae, x, decode_chunk_size, output_type))
 
 
 def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:

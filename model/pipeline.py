@@ -182,13 +182,7 @@ class TextToVideoPipeline(DiffusionPipeline):
         sigmas = karras_sigmas(num_inference_steps, sigma_min, sigma_max).to(device)
         latents = sample_euler(guided, x, sigmas, disable=not progress)
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            return TextToVideoOutput(frames=latents)
-        frames = decode_latents(self.vae, latents.to(self.vae.dtype), chunk_size=decode_chunk_size).float()
-        if output_type == "pt":
-            return TextToVideoOutput(frames=frames)
-        uint8 = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
-        return TextToVideoOutput(frames=uint8.cpu().numpy())
+        return TextToVideoOutput(frames=decode_output(self.vae, latents, decode_chunk_size, output_type))
 
     def _embeds_context(self, prompt_embeds: torch.Tensor, negative: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """(2B, ...) context from precomputed embeddings: unconditional first, as `encode_prompt` orders it."""
@@ -202,3 +196,15 @@ class TextToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"negative_prompt_embeds {tuple(negative.shape)} must match prompt_embeds "
                              f"{tuple(prompt_embeds.shape)}")
         return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
+
+
+def decode_output(vae, latents: torch.Tensor, decode_chunk_size: int, output_type: str) -> np.ndarray | torch.Tensor:
+    """What a video pipeline returns for its final latents (B, T, C, h, w): 'latent' as they are, 'pt' the decoded
+    frames in [-1, 1] (B, T, 3, H, W), 'np' uint8 (B, T, H, W, 3) rounded as diffusers' image output is."""
+    if output_type == "latent":
+        return latents
+    frames = decode_latents(vae, latents.to(vae.dtype), chunk_size=decode_chunk_size).float()
+    if output_type == "pt":
+        return frames
+    return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+

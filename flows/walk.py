@@ -60,7 +60,8 @@ def walk_files(
 
     Waypoints: `prompts` with `seeds` (a text walk), or `images` with `seeds` and optional `prompts`
     (a morph). `frames`: one length for every segment or one per segment. `fps`: output frame rate (also
-    the clock the audio envelope is read with); `fps_id`: the model's fps conditioning."""
+    the clock the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it sees
+    fps_id - 1, SVD's convention)."""
     import numpy as np
 
     from common.video import save_video

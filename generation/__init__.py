@@ -1,1 +1,2 @@
-"""Creative generation on top of a trained pipeline: prompt/image walks, audio-driven speed, upscaling."""
+"""Generation on top of a trained pipeline: text/image -> video (generate), prompt/image walks, audio-driven speed,
+upscaling."""

@@ -60,7 +60,7 @@ class WalkSettings:
     steps: int = 25
     # Constant CFG: SVD's frame-rising (min, max) guidance restarts in every window, so a walk would pulse.
     guidance: float | tuple[float, float] = 7.0
-    fps_id: int = 7  # the model's fps micro-conditioning, not the output frame rate
+    fps_id: int = 7  # the frame rate the model is conditioned on (it sees fps_id - 1), not the output rate
     motion_bucket_id: int = 127
     window: int = 14  # frames per model call (the model's clip length)
     overlap: int = 2  # frames shared by neighbouring windows and segments, crossfaded

@@ -28,6 +28,7 @@ if not __package__:  # run as a script: keep benchmarks/ from shadowing project 
 import torch  # noqa: E402
 
 from dataformat import find_shards, index_shards  # noqa: E402
+from model.conditioning import micro_conditioning  # noqa: E402
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning  # noqa: E402
 from training.data import TrainingStream, training_loader  # noqa: E402
 from training.loop import group_steps, load_initial_pipeline  # noqa: E402
@@ -77,8 +78,7 @@ def bare_step(trainer: StageTrainer, optimizer, loss_fn: EDMLoss, batch: dict, g
     """The minimum: encode, one EDM loss, backward, AdamW."""
     latents, context = trainer.encode_batch(batch)
     batch_size, frames = latents.shape[:2]
-    ids = torch.stack([batch["fps"].float(), batch["motion_bucket"].float(), torch.zeros(batch_size)], 1)
-    ids = ids.to(trainer.device)
+    ids = micro_conditioning(batch["fps"], batch["motion_bucket"], 0.0, device=trainer.device)  # as the trainer
     image_only = torch.zeros(batch_size, frames, device=trainer.device)
 
     def network(x, c_noise):

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clip
+from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clips
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
 from curation.decode import SourceError, StorageFault, analysis_copy, is_storage_fault, probe, stream_frames
@@ -181,9 +181,8 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
 
         started = time.perf_counter()
         write_copied_clips(path, [(p, f) for p, f in named if p.method == "copy"], frame_pts)
-        for plan, file in named:
-            if plan.method == "reencode":
-                write_reencoded_clip(path, plan, file, info.fps, config.clips.reencode_crf, frame_pts)
+        write_reencoded_clips(path, [(p, f) for p, f in named if p.method == "reencode"], frame_pts, keyframes,
+                              info.fps, config.clips.reencode_crf, config.clips.reencode_preset)
         timings["clip_write"] = time.perf_counter() - started
 
         result = SourceResult(

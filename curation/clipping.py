@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
 
-from common.video import write_video
 from curation.config import ClipConfig
 
 
@@ -123,23 +123,82 @@ def write_copied_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_p
                 current[1].close()
 
 
-def write_reencoded_clip(source: Path, plan: ClipPlan, path: Path, fps: float, crf: int, frame_pts: list[int]) -> None:
-    """Decode [start, end) again (seeking to the keyframe before it) and encode it: the fallback path."""
-    wanted = set(frame_pts[plan.start_frame : plan.end_frame])
-    last_pts = frame_pts[plan.end_frame - 1]
+class _ClipEncoder:
+    """One H.264 clip file fed with decoded frames as they are (no RGB round trip)."""
 
-    def frames():
-        with av.open(str(source)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            container.seek(frame_pts[plan.start_frame], stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                if frame.pts in wanted:
-                    yield frame.to_ndarray(format="rgb24")
-                if frame.pts is not None and frame.pts >= last_pts:
-                    break
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int, preset: str) -> None:
+        rate = Fraction(fps).limit_denominator(1001)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.output = av.open(str(path), mode="w")
+        self.stream = self.output.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # 4:2:0 needs even
+        gop = max(1, round(fps))  # 1-s GOPs: the clip can be cut again or seeked cheaply
+        self.stream.options = {"crf": str(crf), "preset": preset,
+                               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        self.time_base = Fraction(1) / rate
+        self.count = 0
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = write_video(path, frames(), fps, crf=crf, gop=max(1, round(fps)))
-    if written != plan.end_frame - plan.start_frame:
-        raise RuntimeError(f"re-encode wrote {written} frames, expected {plan.end_frame - plan.start_frame}")
+    def add(self, frame: av.VideoFrame) -> None:
+        if frame.format.name != self.stream.pix_fmt:
+            frame = frame.reformat(format=self.stream.pix_fmt)
+        frame.pts, frame.time_base = self.count, self.time_base
+        frame.pict_type = av.video.frame.PictureType.NONE  # the source's I-frames must not force keyframes here
+        for packet in self.stream.encode(frame):
+            self.output.mux(packet)
+        self.count += 1
+
+    def close(self) -> int:
+        try:
+            for packet in self.stream.encode():
+                self.output.mux(packet)
+        finally:
+            self.output.close()
+        return self.count
+
+
+def write_reencoded_clips(
+    source: Path,
+    plans: list[tuple[ClipPlan, Path]],
+    frame_pts: list[int],
+    keyframes: list[int],
+    fps: float,
+    crf: int,
+    preset: str,
+) -> None:
+    """Re-encode the exact frames [start, end) of each plan, all clips of the source in one decode pass.
+
+    The clips are written in frame order from one decoder: a frame is decoded at most once (seeking to a
+    clip's keyframe only when that skips frames no clip needs), where a decode per clip re-decoded the
+    GOP prefix before each clip. Decoded frames go to x264 in their own pixel format.
+    """
+    if not plans:
+        return
+    index_of = {pts: index for index, pts in enumerate(frame_pts)}
+    keyframes = sorted(keyframes)
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        width, height = stream.codec_context.width, stream.codec_context.height
+        decoded = container.decode(stream)
+        position = -1  # index of the last frame taken from `decoded`
+        for plan, path in sorted(plans, key=lambda item: item[0].start_frame):
+            before = bisect.bisect_right(keyframes, plan.start_frame) - 1
+            if before >= 0 and keyframes[before] > position + 1:  # a keyframe ahead: jump instead of decoding
+                container.seek(frame_pts[keyframes[before]], stream=stream, backward=True, any_frame=False)
+                decoded = container.decode(stream)
+            encoder = _ClipEncoder(path, width, height, fps, crf, preset)
+            try:
+                for frame in decoded:
+                    index = index_of.get(frame.pts)
+                    if index is None:
+                        continue
+                    position = index
+                    if index >= plan.start_frame:
+                        encoder.add(frame)
+                    if index >= plan.end_frame - 1:
+                        break
+            finally:
+                written = encoder.close()
+            if written != plan.end_frame - plan.start_frame:
+                raise RuntimeError(f"re-encode wrote {written} frames, expected {plan.end_frame - plan.start_frame}")

@@ -89,6 +89,7 @@ class ClipConfig:
     max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
     stream_copy: bool = True  # False forces re-encoding every clip
     reencode_crf: int = 18
+    reencode_preset: str = "superfast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
 
     def __post_init__(self) -> None:
         check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),

@@ -106,3 +106,29 @@ def test_config_overrides_are_checked_by_name():
     with pytest.raises(ValueError, match="percentile must be in"):
         CurationConfig.from_overrides({"filters": [{"name": "x", "column": "motion_score", "mode": "percentile",
                                                      "drop": "low", "value": 250}]})
+
+
+def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sample_dir, tmp_path, monkeypatch):
+    """stream_copy off: bikes.mp4's shots are all re-encoded in one pass, each clip exactly its source frames."""
+    opened = []
+    real_open = av.open
+
+    def counting_open(file, *args, **kwargs):
+        if not kwargs.get("mode") and not (args and args[0] == "w"):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    config = CurationConfig.from_overrides({"clips": {"stream_copy": False}})
+    source = sample_dir / "videos" / "bikes.mp4"
+    result = process_source(source, "bikes.mp4", tmp_path / "clips", config)
+    rows = result.clip_rows
+    assert len(rows) >= 4 and all(row["clip_method"] == "reencode" for row in rows)
+    # probe + the chain's decode + one pass for all re-encoded clips (a pass per clip before)
+    assert opened.count(str(source)) == 3
+    frames = decode_rgb(source)
+    for row in rows:
+        clip = decode_rgb(Path(row["clip_path"]))
+        assert len(clip) == row["end_frame"] - row["start_frame"]
+        for offset in (0, len(clip) // 2, len(clip) - 1):
+            assert psnr(clip[offset], frames[row["start_frame"] + offset]) > 30

@@ -81,6 +81,9 @@ class CutConfig:
                                     "dissolve_lengths": (2, None)})
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 @dataclass
 class ClipConfig:
     """Clips are shots (between cuts), trimmed to keyframes so they can be stream-copied."""
@@ -94,6 +97,9 @@ class ClipConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),
                                      "reencode_crf": (0, 51)})
+        if self.reencode_preset not in X264_PRESETS:
+            raise ValueError(f"clips.reencode_preset must be one of {', '.join(X264_PRESETS)}, "
+                             f"got {self.reencode_preset!r}")
 
 
 @dataclass

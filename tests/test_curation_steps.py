@@ -132,3 +132,5 @@ def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sa
         assert len(clip) == row["end_frame"] - row["start_frame"]
         for offset in (0, len(clip) // 2, len(clip) - 1):
             assert psnr(clip[offset], frames[row["start_frame"] + offset]) > 30
+    with pytest.raises(ValueError, match=r"clips\.reencode_preset must be one of ultrafast"):
+        CurationConfig.from_overrides({"clips": {"reencode_preset": "quick"}})

@@ -1,8 +1,9 @@
 """All curation settings in one tree of dataclasses; the defaults are docs/recipe.md §1's numbers.
 
 `CurationConfig.from_overrides({"cuts": {"native_adaptive_threshold": 2.5}})` merges a nested dict
-(the flow's `config` parameter, or `--set cuts.min_shot_s=0.5` on the CLI) onto the defaults and
-rejects unknown keys by name, so a typo never silently runs with defaults.
+(the flow's `config` parameter, `--config FILE` or `--set cuts.min_shot_s=0.5` on the CLI) onto the
+defaults at every depth and rejects unknown keys by name, so a typo never silently runs with defaults.
+`CurateRequest` is one curate-lvd run: where from, where to, these settings, which Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.requests import Request, build, setting
 from curation.scorers.config import ScorersConfig
 from dataformat import VIDEO_SUFFIXES
 
@@ -177,57 +179,27 @@ class CurationConfig:
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None = None) -> CurationConfig:
-        config = cls()
-        if overrides:
-            _merge(config, overrides, "config")
-            for section in (config.decode, config.cuts, config.clips, config.motion, config.shards):
-                section.__post_init__()  # the ranges, checked again on the merged values
-        return config
+        """The defaults with `overrides` merged at every depth, typed and checked (common.requests.build)."""
+        return build(cls, overrides, name="config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _merge(target: Any, overrides: dict[str, Any], path: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(target)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"unknown setting {path}.{key}; known: {', '.join(sorted(names))}")
-        current = getattr(target, key)
-        if key == "filters":
-            setattr(target, key, [v if isinstance(v, FilterRule) else FilterRule(**v) for v in value])
-        elif dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"setting {path}.{key} must be a mapping, got {type(value).__name__}")
-            _merge(current, value, f"{path}.{key}")
-        else:
-            if isinstance(current, tuple):
-                value = tuple(value)
-            elif isinstance(current, float) and isinstance(value, int):
-                value = float(value)
-            elif current is not None and not isinstance(value, type(current)):
-                raise ValueError(
-                    f"setting {path}.{key} must be {type(current).__name__}, got {value!r} ({type(value).__name__})"
-                )
-            setattr(target, key, value)
+@dataclass(frozen=True)
+class CurateRequest(Request):
+    """One curate-lvd run: a folder of raw videos -> LVD-F (the flow, `lvd curate` and the pipeline share it)."""
 
+    input_path: str | None = setting(None, positional=True, path="exists",
+                                     help="folder or file of raw videos (default: the bundled sample clips)")
+    output_path: str = setting("out/curate", positional=True,
+                               help="run directory (sources.parquet, manifest.parquet, shards/); rerunning resumes")
+    config: CurationConfig = setting(default_factory=CurationConfig,
+                                     help="overrides of the CurationConfig defaults, checked by name, e.g. "
+                                          '{"clips": {"min_clip_s": 2.0}}')
+    ray_address: str | None = setting(None, help='Ray cluster to run on (e.g. "ray://head:10001"); default: '
+                                                 "a local Ray")
+    progress: bool = setting(False, cli=False, help="show a console progress bar (used by `lvd curate`)")
 
-def parse_set_options(items: list[str]) -> dict[str, Any]:
-    """Turn CLI `--set a.b=value` items into a nested override dict (values parsed as JSON when they parse)."""
-    import json
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        dotted, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = overrides
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return overrides
+    def validate(self) -> None:
+        self.config.scorers.validate()  # configured weights that do not exist are named before any work starts

@@ -1,15 +1,25 @@
 """`lvd` command line: one sub-command per job, each defined next to the code it drives.
 
-Every module in COMMAND_MODULES exposes `register(subparsers)`, which adds its sub-command(s) and sets
-`func` on the parser; `main` only dispatches. Imports stay lazy so `lvd --help` is fast.
+Every module in COMMAND_MODULES exposes `register(subparsers)`. A job's sub-command is generated from its
+request dataclass by `add_request_command` (options, types, defaults and help come from the request's
+fields; `--config FILE` and `--set a.b=v` merge into it at every depth). `main` is the one error handler: a
+bad value, path or setting ends in one line on stderr and exit code 2; anything else is a bug and keeps
+its traceback. Imports stay lazy so `lvd --help` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from common.requests import RequestError, deep_merge, parse_set_options, type_hints
 from infra.local import apply_quiet_env
 
 COMMAND_MODULES = [
@@ -25,8 +35,19 @@ COMMAND_MODULES = [
 ]
 
 
+class UsageError(RequestError):
+    """A command line argparse cannot parse (unknown option, missing argument)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose errors reach `main`'s handler (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvd", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="lvd", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -34,10 +55,143 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, build the job's request (all checks), run it. Bad input: one line on stderr, exit code 2."""
     apply_quiet_env()
-    args = build_parser().parse_args(argv)
-    result = args.func(args)
-    return int(result or 0)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        job = args.build_request(args) if hasattr(args, "build_request") else args
+    except (RequestError, ValueError, FileNotFoundError) as error:  # parsing and validation only
+        return _bad_input(_prog(argv), error)
+    try:
+        return int(args.func(job) or 0)
+    except RequestError as error:  # a bad input the job found late (e.g. an unreadable checkpoint)
+        return _bad_input(f"lvd {args.command}", error)
+
+
+def _prog(argv: list[str] | None) -> str:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if not word.startswith("-")), None)
+    return f"lvd {command}" if command else "lvd"
+
+
+def _bad_input(prog: str, error: Exception) -> int:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, UsageError):
+        message += f" (see `{prog} --help`)"
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
+        message = f"{message}: {error.filename}"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------- requests -> argparse
+
+
+def add_request_command(subparsers: argparse._SubParsersAction, name: str, request_type: type,
+                        run: Callable[[Any], int | None], *, help: str, settings: str | None = None,
+                        description: str | None = None) -> argparse.ArgumentParser:
+    """Sub-command `name`: one option per field of `request_type`, then `run(request)`.
+
+    Scalars and lists become options (`--num-frames`, or the field's `flag`), bools `--x/--no-x` (or the
+    field's `negate` switch), nested settings are reached with `--set`/`--config`. `settings` is the
+    dotted field that `--config FILE` (JSON) and `--set KEY=VALUE` address ("" = the request itself;
+    None = no such options). Precedence: defaults < --config < options < --set.
+    """
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    hints = type_hints(request_type)
+    for field in dataclasses.fields(request_type):
+        meta = field.metadata
+        kind = _strip_optional(hints[field.name])
+        if not meta.get("cli", True) or _is_settings_tree(kind):
+            continue
+        text = _help_text(field, hints[field.name])
+        flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+        if meta.get("positional"):
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            parser.add_argument(field.name, nargs="?" if has_default else None, default=argparse.SUPPRESS,
+                                metavar=field.name.upper(), help=text)
+        elif kind is bool and meta.get("negate"):
+            parser.add_argument(meta["negate"], dest=field.name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=text)
+        elif typing.get_origin(kind) in (list, tuple) or kind in (list, tuple):
+            if meta.get("repeat"):
+                parser.add_argument(flag, dest=field.name, action="append", default=argparse.SUPPRESS, help=text)
+            else:
+                parser.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=text)
+    if settings is not None:
+        where = f"the `{settings}` settings" if settings else "the request's settings"
+        parser.add_argument("--config", dest="settings_file", default=None, metavar="FILE",
+                            help=f"JSON file of {where}, merged at every depth")
+        parser.add_argument("--set", dest="settings_items", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"one of {where} by dotted name, e.g. a.b=1 (repeatable; applied last)")
+
+    def build_request(args: argparse.Namespace) -> Any:
+        request = request_from_args(request_type, args, settings)
+        request.check_inputs()
+        return request
+
+    parser.set_defaults(func=run, build_request=build_request)
+    return parser
+
+
+def request_from_args(request_type: type, args: argparse.Namespace, settings: str | None) -> Any:
+    """The request from parsed arguments: defaults < --config file < options < --set, merged at every depth."""
+    prefix = settings.split(".") if settings else []
+    data: dict[str, Any] = {}
+    if settings is not None and args.settings_file:
+        data = _nested(prefix, load_settings_file(args.settings_file))
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(request_type)
+             if hasattr(args, field.name)}
+    data = deep_merge(data, given)
+    if settings is not None:
+        data = deep_merge(data, _nested(prefix, parse_set_options(args.settings_items)))
+    return request_type.build(data)
+
+
+def load_settings_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise RequestError(f"--config: no such file: {path}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise RequestError(f"--config {path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise RequestError(f"--config {path}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
+
+
+def _nested(prefix: list[str], data: dict[str, Any]) -> dict[str, Any]:
+    for part in reversed(prefix):
+        data = {part: data}
+    return data
+
+
+def _strip_optional(hint: Any) -> Any:
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def _is_settings_tree(kind: Any) -> bool:
+    return dataclasses.is_dataclass(kind) or typing.get_origin(kind) is dict or kind is dict
+
+
+def _help_text(field: dataclasses.Field, hint: Any) -> str:
+    text = field.metadata.get("help", "")
+    kind = _strip_optional(hint)
+    if typing.get_origin(kind) is typing.Literal:
+        text += f" (one of: {', '.join(map(str, typing.get_args(kind)))})"
+    if field.default not in (dataclasses.MISSING, None, False, ()) and not field.metadata.get("negate"):
+        text += f" (default: {field.default})"
+    return text.replace("%", "%%")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from common.requests import flat_parameters, to_data
 from curation.annotations import annotate_sources, read_annotations
-from curation.config import CurationConfig, parse_set_options
+from curation.config import CurateRequest, CurationConfig
 from curation.dataset import completed_sources, curate_source, discover_sources, finalize, prepare_output
 from curation.hq import hq_pass, hq_uses_ray
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
+from flows.cli import add_request_command
 from infra.local import ray_init_kwargs
 
 
@@ -107,34 +109,21 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
 
 
 @flow(name="curate-lvd", log_prints=True)
-def curate_lvd(
-    input_path: str | None = None,
-    output_path: str = "out/curate",
-    config: dict[str, Any] | None = None,
-    ray_address: str | None = None,
-    progress: bool = False,
-) -> dict:
-    """Curate a folder of raw videos into LVD-F: cuts, clips, scores, filters, WebDataset shards.
-
-    Args:
-        input_path: folder (or single file) of raw videos; default: the bundled sample clips.
-        output_path: run directory (sources.parquet, manifest.parquet, shards/); rerunning resumes.
-        config: nested overrides of `CurationConfig` defaults, e.g. {"clips": {"min_clip_s": 2.0}}.
-        ray_address: Ray cluster to run on (e.g. "ray://head:10001"); default: a local Ray.
-        progress: show a console progress bar (used by `lvd curate`).
-    """
+@flat_parameters(CurateRequest)
+def curate_lvd(request: CurateRequest) -> dict:
+    """Curate a folder of raw videos into LVD-F: cuts, clips, scores, filters, WebDataset shards."""
     from prefect_ray import RayTaskRunner
 
-    config = config or {}
-    CurationConfig.from_overrides(config)  # fail fast on unknown or mistyped settings
-    input_path = input_path or default_input()
-    output_path = str(Path(output_path).resolve())
+    config = to_data(request.config)  # tasks (on Ray workers) get plain data and rebuild the settings
+    input_path = request.input_path or default_input()
+    output_path = str(Path(request.output_path).resolve())
     pending = discover_task(input_path, output_path, config)
-    runner = RayTaskRunner(**_runner_args(ray_address))
-    curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, progress)
+    runner = RayTaskRunner(**_runner_args(request.ray_address))
+    curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, request.progress)
     report = finalize_task(output_path, config)
-    if hq_uses_ray(CurationConfig.from_overrides(config)):
-        hq = select_hq.with_options(task_runner=RayTaskRunner(**_runner_args(ray_address)))(output_path, config)
+    if hq_uses_ray(request.config):
+        hq = select_hq.with_options(task_runner=RayTaskRunner(**_runner_args(request.ray_address)))(output_path,
+                                                                                                     config)
     else:
         hq = select_hq(output_path, config)  # RAFT off: records why, starts no Ray
     report["hq"] = {key: hq[key] for key in ("selected", "skipped") if key in hq}
@@ -161,26 +150,12 @@ def deployments() -> list:
     ]
 
 
-def _run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    if args.config:
-        overrides = json.loads(Path(args.config).read_text())
-    for key, value in parse_set_options(args.set).items():
-        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
-    report = curate_lvd(
-        input_path=args.input, output_path=args.output, config=overrides,
-        ray_address=args.ray_address, progress=True,
-    )
+def _run(request: CurateRequest) -> int:
+    report = curate_lvd(**request.with_overrides(progress=True).to_dict())
     print(json.dumps({k: report[k] for k in ("sources", "sources_ok", "sources_error", "clips", "kept")}))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("curate", help="curate raw videos into LVD-F shards (runs the curate-lvd flow)")
-    parser.add_argument("input", nargs="?", default=None, help="folder of raw videos (default: bundled samples)")
-    parser.add_argument("output", nargs="?", default="out/curate", help="output directory")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set clips.min_clip_s=2 (repeatable)")
-    parser.add_argument("--config", help="JSON file of setting overrides")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
-    parser.set_defaults(func=_run)
+    add_request_command(subparsers, "curate", CurateRequest, _run, settings="config",
+                        help="curate raw videos into LVD-F shards (runs the curate-lvd flow)")

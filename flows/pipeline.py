@@ -5,43 +5,75 @@ called as a subflow (so each shows up under the parent run in the Prefect UI and
 own). Outputs are passed along, never copied by hand: the curate output directory is the training data,
 each stage's exported pipeline initialises the next, stage 3's pipeline is what FVD and generation load.
 
-Rerunning skips finished steps. Each subflow resumes on its own (curation by source, training via its
-`done.json`, FVD by shard); on top of that the parent keeps a small ledger (`OUT/.pipeline/STEP.json`)
-of what each step was run with, so that a step whose inputs are unchanged is skipped outright and a
-step whose upstream changed (new sources curated, a stage retrained) is redone instead of reusing stale
-results. A markdown artifact (`lvd-pipeline-summary`, also `OUT/pipeline.md`) lists every step, its
-outputs and whether it ran or was skipped; `OUT/pipeline.json` holds the same as data.
+The DAG is the table `DAG` of steps; a `PipelineRequest` says what to run with. Rerunning skips finished
+steps. Each subflow resumes on its own (curation by source, training via its `done.json`, FVD by shard);
+on top of that the incremental-build ledger (training/ledger.py, `OUT/.pipeline/STEP.json`) records what
+each step was run with, so that a step whose inputs are unchanged is skipped outright and a step whose
+upstream changed (new sources curated, a stage retrained) is redone instead of reusing stale results. A
+markdown artifact (`lvd-pipeline-summary`, also `OUT/pipeline.md`) lists every step, its outputs and
+whether it ran or was skipped; `OUT/pipeline.json` holds the same as data.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-# FVD protocol settings per training preset. `tiny` is a smoke test that fits a laptop: 4 videos of 16
-# frames at 64x112 (the protocol's 5:9 aspect, rounded to the VAE's factor 8), 2 sampling steps. Any other
-# preset uses evaluate-fvd's own defaults, i.e. the paper's protocol (docs/recipe.md §5: 13,320 videos, 320x576).
-FVD_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_videos=4, batch_size=2, shard_size=4, steps=2, num_frames=16, height=64, width=112),
-}
-# generate-video settings per preset: `tiny` at stage 3's training resolution (96x128), 14 frames.
-GENERATE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_frames=14, height=96, width=128, steps=8),
-}
-DEFAULT_PROMPTS = ["a cyclist riding down a city street", "a rabbit in a meadow"]
+from common.requests import Request, RequestError, flat_parameters, setting
+from curation.config import CurateRequest, CurationConfig
+from flows.cli import add_request_command
+from training.ledger import Ledger, file_fingerprint, fingerprint, listing_fingerprint
+from training.request import StageRunRequest
+from training.stages import FVD_PRESETS, GENERATE_PRESETS, STAGE_PRESETS
+
+DEFAULT_PROMPTS = ("a cyclist riding down a city street", "a rabbit in a meadow")
 STAGES = (1, 2, 3)
 REAL_SET_NOTE = ("smoke-test reference: the curated clips of this run, NOT UCF-101; the number checks that "
                  "the DAG works and is not comparable to the paper's FVD")
+
+
+@dataclass(frozen=True)
+class PipelineRequest(Request):
+    """Raw clips -> curate-lvd -> train-stage 1, 2, 3 -> evaluate-fvd -> generate-video, as subflows."""
+
+    input_path: str | None = setting(None, positional=True, path="exists",
+                                     help="folder, file or fsspec URL of raw videos (default: the bundled samples)")
+    output_root: str = setting("out/pipeline", flag="--out", help="everything goes below it (curate/, "
+                               "train/stageN/, evaluate/, generate/); rerunning skips finished steps")
+    preset: str = setting("tiny", help="training preset (tiny: CPU, svd: the paper's sizes); also picks the FVD "
+                                       "and generation settings (training/stages.py FVD_PRESETS, GENERATE_PRESETS)")
+    num_workers: int = setting(1, min=1, help="Ray Train workers per stage")
+    use_gpu: bool = setting(False, help="one GPU per Ray Train worker")
+    ray_address: str | None = setting(None, help='Ray cluster for curation and training (e.g. "ray://head:10001");'
+                                                 " default: a local Ray")
+    curate_config: CurationConfig = setting(default_factory=CurationConfig, help="overrides of the CurationConfig "
+                                            'defaults, e.g. {"scorers": {"clip": {"pretrained": PATH}}}')
+    max_steps: int | None = setting(None, min=1, help="cut every stage to this many optimizer steps")
+    init: str | None = setting(None, help="stage I's initialisation (e.g. a local SD 2.1 directory); default: the "
+                                          "preset's")
+    fvd_real_dir: str | None = setting(None, path="dir", help="the real UCF-101 videos; default: this run's curated"
+                                       " clips, a smoke-test reference only (labelled as such in the report)")
+    fvd: dict[str, Any] = setting(default_factory=dict, help="overrides of evaluate-fvd's parameters (on top of "
+                                                             "the preset's)")
+    prompts: tuple[str, ...] = setting(DEFAULT_PROMPTS, flag="--prompt", repeat=True,
+                                       help="prompts for generate-video (repeatable)")
+    generate: dict[str, Any] = setting(default_factory=dict, help="overrides of generate-video's parameters (on "
+                                                                  "top of the preset's)")
+
+    def validate(self) -> None:
+        if self.preset not in STAGE_PRESETS:
+            raise RequestError(f"preset must be one of {', '.join(sorted(STAGE_PRESETS))}, got {self.preset!r}")
+        if not self.prompts:
+            raise RequestError("prompts: give at least one prompt for generate-video")
 
 
 def output_layout(output_root: str | Path) -> dict[str, Path]:
@@ -69,10 +101,11 @@ def output_layout(output_root: str | Path) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class DagSteps:
-    """The flows the DAG calls; the real ones by default (`default_steps`), swappable to test the wiring."""
+    """The flows the DAG calls; the real ones by default (`default_steps`), swappable to test the wiring.
+    curate and train take their request; evaluate and generate their flow's keyword parameters."""
 
-    curate: Callable[..., dict[str, Any]]
-    train: Callable[..., dict[str, Any]]
+    curate: Callable[[CurateRequest], dict[str, Any]]
+    train: Callable[[StageRunRequest], dict[str, Any]]
     evaluate: Callable[..., dict[str, Any]]
     generate: Callable[..., list[dict[str, Any]]]
 
@@ -83,55 +116,9 @@ def default_steps() -> DagSteps:
     from flows.generate import generate_video
     from flows.train import train_stage
 
-    return DagSteps(curate=curate_lvd, train=train_stage, evaluate=evaluate_fvd, generate=generate_video)
-
-
-# ------------------------------------------------------------------------------------------- ledger
-
-
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_fingerprint(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-
-
-def listing_fingerprint(directory: str | Path) -> str:
-    """Names and sizes of the files under a local folder (cheap: no content is read)."""
-    root = Path(directory)
-    if not root.is_dir():
-        return fingerprint(str(directory))
-    return fingerprint(sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()))
-
-
-class Ledger:
-    """One JSON record per step under OUT/.pipeline: the fingerprint of its inputs and, once done, its result."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / ".pipeline"
-
-    def read(self, step: str) -> dict[str, Any] | None:
-        path = self.dir / f"{step}.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def write(self, step: str, record: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        partial = self.dir / f".{step}.json.tmp"
-        partial.write_text(json.dumps(record, indent=2, default=str))
-        partial.replace(self.dir / f"{step}.json")
-
-    def finished(self, step: str, inputs: str) -> dict[str, Any] | None:
-        record = self.read(step)
-        if record and record.get("state") == "finished" and record.get("inputs") == inputs:
-            return record
-        return None
-
-
-# ------------------------------------------------------------------------------------------- helpers
+    return DagSteps(curate=lambda request: curate_lvd(**request.to_dict()),
+                    train=lambda request: train_stage(**request.to_dict()),
+                    evaluate=evaluate_fvd, generate=generate_video)
 
 
 def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[str]) -> dict[str, Any]:
@@ -139,19 +126,17 @@ def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[st
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"unknown {kind} setting(s) {unknown}; allowed: {sorted(allowed)}")
+        raise RequestError(f"unknown {kind} setting(s) {unknown}; allowed: {sorted(allowed)}")
     return overrides
 
 
-def pending_sources(input_path: str, curate_dir: Path, config: dict[str, Any]) -> list[str]:
+def pending_sources(input_path: str, curate_dir: Path, config: CurationConfig) -> list[str]:
     """Sources under `input_path` that the curate output directory has not committed yet."""
-    from curation.config import CurationConfig
     from curation.dataset import completed_sources, discover_sources
     from dataformat import RunLayout
 
-    cfg = CurationConfig.from_overrides(config)
     done = completed_sources(RunLayout(curate_dir)) if (curate_dir / "sources.parquet").exists() else set()
-    return [source for source in discover_sources(input_path, cfg.video_extensions) if source not in done]
+    return [source for source in discover_sources(input_path, config.video_extensions) if source not in done]
 
 
 def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
@@ -167,27 +152,13 @@ def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
 @task(name="export-real-clips")
 def export_real_clips(shards_dir: str, target: str) -> dict[str, Any]:
     """The kept clips of a curate run as plain MP4 files (the smoke-test FVD reference set)."""
-    from dataformat import read_shard_samples
+    from dataformat.export import export_clips
 
-    out = Path(target)
-    out.mkdir(parents=True, exist_ok=True)
-    written = set()
-    for shard in sorted(Path(shards_dir).glob("*.tar")):
-        for sample in read_shard_samples(shard):
-            name = f"{sample['key']}.mp4"
-            path = out / name
-            if not path.exists() or path.stat().st_size != len(sample["mp4"]):
-                partial = out / f".{name}.tmp"
-                partial.write_bytes(sample["mp4"])
-                partial.replace(path)
-            written.add(name)
-    for stale in out.glob("*.mp4"):
-        if stale.name not in written:
-            stale.unlink()
-    if len(written) < 2:
-        raise ValueError(f"{shards_dir}: FVD needs at least 2 curated clips, found {len(written)}; curate more "
-                         "input or pass fvd_real_dir")
-    return {"real_dir": str(out), "clips": len(written)}
+    clips = export_clips(shards_dir, target)
+    if len(clips) < 2:
+        raise RequestError(f"{shards_dir}: FVD needs at least 2 curated clips, found {len(clips)}; curate more "
+                           "input or pass fvd_real_dir")
+    return {"real_dir": str(Path(target)), "clips": len(clips)}
 
 
 def summary_markdown(record: dict[str, Any]) -> str:
@@ -212,130 +183,146 @@ def summary_markdown(record: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------- the DAG
 
 
-def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset: str, num_workers: int,
-            use_gpu: bool, ray_address: str | None, curate_config: dict[str, Any] | None, max_steps: int | None,
-            init: str | None, fvd_real_dir: str | None, fvd: dict[str, Any] | None, prompts: list[str] | None,
-            generate: dict[str, Any] | None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the six steps in order, passing each step's outputs to the next; see the module docstring."""
-    import inspect
+@dataclass
+class DagRun:
+    """What the steps share: the request, where things go, the ledger, and what upstream steps produced."""
 
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    fvd_settings = {**FVD_PRESETS.get(preset, {}), **check_overrides(
-        "fvd", fvd, set(inspect.signature(steps.evaluate).parameters) - {"real_dir", "checkpoint", "output_dir"})}
-    generate_settings = {**GENERATE_PRESETS.get(preset, {}), **check_overrides(
-        "generate", generate, set(inspect.signature(steps.generate).parameters) - {"prompts", "checkpoint",
-                                                                                   "output_dir"})}
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    curate_config = dict(curate_config or {})
-    paths = output_layout(output_root)
-    paths["root"].mkdir(parents=True, exist_ok=True)
-    paths["record"].unlink(missing_ok=True)  # rewritten when the DAG finishes; never a stale record
-    ledger = Ledger(paths["root"])
-    record: dict[str, Any] = {"output_root": str(paths["root"]), "preset": preset, "steps": []}
+    request: PipelineRequest
+    steps: DagSteps
+    paths: dict[str, Path]
+    ledger: Ledger
+    fvd_settings: dict[str, Any]
+    generate_settings: dict[str, Any]
+    upstream: str = ""  # fingerprint of the last step's output: what the next step depends on
+    checkpoint: str | None = None  # the newest stage's exported pipeline
+    state: dict[str, Any] = field(default_factory=dict)  # record entries: "fvd", "videos"
 
-    def done(name: str, skipped: bool, started: float, outputs: dict[str, Any], note: str = "") -> None:
-        record["steps"].append({"name": name, "skipped": skipped, "seconds": time.monotonic() - started,
-                                "outputs": outputs, "note": note})
-        log(f"{name}: {'skipped' if skipped else 'done'}" + (f" ({note})" if note else ""))
 
-    # 1. curate-lvd: skipped when the same input and settings left no source to process.
-    started = time.monotonic()
-    if input_path is None:
-        from flows.curate import default_input
+@dataclass(frozen=True)
+class StepOutcome:
+    skipped: bool
+    outputs: dict[str, Any]
+    note: str = ""
 
-        input_path = default_input()
-    curate_inputs = fingerprint(str(input_path), curate_config)
-    previous = ledger.finished("curate-lvd", curate_inputs)
-    if previous and paths["manifest"].exists() and not pending_sources(input_path, paths["curate"], curate_config):
-        curated, skipped = previous["result"], True
-    else:
-        ledger.write("curate-lvd", {"state": "started", "inputs": curate_inputs})
-        curated = steps.curate(input_path=input_path, output_path=str(paths["curate"]), config=curate_config,
-                               ray_address=ray_address)
-        curated = {key: curated[key] for key in ("sources", "sources_error", "clips", "kept") if key in curated}
-        ledger.write("curate-lvd", {"state": "finished", "inputs": curate_inputs, "result": curated})
-        skipped = False
-    data_fingerprint = fingerprint(file_fingerprint(paths["curate"] / "summary.json") or curated,
-                                   file_fingerprint(paths["curate"] / "hq" / "summary.json"))
-    done("curate-lvd", skipped, started, {"kept clips": f"{curated.get('kept')} of {curated.get('clips')}",
-                                          "shards": paths["shards"], "manifest": paths["manifest"]})
 
-    # 2-4. train-stage 1 -> 2 -> 3: each stage's exported pipeline initialises the next. Stage 3 (the
-    # high-resolution finetune) trains on the curated `hq` subset when curation selected one (RAFT weights).
-    upstream, stage_init = data_fingerprint, init
-    trained: dict[str, Any] = {}
-    for stage in STAGES:
-        started = time.monotonic()
-        name = f"train-stage{stage}"
-        inputs = fingerprint(upstream, preset, max_steps, stage_init)
-        previous = ledger.read(name)
-        resume = not (previous and previous.get("inputs") != inputs)  # upstream changed: train again
-        if not resume:
-            log(f"{name}: its data or initialisation changed since the last run; training it again")
-        ledger.write(name, {"state": "started", "inputs": inputs})
-        data, data_note = stage_data(stage, paths["curate"])
-        trained = steps.train(stage=stage, preset=preset, data=data, output_root=str(paths["train"]),
-                              num_workers=num_workers, use_gpu=use_gpu, resume=resume, init=stage_init,
-                              max_steps=max_steps, ray_address=ray_address)
-        stage_dir = Path(trained["output_dir"])
-        ledger.write(name, {"state": "finished", "inputs": inputs, "result": trained})
-        losses = ", ".join(f"{key} {value:.4f}" for key, value in (trained.get("losses") or {}).items())
-        done(name, bool(trained.get("skipped")), started,
-             {"data": data_note, "pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
-              "steps": trained.get("step"), "loss": losses or "n/a"})
-        upstream = fingerprint(file_fingerprint(stage_dir / "done.json") or trained)
-        stage_init = trained["pipeline"]
-    checkpoint, checkpoint_fingerprint = str(trained["pipeline"]), upstream
+def curate_step(run: DagRun) -> StepOutcome:
+    """curate-lvd; skipped when the same input and settings left no source to process."""
+    request, paths = run.request, run.paths
+    curate = CurateRequest(input_path=request.input_path or _default_input(), output_path=str(paths["curate"]),
+                           config=request.curate_config, ray_address=request.ray_address)
+    config = curate.to_dict()["config"]
+    curated, skipped = run.ledger.run(
+        "curate-lvd", fingerprint(curate.input_path, config),
+        lambda: {key: value for key, value in run.steps.curate(curate).items()
+                 if key in ("sources", "sources_error", "clips", "kept")},
+        reusable=lambda _: paths["manifest"].exists() and not pending_sources(curate.input_path, paths["curate"],
+                                                                              curate.config))
+    run.upstream = fingerprint(file_fingerprint(paths["curate"] / "summary.json") or curated,
+                               file_fingerprint(paths["curate"] / "hq" / "summary.json"))
+    return StepOutcome(skipped, {"kept clips": f"{curated.get('kept')} of {curated.get('clips')}",
+                                 "shards": paths["shards"], "manifest": paths["manifest"]})
 
-    # 5. evaluate-fvd on stage 3's pipeline.
-    started = time.monotonic()
-    if fvd_real_dir:
-        real_dir, real_set = fvd_real_dir, f"`{fvd_real_dir}`"
+
+def train_step(stage: int, run: DagRun) -> StepOutcome:
+    """train-stage N on the curated data, from stage N-1's pipeline. Always called (it skips itself via its
+    done.json); told to start over when its data or initialisation changed since the ledger's record.
+    Stage 3 (the high-resolution finetune) trains on the curated `hq` subset when curation selected one."""
+    request, name = run.request, f"train-stage{stage}"
+    init = request.init if stage == 1 else run.checkpoint
+    inputs = fingerprint(run.upstream, request.preset, request.max_steps, init)
+    resume = not run.ledger.changed(name, inputs)
+    data, data_note = stage_data(stage, run.paths["curate"])
+    stage_request = StageRunRequest(stage=stage, preset=request.preset, data=data,
+                                    output_root=str(run.paths["train"]), num_workers=request.num_workers,
+                                    use_gpu=request.use_gpu, resume=resume, init=init, max_steps=request.max_steps,
+                                    ray_address=request.ray_address)
+    trained, _ = run.ledger.run(name, inputs, lambda: run.steps.train(stage_request), reusable=lambda _: False)
+    stage_dir = Path(trained["output_dir"])
+    run.upstream = fingerprint(file_fingerprint(stage_dir / "done.json") or trained)
+    run.checkpoint = trained["pipeline"]
+    losses = ", ".join(f"{key} {value:.4f}" for key, value in (trained.get("losses") or {}).items())
+    return StepOutcome(bool(trained.get("skipped")), {
+        "data": data_note, "pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
+        "steps": trained.get("step"), "loss": losses or "n/a"},
+        note="" if resume else "its data or initialisation changed since the last run; trained again")
+
+
+def evaluate_step(run: DagRun) -> StepOutcome:
+    """evaluate-fvd on the last stage's pipeline, against `fvd_real_dir` or this run's curated clips."""
+    paths = run.paths
+    if run.request.fvd_real_dir:
+        real_dir, real_set = run.request.fvd_real_dir, f"`{run.request.fvd_real_dir}`"
     else:
         real_dir = export_real_clips(str(paths["shards"]), str(paths["fvd_real"]))["real_dir"]
         real_set = REAL_SET_NOTE
-    generation_inputs = fingerprint(checkpoint, checkpoint_fingerprint, fvd_settings)
-    inputs = fingerprint(generation_inputs, real_dir, listing_fingerprint(real_dir))
-    previous = ledger.finished("evaluate-fvd", inputs)
-    if previous and paths["fvd_report"].exists():
-        evaluated, skipped = previous["result"], True
-    else:
-        earlier = ledger.read("evaluate-fvd")
-        if earlier and earlier.get("generation") != generation_inputs:
-            # evaluate-fvd keys its shards by checkpoint *path*; a retrained checkpoint must not reuse them.
+    generation = fingerprint(run.checkpoint, run.upstream, run.fvd_settings)
+
+    def drop_stale_videos(previous: dict[str, Any] | None) -> None:
+        # evaluate-fvd keys its shards by checkpoint *path*; a retrained checkpoint must not reuse them.
+        if previous and previous.get("generation") != generation:
             for stale in ("shards", "videos"):
                 shutil.rmtree(paths["evaluate"] / stale, ignore_errors=True)
-        ledger.write("evaluate-fvd", {"state": "started", "inputs": inputs, "generation": generation_inputs})
-        summary = steps.evaluate(real_dir=real_dir, checkpoint=checkpoint, output_dir=str(paths["evaluate"]),
-                                 **fvd_settings)
-        evaluated = {key: summary[key] for key in ("fvd", "kvd", "clipsim", "num_real", "num_fake")}
-        evaluated["real_set"] = real_set
-        ledger.write("evaluate-fvd", {"state": "finished", "inputs": inputs, "generation": generation_inputs,
-                                      "result": evaluated})
-        skipped = False
-    record["fvd"] = evaluated
-    done("evaluate-fvd", skipped, started, {"FVD": f"{evaluated['fvd']:.2f}", "report": paths["fvd_report"],
-                                            "real set": evaluated["real_set"]})
 
-    # 6. generate-video with stage 3's pipeline.
-    started = time.monotonic()
-    inputs = fingerprint(checkpoint, checkpoint_fingerprint, prompts, generate_settings)
-    previous = ledger.finished("generate-video", inputs)
-    if previous and all(Path(video["mp4"]).exists() for video in previous["result"]):
-        videos, skipped = previous["result"], True
-    else:
-        ledger.write("generate-video", {"state": "started", "inputs": inputs})
-        videos = steps.generate(prompts=prompts, checkpoint=checkpoint, output_dir=str(paths["generate"]),
-                                **generate_settings)
-        videos = [{key: video[key] for key in ("prompt", "mp4", "gif")} for video in videos]
-        ledger.write("generate-video", {"state": "finished", "inputs": inputs, "result": videos})
-        skipped = False
-    record["videos"] = videos
-    done("generate-video", skipped, started, {video["prompt"]: video["mp4"] for video in videos})
+    def evaluate() -> dict[str, Any]:
+        summary = run.steps.evaluate(real_dir=real_dir, checkpoint=run.checkpoint,
+                                     output_dir=str(paths["evaluate"]), **run.fvd_settings)
+        return {**{key: summary[key] for key in ("fvd", "kvd", "clipsim", "num_real", "num_fake")},
+                "real_set": real_set}
 
+    evaluated, skipped = run.ledger.run(
+        "evaluate-fvd", fingerprint(generation, real_dir, listing_fingerprint(real_dir)), evaluate,
+        reusable=lambda _: paths["fvd_report"].exists(), before=drop_stale_videos, generation=generation)
+    run.state["fvd"] = evaluated
+    return StepOutcome(skipped, {"FVD": f"{evaluated['fvd']:.2f}", "report": paths["fvd_report"],
+                                 "real set": evaluated["real_set"]})
+
+
+def generate_step(run: DagRun) -> StepOutcome:
+    """generate-video with the last stage's pipeline."""
+    prompts = list(run.request.prompts)
+
+    def generate() -> list[dict[str, Any]]:
+        videos = run.steps.generate(prompts=prompts, checkpoint=run.checkpoint,
+                                    output_dir=str(run.paths["generate"]), **run.generate_settings)
+        return [{key: video[key] for key in ("prompt", "mp4", "gif")} for video in videos]
+
+    videos, skipped = run.ledger.run(
+        "generate-video", fingerprint(run.checkpoint, run.upstream, prompts, run.generate_settings), generate,
+        reusable=lambda result: all(Path(video["mp4"]).exists() for video in result))
+    run.state["videos"] = videos
+    return StepOutcome(skipped, {video["prompt"]: video["mp4"] for video in videos})
+
+
+# The DAG: each step's outputs feed the next (DagRun.upstream / .checkpoint), in this order.
+DAG: tuple[tuple[str, Callable[[DagRun], StepOutcome]], ...] = (
+    ("curate-lvd", curate_step),
+    *((f"train-stage{stage}", lambda run, stage=stage: train_step(stage, run)) for stage in STAGES),
+    ("evaluate-fvd", evaluate_step),
+    ("generate-video", generate_step),
+)
+
+
+def run_dag(steps: DagSteps, request: PipelineRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the DAG's steps in order, passing each step's outputs to the next; see the module docstring."""
+    import inspect
+
+    fixed = {"real_dir", "checkpoint", "output_dir"}
+    fvd_settings = {**FVD_PRESETS.get(request.preset, {}), **check_overrides(
+        "fvd", request.fvd, set(inspect.signature(steps.evaluate).parameters) - fixed)}
+    generate_settings = {**GENERATE_PRESETS.get(request.preset, {}), **check_overrides(
+        "generate", request.generate, set(inspect.signature(steps.generate).parameters) - fixed - {"prompts"})}
+    paths = output_layout(request.output_root)
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    paths["record"].unlink(missing_ok=True)  # rewritten when the DAG finishes; never a stale record
+    run = DagRun(request, steps, paths, Ledger(paths["root"]), fvd_settings, generate_settings)
+    record: dict[str, Any] = {"output_root": str(paths["root"]), "preset": request.preset, "steps": []}
+    for name, step in DAG:
+        started = time.monotonic()
+        outcome = step(run)
+        record["steps"].append({"name": name, "skipped": outcome.skipped, "seconds": time.monotonic() - started,
+                                "outputs": outcome.outputs, "note": outcome.note})
+        log(f"{name}: {'skipped' if outcome.skipped else 'done'}" + (f" ({outcome.note})" if outcome.note else ""))
+    record.update(run.state)
     record["checkpoints"] = {f"stage{s}": str(paths[f"stage{s}_pipeline"]) for s in STAGES}
     record["skipped"] = [step["name"] for step in record["steps"] if step["skipped"]]
     paths["record"].write_text(json.dumps(record, indent=2, default=str))
@@ -343,42 +330,17 @@ def run_dag(steps: DagSteps, *, input_path: str | None, output_root: str, preset
     return json.loads(json.dumps(record, default=str))
 
 
-@flow(name="lvd-pipeline", log_prints=True)
-def lvd_pipeline(
-    input_path: str | None = None,
-    output_root: str = "out/pipeline",
-    preset: str = "tiny",
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    ray_address: str | None = None,
-    curate_config: dict[str, Any] | None = None,
-    max_steps: int | None = None,
-    init: str | None = None,
-    fvd_real_dir: str | None = None,
-    fvd: dict[str, Any] | None = None,
-    prompts: list[str] | None = None,
-    generate: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Raw clips -> curate-lvd -> train-stage 1, 2, 3 -> evaluate-fvd -> generate-video, as subflows.
+def _default_input() -> str:
+    from flows.curate import default_input
 
-    Args:
-        input_path: folder, file or fsspec URL of raw videos; default: the bundled sample clips.
-        output_root: everything goes below it (curate/, train/stageN/, evaluate/, generate/); rerun skips.
-        preset: training preset (`tiny` for a laptop, `svd` for the paper's sizes); also picks FVD and
-            generation settings (FVD_PRESETS / GENERATE_PRESETS; `svd`: the paper's protocol).
-        num_workers, use_gpu: Ray Train workers per stage. ray_address: e.g. "ray://head:10001"
-            (curation and training); default a local Ray.
-        curate_config: overrides of `CurationConfig` (e.g. {"scorers": {"clip": {"pretrained": PATH}}}).
-        max_steps: cut every stage to this many optimizer steps (smoke tests); init: stage I's
-            initialisation (e.g. a local SD 2.1 directory); default: the preset's.
-        fvd_real_dir: the real UCF-101 videos; default: the curated clips of this run, a smoke-test
-            reference only (labelled as such in the report).
-        fvd, generate: overrides of evaluate-fvd / generate-video parameters; prompts: for generate-video.
-    """
-    record = run_dag(default_steps(), input_path=input_path, output_root=output_root, preset=preset,
-                     num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
-                     curate_config=curate_config, max_steps=max_steps, init=init, fvd_real_dir=fvd_real_dir,
-                     fvd=fvd, prompts=prompts, generate=generate, log=get_run_logger().info)
+    return default_input()
+
+
+@flow(name="lvd-pipeline", log_prints=True)
+@flat_parameters(PipelineRequest)
+def lvd_pipeline(request: PipelineRequest) -> dict[str, Any]:
+    """Raw clips -> curate-lvd -> train-stage 1, 2, 3 -> evaluate-fvd -> generate-video, as subflows."""
+    record = run_dag(default_steps(), request, log=get_run_logger().info)
     create_markdown_artifact(summary_markdown(record), key="lvd-pipeline-summary",
                              description="lvd-pipeline: every step's outputs, ran or skipped")
     return record
@@ -397,35 +359,13 @@ def deployments() -> list:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _run(args: argparse.Namespace) -> int:
-    from curation.config import parse_set_options
-
-    curate_config: dict[str, Any] = {}
-    for key, value in parse_set_options(args.set).items():
-        curate_config[key] = {**curate_config.get(key, {}), **value} if isinstance(value, dict) else value
-    record = lvd_pipeline(input_path=args.input, output_root=args.out, preset=args.preset,
-                          num_workers=args.num_workers, use_gpu=args.use_gpu, ray_address=args.ray_address,
-                          curate_config=curate_config, max_steps=args.max_steps, init=args.init,
-                          fvd_real_dir=args.fvd_real_dir, prompts=args.prompt or None)
+def _run(request: PipelineRequest) -> int:
+    record = lvd_pipeline(**request.to_dict())
     print(json.dumps({"fvd": record["fvd"]["fvd"], "checkpoints": record["checkpoints"],
                       "videos": [video["mp4"] for video in record["videos"]], "skipped": record["skipped"]}))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("pipeline", help="the whole DAG: curate -> train stages 1-3 -> FVD -> generate")
-    parser.add_argument("input", nargs="?", default=None, help="raw videos: folder, file or fsspec URL "
-                                                               "(default: bundled samples)")
-    parser.add_argument("--out", default="out/pipeline", help="output root (rerunning skips finished steps)")
-    parser.add_argument("--preset", default="tiny", help="training preset: tiny (CPU) or svd (the paper's sizes)")
-    parser.add_argument("--max-steps", type=int, default=None, help="cut every stage to N optimizer steps")
-    parser.add_argument("--init", default=None, help="stage I initialisation (e.g. a local SD 2.1 directory)")
-    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per stage")
-    parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster (ray://head:10001); default local Ray")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="curation setting, e.g. --set scorers.clip.pretrained=/w/clip.bin (repeatable)")
-    parser.add_argument("--fvd-real-dir", default=None, help="real UCF-101 videos (default: this run's curated "
-                                                             "clips, a smoke-test reference)")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt for generate-video (repeatable)")
-    parser.set_defaults(func=_run)
+    add_request_command(subparsers, "pipeline", PipelineRequest, _run, settings="curate_config",
+                        help="the whole DAG: curate -> train stages 1-3 -> FVD -> generate")

@@ -15,7 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.pipeline import DagSteps, Ledger, check_overrides, output_layout, run_dag
+from curation.config import CurateRequest
+from flows.pipeline import DagSteps, PipelineRequest, check_overrides, output_layout, run_dag
+from training.ledger import Ledger
+from training.request import StageRunRequest
 
 
 class Recorder:
@@ -29,10 +32,10 @@ class Recorder:
         return [kwargs for called, kwargs in self.calls if called == name]
 
     def steps(self) -> DagSteps:
-        def curate(input_path: str | None = None, output_path: str = "out/curate", config: dict | None = None,
-                   ray_address: str | None = None, progress: bool = False) -> dict:
-            self.calls.append(("curate", dict(input_path=input_path, output_path=output_path, config=config,
-                                              ray_address=ray_address)))
+        def curate(request: CurateRequest) -> dict:
+            input_path, output_path = request.input_path, request.output_path
+            self.calls.append(("curate", dict(input_path=input_path, output_path=output_path,
+                                              config=request.to_dict()["config"], ray_address=request.ray_address)))
             out = Path(output_path)
             sources = sorted(p.name for p in Path(input_path).glob("*.mp4"))
             (out / "sources.parquet").mkdir(parents=True, exist_ok=True)
@@ -41,12 +44,12 @@ class Recorder:
             (out / "summary.json").write_text(json.dumps({"sources": len(sources), "kept": len(sources)}))
             return {"sources": len(sources), "sources_error": 0, "clips": len(sources), "kept": len(sources)}
 
-        def train(stage: int = 1, preset: str = "tiny", data: str = "out/curate", output_root: str = "out/train",
-                  num_workers: int = 1, use_gpu: bool = False, resume: bool = True, init: str | None = None,
-                  max_steps: int | None = None, ray_address: str | None = None) -> dict:
-            self.calls.append(("train", dict(stage=stage, preset=preset, data=data, output_root=output_root,
-                                             num_workers=num_workers, resume=resume, init=init, max_steps=max_steps,
-                                             ray_address=ray_address)))
+        def train(request: StageRunRequest) -> dict:
+            stage, preset, max_steps, resume = request.stage, request.preset, request.max_steps, request.resume
+            output_root = request.output_root
+            self.calls.append(("train", dict(stage=stage, preset=preset, data=request.data,
+                                             output_root=output_root, num_workers=request.num_workers, resume=resume,
+                                             init=request.init, max_steps=max_steps, ray_address=request.ray_address)))
             out = Path(output_root) / f"stage{stage}"
             result = {"stage": stage, "preset": preset, "output_dir": str(out), "pipeline": str(out / "pipeline"),
                       "step": max_steps or 10, "losses": {"first": 1.0, "last": 0.5}}
@@ -86,10 +89,9 @@ class Recorder:
 def _run(recorder: Recorder, raw: Path, root: Path, **overrides: Any) -> dict[str, Any]:
     params: dict[str, Any] = dict(input_path=str(raw), output_root=str(root), preset="tiny", num_workers=2,
                                   use_gpu=False, ray_address="ray://head:10001", curate_config={"clips": {}},
-                                  max_steps=3, init=None, fvd_real_dir=str(raw), fvd=None, prompts=["a dog"],
-                                  generate=None, log=lambda line: None)
+                                  max_steps=3, init=None, fvd_real_dir=str(raw), prompts=["a dog"])
     params.update(overrides)
-    return run_dag(recorder.steps(), **params)
+    return run_dag(recorder.steps(), PipelineRequest.build(params), log=lambda line: None)
 
 
 @pytest.fixture
@@ -181,6 +183,8 @@ def test_bad_settings_are_named(raw, tmp_path):
         _run(Recorder(), raw, tmp_path / "run", generate={"checkpoint": "/elsewhere"})
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
         _run(Recorder(), raw, tmp_path / "run", num_workers=0)
+    with pytest.raises(ValueError, match="unknown setting curate_config.clips.min_clipz"):
+        _run(Recorder(), raw, tmp_path / "run", curate_config={"clips": {"min_clipz": 1}})
     assert check_overrides("x", None, {"a"}) == {}
 
 

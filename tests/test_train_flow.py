@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.loop import complete_checkpoints, run_stage
+from training.request import StageRunRequest
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -30,8 +31,9 @@ def test_two_ddp_or_fsdp_workers_equal_one_worker_with_the_doubled_batch(curated
     x 2 samples. Then FSDP resumes from its step-2 checkpoint (sharded load) and ends where it ended."""
     common = dict(data=str(curated_dir), init="tiny", max_steps=3, micro_batch_size=1)
     results = {
-        (workers, strategy): run_stage(2, output_root=str(tmp_path / f"{strategy}{workers}"), num_workers=workers,
-                                       strategy=strategy, checkpoint_every=2, **common)
+        (workers, strategy): run_stage(StageRunRequest.build(
+            stage=2, output_root=str(tmp_path / f"{strategy}{workers}"), num_workers=workers, strategy=strategy,
+            checkpoint_every=2, **common))
         for workers, strategy in ((2, "ddp"), (2, "fsdp"), (1, "ddp"))
     }
     one = _unet(results[1, "ddp"]["pipeline"])
@@ -59,8 +61,8 @@ def test_two_ddp_or_fsdp_workers_equal_one_worker_with_the_doubled_batch(curated
         if step == 3:
             shutil.rmtree(checkpoint)  # as if the run died between its step-2 checkpoint and the end
     (fsdp_dir / "done.json").unlink()
-    resumed = run_stage(2, output_root=str(tmp_path / "fsdp2"), num_workers=2, strategy="fsdp", checkpoint_every=2,
-                        **common)
+    resumed = run_stage(StageRunRequest.build(stage=2, output_root=str(tmp_path / "fsdp2"), num_workers=2,
+                                              strategy="fsdp", checkpoint_every=2, **common))
     assert resumed["resumed_from_step"] == 2
     torch.testing.assert_close(_unet(resumed["pipeline"]), _unet(results[2, "fsdp"]["pipeline"]), rtol=0, atol=1e-6)
 
@@ -75,8 +77,11 @@ def test_stages_chain_through_the_flow_and_bad_parameters_fail_fast(curated_dir,
     common = dict(data=str(curated_dir), output_root=str(root), max_steps=2)
     with pytest.raises(ValueError, match="stage must be 1"):
         train_stage(stage=4, **common)
-    with pytest.raises(FileNotFoundError, match="no WebDataset shards"):
+    with pytest.raises(ValueError, match="data: no such directory"):
         train_stage(stage=1, data=str(tmp_path / "nowhere"), output_root=str(root))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no WebDataset shards"):
+        train_stage(stage=1, data=str(tmp_path / "empty"), output_root=str(root))
     with pytest.raises(FileNotFoundError, match="run stage 2 first"):
         train_stage(stage=3, **common)
 
@@ -176,7 +181,8 @@ def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_di
     svd_dir = tmp_path / "svd"
     tiny_svd(seed=0).save_pretrained(svd_dir)
     common = dict(data=str(curated_dir), init=str(svd_dir), max_steps=2, micro_batch_size=1, conditioning="image")
-    one, two = (run_stage(3, output_root=str(tmp_path / f"w{workers}"), num_workers=workers, **common)
+    one, two = (run_stage(StageRunRequest.build(stage=3, output_root=str(tmp_path / f"w{workers}"),
+                                                num_workers=workers, **common))
                 for workers in (1, 2))
     assert one["pipeline"].endswith("stage3-image/pipeline")
     initial = _unet(svd_dir)

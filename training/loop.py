@@ -26,9 +26,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dataformat import DataError, atomic_write_json, find_shards
+from dataformat import atomic_write_json
 from training.monitor import plot_losses, read_metrics
-from training.stages import StagePreset, get_stage_preset
+from training.request import StageRunRequest
+from training.stages import StagePreset
 
 RUN_NAME = "train"
 logger = logging.getLogger(__name__)
@@ -237,22 +238,6 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
 # --- driver -----------------------------------------------------------------------------------------
 
 
-def stage_dir(output_root: str | Path, stage: int, conditioning: str = "text") -> Path:
-    """`stageN` (text-to-video) or `stageN-image` (image-to-video), so both can share an output root."""
-    return Path(output_root).resolve() / (f"stage{stage}" if conditioning == "text" else f"stage{stage}-{conditioning}")
-
-
-def default_init(stage: int, preset: str, output_root: str | Path) -> str:
-    """Stage I starts from SD 2.x (`svd`) or the tiny preset; stage N from stage N-1's exported pipeline."""
-    if stage == 1:
-        return get_stage_preset(1, preset).init or preset
-    previous = stage_dir(output_root, stage - 1) / "pipeline"
-    if not (previous / "model_index.json").exists():
-        raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}'s output, but {previous} does not "
-                                f"exist: run stage {stage - 1} first (or pass init=<pipeline dir>)")
-    return str(previous)
-
-
 FILE_MANIFEST = "files.json"
 
 
@@ -313,77 +298,20 @@ def drop_stale_ray_snapshot(storage: Path) -> Path | None:
     return stale
 
 
-def validate_stage(stage: int, preset: str, data: str, output_root: str, init: str | None,
-                   num_workers: int, max_steps: int | None, strategy: str = "ddp", conditioning: str = "text",
-                   image_encoder: str | None = None, decoder_steps: int = 0
-                   ) -> tuple[StagePreset, list[str], str]:
-    """Fail fast, before Ray starts, with messages that say what to do."""
-    from model.image_to_video import is_image_to_video_folder
-    from training.trainer import STRATEGIES
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    stage_preset = get_stage_preset(stage, preset, conditioning).with_max_steps(max_steps)
-    if not isinstance(decoder_steps, int) or decoder_steps < 0:
-        raise ValueError(f"decoder_steps must be a number of steps >= 0, got {decoder_steps!r}")
-    if decoder_steps and conditioning != "image":
-        raise ValueError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports carry: "
-                         "use it with conditioning 'image'")
-    if conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
-        raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
-                                "SVD folder or a text-to-video stage export")
-    if conditioning == "image" and image_encoder is None and preset != "tiny" and not (
-            init and is_image_to_video_folder(init)):
-        raise ValueError("image-to-video training from a text-to-video checkpoint needs an image encoder: pass "
-                         "image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>, or init=<SVD folder>")
-    if image_encoder not in (None, "tiny") and not Path(image_encoder).is_dir():
-        raise FileNotFoundError(f"image_encoder {image_encoder!r} is not a folder (an SVD or CLIP vision folder)")
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
-    for phase in stage_preset.phases:
-        if phase.batch_size % num_workers:
-            raise ValueError(f"phase {phase.name}: global batch {phase.batch_size} is not divisible by "
-                             f"{num_workers} workers")
-    try:
-        shards = find_shards(data)
-    except DataError as error:
-        raise FileNotFoundError(str(error)) from error
-    return stage_preset, shards, init or default_init(stage, preset, output_root)
-
-
-def run_stage(
-    stage: int,
-    preset: str = "tiny",
-    data: str = "out/curate",
-    output_root: str = "out/train",
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    resume: bool = True,
-    init: str | None = None,
-    max_steps: int | None = None,
-    ray_address: str | None = None,
-    seed: int = 0,
-    micro_batch_size: int | None = None,
-    loader_workers: int = 0,
-    max_failures: int = 2,
-    strategy: str = "ddp",
-    checkpoint_every: int | None = None,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-    conditioning: str = "text",
-    image_encoder: str | None = None,
-    decoder_steps: int = 0,
-) -> dict[str, Any]:
+def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
     """Train one stage to completion (or skip it when done.json says it already finished).
 
     `conditioning="image"` trains image-to-video (from `init`: an SVD folder, or a text-to-video export turned
     into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder."""
-    stage_preset, shards, init = validate_stage(stage, preset, data, output_root, init, num_workers, max_steps,
-                                                strategy, conditioning, image_encoder, decoder_steps)
-    if checkpoint_every is not None:
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
-        stage_preset = replace(stage_preset, checkpoint_every=checkpoint_every)
-    directory = stage_dir(output_root, stage, conditioning)
+    stage_preset, shards, init = request.resolve()
+    if request.checkpoint_every is not None:
+        stage_preset = replace(stage_preset, checkpoint_every=request.checkpoint_every)
+    stage, preset, resume, seed = request.stage, request.preset, request.resume, request.seed
+    data, num_workers = request.data, request.num_workers
+    max_steps, strategy, use_gpu = request.max_steps, request.strategy, request.use_gpu
+    conditioning, image_encoder, decoder_steps = request.conditioning, request.image_encoder, request.decoder_steps
+    directory = request.directory
     done = directory / "done.json"
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
@@ -400,14 +328,14 @@ def run_stage(
 
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
-        micro_batch_size=micro_batch_size or max(p.batch_size for p in stage_preset.phases),
-        loader_workers=loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
+        micro_batch_size=request.micro_batch_size or max(p.batch_size for p in stage_preset.phases),
+        loader_workers=request.loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
     )
     storage = directory / "ray"
     resumed_from = latest_checkpoint(storage) if resume else None
     drop_stale_ray_snapshot(storage)
     config.resume_from = str(resumed_from) if resumed_from else None
-    result = _fit(config, num_workers, use_gpu, storage, ray_address, max_failures, on_progress)
+    result = _fit(config, num_workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
 
     final = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
     try:

@@ -163,6 +163,19 @@ _TINY_STAGES = {
 
 STAGE_PRESETS: dict[str, dict[int, StagePreset]] = {"svd": _SVD_STAGES, "tiny": _TINY_STAGES}
 
+# What the whole DAG (lvd-pipeline) evaluates and generates after training with a preset: overrides of the
+# evaluate-fvd and generate-video defaults. `tiny` is a smoke test that fits a laptop: 4 FVD videos of 16
+# frames at 64x112 (the protocol's 5:9 aspect, rounded to the VAE's factor 8) with 2 sampling steps, and
+# 14-frame videos at stage 3's training resolution (96x128). A preset without an entry (`svd`) uses the
+# flows' defaults, i.e. the paper's protocol (docs/recipe.md §5: 13,320 videos, 320x576).
+FVD_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"num_videos": 4, "batch_size": 2, "shard_size": 4, "steps": 2, "num_frames": 16, "height": 64,
+             "width": 112},
+}
+GENERATE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"num_frames": 14, "height": 96, "width": 128, "steps": 8},
+}
+
 
 IMAGE_TO_VIDEO_NOISE = (1.0, 1.6)  # stage III image-to-video (P_mean, P_std); text-to-video: (0.5, 1.4)
 

@@ -1,0 +1,130 @@
+"""Typed job requests and the `lvd` CLI generated from them: coercion, deep merge, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.requests import RequestError, parse_set_options
+from curation.config import CurateRequest, CurationConfig
+from flows.cli import build_parser, main, request_from_args
+from training.request import StageRunRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _request(argv: list[str], settings: str):
+    """The request a command line builds (without the disk checks that `lvd` runs next)."""
+    args = build_parser().parse_args(argv)
+    return request_from_args({"curate": CurateRequest, "train": StageRunRequest}[argv[0]], args, settings)
+
+
+def test_strings_are_typed_and_nested_settings_merge_onto_the_defaults():
+    config = CurationConfig.from_overrides(parse_set_options(
+        ["clips.min_clip_s=2", "clips.stream_copy=false", "scorers.clip.pool.batch_size=4",
+         "cuts.dissolve_lengths=8,12", "scorers.text.frames_per_forward=null"]))
+    assert config.clips.min_clip_s == 2.0 and config.clips.stream_copy is False
+    assert config.clips.max_clip_s == ClipDefaults.max_clip_s  # the sibling keeps its default
+    assert config.scorers.clip.pool.batch_size == 4 and config.scorers.clip.pool.actors_per_gpu == 2
+    assert config.cuts.dissolve_lengths == (8, 12) and config.scorers.text.frames_per_forward is None
+    rules = CurationConfig.from_overrides({"filters": [{"name": "x", "column": "motion_score", "mode": "absolute",
+                                                        "drop": "low", "value": "0.5"}]}).filters
+    assert rules[0].value == 0.5 and len(rules) == 1
+
+
+class ClipDefaults:
+    max_clip_s = CurationConfig().clips.max_clip_s
+
+
+def test_unknown_and_mistyped_settings_are_named_with_the_valid_names():
+    with pytest.raises(RequestError, match=r"unknown setting config\.scorers\.clip\.pretraind; known: .*pretrained"):
+        CurationConfig.from_overrides({"scorers": {"clip": {"pretraind": "x"}}})
+    with pytest.raises(RequestError, match=r"setting config\.clips\.min_clip_s must be float, got 'two'"):
+        CurationConfig.from_overrides({"clips": {"min_clip_s": "two"}})
+    with pytest.raises(RequestError, match="setting strategy must be one of ddp, fsdp, got 'fdsp'"):
+        StageRunRequest.build(stage=1, data=str(ROOT), strategy="fdsp")
+    with pytest.raises(RequestError, match="max_steps must be >= 1, got -2"):
+        StageRunRequest.build(stage=1, data=str(ROOT), max_steps=-2)
+    with pytest.raises(RequestError, match="missing setting stage"):
+        StageRunRequest.build(data=str(ROOT))
+
+
+def test_requests_are_frozen_and_round_trip_through_plain_data(tmp_path):
+    request = CurateRequest.build({"input_path": str(tmp_path), "config": {"clips": {"min_clip_s": 3}}})
+    with pytest.raises(AttributeError):
+        request.output_path = "elsewhere"  # type: ignore[misc]
+    again = CurateRequest.build(json.loads(json.dumps(request.to_dict())))
+    assert again == request and again.config.clips.min_clip_s == 3.0
+    moved = request.with_overrides(config={"clips": {"max_clip_s": 9}})
+    assert moved.config.clips.min_clip_s == 3.0 and moved.config.clips.max_clip_s == 9.0
+    assert request.config.clips.max_clip_s == ClipDefaults.max_clip_s  # the original is unchanged
+
+
+def test_config_file_and_set_merge_at_every_depth(tmp_path):
+    weights = tmp_path / "clip.bin"
+    weights.write_bytes(b"w")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"scorers": {"clip": {"pretrained": str(weights), "frames_per_forward": 12,
+                                                         "pool": {"batch_size": 3}}},
+                                    "clips": {"min_clip_s": 2.5}}))
+    request = _request(["curate", str(tmp_path), str(tmp_path / "out"), "--config", str(settings),
+                        "--set", "scorers.clip.frames_per_forward=6", "--set", "scorers.clip.pool.num_cpus=2",
+                        "--set", "clips.max_clip_s=20"], "config")
+    clip = request.config.scorers.clip
+    assert clip.pretrained == str(weights) and clip.frames_per_forward == 6  # --set wins over the file
+    assert clip.pool.batch_size == 3 and clip.pool.num_cpus == 2.0  # file and --set siblings both survive
+    assert request.config.clips.min_clip_s == 2.5 and request.config.clips.max_clip_s == 20.0
+    assert request.input_path == str(tmp_path) and request.output_path == str(tmp_path / "out")
+
+    settings.write_text(json.dumps({"stage": 2, "seed": 3, "max_steps": 5, "data": str(tmp_path)}))
+    request = _request(["train", "--config", str(settings), "--seed", "4", "--set", "max_steps=7", "--restart"], "")
+    assert (request.stage, request.seed, request.max_steps, request.resume) == (2, 4, 7, False)
+
+    settings.write_text(json.dumps({"clips": {"min_clipz": 1}}))
+    with pytest.raises(RequestError, match="unknown setting config.clips.min_clipz; known: max_clip_s, min_clip_s"):
+        _request(["curate", str(tmp_path), "--config", str(settings)], "config")
+
+
+BAD_COMMAND_LINES = {
+    # (argv, what the one line must say); the first of each command runs as a subprocess, as the user runs it
+    "missing input": (["curate", "{tmp}/missing"], "input_path: no such file or directory"),
+    "typo": (["curate", "{tmp}", "--set", "clips.min_clp_s=2"], "unknown setting config.clips.min_clp_s; known:"),
+    "not a number": (["curate", "{tmp}", "--set", "motion.fps=fast"], "config.motion.fps must be float, got 'fast'"),
+    "negative": (["train", "--stage", "1", "--data", "{tmp}", "--max-steps", "-3"], "max_steps must be >= 1, got -3"),
+    "not an int": (["train", "--stage", "one"], "setting stage must be int, got 'one'"),
+    "no shards": (["train", "--stage", "1", "--data", "{tmp}"], "no WebDataset shards"),
+    "unknown option": (["train", "--stage", "1", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    "bad config file": (["curate", "--config", "{tmp}/none.json"], "--config: no such file"),
+}
+SUBPROCESS_CASES = ("missing input", "negative")
+
+
+def _argv(case: str, tmp_path: Path) -> list[str]:
+    return [word.replace("{tmp}", str(tmp_path)) for word in BAD_COMMAND_LINES[case][0]]
+
+
+def _assert_one_line(case: str, returncode: int, stderr: str) -> None:
+    command, expected = BAD_COMMAND_LINES[case][0][0], BAD_COMMAND_LINES[case][1]
+    lines = stderr.strip().splitlines()
+    assert returncode == 2 and len(lines) == 1, (case, returncode, stderr[-2000:])
+    assert lines[0].startswith(f"lvd {command}: error: ") and expected in lines[0], (case, lines[0])
+
+
+def test_bad_arguments_end_in_one_line_and_exit_code_2(tmp_path):
+    """Run as the user does: a bad command line prints one line naming the problem, no traceback."""
+    running = {case: subprocess.Popen([sys.executable, "-m", "flows.cli", *_argv(case, tmp_path)], cwd=ROOT,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for case in SUBPROCESS_CASES}
+    for case, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        _assert_one_line(case, process.returncode, stderr)
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_COMMAND_LINES) - set(SUBPROCESS_CASES)))
+def test_every_bad_argument_is_one_line_from_the_one_handler(case, tmp_path, capsys):
+    returncode = main(_argv(case, tmp_path))
+    _assert_one_line(case, returncode, capsys.readouterr().err)

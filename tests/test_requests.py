@@ -99,8 +99,11 @@ BAD_COMMAND_LINES = {
     "no shards": (["train", "--stage", "1", "--data", "{tmp}"], "no WebDataset shards"),
     "unknown option": (["train", "--stage", "1", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     "bad config file": (["curate", "--config", "{tmp}/none.json"], "--config: no such file"),
+    "negative frames": (["generate", "a cat", "--frames", "-3", "--out", "{tmp}/x.mp4"], "num_frames >= 1"),
+    "missing image": (["generate", "--image", "{tmp}/none.png", "--out", "{tmp}/x.mp4"], "none.png: no such file"),
+    "frames not a number": (["generate", "a cat", "--frames", "many"], "--frames: invalid int value: 'many'"),
 }
-SUBPROCESS_CASES = ("missing input", "negative")
+SUBPROCESS_CASES = ("missing input", "negative", "negative frames")
 
 
 def _argv(case: str, tmp_path: Path) -> list[str]:
@@ -115,7 +118,8 @@ def _assert_one_line(case: str, returncode: int, stderr: str) -> None:
 
 
 def test_bad_arguments_end_in_one_line_and_exit_code_2(tmp_path):
-    """Run as the user does: a bad command line prints one line naming the problem, no traceback."""
+    """Run as the user does (one command line each of lvd curate, train, generate): a bad command line prints
+    one line naming the problem, no traceback."""
     running = {case: subprocess.Popen([sys.executable, "-m", "flows.cli", *_argv(case, tmp_path)], cwd=ROOT,
                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for case in SUBPROCESS_CASES}

@@ -20,6 +20,8 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataformat.schema import select_columns
+
 Writer = Callable[[IO[bytes]], Any]
 
 
@@ -72,7 +74,7 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Pa
 
 def write_parquet_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: str | Path) -> Path:
     """Rows (extra keys ignored, missing ones null) as a Parquet file with exactly `schema`."""
-    table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+    table = pa.Table.from_pylist([select_columns(row, schema) for row in rows], schema=schema)
     return atomic_write(path, lambda handle: pq.write_table(table, handle))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from dataformat.atomic import fsync_directory
 from dataformat.layout import RunLayout
-from dataformat.schema import MANIFEST_COLUMNS, Column
+from dataformat.schema import MANIFEST_SCHEMA, Column, select_columns
 from dataformat.shard_keys import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, SampleKey, sample_key
 
 
@@ -33,7 +33,7 @@ class DataError(ValueError):
 
 def sample_json(row: dict[str, Any]) -> bytes:
     """The `KEY.json` payload: the clip's manifest row, every manifest column and nothing else."""
-    return json.dumps({name: row.get(name) for name in MANIFEST_COLUMNS}, sort_keys=True).encode()
+    return json.dumps(select_columns(row, MANIFEST_SCHEMA), sort_keys=True).encode()
 
 
 def write_shards(

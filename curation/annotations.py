@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from curation.actors import AnnotateReport, annotate
 from curation.config import CurationConfig
-from curation.dataset import completed_sources, load_clip_frames
+from curation.dataset import completed_source_ids, load_clip_frames
 from curation.types import ClipFrames
 from dataformat import (
     ANNOTATED_COLUMNS,
@@ -112,7 +112,7 @@ def annotate_sources(
     report.unavailable = {n: why for n, why in scorers.unavailable().items() if n != "raft"}
     have = _annotated_by(layout)
     backlog = sorted(
-        sid for sid in (source_id(s) for s in completed_sources(layout))
+        sid for sid in completed_source_ids(layout)
         if not set(names) <= have.get(sid, set()) and _has_clips(layout, sid)
     )
     if not names or not (backlog or expect_sources):
@@ -125,7 +125,7 @@ def annotate_sources(
         yield from backlog
         seen = set(backlog)
         for result in finished_sources:
-            sid = source_id(result["source"])
+            sid = result.get("source_id") or source_id(result["source"])
             if sid not in seen:
                 seen.add(sid)
                 yield sid

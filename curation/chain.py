@@ -27,7 +27,7 @@ from curation.decode import SourceError, StorageFault, analysis_copy, is_storage
 from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
-from dataformat import SOURCE_COLUMNS, source_id
+from dataformat import SOURCE_COLUMNS, source_id, source_label
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SourceResult:
 
 def error_result(relative_path: str, message: str) -> SourceResult:
     row = dict.fromkeys(SOURCE_COLUMNS)
-    row.update(source=relative_path, status="error", error=message, cuts=[])
+    row.update(source=source_label(relative_path), status="error", error=message, cuts=[])
     return SourceResult(source_row=row)
 
 
@@ -126,7 +126,7 @@ def process_source(path: Path, relative_path: str, clips_dir: Path, config: Cura
 def storage_fault(relative_path: str, error: BaseException) -> StorageFault:
     reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return StorageFault(getattr(error, "errno", None) or 0,
-                        f"{reason} while curating {relative_path!r} (not committed; a rerun retries it)")
+                        f"{reason} while curating {source_label(relative_path)!r} (not committed; a rerun retries it)")
 
 
 def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
@@ -187,7 +187,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
 
         result = SourceResult(
             source_row={
-                "source": relative_path,
+                "source": source_label(relative_path),
                 "status": "ok",
                 "error": None,
                 "num_frames": num_frames,
@@ -208,7 +208,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             result.clip_rows.append(
                 {
                     "clip_id": clip_id,
-                    "source": relative_path,
+                    "source": source_label(relative_path),
                     "start_frame": plan.start_frame,
                     "end_frame": plan.end_frame,
                     "start_s": clip_time(plan.start_frame, frame_times, info.fps),

@@ -162,7 +162,19 @@ def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
 
 
 def completed_sources(layout: RunLayout) -> set[str]:
+    """The `source` column of the committed sources (labels: see `source_label`)."""
     return {row["source"] for row in read_parquet_rows(layout.sources)}
+
+
+def completed_source_ids(layout: RunLayout) -> set[str]:
+    """Ids of the committed sources (their source row is in place)."""
+    return {part.stem.removeprefix("part-") for part in layout.sources.glob("part-*.parquet")}
+
+
+def uncommitted(layout: RunLayout, sources: list[str]) -> list[str]:
+    """The relative paths in `sources` that OUT has not committed (matched by id: any file name works)."""
+    done = completed_source_ids(layout)
+    return [source for source in sources if source_id(source) not in done]
 
 
 def save_clip_frames(path: Path, frames: np.ndarray) -> None:
@@ -228,12 +240,12 @@ def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResul
             save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)
     write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
     write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
-    return {**result.source_row, "num_clips": len(result.clip_rows), "timings": result.timings}
+    return {**result.source_row, "source_id": sid, "num_clips": len(result.clip_rows), "timings": result.timings}
 
 
 def pending_clip_rows(layout: RunLayout) -> list[dict[str, Any]]:
     """Clip rows of every committed source (rows of uncommitted sources are ignored)."""
-    done = {source_id(source) for source in completed_sources(layout)}
+    done = completed_source_ids(layout)
     rows = []
     for part in sorted(layout.clip_rows.glob("part-*.parquet")):
         if part.stem.removeprefix("part-") in done:
@@ -273,8 +285,6 @@ def run_sequential(input_root: str | Path, out: str | Path, config: CurationConf
     """The whole run in this process, without Prefect or Ray (benchmarks, debugging, resume tests)."""
     config = config or CurationConfig()
     layout = prepare_output(out, config)
-    done = completed_sources(layout)
-    for relative_path in discover_sources(input_root, config.video_extensions):
-        if relative_path not in done:
-            curate_source(input_root, relative_path, out, config)
+    for relative_path in uncommitted(layout, discover_sources(input_root, config.video_extensions)):
+        curate_source(input_root, relative_path, out, config)
     return finalize(layout, config)

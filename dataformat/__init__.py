@@ -14,7 +14,14 @@ from dataformat.atomic import (
     write_parquet_atomic,
 )
 from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, training_caption
-from dataformat.layout import SOURCE_ID_LENGTH, RunLayout, source_id
+from dataformat.layout import (
+    SOURCE_ID_LENGTH,
+    RunLayout,
+    native_source,
+    portable_source,
+    source_id,
+    source_label,
+)
 from dataformat.lock import LOCK_NAME, OutputLocked, acquire_output_lock, release_output_lock
 from dataformat.schema import (
     ANNOTATED_COLUMNS,
@@ -59,5 +66,5 @@ __all__ = [
     "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",
     "fsync_directory", "index_shards", "pick_caption", "read_parquet_rows", "read_shard_samples",
     "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",
-    "write_parquet_atomic", "write_shards",
+    "write_parquet_atomic", "write_shards", "native_source", "portable_source", "source_label",
 ]

@@ -30,6 +30,35 @@ def source_id(relative_path: str) -> str:
     return hashlib.sha256(os.fsencode(relative_path)).hexdigest()
 
 
+def source_label(relative_path: str) -> str:
+    """How a source is named in the tables: its relative path, with bytes that are not UTF-8 (file names may be
+    any bytes) written as \\xNN escapes, since Parquet and JSON hold UTF-8 text only."""
+    try:
+        relative_path.encode("utf-8")
+        return relative_path
+    except UnicodeEncodeError:
+        return os.fsencode(relative_path).decode("utf-8", "backslashreplace")
+
+
+_BYTES_PREFIX = "/bytes:"  # relative paths never start with '/'
+
+
+def portable_source(relative_path: str) -> str:
+    """A relative path as UTF-8 text that JSON (Prefect parameters) carries and `native_source` undoes."""
+    try:
+        relative_path.encode("utf-8")
+        return relative_path
+    except UnicodeEncodeError:
+        return _BYTES_PREFIX + os.fsencode(relative_path).hex()
+
+
+def native_source(portable: str) -> str:
+    """The relative path (as the file system spells it) from `portable_source`'s text."""
+    if portable.startswith(_BYTES_PREFIX):
+        return os.fsdecode(bytes.fromhex(portable.removeprefix(_BYTES_PREFIX)))
+    return portable
+
+
 def _part(sid: str) -> str:
     return f"part-{sid}.parquet"
 

@@ -20,10 +20,11 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from common.requests import flat_parameters, to_data
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
-from curation.dataset import completed_sources, curate_source, discover_sources, finalize, prepare_output
+from curation.dataset import curate_source, discover_sources, finalize, prepare_output, uncommitted
 from curation.hq import hq_pass, hq_uses_ray
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
+from dataformat import native_source, portable_source
 from flows.cli import add_request_command
 from infra.local import ray_init_kwargs
 
@@ -43,16 +44,16 @@ def default_input() -> str:
 def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> list[str]:
     cfg = CurationConfig.from_overrides(config)
     layout = prepare_output(output_path, cfg)
-    done = completed_sources(layout)
     sources = discover_sources(input_path, cfg.video_extensions)
-    pending = [s for s in sources if s not in done]
-    get_run_logger().info("%d sources, %d already done, %d to process", len(sources), len(done), len(pending))
-    return pending
+    pending = uncommitted(layout, sources)
+    get_run_logger().info("%d sources, %d already done, %d to process", len(sources), len(sources) - len(pending),
+                          len(pending))
+    return [portable_source(source) for source in pending]  # Prefect parameters are JSON: any file name
 
 
 @task(name="curate-source", retries=2, retry_delay_seconds=5, task_run_name="curate {relative_path}")
 def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any]) -> dict:
-    return curate_source(input_path, relative_path, output_path, CurationConfig.from_overrides(config))
+    return curate_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
 
 
 @task(name="finalize")

@@ -132,11 +132,11 @@ def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[st
 
 def pending_sources(input_path: str, curate_dir: Path, config: CurationConfig) -> list[str]:
     """Sources under `input_path` that the curate output directory has not committed yet."""
-    from curation.dataset import completed_sources, discover_sources
-    from dataformat import RunLayout
+    from curation.dataset import discover_sources, uncommitted
+    from dataformat import RunLayout, portable_source
 
-    done = completed_sources(RunLayout(curate_dir)) if (curate_dir / "sources.parquet").exists() else set()
-    return [source for source in discover_sources(input_path, config.video_extensions) if source not in done]
+    pending = uncommitted(RunLayout(curate_dir), discover_sources(input_path, config.video_extensions))
+    return [portable_source(source) for source in pending]
 
 
 def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:

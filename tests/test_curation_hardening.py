@@ -257,3 +257,32 @@ def test_clip_times_of_a_variable_frame_rate_source_follow_its_timestamps(sample
         assert clip["start_s"] == pytest.approx(times[clip["start_frame"]], abs=1e-3), clip
         expected_end = times[clip["end_frame"]] if clip["end_frame"] < len(times) else times[-1] + 0.1
         assert clip["end_s"] == pytest.approx(expected_end, abs=1e-3), clip
+
+
+def test_a_file_name_that_is_not_utf8_becomes_a_row_and_the_run_completes(sample_dir, tmp_path):
+    """b'caf\\xe9.mp4' (Latin-1 bytes) used to stop the whole run; it is curated like any file, named with an
+    escape in the tables, carried through Prefect parameters (JSON) and done exactly once on a rerun."""
+    import json
+
+    from curation.dataset import run_sequential
+    from dataformat import native_source, portable_source
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.mp4")
+    shutil.copyfile(sample_dir / "videos" / "static_shot.mp4", videos / latin1)
+    shutil.copyfile(sample_dir / "videos" / "empty.mp4", videos / os.fsdecode(b"bad\xff.mp4"))
+    shutil.copyfile(sample_dir / "videos" / "text_small.mp4", videos / "plain.mp4")
+    out = tmp_path / "out"
+    summary = run_sequential(videos, out)
+    rows = {row["source"]: row for row in read_parquet_rows(out / "sources.parquet")}
+    assert rows.keys() == {"caf\\xe9.mp4", "bad\\xff.mp4", "plain.mp4"}
+    assert rows["caf\\xe9.mp4"]["status"] == "ok" and rows["plain.mp4"]["status"] == "ok"
+    assert rows["bad\\xff.mp4"]["status"] == "error" and "empty file" in rows["bad\\xff.mp4"]["error"]
+    manifest = read_parquet_rows(out / "manifest.parquet")
+    assert summary["clips"] > 0 and "caf\\xe9.mp4" in {row["source"] for row in manifest}
+    committed = {part: part.stat().st_mtime_ns for part in (out / "sources.parquet").glob("part-*.parquet")}
+    assert run_sequential(videos, out)["sources"] == 3  # a rerun finds every source done and redoes none
+    assert {part: part.stat().st_mtime_ns for part in (out / "sources.parquet").glob("part-*.parquet")} == committed
+    carried = json.loads(json.dumps(portable_source(latin1)))  # what a Prefect parameter goes through
+    assert carried.isascii() and native_source(carried) == latin1 and portable_source("plain.mp4") == "plain.mp4"

@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.requests import RequestError
 from curation.chain import SourceResult, error_result, process_source, storage_fault
 from curation.config import CurationConfig
 from curation.decode import StorageFault, is_storage_fault
@@ -141,11 +142,36 @@ def changed_settings(recorded: dict[str, Any], requested: dict[str, Any]) -> lis
     return changes
 
 
+class OutputPathError(RequestError):
+    """The output path cannot hold a run; the message is one line naming it (the CLI exits with code 2)."""
+
+
+VIRTUAL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Create `out` if needed and make sure a run can write there; OutputPathError (one line) if not."""
+    path = Path(out).expanduser()
+    resolved = path.resolve()
+    for root in VIRTUAL_FILE_SYSTEMS:
+        if resolved == Path(root) or Path(root) in resolved.parents:
+            raise OutputPathError(f"output path {out} is under {root}, a virtual file system; use a directory on disk")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"output path {out} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lvd-write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputPathError(f"output path {out} cannot be written: {error.strerror or error}") from None
+    return path
+
+
 def prepare_output(out: str | Path, config: CurationConfig) -> RunLayout:
     """Take OUT for this process (one writer per OUT: another live run's lock is an error naming it), then
     clear what killed writers left and record the settings."""
-    layout = RunLayout(out)
-    layout.out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(check_output_dir(out))
     acquire_output_lock(layout.out)
     if any(len(part.stem.removeprefix("part-")) != SOURCE_ID_LENGTH for part in layout.sources.glob("part-*.parquet")):
         raise ValueError(f"{layout.out} was written by an older lvd-pipeline (48-bit source ids, which can "

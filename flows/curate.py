@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from common.requests import flat_parameters, to_data
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
-from curation.dataset import curate_source, discover_sources, finalize, prepare_output, uncommitted
+from curation.dataset import check_output_dir, curate_source, discover_sources, finalize, prepare_output, uncommitted
 from curation.hq import hq_pass, hq_uses_ray
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
@@ -152,6 +152,7 @@ def deployments() -> list:
 
 
 def _run(request: CurateRequest) -> int:
+    check_output_dir(request.output_path)  # before any service starts: OutputPathError is a one-line error, exit 2
     report = curate_lvd(**request.with_overrides(progress=True).to_dict())
     print(json.dumps({k: report[k] for k in ("sources", "sources_ok", "sources_error", "clips", "kept")}))
     return 0

@@ -286,3 +286,21 @@ def test_a_file_name_that_is_not_utf8_becomes_a_row_and_the_run_completes(sample
     assert {part: part.stat().st_mtime_ns for part in (out / "sources.parquet").glob("part-*.parquet")} == committed
     carried = json.loads(json.dumps(portable_source(latin1)))  # what a Prefect parameter goes through
     assert carried.isascii() and native_source(carried) == latin1 and portable_source("plain.mp4") == "plain.mp4"
+
+
+def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_code_2(sample_dir, tmp_path):
+    """A file, or a path under /proc, used to end in a 130-160 line traceback after services started."""
+    from curation.dataset import OutputPathError
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a directory")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for out, reason in ((a_file, "is a file, not a directory"), (Path("/proc/lvd-out"), "a virtual file system")):
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(sample_dir / "videos"), str(out)],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip() == f"lvd curate: output path {out} {reason}" or (
+            len(result.stderr.strip().splitlines()) == 1 and reason in result.stderr), result.stderr[-2000:]
+        with pytest.raises(OutputPathError, match=reason):
+            prepare_output(out, CurationConfig())
+    assert a_file.read_text() == "not a directory"

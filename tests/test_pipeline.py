@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import CurateRequest
+from dataformat import RunLayout
 from flows.pipeline import DagSteps, PipelineRequest, check_overrides, output_layout, run_dag
 from training.ledger import Ledger
 from training.request import StageRunRequest
@@ -39,7 +40,8 @@ class Recorder:
             out = Path(output_path)
             sources = sorted(p.name for p in Path(input_path).glob("*.mp4"))
             (out / "sources.parquet").mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({"source": sources}), out / "sources.parquet" / "part-0.parquet")
+            for source in sources:  # one committed part per source, named by its id, as curation writes them
+                pq.write_table(pa.table({"source": [source]}), RunLayout(out).source_part(source))
             pq.write_table(pa.table({"clip_id": sources}), out / "manifest.parquet")
             (out / "summary.json").write_text(json.dumps({"sources": len(sources), "kept": len(sources)}))
             return {"sources": len(sources), "sources_error": 0, "clips": len(sources), "kept": len(sources)}

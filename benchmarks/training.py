@@ -30,8 +30,9 @@ import torch  # noqa: E402
 from dataformat import find_shards, index_shards  # noqa: E402
 from model.conditioning import micro_conditioning  # noqa: E402
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning  # noqa: E402
+from model.loading import load_pipeline  # noqa: E402
 from training.data import TrainingStream, training_loader  # noqa: E402
-from training.loop import group_steps, load_initial_pipeline  # noqa: E402
+from training.loop import group_steps  # noqa: E402
 from training.stages import Phase, get_stage_preset  # noqa: E402
 from training.trainer import StageTrainer  # noqa: E402
 
@@ -57,7 +58,7 @@ def curated_data(path: str | None) -> str:
 
 
 def build_pipeline(preset: str, device: torch.device):
-    pipeline = load_initial_pipeline("tiny")
+    pipeline = load_pipeline("tiny")
     if preset == "svd":
         from model.text import tiny_text_encoder
         from model.unet import VideoUNet

@@ -1,9 +1,10 @@
 """Flow `evaluate-fvd` (zero-shot UCF-101 FVD of a checkpoint) and the `lvd fvd` / `lvd i3d-weights` commands.
 
 Orchestration only: the protocol (prompts, seeds, resize/crop, sampling settings) is evaluation.ucf101, the
-network evaluation.i3d, the distances evaluation.fvd, CLIPSIM evaluation.clipsim. The flow generates the protocol's
-videos in shards; each shard task writes its MP4s and the I3D features (and CLIPSIM) of its in-memory
-frames to `OUT/shards/NNNNN.npz`, so a re-run with the same settings skips finished shards. Real UCF-101
+network evaluation.i3d, the distances evaluation.fvd, CLIPSIM evaluation.clipsim, the pipeline comes from
+model.loading. The flow generates the protocol's videos in shards (evaluation.generated: each shard task writes
+its MP4s and the I3D features, and CLIPSIM, of its in-memory frames to `OUT/shards/START-STOP.npz`), so a
+re-run with the same settings skips finished shards. Real UCF-101
 features are cached by content hash. The run ends with `OUT/results.json`, a per-class sample grid
 (`OUT/sample_grid.jpg`) and a markdown artifact with FVD, KVD, CLIPSIM and every setting.
 """
@@ -11,7 +12,6 @@ features are cached by content hash. The run ends with `OUT/results.json`, a per
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import threading
@@ -21,6 +21,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from dataformat import atomic_write_json
+from dataformat.evaluation import EvaluationLayout
 from flows.markdown import inline_image, settings_table
 
 _MODELS: dict[tuple, Any] = {}  # pipeline / I3D / CLIP loaded once per process, shared by shard tasks
@@ -34,59 +36,30 @@ def _cached(key: tuple, build):
         return _MODELS[key]
 
 
-def _settings_key(settings: dict[str, Any], checkpoint: str | None) -> str:
-    """Identifies a generated set: shards from other settings are never mixed in."""
-    text = json.dumps({"settings": settings, "checkpoint": checkpoint}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @task(name="generate-shard", retries=1)
 def generate_shard(start: int, stop: int, checkpoint: str | None, settings: dict[str, Any], output_dir: str,
                    batch_size: int, dtype: str, clip_model: str | None, clip_pretrained: str | None,
                    i3d_weights: str | None) -> str:
-    """Generate videos [start, stop) of the protocol, save MP4s, score them; returns the shard file."""
-    import numpy as np
-
-    from common.video import save_video
+    """Generate videos [start, stop) of the protocol, save MP4s, score them; returns the shard file (a
+    finished shard with the same settings is kept)."""
+    from evaluation import generated
     from evaluation.fvd import I3DFeatureExtractor
-    from evaluation.ucf101 import ProtocolSettings, generate_videos, protocol_videos
-    from flows.generate import load_pipeline
+    from evaluation.ucf101 import ProtocolSettings
+    from model.loading import load_pipeline
 
-    out = Path(output_dir)
-    key = _settings_key(settings, checkpoint)
-    shard = out / "shards" / f"{start:05d}-{stop:05d}.npz"
-    if shard.exists():
-        with np.load(shard) as stored:
-            if str(stored["settings_key"]) == key:
-                return str(shard)
-    protocol = ProtocolSettings(**settings)
-    videos = protocol_videos(protocol.num_videos, protocol.seed)[start:stop]
-    pipe = _cached(("pipe", checkpoint, dtype), lambda: load_pipeline(checkpoint, dtype))
+    key = generated.settings_key(settings, checkpoint)
+    shard = EvaluationLayout(output_dir).shard(start, stop)
+    if generated.is_finished(shard, key):
+        return str(shard)
+    pipe = _cached(("pipe", checkpoint, dtype), lambda: load_pipeline(checkpoint, dtype=dtype, device="auto"))
     extractor = _cached(("i3d", i3d_weights), lambda: I3DFeatureExtractor(i3d_weights, batch_size=batch_size))
     clipsim = None
     if clip_model:
         from evaluation.clipsim import ClipSimilarity
 
         clipsim = _cached(("clip", clip_model, clip_pretrained), lambda: ClipSimilarity(clip_model, clip_pretrained))
-    features, similarity, preview = [], [], {}
-    for offset in range(0, len(videos), batch_size):
-        batch = videos[offset : offset + batch_size]
-        clips = generate_videos(pipe, batch, protocol)
-        for video, clip in zip(batch, clips, strict=True):
-            save_video(clip, out / "videos" / video.class_name / f"{video.index:05d}.mp4", fps=protocol.fps)
-            if video.class_name not in preview:
-                preview[video.class_name] = clip
-        features.append(extractor.logits(clips))
-        if clipsim is not None:
-            similarity.append(clipsim(clips, [v.prompt for v in batch]))
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    partial = shard.with_suffix(".partial.npz")
-    np.savez(partial, features=np.concatenate(features), settings_key=np.array(key),
-             indices=np.array([v.index for v in videos]), classes=np.array([v.class_name for v in videos]),
-             clipsim=np.concatenate(similarity) if similarity else np.zeros(0),
-             preview_classes=np.array(list(preview)), preview=np.stack(list(preview.values())))
-    partial.replace(shard)
-    return str(shard)
+    return str(generated.generate_shard(pipe, extractor, clipsim, ProtocolSettings(**settings), start, stop,
+                                        output_dir, key, batch_size))
 
 
 @task(name="real-features")
@@ -103,39 +76,18 @@ def real_features(real_dir: str, settings: dict[str, Any], num_real: int | None,
 
 @task(name="score")
 def score(real: dict[str, Any], shard_files: list[str], real_dir: str) -> dict[str, Any]:
-    import numpy as np
+    from evaluation.generated import score_shards
 
-    from evaluation.fvd import distances
-    from evaluation.ucf101 import counts_from_root
-
-    features, similarity = [], []
-    for path in shard_files:
-        with np.load(path) as shard:
-            features.append(shard["features"])
-            similarity.append(shard["clipsim"])
-    fake, clipsim = np.concatenate(features), np.concatenate(similarity)
-    result = {**distances(real["features"], fake), "num_real": len(real["features"]), "num_fake": len(fake),
-              "real_features_cached": real["cached"], "clipsim": float(clipsim.mean()) if len(clipsim) else None}
-    result["real_class_counts"] = counts_from_root(real_dir)
-    return result
+    return score_shards(real["features"], shard_files, real_dir, real["cached"])
 
 
 def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters: dict[str, Any],
                       output_dir: Path) -> str:
     """Writes the per-class sample grid and returns the artifact's markdown."""
-    import cv2
-    import numpy as np
+    from evaluation.generated import write_sample_grid
+    from evaluation.ucf101 import CLASS_COUNTS
 
-    from evaluation.ucf101 import CLASS_COUNTS, CLASS_NAMES, sample_grid
-
-    tiles: dict[str, np.ndarray] = {}
-    for path in shard_files:
-        with np.load(path) as stored:
-            for name, clip in zip(stored["preview_classes"], stored["preview"], strict=True):
-                tiles.setdefault(str(name), clip)
-    grid = sample_grid([(name, tiles[name]) for name in CLASS_NAMES if name in tiles])
-    grid_path = output_dir / "sample_grid.jpg"
-    cv2.imwrite(str(grid_path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    grid_path = write_sample_grid(shard_files, output_dir)
     real_counts = result["real_class_counts"]
     matches = "matches UCF-101's official counts" if real_counts == CLASS_COUNTS else (
         f"{len(real_counts)} UCF-101 classes found (full UCF-101 has 101 classes, 13,320 videos)")
@@ -150,7 +102,7 @@ def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters
         f"| CLIPSIM | {clipsim} |",
         f"| generated videos | {result['num_fake']} |",
         f"| real videos | {result['num_real']} ({real_source}) |",
-        "", "Paper (docs/recipe.md §5): SVD 242.02, PYoCo 355.20, Make-A-Video 367.23, Video LDM 550.61.",
+        "", "Paper (SPEC §5, 13,320 videos): SVD 242.02, PYoCo 355.20, Make-A-Video 367.23, Video LDM 550.61.",
         "", f"Real set: `{parameters['real_dir']}`: {matches}.",
         "", *settings_table(parameters),
     ]
@@ -199,6 +151,7 @@ def evaluate_fvd(
         raise ValueError(f"{real_dir}: FVD needs at least 2 real videos, found {len(real_videos)}")
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    layout = EvaluationLayout(out)
     settings = protocol.as_dict()
     parameters = {**settings, "checkpoint": checkpoint, "real_dir": str(Path(real_dir).resolve()),
                   "batch_size": batch_size, "num_real": num_real, "dtype": dtype, "clip_model": clip_model,
@@ -212,8 +165,8 @@ def evaluate_fvd(
     result = score(real.result(), shard_files, parameters["real_dir"])
     markdown = grid_and_markdown(shard_files, result, parameters, out)
     summary = {**{k: v for k, v in result.items() if k != "real_class_counts"}, "settings": parameters,
-               "videos_dir": str(out / "videos"), "sample_grid": str(out / "sample_grid.jpg")}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+               "videos_dir": str(layout.videos), "sample_grid": str(layout.sample_grid)}
+    atomic_write_json(layout.results, summary)
     create_markdown_artifact(markdown, key="evaluate-fvd", description="zero-shot UCF-101 FVD")
     get_run_logger().info("FVD %.2f, KVD %.4f over %d generated / %d real videos", result["fvd"], result["kvd"],
                           result["num_fake"], result["num_real"])

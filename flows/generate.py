@@ -17,10 +17,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.markdown import inline_image, settings_table
-from generation.generate import DTYPES, generate_video_files, parse_guidance
-from generation.generate import load_video_pipeline as load_pipeline
+from generation.generate import generate_video_files, parse_guidance
+from model.loading import DTYPES
 
-__all__ = ["DTYPES", "generate_files", "generate_video", "load_pipeline", "parse_guidance"]
+__all__ = ["DTYPES", "generate_files", "generate_video", "parse_guidance"]
 
 
 def generate_files(prompts: list[str] | None, output_dir: str, checkpoint: str | None = None,

@@ -1,7 +1,8 @@
 """Flow `generate-walk` and `lvd walk`: prompt/seed interpolation walks, audio-timed walks, image morphs.
 
-Orchestration only: interpolation, schedules, windows/crossfades and resume live in generation.walk, the audio
-envelope and muxing in generation.audio, upscaling in generation.upscale. Segments are cached under a work
+Orchestration only: the pipeline comes from model.loading, the walk is rendered by generation.render
+(interpolation, schedules, windows/crossfades and resume in generation.walk, the audio envelope and muxing in
+generation.audio, upscaling in generation.upscale). Segments are cached under a work
 directory (plan.json + segment-NNN.npz), so a killed run (or a Prefect task retry) continues where it
 stopped. The flow attaches a preview (the walk as an inline GIF) and the settings as a markdown artifact.
 """
@@ -10,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.generate import DTYPES, load_pipeline, parse_guidance
 from flows.markdown import inline_image, settings_table
-
-UPSCALERS = ("lanczos", "realesrgan")
+from generation.generate import parse_guidance
+from generation.render import UPSCALERS, check_render_options, render_walk, walk_waypoints
+from model.loading import DTYPES, load_pipeline
 
 
 def walk_files(
@@ -56,77 +56,19 @@ def walk_files(
     progress: bool = True,
     pipe=None,
 ) -> dict[str, Any]:
-    """Render a walk to `out` (.mp4) and a preview GIF next to it; returns what was written and reused.
-
-    Waypoints: `prompts` with `seeds` (a text walk), or `images` with `seeds` and optional `prompts`
-    (a morph). `frames`: one length for every segment or one per segment. `fps`: output frame rate (also
-    the clock the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it sees
-    fps_id - 1, SVD's convention)."""
-    import numpy as np
-
-    from common.video import save_video
-    from generation.audio import audio_envelope as envelope_of
-    from generation.audio import envelope_speeds, mux_audio
-    from generation.upscale import upscale_frames
-    from generation.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
-
-    out_path = Path(out)
-    if out_path.suffix.lower() != ".mp4":
-        raise ValueError(f"walk output must be an .mp4 file, got {out}")
-    if not isinstance(fps, int | float) or not fps > 0:
-        raise ValueError(f"fps (output frame rate) must be positive, got {fps!r}")
-    if upscale is not None and upscale not in UPSCALERS:
-        raise ValueError(f"upscale must be one of {UPSCALERS} or None, got {upscale!r}")
-    if audio is not None and not Path(audio).is_file():
-        raise ValueError(f"audio file not found: {audio}")
-    if images:
-        prompts = list(prompts) if prompts else [""] * len(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt per image or none")
-    elif not prompts:
-        raise ValueError("a walk needs prompts (text walk) or images (morph)")
-    count = len(prompts)
-    seeds = list(range(count)) if seeds is None else list(seeds)
-    if len(seeds) != count:
-        raise ValueError(f"{len(seeds)} seeds for {count} waypoints: give one seed per prompt/image")
-    segment_frames = [frames] * (count - 1) if isinstance(frames, int) else list(frames)
-    stops = images or [None] * count
-    waypoints = [Waypoint(prompt, int(seed), image) for prompt, seed, image in zip(prompts, seeds, stops, strict=True)]
+    """Render a walk to `out` (.mp4) and a preview GIF next to it (generation.render.render_walk); the
+    options and waypoints are checked before the pipeline is loaded."""
+    check_render_options(out, fps, upscale, audio)
+    walk_waypoints(prompts, seeds, frames, images)
     guidance_value = parse_guidance(guidance)
-    pipe = pipe if pipe is not None else load_pipeline(checkpoint, dtype, cpu_offload)
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    settings = WalkSettings(
-        height=height or pipe.unet.config.sample_size * factor, width=width or pipe.unet.config.sample_size * factor,
-        steps=steps, guidance=guidance_value, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
-        window=window or pipe.unet.config.num_frames, overlap=overlap, morph_sigma=morph_sigma,
-        decode_chunk_size=decode_chunk_size, model_id=f"{checkpoint or 'tiny'}:{dtype}",
-    )
-    check_walk_inputs(waypoints, segment_frames)  # before the audio is decoded
-    speeds = None
-    if audio is not None:
-        envelope = envelope_of(audio, fps, int(sum(segment_frames)), audio_offset, audio_envelope)
-        speeds = envelope_speeds(envelope, audio_floor)
-    work = Path(work_dir) if work_dir else out_path.with_suffix(".walk")
-    result = run_walk(pipe, waypoints, segment_frames, work, settings, speeds=speeds, batch_size=batch_size,
-                      progress=progress)
-    video = result.frames
-    if upscale is not None:
-        video = upscale_frames(video, upscale_factor, upscale, upscale_weights)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if audio is None:
-        save_video(video, out_path, fps)
-    else:
-        with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
-            silent = save_video(video, Path(scratch) / "silent.mp4", fps)
-            mux_audio(silent, audio, out_path, offset=audio_offset)
-    gif = save_video(result.frames, work / "preview.gif", fps)
-    return {
-        "mp4": str(out_path), "gif": str(gif), "plan": str(result.plan_path), "frames": int(video.shape[0]),
-        "height": int(video.shape[1]), "width": int(video.shape[2]), "segment_frames": segment_frames,
-        "generated_segments": result.generated, "reused_segments": result.reused, "audio": audio,
-        "upscale": upscale, "mean_abs_frame_diff": float(np.abs(np.diff(video.astype(np.int16), axis=0)).mean())
-        if len(video) > 1 else 0.0,
-    }
+    pipe = pipe if pipe is not None else load_pipeline(checkpoint, dtype=dtype, device="auto", cpu_offload=cpu_offload)
+    return render_walk(pipe, prompts, out, model_id=f"{checkpoint or 'tiny'}:{dtype}", seeds=seeds, frames=frames,
+                       images=images, work_dir=work_dir, height=height, width=width, steps=steps,
+                       guidance=guidance_value, fps=fps, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
+                       window=window, overlap=overlap, morph_sigma=morph_sigma, decode_chunk_size=decode_chunk_size,
+                       batch_size=batch_size, audio=audio, audio_offset=audio_offset, audio_envelope=audio_envelope,
+                       audio_floor=audio_floor, upscale=upscale, upscale_factor=upscale_factor,
+                       upscale_weights=upscale_weights, progress=progress)
 
 
 @task(name="render-walk", retries=1)

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from model.loading import load_pipeline, place_pipeline
+
 TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
                                               decode_chunk_size=8)
 IMAGE_MODEL_DEFAULTS: dict[str, Any] = dict(image_steps=50, image_guidance=7.5)  # diffusers' SD defaults
-DTYPES = ("float32", "bfloat16", "float16")
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
@@ -99,28 +100,6 @@ def check_output(out: str | Path) -> None:
         raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
 
 
-def load_video_pipeline(checkpoint: str | Path | None, dtype: str = "float32", cpu_offload: bool = False):
-    """A pipeline folder: SVD layout -> `ImageToVideoPipeline`, else `TextToVideoPipeline`; None -> the tiny
-    random text-to-video preset. On CUDA when there is one (or with model CPU offload)."""
-    import torch
-
-    from model.image_to_video import ImageToVideoPipeline, is_image_to_video_folder
-    from model.pipeline import TextToVideoPipeline
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if checkpoint is None:
-        pipe = TextToVideoPipeline.from_preset("tiny")
-    else:
-        path = Path(checkpoint)
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"checkpoint {checkpoint}: not a pipeline directory (no model_index.json); pass a "
-                             "train-stage export, an SVD download or a save_pretrained() directory")
-        cls = ImageToVideoPipeline if is_image_to_video_folder(path) else TextToVideoPipeline
-        pipe = cls.from_pretrained(path, dtype=getattr(torch, dtype))
-    return _place(pipe, cpu_offload)
-
-
 def load_image_model(path: str | Path, dtype: str = "float32", cpu_offload: bool = False):
     """A local diffusers text-to-image folder (SD 1.x / 2.x / XL layout) for the first frame."""
     import torch
@@ -132,17 +111,7 @@ def load_image_model(path: str | Path, dtype: str = "float32", cpu_offload: bool
     if not hasattr(pipe, "tokenizer") or not hasattr(pipe, "text_encoder"):
         raise ValueError(f"image model {path}: {type(pipe).__name__} is not a text-to-image pipeline")
     pipe.set_progress_bar_config(disable=True)
-    return _place(pipe, cpu_offload)
-
-
-def _place(pipe, cpu_offload: bool):
-    import torch
-
-    if cpu_offload:
-        pipe.enable_model_cpu_offload()
-    elif torch.cuda.is_available():
-        pipe.to("cuda")
-    return pipe
+    return place_pipeline(pipe, "auto", cpu_offload)
 
 
 def draw_first_frame(image_model, prompt: str, height: int, width: int, seed: int, steps: int,
@@ -202,7 +171,7 @@ def generate_videos(
         raise ValueError("nothing to generate from: give a prompt, an image, or a prompt and an image model")
     image_mode = image is not None or image_model is not None
     conditioning = load_image(image) if image is not None else None  # a bad image fails before any model loads
-    pipe = load_video_pipeline(checkpoint, dtype, cpu_offload)
+    pipe = load_pipeline(checkpoint, dtype=dtype, device="auto", cpu_offload=cpu_offload)
     from model.image_to_video import SVD_DEFAULTS, ImageToVideoPipeline
     from model.pipeline import DEFAULT_TEXT_GUIDANCE
 

@@ -153,14 +153,15 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
     assert steps == list(range(1, 21)), "each step logged once across the kill"
 
     from dataformat import find_shards, index_shards
+    from model.loading import load_pipeline
     from training.data import TrainingStream
-    from training.loop import group_steps, load_initial_pipeline
+    from training.loop import group_steps
     from training.stages import get_stage_preset
     from training.trainer import StageTrainer
 
     torch.set_num_threads(1)  # the Ray worker had one CPU
     preset = get_stage_preset(1)
-    straight = StageTrainer(load_initial_pipeline("tiny"), preset)
+    straight = StageTrainer(load_pipeline("tiny"), preset)
     stream = TrainingStream(index_shards(find_shards(str(curated_dir))), preset, seed=0, micro_batch_size=4)
     for micro_batches in group_steps(stream):
         straight.train_step(micro_batches)

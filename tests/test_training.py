@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dataformat import DataError, find_shards, index_shards, training_caption
+from model.loading import load_pipeline
 from model.unet import is_temporal_parameter
 from training.data import TrainingStream, motion_bucket, plan_micro_batches
-from training.loop import group_steps, load_initial_pipeline
+from training.loop import group_steps
 from training.stages import Phase, get_stage_preset
 from training.trainer import StageTrainer, trainable_names
 
@@ -202,7 +203,7 @@ def test_tiny_model_overfits_a_few_real_clips(samples):
     preset = replace(get_stage_preset(2), text_drop_rate=0.0,
                      phases=(Phase("overfit", 64, 64, 6, 30, 2, 2e-3, -1.2, 1.2),))
     stream = TrainingStream(samples[:2], preset, seed=0, micro_batch_size=2)
-    trainer = StageTrainer(load_initial_pipeline("tiny"), preset)
+    trainer = StageTrainer(load_pipeline("tiny"), preset)
     steps = list(group_steps(stream))
     probe = [steps[0][0], steps[1][0]]
     before = _fixed_noise_loss(trainer, probe)
@@ -215,7 +216,7 @@ def test_tiny_model_overfits_a_few_real_clips(samples):
 
 def test_image_batches_leave_temporal_parameters_untouched(samples):
     preset = get_stage_preset(1).with_max_steps(4)  # 1 time-embedding step, then image steps
-    trainer = StageTrainer(load_initial_pipeline("tiny"), preset)
+    trainer = StageTrainer(load_pipeline("tiny"), preset)
     initial = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
     steps = list(group_steps(TrainingStream(samples, preset, seed=0, micro_batch_size=4)))
     trainer.train_step(steps[0])  # time-embedding phase
@@ -247,16 +248,16 @@ def test_checkpoint_round_trip_continues_identically(samples, tmp_path):
     stage3 = get_stage_preset(3).with_max_steps(4)
     preset = replace(stage3, phases=(replace(stage3.phases[0], height=64, width=64, num_frames=4),))
     steps = list(group_steps(TrainingStream(samples, preset, seed=1, micro_batch_size=2)))
-    straight = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    straight = StageTrainer(load_pipeline("tiny"), preset, seed=1)
     for micro_batches in steps:
         straight.train_step(micro_batches)
-    first = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    first = StageTrainer(load_pipeline("tiny"), preset, seed=1)
     for micro_batches in steps[:2]:
         first.train_step(micro_batches)
     first.save_state(tmp_path)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["step"] == 2 and state["data_position"] == 2 * preset.phases[0].batch_size
-    second = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    second = StageTrainer(load_pipeline("tiny"), preset, seed=1)
     with torch.no_grad():
         for param in second.unet.parameters():  # the checkpoint must overwrite whatever the model holds
             param.add_(0.01)
@@ -370,7 +371,7 @@ def test_a_planted_checkpoint_cannot_run_code_on_resume(tmp_path):
 
     preset = replace(get_stage_preset(3).with_max_steps(1), phases=(replace(get_stage_preset(3).phases[0],
                                                                              height=64, width=64, num_frames=4),))
-    trainer = StageTrainer(load_initial_pipeline("tiny"), preset, seed=1)
+    trainer = StageTrainer(load_pipeline("tiny"), preset, seed=1)
     good = tmp_path / "good"
     trainer.save_state(good)
     marker = tmp_path / "payload-ran"
@@ -384,7 +385,7 @@ def test_a_planted_checkpoint_cannot_run_code_on_resume(tmp_path):
                    planted / "rng.pt")  # the format older checkpoints have
         torch.save({"state": _PicklePayload(marker)}, planted / planted_file)
         with pytest.raises(ValueError, match="refusing to load"):
-            StageTrainer(load_initial_pipeline("tiny"), preset, seed=1).load_state(planted)
+            StageTrainer(load_pipeline("tiny"), preset, seed=1).load_state(planted)
         assert not marker.exists(), f"a planted {planted_file} ran its payload"
 
     assert (good / "rng.json").is_file() and not (good / "rng.pt").exists()
@@ -396,6 +397,6 @@ def test_a_planted_checkpoint_cannot_run_code_on_resume(tmp_path):
     expected = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     torch.save({"torch": expected[0], "numpy": np.random.get_state(), "python": expected[2]}, older / "rng.pt")
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
-    StageTrainer(load_initial_pipeline("tiny"), preset, seed=1).load_state(older)
+    StageTrainer(load_pipeline("tiny"), preset, seed=1).load_state(older)
     assert torch.equal(torch.get_rng_state(), expected[0]) and random.getstate() == expected[2]
     assert np.array_equal(np.random.get_state()[1], expected[1])

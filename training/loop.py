@@ -55,23 +55,15 @@ class StageRunConfig:
 
 
 def load_initial_pipeline(init: str, seed: int = 0, conditioning: str = "text", image_encoder: str | None = None):
-    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate; in image
-    mode also a diffusers SVD folder (as it is), or any of the former turned into an image-to-video model."""
+    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate (all
+    through model.loading); in image mode also a diffusers SVD folder (as it is), or any of the former turned
+    into an image-to-video model."""
     from model.image_to_video import is_image_to_video_folder
-    from model.pipeline import TextToVideoPipeline
+    from model.loading import load_pipeline
 
     if conditioning == "image" and init != "tiny" and is_image_to_video_folder(init):
-        from model.image_to_video import ImageToVideoPipeline
-
-        return ImageToVideoPipeline.from_pretrained(init)
-    if init == "tiny":
-        text = TextToVideoPipeline.from_preset("tiny", seed=seed)
-    else:
-        index = Path(init) / "model_index.json"
-        if index.exists() and json.loads(index.read_text()).get("_class_name") == TextToVideoPipeline.__name__:
-            text = TextToVideoPipeline.from_pretrained(init)
-        else:
-            text = TextToVideoPipeline.from_sd_checkpoint(init)
+        return load_pipeline(init)
+    text = load_pipeline(init, seed=seed, inflate_sd=True)
     if conditioning == "text":
         return text
     return image_to_video_from_text(text, "tiny" if init == "tiny" and image_encoder is None else image_encoder,

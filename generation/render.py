@@ -1,0 +1,128 @@
+"""A walk from request to files: waypoints checked, audio timing, the walk rendered (resumable), upscaled,
+written as MP4 (muxed with the audio when given) plus a preview GIF.
+
+The flow `generate-walk` and `lvd walk` load the pipeline and call `render_walk`; everything that decides
+pixels or files is here and in generation.walk / generation.audio / generation.upscale.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.video import save_video
+from generation.audio import audio_envelope as envelope_of
+from generation.audio import envelope_speeds, mux_audio
+from generation.upscale import upscale_frames
+from generation.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
+
+UPSCALERS = ("lanczos", "realesrgan")
+
+
+def check_render_options(out: str | Path, fps: float, upscale: str | None, audio: str | None) -> None:
+    """The output options, checked before any model is loaded."""
+    if Path(out).suffix.lower() != ".mp4":
+        raise ValueError(f"walk output must be an .mp4 file, got {out}")
+    if not isinstance(fps, int | float) or not fps > 0:
+        raise ValueError(f"fps (output frame rate) must be positive, got {fps!r}")
+    if upscale is not None and upscale not in UPSCALERS:
+        raise ValueError(f"upscale must be one of {UPSCALERS} or None, got {upscale!r}")
+    if audio is not None and not Path(audio).is_file():
+        raise ValueError(f"audio file not found: {audio}")
+
+
+def walk_waypoints(prompts: list[str] | None, seeds: list[int] | None, frames: int | list[int],
+                   images: list[str] | None) -> tuple[list[Waypoint], list[int]]:
+    """Waypoints and per-segment frame counts: `prompts` with `seeds` (a text walk), or `images` with
+    `seeds` and optional `prompts` (a morph); `frames` is one length for every segment or one per segment."""
+    if images:
+        prompts = list(prompts) if prompts else [""] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt per image or none")
+    elif not prompts:
+        raise ValueError("a walk needs prompts (text walk) or images (morph)")
+    count = len(prompts)
+    seeds = list(range(count)) if seeds is None else list(seeds)
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} waypoints: give one seed per prompt/image")
+    segment_frames = [frames] * (count - 1) if isinstance(frames, int) else list(frames)
+    stops = images or [None] * count
+    waypoints = [Waypoint(prompt, int(seed), image) for prompt, seed, image in zip(prompts, seeds, stops, strict=True)]
+    return waypoints, segment_frames
+
+
+def render_walk(
+    pipe,
+    prompts: list[str] | None,
+    out: str | Path,
+    *,
+    model_id: str,
+    seeds: list[int] | None = None,
+    frames: int | list[int] = 24,
+    images: list[str] | None = None,
+    work_dir: str | Path | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 25,
+    guidance: float | tuple[float, float] = 7.0,
+    fps: float = 8.0,
+    fps_id: int = 7,
+    motion_bucket_id: int = 127,
+    window: int | None = None,
+    overlap: int = 2,
+    morph_sigma: float = 1.0,
+    decode_chunk_size: int = 8,
+    batch_size: int = 1,
+    audio: str | None = None,
+    audio_offset: float = 0.0,
+    audio_envelope: str = "onset",
+    audio_floor: float = 0.1,
+    upscale: str | None = None,
+    upscale_factor: int = 2,
+    upscale_weights: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Render a walk with `pipe` to `out` (.mp4) and a preview GIF in the work directory; returns what was
+    written and which segments were rendered or reused. `model_id` names the weights in the segment cache
+    key (a different checkpoint or dtype never reuses segments). `fps`: output frame rate (also the clock
+    the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it sees
+    fps_id - 1, SVD's convention)."""
+    out_path = Path(out)
+    check_render_options(out_path, fps, upscale, audio)
+    waypoints, segment_frames = walk_waypoints(prompts, seeds, frames, images)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    settings = WalkSettings(
+        height=height or pipe.unet.config.sample_size * factor, width=width or pipe.unet.config.sample_size * factor,
+        steps=steps, guidance=guidance, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
+        window=window or pipe.unet.config.num_frames, overlap=overlap, morph_sigma=morph_sigma,
+        decode_chunk_size=decode_chunk_size, model_id=model_id,
+    )
+    check_walk_inputs(waypoints, segment_frames)  # before the audio is decoded
+    speeds = None
+    if audio is not None:
+        envelope = envelope_of(audio, fps, int(sum(segment_frames)), audio_offset, audio_envelope)
+        speeds = envelope_speeds(envelope, audio_floor)
+    work = Path(work_dir) if work_dir else out_path.with_suffix(".walk")
+    result = run_walk(pipe, waypoints, segment_frames, work, settings, speeds=speeds, batch_size=batch_size,
+                      progress=progress)
+    video = result.frames
+    if upscale is not None:
+        video = upscale_frames(video, upscale_factor, upscale, upscale_weights)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if audio is None:
+        save_video(video, out_path, fps)
+    else:
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
+            silent = save_video(video, Path(scratch) / "silent.mp4", fps)
+            mux_audio(silent, audio, out_path, offset=audio_offset)
+    gif = save_video(result.frames, work / "preview.gif", fps)
+    return {
+        "mp4": str(out_path), "gif": str(gif), "plan": str(result.plan_path), "frames": int(video.shape[0]),
+        "height": int(video.shape[1]), "width": int(video.shape[2]), "segment_frames": segment_frames,
+        "generated_segments": result.generated, "reused_segments": result.reused, "audio": audio,
+        "upscale": upscale, "mean_abs_frame_diff": float(np.abs(np.diff(video.astype(np.int16), axis=0)).mean())
+        if len(video) > 1 else 0.0,
+    }

@@ -1,0 +1,99 @@
+"""The one way to get a pipeline: the tiny random preset, a saved pipeline directory, or SD 2.x to inflate.
+
+Generation, evaluation and training all load through `load_pipeline`, so dtype, device and CPU offload
+mean the same everywhere. A saved directory is dispatched on its model_index.json `_class_name` through
+`PIPELINE_CLASSES` (name -> module and class): our text-to-video pipeline, our image-to-video pipeline and
+the diffusers name its exports carry (`StableVideoDiffusionPipeline`, so SVD downloads load too). A new
+pipeline class is one entry there (or one `register_pipeline` call); its own `from_pretrained` then builds
+the components.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from common.devices import pick_device
+
+DTYPES = ("float32", "bfloat16", "float16")
+TINY = "tiny"
+
+# model_index.json `_class_name` -> (module, class) of the pipeline that loads such a directory.
+PIPELINE_CLASSES: dict[str, tuple[str, str]] = {
+    "TextToVideoPipeline": ("model.pipeline", "TextToVideoPipeline"),
+    "ImageToVideoPipeline": ("model.image_to_video", "ImageToVideoPipeline"),
+    "StableVideoDiffusionPipeline": ("model.image_to_video", "ImageToVideoPipeline"),
+}
+
+
+def register_pipeline(class_name: str, module: str, cls: str | None = None) -> None:
+    """Make `load_pipeline` load directories whose model_index.json names `class_name` with `module.cls`
+    (`cls` defaults to `class_name`)."""
+    PIPELINE_CLASSES[class_name] = (module, cls or class_name)
+
+
+def pipeline_class(class_name: str) -> type:
+    if class_name not in PIPELINE_CLASSES:
+        raise ValueError(f"unknown pipeline class {class_name!r}; known: {', '.join(sorted(PIPELINE_CLASSES))}")
+    module, name = PIPELINE_CLASSES[class_name]
+    return getattr(importlib.import_module(module), name)
+
+
+def saved_class_name(directory: str | Path) -> str | None:
+    """`_class_name` of a save_pretrained() directory, or None when `directory` has no model_index.json."""
+    index = Path(directory) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return str(json.loads(index.read_text()).get("_class_name"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{index}: unreadable model_index.json ({error})") from None
+
+
+def load_pipeline(source: str | Path | None = TINY, *, dtype: str = "float32", device: str | None = None,
+                  cpu_offload: bool = False, seed: int = 0, inflate_sd: bool = False) -> Any:
+    """A pipeline from `source`:
+
+    - None or "tiny": the random tiny TextToVideoPipeline (weights from `seed`; `dtype` not applied, it is a
+      float32 test/demo model);
+    - a save_pretrained() directory (a train-stage export, an SVD download): the class its model_index.json
+      names (see PIPELINE_CLASSES), in `dtype`;
+    - with `inflate_sd` (stage I initialisation), an SD 2.x directory or hub id: its U-Net inflated with
+      temporal layers (`TextToVideoPipeline.from_sd_checkpoint`).
+
+    `device`: None leaves the weights where they were loaded (CPU; the trainer places them itself), "auto"
+    moves them to the GPU when there is one, any other value to that device. `cpu_offload` instead keeps each
+    component on the CPU until it runs (diffusers' model offload)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if source is None or str(source) == TINY:
+        pipe = pipeline_class("TextToVideoPipeline").from_preset(TINY, seed=seed)
+    else:
+        class_name = saved_class_name(source) if Path(source).is_dir() else None
+        if class_name in PIPELINE_CLASSES:
+            pipe = pipeline_class(class_name).from_pretrained(source, dtype=getattr(torch, dtype))
+        elif inflate_sd:
+            pipe = pipeline_class("TextToVideoPipeline").from_sd_checkpoint(str(source))
+        elif class_name is None:
+            raise ValueError(f"checkpoint {source}: not a pipeline directory (no model_index.json); pass a "
+                             "train-stage export, an SVD download or a save_pretrained() directory")
+        else:
+            raise ValueError(f"{source}: model_index.json names {class_name!r}, not one of this project's "
+                             f"pipelines ({', '.join(sorted(PIPELINE_CLASSES))})")
+    return place_pipeline(pipe, device, cpu_offload)
+
+
+def place_pipeline(pipe: Any, device: str | None = "auto", cpu_offload: bool = False) -> Any:
+    """Put a loaded diffusers pipeline where it runs: model CPU offload, or `device` ("auto": the GPU when
+    there is one; None: leave it where it is)."""
+    if cpu_offload:
+        pipe.enable_model_cpu_offload()
+    elif device is not None:
+        target = pick_device(device)
+        if target != "cpu":
+            pipe.to(target)
+    return pipe

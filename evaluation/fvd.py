@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from dataformat import VIDEO_SUFFIXES, atomic_write
+
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 I3D_SIZE = 224
 DEFAULT_NUM_FRAMES = 16
 # The UCF-101 protocol's 320x576 -> 240x320 resize (antialiased, like the paper's torchvision-era code).
@@ -51,9 +52,9 @@ def list_videos(directory: str | Path) -> list[Path]:
         raise VideoSetError(f"{directory}: folder does not exist")
     if not directory.is_dir():
         raise VideoSetError(f"{directory}: not a folder")
-    videos = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    videos = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
-        raise VideoSetError(f"{directory}: no video files (looked for {', '.join(VIDEO_EXTENSIONS)})")
+        raise VideoSetError(f"{directory}: no video files (looked for {', '.join(VIDEO_SUFFIXES)})")
     return videos
 
 
@@ -289,10 +290,7 @@ def cached_folder_features(directory: str | Path, extractor: I3DFeatureExtractor
         except (OSError, ValueError, KeyError) as error:
             logger.warning("ignoring unreadable feature cache %s (%s)", path, error)
     features, names = folder_features(directory, extractor, settings, limit=limit, progress=progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"{key}.partial.npz"
-    np.savez(partial, features=features, names=np.array(names))
-    partial.replace(path)
+    atomic_write(path, lambda handle: np.savez(handle, features=features, names=np.array(names)))
     return features, names, False
 
 

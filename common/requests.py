@@ -366,5 +366,6 @@ def _admits_none(hint: Any) -> bool:
 
 
 def _is_tree(hint: Any) -> bool:
-    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    union = typing.get_origin(hint) in (Union, types.UnionType)
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] if union else [hint]
     return any(dataclasses.is_dataclass(arg) or typing.get_origin(arg) is dict or arg is dict for arg in options)

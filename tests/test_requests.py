@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -62,6 +63,24 @@ def test_requests_are_frozen_and_round_trip_through_plain_data(tmp_path):
     moved = request.with_overrides(config={"clips": {"max_clip_s": 9}})
     assert moved.config.clips.min_clip_s == 3.0 and moved.config.clips.max_clip_s == 9.0
     assert request.config.clips.max_clip_s == ClipDefaults.max_clip_s  # the original is unchanged
+
+
+@pytest.mark.parametrize("module, name", [("flows.curate", "curate_lvd"), ("flows.train", "train_stage"),
+                                          ("flows.pipeline", "lvd_pipeline")])
+def test_flows_take_the_request_fields_and_accept_their_own_defaults(module, name):
+    """A served deployment passes every parameter, defaults included; Prefect must accept each of them."""
+    import importlib
+    import inspect
+
+    flow = getattr(importlib.import_module(module), name)
+    request_type = {"curate_lvd": CurateRequest, "train_stage": StageRunRequest}.get(name)
+    if request_type is None:
+        from flows.pipeline import PipelineRequest as request_type
+    fields = [f.name for f in dataclasses.fields(request_type)]
+    assert list(flow.parameters.properties) == fields
+    defaults = {key: p.default for key, p in inspect.signature(flow.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert flow.validate_parameters({**defaults, "stage": 1} if name == "train_stage" else defaults)
 
 
 def test_config_file_and_set_merge_at_every_depth(tmp_path):

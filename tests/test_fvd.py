@@ -122,6 +122,7 @@ def test_frame_indices_resample_to_the_target_rate():
 # ------------------------------------------------------------------------------------------ real footage
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_fvd_is_zero_for_the_same_set_and_grows_with_degradation(extractor):
     real = real_clips()
     rng = np.random.default_rng(0)
@@ -148,6 +149,7 @@ def _write_set(folder: Path, clips: np.ndarray, fps: float = 25.0) -> Path:
     return folder
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_lvd_fvd_json_and_real_feature_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LVD_I3D_WEIGHTS", str(ensure_i3d_weights()))
     monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "cache"))

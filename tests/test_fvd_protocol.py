@@ -77,6 +77,7 @@ def test_resize_crop_320x576_gives_240x320_centre():
         resize_crop(video.astype(np.float32))
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_generation_is_independent_of_batch_size():
     from model.pipeline import TextToVideoPipeline
 

@@ -13,6 +13,7 @@ from flows.generate import generate_video, parse_guidance
 from model.pipeline import TextToVideoPipeline
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_cli_generates_a_decodable_mp4_from_a_checkpoint(tmp_path):
     TextToVideoPipeline.from_preset("tiny", seed=1).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "clip.mp4"

@@ -199,6 +199,7 @@ def _fixed_noise_loss(trainer: StageTrainer, batches: list[dict], sigmas=(0.1, 0
     return float(np.mean(losses))
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_tiny_model_overfits_a_few_real_clips(samples):
     preset = replace(get_stage_preset(2), text_drop_rate=0.0,
                      phases=(Phase("overfit", 64, 64, 6, 30, 2, 2e-3, -1.2, 1.2),))

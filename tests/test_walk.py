@@ -97,6 +97,7 @@ def test_schedule_covers_each_segment_and_counts_frames():
     assert window_starts(10, 6, 2) == [0, 4] and window_starts(14, 6, 2) == [0, 4, 8]
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_walk_frame_counts_and_resume_regenerates_only_missing_segments(pipe, tmp_path):
     counting = CountingPipe(pipe)
     settings = WalkSettings(**SIZE, window=6, overlap=2)
@@ -124,6 +125,7 @@ def test_walk_frame_counts_and_resume_regenerates_only_missing_segments(pipe, tm
     assert (tmp_path / "plan.json").exists()
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_seams_are_as_smooth_as_the_frames_inside_segments(pipe, tmp_path):
     """Random temporal layers make each window differ: the crossfaded joins must not stand out, a hard cut does."""
     settings = WalkSettings(**SIZE, window=6, overlap=2)
@@ -137,6 +139,7 @@ def test_seams_are_as_smooth_as_the_frames_inside_segments(pipe, tmp_path):
     assert frame_diffs(hard)[9] > join  # the control: without lead-in frames the join jumps
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_without_temporal_mixing_windows_and_segments_agree_exactly(pipe, tmp_path):
     """With zero temporal outputs every frame depends only on its place on the walk, so overlapping windows
     and lead-ins must render identical frames: the windowed walk equals one window per segment."""
@@ -150,6 +153,7 @@ def test_without_temporal_mixing_windows_and_segments_agree_exactly(pipe, tmp_pa
     assert np.abs(windowed.astype(int) - whole).max() <= 2
 
 
+@pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_morph_between_real_footage_frames_keeps_the_images_at_low_sigma(pipe, footage_images, tmp_path):
     # the random tiny VAE's latents are small (mean |z| ~ 0.05), so "low" must be near sigma_min here
     images = [Waypoint("", 5, footage_images[0]), Waypoint("", 6, footage_images[1])]

@@ -173,8 +173,8 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
 def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_diffusers(curated_dir, tmp_path,
                                                                                         ray_local):
     """Finetune a small random diffusers SVD folder on curated clips in image mode: 2 DDP workers x 1 sample =
-    1 worker x 2 samples; the export is an SVD folder that diffusers' StableVideoDiffusionPipeline loads and
-    generates from."""
+    1 worker x 2 samples; the export (its temporal decoder then finetuned for 2 steps) is an SVD folder that
+    diffusers' StableVideoDiffusionPipeline loads and generates from."""
     from diffusers import StableVideoDiffusionPipeline
 
     from tests.svd_helpers import bikes_frame, tiny_svd
@@ -183,9 +183,16 @@ def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_di
     tiny_svd(seed=0).save_pretrained(svd_dir)
     common = dict(data=str(curated_dir), init=str(svd_dir), max_steps=2, micro_batch_size=1, conditioning="image")
     one, two = (run_stage(StageRunRequest.build(stage=3, output_root=str(tmp_path / f"w{workers}"),
-                                                num_workers=workers, **common))
+                                                num_workers=workers, decoder_steps=2 if workers == 1 else 0,
+                                                **common))
                 for workers in (1, 2))
     assert one["pipeline"].endswith("stage3-image/pipeline")
+    # The 1-worker export's temporal decoder was then finetuned: temporal layers moved, the encoder did not.
+    assert one["decoder_finetune"]["steps"] == 2 and "decoder_finetune" not in two
+    vae_before = load_file(str(svd_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae_after = load_file(str(Path(one["pipeline"]) / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(vae_after["decoder.time_conv_out.weight"], vae_before["decoder.time_conv_out.weight"])
+    assert all(torch.equal(vae_after[k], v) for k, v in vae_before.items() if k.startswith("encoder."))
     initial = _unet(svd_dir)
     first, second = _unet(one["pipeline"]), _unet(two["pipeline"])
     moved = max((first[k] - initial[k]).abs().max().item() for k in first)

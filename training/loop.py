@@ -7,7 +7,8 @@ stage directory; under FSDP every rank joins the gather of full weights first); 
 SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
 The last report carries the exported diffusers pipeline, which the driver moves to `stageN/pipeline`.
 
-Stage directory: pipeline/ (TextToVideoPipeline, loads with `lvd generate --checkpoint`), tensorboard/,
+Stage directory (`stageN`, image-to-video `stageN-image`): pipeline/ (TextToVideoPipeline, or a diffusers SVD
+folder in image mode; loads with `lvd generate --checkpoint`), tensorboard/,
 samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), loss.png, lineage.json, done.json.
 """
 

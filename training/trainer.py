@@ -1,12 +1,14 @@
 """One optimizer step of SVD training, the same code in a Ray worker, a test or a benchmark.
 
-`StageTrainer` owns the video U-Net (trained), the frozen VAE and text encoder, AdamW, EMA and the step
-counter. Per phase it sets which parameters train (image phases also freeze the temporal layers, so
-image batches cannot move them, not even by weight decay) and wraps the U-Net in DDP when there is
-more than one worker (or shards it with FSDP2, `strategy="fsdp"`: weights, gradients, AdamW state and
-EMA split across workers); the loss always calls the *wrapped* model, so gradients are really
-synchronised (docs/recipe.md §6: community trainers skipped this). Noise level and noise are drawn per sample from
-(seed, global position): a batch's gradient does not depend on how it is split across workers.
+`StageTrainer` owns the video U-Net (trained), the frozen VAE and text encoder (image-to-video: CLIP image
+encoder), AdamW, EMA and the step counter. Per phase it sets which parameters train (image phases also
+freeze the temporal layers, so image batches cannot move them, not even by weight decay) and wraps the
+U-Net in DDP when there is more than one worker (or shards it with FSDP2, `strategy="fsdp"`: weights,
+gradients, AdamW state and EMA split across workers); the loss always calls the *wrapped* model, so
+gradients are really synchronised (docs/recipe.md §6: community trainers skipped this). Noise level and
+noise are drawn per sample from (seed, global position): a batch's gradient does not depend on how it is
+split across workers. In image mode so are the conditioning frame's noise-augmentation strength and noise,
+and the guidance dropout.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters
         f"| CLIPSIM | {clipsim} |",
         f"| generated videos | {result['num_fake']} |",
         f"| real videos | {result['num_real']} ({real_source}) |",
-        "", "Paper (SPEC §5, 13,320 videos): SVD 242.02, PYoCo 355.20, Make-A-Video 367.23, Video LDM 550.61.",
+        "", "Paper (docs/recipe.md §5): SVD 242.02, PYoCo 355.20, Make-A-Video 367.23, Video LDM 550.61.",
         "", f"Real set: `{parameters['real_dir']}`: {matches}.",
         "", *settings_table(parameters),
     ]

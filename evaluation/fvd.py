@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from common.requests import Request, setting
 from dataformat import VIDEO_SUFFIXES, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -351,6 +352,36 @@ def kernel_distance(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, 
 
 def distances(real: np.ndarray, fake: np.ndarray, kvd_subsets: int = 100, seed: int = 0) -> dict[str, float]:
     return {"fvd": frechet_distance(real, fake), "kvd": kernel_distance(real, fake, kvd_subsets, seed=seed)}
+
+
+@dataclass(frozen=True)
+class FolderFvdRequest(Request):
+    """FVD/KVD between two folders of videos (`lvd fvd`); the folders are checked when they are read, so a
+    missing or empty one gets the message of `list_videos`."""
+
+    real_dir: str = setting(positional=True, help="folder of real videos")
+    fake_dir: str = setting(positional=True, help="folder of generated videos")
+    num_frames: int = setting(DEFAULT_NUM_FRAMES, flag="--frames", help="frames per video (the first N)")
+    fps: float | None = setting(None, help="resample videos to this frame rate first")
+    batch_size: int = setting(8, min=1, help="videos per I3D batch")
+    limit: int | None = setting(None, min=2, help="use only the first N videos of each folder")
+    device: str = setting("auto", help="torch device of I3D")
+    threads: int | None = setting(None, min=1, help="torch CPU threads")
+    weights: str | None = setting(None, help="I3D safetensors (default: cache, see lvd i3d-weights)")
+    cache_real: bool = setting(True, negate="--no-cache", help="reuse/cache the real set's features "
+                                                                "(CLI: --no-cache turns it off)")
+    print_json: bool = setting(False, flag="--json", help='print {"fvd", "kvd", "num_real", "num_fake"}')
+
+    def validate(self) -> None:
+        ClipSettings(num_frames=self.num_frames, fps=self.fps).validate()
+
+
+def folder_fvd(request: FolderFvdRequest, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """`compute_fvd` with every setting from `request`."""
+    return compute_fvd(request.real_dir, request.fake_dir, num_frames=request.num_frames, fps=request.fps,
+                       batch_size=request.batch_size, device=request.device, weights=request.weights,
+                       cache_real=request.cache_real, limit=request.limit, threads=request.threads,
+                       progress=progress)
 
 
 def compute_fvd(real_dir: str | Path, fake_dir: str | Path, *, num_frames: int = DEFAULT_NUM_FRAMES,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.requests import Request, RequestError, setting
 from common.video import save_video
 from dataformat.evaluation import EvaluationLayout, FvdShard
 from evaluation.fvd import distances
@@ -27,6 +29,46 @@ from evaluation.ucf101 import (
     protocol_videos,
     sample_grid,
 )
+from model.loading import DTYPES
+
+
+@dataclass(frozen=True)
+class FvdRequest(Request):
+    """One zero-shot UCF-101 FVD run of a checkpoint: the one spelling shared by the `evaluate-fvd` flow,
+    `lvd evaluate-fvd` and the pipeline's evaluate step. Defaults are the paper's protocol (docs/recipe.md §5)."""
+
+    real_dir: str = setting(path="dir", positional=True, help="folder with the real UCF-101 videos (any videos)")
+    checkpoint: str | None = setting(None, help="pipeline directory (default: tiny random preset)")
+    output_dir: str = setting("out/evaluate-fvd", flag="--out", help="videos/, shards/, results.json, sample grid")
+    num_videos: int = setting(13_320, help="generated videos, in UCF-101's class distribution")
+    batch_size: int = setting(4, min=1, help="videos per model call (and per I3D batch)")
+    seed: int = setting(0, help="seed of the first video (video i uses seed + i)")
+    steps: int = setting(25, help="sampling steps")
+    guidance_scale: float = setting(7.0, help="classifier-free guidance w")
+    num_frames: int = setting(16, help="frames per video")
+    fps: int = setting(25, help="frame rate conditioning and of the written videos")
+    height: int = setting(320, help="generated height (resized and centre-cropped to 240x320 for I3D)")
+    width: int = setting(576, help="generated width")
+    shard_size: int = setting(64, min=1, help="videos per resumable shard task")
+    num_real: int | None = setting(None, min=2, help="use only the first N real videos (default: all)")
+    dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
+    clip_model: str | None = setting(None, help="open_clip model name or local-dir:/folder (CLIPSIM)")
+    clip_pretrained: str | None = setting(None, help="local CLIP weights file")
+    i3d_weights: str | None = setting(None, help="I3D safetensors (default: cache, see lvd i3d-weights)")
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise RequestError(f"setting dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            self.protocol().validate()
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+
+    def protocol(self) -> ProtocolSettings:
+        """The generation protocol (what keys the generated shards)."""
+        return ProtocolSettings(num_videos=self.num_videos, num_frames=self.num_frames, fps=self.fps,
+                                guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+                                steps=self.steps, seed=self.seed)
 
 
 def settings_key(settings: dict[str, Any], checkpoint: str | None) -> str:

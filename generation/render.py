@@ -8,18 +8,101 @@ pixels or files is here and in generation.walk / generation.audio / generation.u
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from common.requests import Request, RequestError, setting
 from common.video import save_video
 from generation.audio import audio_envelope as envelope_of
 from generation.audio import envelope_speeds, mux_audio
 from generation.upscale import upscale_frames
 from generation.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
+from model.loading import DTYPES
 
 UPSCALERS = ("lanczos", "realesrgan")
+
+
+@dataclass(frozen=True)
+class WalkRequest(Request):
+    """One walk between prompts/seeds (or a morph between images): the one spelling shared by the
+    `generate-walk` flow, `lvd walk` and `render_request`."""
+
+    prompts: list[str] | None = setting(None, help="one prompt per waypoint")
+    seeds: list[int] | None = setting(None, help="one noise seed per waypoint (default 0, 1, ...)")
+    frames: tuple[int, ...] = setting((24,), min=1, help="frames per segment (one for all, or one per segment)")
+    images: list[str] | None = setting(None, help="morph: one image file per waypoint")
+    out: str = setting("out/walk/walk.mp4", help="output .mp4")
+    work_dir: str | None = setting(None, help="segment cache for resume (default: <out>.walk/)")
+    checkpoint: str | None = setting(None, help="pipeline directory (default: tiny random preset)")
+    height: int | None = setting(None, min=8, help="frame height (default: the model's)")
+    width: int | None = setting(None, min=8, help="frame width (default: the model's)")
+    steps: int = setting(25, min=1, help="sampling steps")
+    guidance: str = setting("7", help="constant CFG 'w' (a 'min,max' ramp restarts every window)")
+    fps: float = setting(8.0, help="output frame rate (and the audio clock)")
+    fps_id: int = setting(7, min=1, help="the model's fps conditioning (it sees fps_id - 1)")
+    motion_bucket_id: int = setting(127, min=0, flag="--motion", help="motion bucket conditioning")
+    window: int | None = setting(None, min=1, help="frames per model call (default: the model's)")
+    overlap: int = setting(2, min=0, help="frames crossfaded between windows/segments")
+    morph_sigma: float = setting(1.0, min=0, help="re-noising level for image morphs")
+    dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
+    cpu_offload: bool = setting(False, help="keep weights on the CPU between uses")
+    decode_chunk_size: int = setting(8, min=1, help="frames per VAE decode call")
+    batch_size: int = setting(1, min=1, help="windows per model call")
+    audio: str | None = setting(None, help="audio (or video with audio) that times the walk; muxed in")
+    audio_offset: float = setting(0.0, min=0, help="seconds into the audio to start")
+    audio_envelope: Literal["onset", "rms"] = setting("onset", help="loudness measure that sets the speed")
+    audio_floor: float = setting(0.1, min=0, help="speed in silence, relative to peaks")
+    upscale: Literal["lanczos", "realesrgan"] | None = setting(None, help="upscaler (off by default)")
+    upscale_factor: int = setting(2, min=1, help="upscaling factor")
+    upscale_weights: str | None = setting(None, help="Real-ESRGAN RRDBNet .pth/.safetensors")
+
+    def validate(self) -> None:
+        from generation.generate import parse_guidance
+
+        if self.dtype not in DTYPES:
+            raise RequestError(f"setting dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            parse_guidance(self.guidance)
+            check_render_options(self.out, self.fps, self.upscale, None)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+
+    def check_inputs(self) -> None:
+        """The audio file, the images and the waypoint lists, before any model is loaded."""
+        try:
+            check_render_options(self.out, self.fps, self.upscale, self.audio)
+            waypoints, segment_frames = walk_waypoints(self.prompts, self.seeds, self.segment_frames, self.images)
+            check_walk_inputs(waypoints, segment_frames)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+
+    @property
+    def segment_frames(self) -> int | list[int]:
+        return self.frames[0] if len(self.frames) == 1 else list(self.frames)
+
+    @property
+    def model_id(self) -> str:
+        """Names the weights in the segment cache key."""
+        return f"{self.checkpoint or 'tiny'}:{self.dtype}"
+
+
+def render_request(pipe, request: WalkRequest, *, progress: bool = True) -> dict[str, Any]:
+    """`render_walk` with every setting from `request`."""
+    from generation.generate import parse_guidance
+
+    return render_walk(pipe, request.prompts, request.out, model_id=request.model_id, seeds=request.seeds,
+                       frames=request.segment_frames, images=request.images, work_dir=request.work_dir,
+                       height=request.height, width=request.width, steps=request.steps,
+                       guidance=parse_guidance(request.guidance), fps=request.fps, fps_id=request.fps_id,
+                       motion_bucket_id=request.motion_bucket_id, window=request.window, overlap=request.overlap,
+                       morph_sigma=request.morph_sigma, decode_chunk_size=request.decode_chunk_size,
+                       batch_size=request.batch_size, audio=request.audio, audio_offset=request.audio_offset,
+                       audio_envelope=request.audio_envelope, audio_floor=request.audio_floor,
+                       upscale=request.upscale, upscale_factor=request.upscale_factor,
+                       upscale_weights=request.upscale_weights, progress=progress)
 
 
 def check_render_options(out: str | Path, fps: float, upscale: str | None, audio: str | None) -> None:

@@ -12,7 +12,9 @@ import pytest
 
 from common.requests import RequestError, parse_set_options
 from curation.config import CurateRequest, CurationConfig
+from evaluation.generated import FvdRequest
 from flows.cli import build_parser, main, request_from_args
+from generation.render import WalkRequest
 from training.request import StageRunRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,21 +68,24 @@ def test_requests_are_frozen_and_round_trip_through_plain_data(tmp_path):
 
 
 @pytest.mark.parametrize("module, name", [("flows.curate", "curate_lvd"), ("flows.train", "train_stage"),
-                                          ("flows.pipeline", "lvd_pipeline")])
+                                          ("flows.pipeline", "lvd_pipeline"), ("flows.walk", "generate_walk"),
+                                          ("flows.evaluate", "evaluate_fvd")])
 def test_flows_take_the_request_fields_and_accept_their_own_defaults(module, name):
     """A served deployment passes every parameter, defaults included; Prefect must accept each of them."""
     import importlib
     import inspect
 
     flow = getattr(importlib.import_module(module), name)
-    request_type = {"curate_lvd": CurateRequest, "train_stage": StageRunRequest}.get(name)
+    request_type = {"curate_lvd": CurateRequest, "train_stage": StageRunRequest, "generate_walk": WalkRequest,
+                    "evaluate_fvd": FvdRequest}.get(name)
     if request_type is None:
         from flows.pipeline import PipelineRequest as request_type
     fields = [f.name for f in dataclasses.fields(request_type)]
     assert list(flow.parameters.properties) == fields
     defaults = {key: p.default for key, p in inspect.signature(flow.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    assert flow.validate_parameters({**defaults, "stage": 1} if name == "train_stage" else defaults)
+    required = {"train_stage": {"stage": 1}, "evaluate_fvd": {"real_dir": str(ROOT)}}.get(name, {})
+    assert flow.validate_parameters({**defaults, **required})
 
 
 def test_config_file_and_set_merge_at_every_depth(tmp_path):
@@ -121,8 +126,14 @@ BAD_COMMAND_LINES = {
     "negative frames": (["generate", "a cat", "--frames", "-3", "--out", "{tmp}/x.mp4"], "num_frames >= 1"),
     "missing image": (["generate", "--image", "{tmp}/none.png", "--out", "{tmp}/x.mp4"], "none.png: no such file"),
     "frames not a number": (["generate", "a cat", "--frames", "many"], "--frames: invalid int value: 'many'"),
+    "walk bad envelope": (["walk", "--prompts", "a", "b", "--audio-envelope", "loud"],
+                          "setting audio_envelope must be one of onset, rms, got 'loud'"),
+    "fvd too few frames": (["fvd", "{tmp}", "{tmp}", "--frames", "4"], "num_frames must be >= 9 for I3D, got 4"),
+    "evaluate missing real": (["evaluate-fvd", "{tmp}/missing"], "real_dir: no such directory"),
+    "evaluate one video": (["evaluate-fvd", "{tmp}", "--num-videos", "1"], "num_videos must be >= 2"),
+    "walk negative frames": (["walk", "--prompts", "a", "b", "--frames", "-4"], "frames must be >= 1, got (-4,)"),
 }
-SUBPROCESS_CASES = ("missing input", "negative", "negative frames")
+SUBPROCESS_CASES = ("missing input", "negative", "negative frames", "walk negative frames", "evaluate one video")
 
 
 def _argv(case: str, tmp_path: Path) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 
 from flows.cli import main
 from flows.walk import generate_walk, walk_files
+from generation.render import WalkRequest
 from generation.upscale import RRDBNet
 
 TINY = ["--steps", "2", "--window", "6"]
@@ -46,11 +47,11 @@ def test_cli_walk_with_audio_and_upscaling_resumes(tmp_path, capsys):
     (["--prompts", "a", "b", "--audio", "missing.mp3"], "audio file not found"),
     (["--prompts", "a", "b", "--out", "walk.gif"], ".mp4"),
 ])
-def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path, extra, message):
+def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path, extra, message, capsys):
     args = ["walk", *TINY, "--out", str(tmp_path / "w.mp4"), *extra]
-    with pytest.raises(SystemExit) as error:
-        main(args)
-    assert message in str(error.value)
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lvd walk: error: ") and message in lines[0], lines
 
 
 def test_flow_morphs_real_frames_and_attaches_a_preview(prefect_api, tmp_path):
@@ -73,4 +74,4 @@ def test_flow_morphs_real_frames_and_attaches_a_preview(prefect_api, tmp_path):
 
 def test_morph_needs_one_prompt_per_image(tmp_path):
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
-        walk_files(["a", "b"], str(tmp_path / "w.mp4"), images=["x.png", "y.png", "z.png"])
+        walk_files(WalkRequest(prompts=["a", "b"], out=str(tmp_path / "w.mp4"), images=["x.png", "y.png", "z.png"]))

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from model.loading import load_pipeline, place_pipeline
+from common.requests import Request, RequestError, setting
+from model.loading import DTYPES, load_pipeline, place_pipeline
 
 TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
                                               decode_chunk_size=8)
@@ -48,6 +49,84 @@ def parse_guidance(value: str | float | list | tuple) -> float | tuple[float, fl
     if len(parts) == 2:
         return (parts[0], parts[1])
     raise ValueError(f"guidance must be 'w' or 'min,max', got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerateRequest(Request):
+    """One generation request: the one spelling shared by the `generate-video` flow, `lvd generate` (which adds
+    `--out`, see `GenerateFileRequest`) and `generate_request`. The mode follows from the fields (module
+    docstring); a None setting takes that mode's default, so the defaults are named in the help only."""
+
+    prompts: list[str] | None = setting(None, cli=False, help="text -> video: one video per prompt; with "
+                                                              "image_model: the first frame's prompt (CLI: PROMPT)")
+    checkpoint: str | None = setting(None, help="pipeline folder (default: tiny random text-to-video)")
+    output_dir: str = setting("out/generate", cli=False, help="the flow writes NNN.mp4 and NNN.gif here")
+    image: str | None = setting(None, help="conditioning image: a file Pillow opens or an fsspec URL")
+    image_model: str | None = setting(None, help="diffusers text-to-image folder (e.g. SD 2.1) that draws the "
+                                                 "first frame from the prompt")
+    num_frames: int | None = setting(None, min=1, flag="--frames", help="default: the checkpoint's U-Net config")
+    height: int | None = setting(None, min=1, help="default: 576 for image-to-video")
+    width: int | None = setting(None, min=1, help="default: 1024 for image-to-video")
+    steps: int | None = setting(None, min=1, help="sampling steps (default 25)")
+    guidance: str | None = setting(None, help="'w' constant or 'min,max' rising over frames (default: 1.0,3.0 "
+                                              "image-to-video; 7 text-to-video)")
+    fps: int | None = setting(None, min=1, help="frame rate conditioning (default 7; model sees fps-1)")
+    motion_bucket_id: int | None = setting(None, min=0, flag="--motion", help="motion bucket id (default 127)")
+    noise_aug: float | None = setting(None, min=0, help="noise augmentation of the conditioning image "
+                                                        "(default 0.02; 0 text-to-video)")
+    decode_chunk_size: int | None = setting(None, min=1, help="frames per VAE decode call (default 14 "
+                                                              "image-to-video, 8 text-to-video)")
+    image_steps: int | None = setting(None, min=1, help="text-to-image steps (default 50)")
+    image_guidance: float | None = setting(None, help="text-to-image guidance (default 7.5)")
+    seed: int = setting(0, help="seed of the noise (and of the text-to-image stage)")
+    dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
+    cpu_offload: bool = setting(False, help="keep weights on the CPU between uses")
+    out_fps: float = setting(8.0, min=0.001, help="frame rate of the written .mp4/.gif")
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise RequestError(f"setting dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.image is not None and self.image_model is not None:
+            raise RequestError("pass either image (animate it) or image_model (draw the first frame from the prompt)")
+        if self.guidance is not None:
+            try:
+                parse_guidance(self.guidance)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `generate_videos` (everything but prompts, checkpoint and outputs)."""
+        names = ("image", "image_model", "num_frames", "height", "width", "steps", "guidance", "fps",
+                 "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
+                 "dtype", "cpu_offload")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True)
+class GenerateFileRequest(GenerateRequest):
+    """`lvd generate`: one video written to `out`."""
+
+    out: str = setting("generated.mp4", help="output .mp4, .gif, or a folder ending in '/' (one lossless PNG "
+                                             "per frame)")
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            check_output(self.out)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+
+
+def generate_request(request: GenerateRequest, *, progress: bool = True) -> GeneratedVideos:
+    """`generate_videos` with every setting from `request`."""
+    return generate_videos(request.prompts, request.checkpoint, progress=progress, **request.generation_settings())
+
+
+def generate_request_files(request: GenerateRequest, *, progress: bool = True,
+                           outputs: tuple[str, ...] = (".mp4", ".gif")) -> list[dict[str, Any]]:
+    """`generate_video_files` into `request.output_dir` with every setting from `request`."""
+    return generate_video_files(request.output_dir, request.prompts, request.checkpoint, out_fps=request.out_fps,
+                                outputs=outputs, progress=progress, **request.generation_settings())
 
 
 def load_image(source: str | Path):

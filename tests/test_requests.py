@@ -14,6 +14,7 @@ from common.requests import RequestError, parse_set_options
 from curation.config import CurateRequest, CurationConfig
 from evaluation.generated import FvdRequest
 from flows.cli import build_parser, main, request_from_args
+from generation.generate import GenerateRequest
 from generation.render import WalkRequest
 from training.request import StageRunRequest
 
@@ -69,7 +70,8 @@ def test_requests_are_frozen_and_round_trip_through_plain_data(tmp_path):
 
 @pytest.mark.parametrize("module, name", [("flows.curate", "curate_lvd"), ("flows.train", "train_stage"),
                                           ("flows.pipeline", "lvd_pipeline"), ("flows.walk", "generate_walk"),
-                                          ("flows.evaluate", "evaluate_fvd")])
+                                          ("flows.evaluate", "evaluate_fvd"),
+                                          ("flows.generate", "generate_video")])
 def test_flows_take_the_request_fields_and_accept_their_own_defaults(module, name):
     """A served deployment passes every parameter, defaults included; Prefect must accept each of them."""
     import importlib
@@ -77,7 +79,7 @@ def test_flows_take_the_request_fields_and_accept_their_own_defaults(module, nam
 
     flow = getattr(importlib.import_module(module), name)
     request_type = {"curate_lvd": CurateRequest, "train_stage": StageRunRequest, "generate_walk": WalkRequest,
-                    "evaluate_fvd": FvdRequest}.get(name)
+                    "evaluate_fvd": FvdRequest, "generate_video": GenerateRequest}.get(name)
     if request_type is None:
         from flows.pipeline import PipelineRequest as request_type
     fields = [f.name for f in dataclasses.fields(request_type)]
@@ -123,9 +125,9 @@ BAD_COMMAND_LINES = {
     "no shards": (["train", "--stage", "1", "--data", "{tmp}"], "no WebDataset shards"),
     "unknown option": (["train", "--stage", "1", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     "bad config file": (["curate", "--config", "{tmp}/none.json"], "--config: no such file"),
-    "negative frames": (["generate", "a cat", "--frames", "-3", "--out", "{tmp}/x.mp4"], "num_frames >= 1"),
+    "negative frames": (["generate", "a cat", "--frames", "-3", "--out", "{tmp}/x.mp4"], "num_frames must be >= 1"),
     "missing image": (["generate", "--image", "{tmp}/none.png", "--out", "{tmp}/x.mp4"], "none.png: no such file"),
-    "frames not a number": (["generate", "a cat", "--frames", "many"], "--frames: invalid int value: 'many'"),
+    "frames not a number": (["generate", "a cat", "--frames", "many"], "setting num_frames must be int, got 'many'"),
     "walk bad envelope": (["walk", "--prompts", "a", "b", "--audio-envelope", "loud"],
                           "setting audio_envelope must be one of onset, rms, got 'loud'"),
     "fvd too few frames": (["fvd", "{tmp}", "{tmp}", "--frames", "4"], "num_frames must be >= 9 for I3D, got 4"),

@@ -7,7 +7,6 @@ PIP := $(PY) -m pip
 OPENCV_HEADLESS := opencv-python-headless==5.0.0.93
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
 
 .PHONY: setup test test-fast lint demo serve benchmarks clean
 

@@ -103,6 +103,7 @@ def test_concurrent_atomic_writers_never_share_a_temporary_and_readers_see_old_o
     atomic_write(target, old)
     payloads = [bytes([65 + i]) * 1_000_000 for i in range(2)]
     both_writing = threading.Barrier(2)
+    both_listed = threading.Barrier(2)
     temporaries_while_writing: list[set[str]] = []
     seen: list[bytes] = []
     stop = threading.Event()
@@ -113,6 +114,7 @@ def test_concurrent_atomic_writers_never_share_a_temporary_and_readers_see_old_o
             handle.flush()
             both_writing.wait(timeout=10)  # both writers are now half-way through their own temporary file
             temporaries_while_writing.append({p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")})
+            both_listed.wait(timeout=10)  # neither renames its temporary before the other has looked
             handle.write(payload[len(payload) // 2 :])
         return write
 

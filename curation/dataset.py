@@ -257,6 +257,21 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
         raise
 
 
+def commit_crashed_source(out: str | Path, relative_path: str, attempts: int, error: BaseException) -> dict:
+    """Commit an error row for a source whose every try killed the process curating it (a crash in native
+    code such as the decoder, or an out-of-memory kill): the run records it and goes on. Called by the
+    driver once the retries are used up; what the dead tries left behind is removed."""
+    layout = RunLayout(out)
+    sid = source_id(relative_path)
+    clips_dir, frames_dir = layout.clips / sid, layout.frames / sid
+    for directory in (clips_dir, frames_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    message = (f"worker crashed {attempts} times curating this source (the process died: a crash in native code "
+               f"such as the decoder, or killed for memory): {reason}")
+    return _commit(layout, sid, relative_path, error_result(relative_path, message), frames_dir)
+
+
 def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResult, frames_dir: Path) -> dict:
     """Write a source's clip frames and rows, then its source row last (the commit)."""
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):

@@ -2,7 +2,8 @@
 
 discover sources (skipping those already committed in OUT) -> one `curate-source` task per source on
 Ray (local Ray by default, `ray_address` for a cluster; retried on infrastructure failure, a bad source
-is an error row, never a failed task) -> `finalize` (filters over the whole run, shards, manifest) ->
+is an error row, never a failed task; a source that kills its worker process on every try is an error row
+too) -> `finalize` (filters over the whole run, shards, manifest) ->
 markdown summary artifact. `lvd curate IN OUT` runs the same flow from the shell with a progress bar.
 """
 
@@ -20,7 +21,15 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from common.requests import flat_parameters, to_data
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
-from curation.dataset import check_output_dir, curate_source, discover_sources, finalize, prepare_output, uncommitted
+from curation.dataset import (
+    check_output_dir,
+    commit_crashed_source,
+    curate_source,
+    discover_sources,
+    finalize,
+    prepare_output,
+    uncommitted,
+)
 from curation.hq import hq_pass, hq_uses_ray
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
@@ -51,6 +60,12 @@ def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> 
     return [portable_source(source) for source in pending]  # Prefect parameters are JSON: any file name
 
 
+# A source whose worker process dies (a crash in native code such as the decoder, an out-of-memory kill) is tried
+# again by Ray on a fresh worker this many times; one that kills every try is committed as an error row saying so.
+# (Prefect's own retries below cover exceptions: they run inside the worker and die with it.)
+WORKER_CRASH_RETRIES = 2
+
+
 @task(name="curate-source", retries=2, retry_delay_seconds=5, task_run_name="curate {relative_path}")
 def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any]) -> dict:
     return curate_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
@@ -76,9 +91,14 @@ def select_hq(output_path: str, config: dict[str, Any]) -> dict:
 @flow(name="curate-sources")
 def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: list[str], progress: bool):
     """Fan the pending sources out on the flow's task runner (Ray) and track completions."""
+    import ray.exceptions
+    from prefect_ray.context import remote_options
+
+    worker_deaths = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
     logger = get_run_logger()
     artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed")
-    futures = [curate_source_task.submit(input_path, rel, output_path, config) for rel in pending]
+    with remote_options(max_retries=WORKER_CRASH_RETRIES):
+        futures = [curate_source_task.submit(input_path, rel, output_path, config) for rel in pending]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -87,8 +107,12 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     results = []
 
     def finished_sources():
-        for done_count, future in enumerate(futures, start=1):
-            result = future.result()
+        for done_count, (relative_path, future) in enumerate(zip(pending, futures, strict=True), start=1):
+            try:
+                result = future.result()
+            except worker_deaths as error:  # every try killed its worker: the rest of the run goes on
+                result = commit_crashed_source(output_path, native_source(relative_path), WORKER_CRASH_RETRIES + 1,
+                                               error)
             results.append(result)
             if result["status"] == "error":
                 logger.warning("%s: %s", result["source"], result["error"])

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect import task
 
 from curation.config import CurationConfig
 from curation.dataset import curate_source, finalize, prepare_output
-from dataformat import read_parquet_rows
+from dataformat import RunLayout, read_parquet_rows, source_id
 
 
 def corrupt_copy(source: Path, target: Path, count: int = 64) -> Path:
@@ -304,3 +305,51 @@ def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_cod
         with pytest.raises(OutputPathError, match=reason):
             prepare_output(out, CurationConfig())
     assert a_file.read_text() == "not a directory"
+
+
+@task(name="curate-source")
+def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, output_path: str, config: dict) -> dict:
+    """The real per-source task, except that for `crash*` sources the decoder kills its process with SIGSEGV
+    after ten real frames (as a crash in native decoder code does) and notes each try in OUT/crash-tries."""
+    import signal
+
+    import curation.chain
+    from curation.decode import stream_frames
+    from dataformat import native_source
+
+    def crashing_decoder(path, threads="AUTO"):
+        for index, frame in enumerate(stream_frames(path, threads)):
+            if index == 10:
+                with open(Path(output_path) / "crash-tries", "a") as tries:
+                    tries.write(f"{os.getpid()}\n")
+                os.kill(os.getpid(), signal.SIGSEGV)
+            yield frame
+
+    if relative_path.startswith("crash"):
+        curation.chain.stream_frames = crashing_decoder  # this worker dies with its patched module
+    return curate_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
+
+
+def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(prefect_api, ray_local, sample_dir,
+                                                                           tmp_path, monkeypatch):
+    """A worker process killed while curating a source (segfault, out-of-memory kill) used to fail the whole run
+    after Ray's retries; now the source is an error row naming the crash and the other sources are curated."""
+    import flows.curate
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for name in ("crash.mp4", "static_shot.mp4"):
+        shutil.copyfile(sample_dir / "videos" / "static_shot.mp4", videos / name)
+    monkeypatch.setattr(flows.curate, "curate_source_task", _curate_source_whose_decoder_crashes)
+    out = tmp_path / "out"
+    report = flows.curate.curate_lvd(input_path=str(videos), output_path=str(out),
+                                     config={"scorers": {"text": {"enabled": False}}})
+    tries = (out / "crash-tries").read_text().split()
+    assert len(tries) == flows.curate.WORKER_CRASH_RETRIES + 1 == 3 and len(set(tries)) == 3  # a new worker each
+    rows = {row["source"]: row for row in read_parquet_rows(out / "sources.parquet")}
+    assert rows["static_shot.mp4"]["status"] == "ok"
+    assert rows["crash.mp4"]["status"] == "error"
+    assert rows["crash.mp4"]["error"].startswith("worker crashed 3 times curating this source"), rows["crash.mp4"]
+    assert report["sources"] == 2 and report["sources_error"] == 1 and report["clips"] == 1
+    assert {row["source"] for row in read_parquet_rows(out / "manifest.parquet")} == {"static_shot.mp4"}
+    assert not (RunLayout(out).clips / source_id("crash.mp4")).exists()

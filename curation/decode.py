@@ -7,8 +7,11 @@ bounded memory; the chain turns each frame into the small copies its steps need.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,61 @@ class SourceInfo:
     expected_frames: int | None
 
 
+# libavutil's refusal of a frame size it cannot allocate. When FFmpeg refuses the size a header claims, the stream
+# reports 0x0 (or the file does not open at all), and this message is the only place the claimed size survives.
+_REFUSED_SIZE = re.compile(r"Picture size (\d+)x(\d+) is invalid")
+_log_lock = threading.Lock()
+_log_users = 0
+_saved_log_settings: tuple[int | None, bool] = (None, True)
+
+
+@contextlib.contextmanager
+def ffmpeg_messages() -> Iterator[list[tuple[int, str, str]]]:
+    """FFmpeg's warnings and errors raised by this thread inside the block, as (level, component, message).
+
+    PyAV drops FFmpeg's log by default; it is switched on (warnings and worse, repeats kept) only while at
+    least one thread is inside such a block, and each thread collects its own messages.
+    """
+    global _log_users, _saved_log_settings
+    with _log_lock:
+        if _log_users == 0:
+            _saved_log_settings = (av.logging.get_level(), av.logging.get_skip_repeated())
+            if _saved_log_settings[0] is None:
+                av.logging.set_level(av.logging.WARNING)
+            av.logging.set_skip_repeated(False)
+        _log_users += 1
+    try:
+        with av.logging.Capture() as messages:
+            yield messages
+    finally:
+        with _log_lock:
+            _log_users -= 1
+            if _log_users == 0:
+                level, skip_repeated = _saved_log_settings
+                av.logging.set_level(level)
+                av.logging.set_skip_repeated(skip_repeated)
+
+
+def _refused_size(messages: list[tuple[int, str, str]], config: DecodeConfig) -> SourceError | None:
+    """The error for a header whose frame size FFmpeg refused (too large to allocate), naming that size."""
+    for _, _, message in messages:
+        match = _REFUSED_SIZE.search(message)
+        if match:
+            width, height = int(match[1]), int(match[2])
+            return _pixel_limit(width, height, config) or SourceError(
+                f"resolution {width}x{height} claimed by the header is beyond what FFmpeg can decode")
+    return None
+
+
+def _pixel_limit(width: int, height: int, config: DecodeConfig) -> SourceError | None:
+    if width * height <= config.max_pixels:
+        return None
+    return SourceError(
+        f"resolution {width}x{height} ({width * height / 1e6:.1f} megapixels) exceeds "
+        f"decode.max_pixels={config.max_pixels} ({config.max_pixels / 1e6:.1f} megapixels; default 8K UHD)"
+    )
+
+
 def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
     config = config or DecodeConfig()
     path = Path(path)
@@ -68,6 +126,27 @@ def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
     size = path.stat().st_size
     if size == 0:
         raise SourceError("empty file (0 bytes)")
+    with ffmpeg_messages() as messages:
+        info = _read_header(path, config, messages)
+    if info.width <= 0 or info.height <= 0:
+        raise _refused_size(messages, config) or SourceError(
+            "the decoder reports no frame size: the header claims a size it cannot decode or the stream is broken")
+    refusal = _pixel_limit(info.width, info.height, config)
+    if refusal:
+        raise refusal
+    if min(info.width, info.height) < config.min_side:
+        raise SourceError(
+            f"resolution {info.width}x{info.height} is below the minimum side of {config.min_side} px "
+            "(setting decode.min_side)"
+        )
+    if info.duration_s is not None and info.duration_s > config.max_duration_s:
+        raise SourceError(
+            f"duration {info.duration_s:.0f} s exceeds decode.max_duration_s={config.max_duration_s:.0f}"
+        )
+    return info
+
+
+def _read_header(path: Path, config: DecodeConfig, messages: list[tuple[int, str, str]]) -> SourceInfo:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -93,24 +172,7 @@ def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
     except SourceError:
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
-        raise SourceError(f"not a readable video: {_short(error)}") from None
-    if info.width <= 0 or info.height <= 0:
-        raise SourceError("the decoder reports no frame size: the header claims a size it cannot decode "
-                          "(beyond FFmpeg's limits) or the stream is broken")
-    if info.width * info.height > config.max_pixels:
-        raise SourceError(
-            f"resolution {info.width}x{info.height} ({info.width * info.height / 1e6:.1f} megapixels) exceeds "
-            f"decode.max_pixels={config.max_pixels} ({config.max_pixels / 1e6:.1f} megapixels; default 8K UHD)"
-        )
-    if min(info.width, info.height) < config.min_side:
-        raise SourceError(
-            f"resolution {info.width}x{info.height} is below the minimum side of {config.min_side} px "
-            "(setting decode.min_side)"
-        )
-    if info.duration_s is not None and info.duration_s > config.max_duration_s:
-        raise SourceError(
-            f"duration {info.duration_s:.0f} s exceeds decode.max_duration_s={config.max_duration_s:.0f}"
-        )
+        raise _refused_size(messages, config) or SourceError(f"not a readable video: {_short(error)}") from None
     return info
 
 

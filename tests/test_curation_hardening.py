@@ -353,3 +353,48 @@ def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(pref
     assert report["sources"] == 2 and report["sources_error"] == 1 and report["clips"] == 1
     assert {row["source"] for row in read_parquet_rows(out / "manifest.parquet")} == {"static_shot.mp4"}
     assert not (RunLayout(out).clips / source_id("crash.mp4")).exists()
+
+
+def _claiming_size(source: Path, target: Path, width: int, height: int) -> Path:
+    """Three real frames of `source` as a lossless FFV1 Matroska file whose header then claims width x height
+    (the 2-byte PixelWidth/PixelHeight elements patched; FFV1 keeps no size of its own)."""
+    import av
+
+    from common.video import decode_frames_at
+
+    frames = decode_frames_at(source, [0, 1, 2])
+    with av.open(str(target), "w") as writer:
+        stream = writer.add_stream("ffv1", rate=25)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            writer.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")))
+        writer.mux(stream.encode(None))
+    data = target.read_bytes()
+    for element, old, new in ((b"\xb0\x82", frames[0].shape[1], width), (b"\xba\x82", frames[0].shape[0], height)):
+        assert data.count(element + old.to_bytes(2, "big")) == 1
+        data = data.replace(element + old.to_bytes(2, "big"), element + new.to_bytes(2, "big"))
+    target.write_bytes(data)
+    return target
+
+
+def test_a_header_claiming_60000x60000_is_refused_by_the_pixel_limit(sample_dir, tmp_path):
+    """FFmpeg refuses to allocate such frames and the stream reports 0x0 (once 'below the minimum side'); the
+    refusal names the claimed size and decode.max_pixels, for Matroska and for a YUV4MPEG header alike."""
+    from curation.decode import SourceError, probe
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    _claiming_size(sample_dir / "videos" / "static_shot.mp4", videos / "huge.mkv", 60000, 60000)
+    _claiming_size(sample_dir / "videos" / "static_shot.mp4", videos / "fine.mkv", 640, 360)
+    (videos / "huge.y4m").write_bytes(b"YUV4MPEG2 W60000 H60000 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096))
+    refusal = ("resolution 60000x60000 (3600.0 megapixels) exceeds decode.max_pixels=33177600 "
+               "(33.2 megapixels; default 8K UHD)")
+    out = tmp_path / "out"
+    config = CurationConfig()
+    prepare_output(out, config)
+    assert curate_source(videos, "huge.mkv", out, config)["error"] == refusal
+    with pytest.raises(SourceError) as error:
+        probe(videos / "huge.y4m")
+    assert str(error.value) == refusal
+    assert probe(videos / "fine.mkv").width == 640  # the same file with its true size is read as usual

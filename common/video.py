@@ -76,13 +76,43 @@ def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     return path
 
 
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns (0-3) that show `frame` as intended: the rotation of the display matrix a
+    phone stores with portrait video (FFmpeg's convention, as ffmpeg and players apply it). Mirror flags of the
+    matrix are not applied."""
+    return round(frame.rotation / 90) % 4 if frame.rotation else 0
+
+
+def upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """`image` (H, W, ...) turned `turns` quarter turns counter-clockwise (a contiguous copy; as is when 0)."""
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns % 4 else image
+
+
+def display_matrix(frame: av.VideoFrame) -> list[int] | None:
+    """The frame's display matrix (FFmpeg's nine 32-bit integers), for a re-encode to keep; None if it has none."""
+    for side_data in frame.side_data:
+        if side_data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            return np.frombuffer(bytes(side_data), dtype=np.int32, count=9).tolist()
+    return None
+
+
+def frame_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a decoded frame as it is displayed (its rotation applied); `width` x `height`,
+    when given, is the size of the displayed picture."""
+    turns = quarter_turns(frame)
+    if turns % 2:
+        width, height = height, width
+    return upright(frame.to_ndarray(width=width, height=height, format="rgb24"), turns)
+
+
 def decode_frames_at(
     source: str | Path | bytes,
     indices: Sequence[int] | Callable[[float | None], Sequence[int]],
     *,
     threaded: bool = False,
 ) -> list[np.ndarray]:
-    """RGB uint8 frames at `indices` (in that order, repeats allowed) of a file or encoded bytes.
+    """RGB uint8 frames at `indices` (in that order, repeats allowed) of a file or encoded bytes, upright (the
+    rotation a phone recorded in the display matrix is applied, as players do).
 
     `indices` may be a function of the stream's average frame rate (None when the container does not
     say), for callers that resample to a target fps. Decoding stops after the last wanted frame; frames
@@ -103,7 +133,7 @@ def decode_frames_at(
         picked: dict[int, np.ndarray] = {}
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
-                picked[index] = frame.to_ndarray(format="rgb24")
+                picked[index] = frame_rgb(frame)
             if index >= last:
                 break
     return [picked[i] for i in indices if i in picked]

@@ -7,6 +7,12 @@ knows the cuts, plans clips, writes them (stream copy or re-encode), and returns
 per clip and the first/middle/last frames of each clip (plus, while the video captioner is active, its
 `scorers.video_caption.num_frames` frames spread over the clip, taken from the same samples: nothing is
 decoded twice). Any failure becomes an error row.
+
+A source with a display rotation (phones store portrait video sideways, with a display matrix) is curated as
+it is shown: its rows carry the displayed width and height and the scorers' frames are upright; clip files
+keep the rotation (stream copies carry the source's matrix, re-encodes copy it), so readers that apply it,
+like `common.video.decode_frames_at` for training, see upright frames. The cut detectors and the motion meter
+work on the stored orientation, which does not change what they measure.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.video import quarter_turns, upright
 from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clips
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
@@ -146,9 +153,12 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
     frame_pts: list[int] = []
     frame_times: list[float | None] = []  # presentation times (s): variable-frame-rate sources need them
     corrupt: list[int] = []
+    turns = 0  # quarter turns counter-clockwise that show the frames upright (a phone's display matrix)
     try:
         index = -1
         for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
+            if index == 0:
+                turns = quarter_turns(frame)
             if frame.key_frame:
                 keyframes.append(index)
             if frame.is_corrupt:
@@ -159,7 +169,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             cascade.push(index, analysis)
             if motion.wants(index):
                 motion.push(index, analysis)
-                spool.add(index, analysis_copy(frame, *sample_size, rgb=True))
+                spool.add(index, upright(analysis_copy(frame, *sample_size, rgb=True), turns))
         num_frames = index + 1
         if num_frames < config.decode.min_frames:
             raise SourceError(
@@ -184,6 +194,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
         write_reencoded_clips(path, [(p, f) for p, f in named if p.method == "reencode"], frame_pts, keyframes,
                               info.fps, config.clips.reencode_crf, config.clips.reencode_preset)
         timings["clip_write"] = time.perf_counter() - started
+        width, height = (info.height, info.width) if turns % 2 else (info.width, info.height)  # as displayed
 
         result = SourceResult(
             source_row={
@@ -192,8 +203,8 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
                 "error": None,
                 "num_frames": num_frames,
                 "fps": info.fps,
-                "width": info.width,
-                "height": info.height,
+                "width": width,
+                "height": height,
                 "duration_s": num_frames / info.fps,
                 "cuts": cuts,
             },
@@ -214,8 +225,8 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
                     "start_s": clip_time(plan.start_frame, frame_times, info.fps),
                     "end_s": clip_time(plan.end_frame, frame_times, info.fps),
                     "fps": info.fps,
-                    "width": info.width,
-                    "height": info.height,
+                    "width": width,
+                    "height": height,
                     "clip_method": plan.method,
                     "clip_path": str(file),
                     "motion_score": motion.score(plan.start_frame, plan.end_frame),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import av
 
+from common.video import display_matrix
 from curation.config import ClipConfig
 
 
@@ -140,6 +141,10 @@ class _ClipEncoder:
         self.count = 0
 
     def add(self, frame: av.VideoFrame) -> None:
+        if self.count == 0:
+            matrix = display_matrix(frame)
+            if matrix:  # the clip keeps the source's rotation, as a stream copy does
+                self.stream.set_display_matrix(matrix)
         if frame.format.name != self.stream.pix_fmt:
             frame = frame.reformat(format=self.stream.pix_fmt)
         frame.pts, frame.time_base = self.count, self.time_base

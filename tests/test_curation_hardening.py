@@ -398,3 +398,69 @@ def test_a_header_claiming_60000x60000_is_refused_by_the_pixel_limit(sample_dir,
         probe(videos / "huge.y4m")
     assert str(error.value) == refusal
     assert probe(videos / "fine.mkv").width == 640  # the same file with its true size is read as usual
+
+
+def _rotated_copy(source: Path, target: Path, count: int, gop: int) -> list:
+    """The first `count` frames of `source` stored as a phone stores portrait video: the pictures as they are,
+    plus a display matrix of -90 degrees (shown turned a quarter turn clockwise, as ffmpeg and players do);
+    keyframes every `gop` frames. Returns the stored frames (RGB)."""
+    import av
+
+    from common.video import decode_frames_at
+
+    frames = decode_frames_at(source, range(count))
+    with av.open(str(target), "w") as writer:
+        stream = writer.add_stream("libx264", rate=25)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "18",
+                          "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        stream.set_display_rotation(-90)
+        for frame in frames:
+            writer.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")))
+        writer.mux(stream.encode(None))
+    return frames
+
+
+def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
+    """Rotation metadata used to be ignored: sideways size in the manifest, sideways frames for the scorers, and
+    re-encoded clips without it (sideways in training). Now rows carry the displayed size, the scorers' frames
+    and the frames training decodes are upright, and copied and re-encoded clips both keep the rotation."""
+    import av
+    import cv2
+    import numpy as np
+
+    from common.video import decode_frames_at
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    # bikes.mp4's cuts at 30 and 76 with keyframes every 40 frames: two shots re-encoded, the last one copied
+    stored = _rotated_copy(sample_dir / "videos" / "bikes.mp4", videos / "portrait.mp4", count=137, gop=40)
+    height, width = stored[0].shape[:2]
+    shown = [np.rot90(frame, -1) for frame in stored]  # a quarter turn clockwise
+    sideways = [np.rot90(frame, 1) for frame in stored]  # the wrong way round, for contrast
+    out = tmp_path / "out"
+    config = CurationConfig.from_overrides({"scorers": {"text": {"enabled": False}}})
+    prepare_output(out, config)
+    row = curate_source(videos, "portrait.mp4", out, config)
+    assert (row["status"], row["width"], row["height"]) == ("ok", height, width)
+    clips = read_parquet_rows(out / "work" / "clip_rows")
+    assert {clip["clip_method"] for clip in clips} == {"copy", "reencode"}
+
+    def distance(image, references) -> float:
+        size = image.shape[1::-1]
+        return min(float(np.abs(cv2.resize(np.ascontiguousarray(reference), size, interpolation=cv2.INTER_AREA)
+                                .astype(int) - image).mean()) for reference in references)
+
+    for clip in clips:
+        assert (clip["width"], clip["height"]) == (height, width)
+        span = range(clip["start_frame"], clip["end_frame"])
+        strip = cv2.cvtColor(cv2.imread(clip["frames_path"]), cv2.COLOR_BGR2RGB)  # what the scorers see
+        first = strip[: strip.shape[0] // 3]
+        assert first.shape[0] > first.shape[1]
+        assert distance(first, [shown[i] for i in span]) < 4 < 20 < distance(first, [sideways[i] for i in span])
+        with av.open(clip["clip_path"]) as container:
+            assert next(container.decode(video=0)).rotation == -90, clip["clip_method"]
+        decoded = decode_frames_at(clip["clip_path"], [0])[0]  # as training reads clips
+        assert decoded.shape == (width, height, 3)
+        assert distance(decoded, [shown[clip["start_frame"]]]) < 4 < 20 < distance(decoded, [sideways[span[0]]])

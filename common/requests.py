@@ -162,6 +162,20 @@ def check_fields(instance: Any) -> None:
                     raise RequestError(f"{f.name}: no such {what}: {item}")
 
 
+def check_ranges(section: Any, name: str, limits: Mapping[str, tuple[float | None, float | None]]) -> None:
+    """Raise a one-line RequestError naming the first field of the dataclass `section` (settings `name`.field)
+    outside its inclusive (low, high) range, None meaning unbounded. Sequences are checked element by element,
+    None values (automatic) are skipped, and NaN is outside every range."""
+    for key, (low, high) in limits.items():
+        values = getattr(section, key)
+        for value in values if isinstance(values, tuple | list) else (values,):
+            if value is None:
+                continue
+            if value != value or (low is not None and value < low) or (high is not None and value > high):
+                bounds = f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
+                raise RequestError(f"setting {name}.{key} must be {bounds}, got {values!r}")
+
+
 # ------------------------------------------------------------------------------------------ internals
 
 

@@ -9,23 +9,13 @@ defaults at every depth and rejects unknown keys by name, so a typo never silent
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.requests import Request, build, setting
+from common.requests import Request, build, check_ranges, setting
 from curation.scorers.config import ScorersConfig
 from dataformat import VIDEO_SUFFIXES
-
-
-def check_ranges(section: Any, name: str, limits: dict[str, tuple[float | None, float | None]]) -> None:
-    """Raise a one-line ValueError naming the first setting of `section` outside its [low, high] range."""
-    for key, (low, high) in limits.items():
-        values = getattr(section, key)
-        for value in values if isinstance(values, tuple | list) else (values,):
-            if (low is not None and value < low) or (high is not None and value > high):
-                bounds = f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
-                raise ValueError(f"setting {name}.{key} must be {bounds}, got {values!r}")
-
 
 # 8K UHD: larger frames cost gigabytes per decoded frame batch and are refused up front (decode.max_pixels).
 MAX_PIXELS_8K = 7680 * 4320
@@ -144,6 +134,8 @@ class FilterRule:
             raise ValueError(f"filter rule {self.name!r}: drop must be 'low' or 'high', got {self.drop!r}")
         if self.mode == "percentile" and not 0 <= self.value <= 100:
             raise ValueError(f"filter rule {self.name!r}: percentile must be in [0, 100], got {self.value}")
+        if not math.isfinite(self.value):
+            raise ValueError(f"filter rule {self.name!r}: value must be a finite number, got {self.value}")
 
 
 def default_filter_rules() -> list[FilterRule]:
@@ -176,6 +168,9 @@ class CurationConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     scorers: ScorersConfig = field(default_factory=ScorersConfig)  # learned scorers + actor pools (issue 4)
     video_extensions: tuple[str, ...] = VIDEO_SUFFIXES
+
+    def __post_init__(self) -> None:
+        self.scorers.validate()  # the other sections check their own ranges; the scorers' names need their path
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None = None) -> CurationConfig:

@@ -204,6 +204,49 @@ def test_numeric_settings_out_of_range_are_one_line_errors(override, message):
     assert str(error.value) == message
 
 
+def _numeric_settings(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted name, number type) of every int/float setting under the dataclass `cls` (None-able ones and
+    tuples of numbers included), found by walking its fields: a setting added later is covered too."""
+    import dataclasses
+    import types
+    import typing
+
+    from common.requests import type_hints
+
+    found = []
+    for name, hint in type_hints(cls).items():
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]
+        if typing.get_origin(hint) is tuple:
+            hint = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(hint):
+            found += _numeric_settings(hint, f"{prefix}{name}.")
+        elif hint in (int, float):
+            found.append((f"{prefix}{name}", hint))
+    return found
+
+
+def test_every_numeric_setting_rejects_a_bad_value_in_one_line_naming_it():
+    """Each int/float setting of CurationConfig (scorers and their actor pools included): a huge negative value,
+    and NaN for the floats (it compared as in range), is a one-line error naming the setting."""
+    settings = _numeric_settings(CurationConfig)
+    assert len(settings) > 80 and "scorers.raft.pool.batch_size" in dict(settings)
+    for name, kind in settings:
+        for bad in (-(10**9), float("nan")) if kind is float else (-(10**9),):
+            *parents, leaf = name.split(".")
+            override: dict = {leaf: [bad] if name == "cuts.dissolve_lengths" else bad}
+            for parent in reversed(parents):
+                override = {parent: override}
+            with pytest.raises(ValueError) as error:
+                CurationConfig.from_overrides(override)
+            assert name in str(error.value) and "\n" not in str(error.value), (name, bad, str(error.value))
+    for value in (float("nan"), -1.0):
+        rule = {"name": "static", "column": "motion_score", "mode": "percentile", "drop": "low", "value": value}
+        with pytest.raises(ValueError, match="filter rule 'static'"):
+            CurationConfig.from_overrides({"filters": [rule]})
+
+
 def test_sources_above_the_pixel_limit_are_refused_with_a_message_that_names_it(sample_dir, tmp_path):
     from curation.config import MAX_PIXELS_8K
 

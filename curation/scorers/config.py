@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.requests import check_ranges
+
 TEXT_BACKENDS = ("auto", "ppocr", "craft")
 
 
@@ -36,16 +38,9 @@ class ActorPoolConfig:
     max_batches_in_flight: int = 2  # per actor; bounds memory while keeping each actor's queue non-empty
 
     def validate(self, name: str) -> None:
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ValueError(f"{name}.pool.num_actors must be >= 1 or None (auto), got {self.num_actors}")
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ValueError(f"{name}.pool.num_gpus must be >= 0 or None (auto), got {self.num_gpus}")
-        if self.actors_per_gpu < 1:
-            raise ValueError(f"{name}.pool.actors_per_gpu must be >= 1, got {self.actors_per_gpu}")
-        if self.batch_size < 1 or self.max_batches_in_flight < 1 or self.torch_threads < 1:
-            raise ValueError(f"{name}.pool: batch_size, max_batches_in_flight, torch_threads must be >= 1")
-        if self.num_cpus < 0:
-            raise ValueError(f"{name}.pool.num_cpus must be >= 0, got {self.num_cpus}")
+        check_ranges(self, f"{name}.pool", {"num_actors": (1, None), "num_gpus": (0, None), "actors_per_gpu": (1, None),
+                                            "num_cpus": (0, None), "torch_threads": (1, None), "batch_size": (1, None),
+                                            "max_batches_in_flight": (1, None)})
 
 
 def easyocr_model_dir() -> Path:
@@ -96,9 +91,11 @@ class TextAreaConfig:
 
     def validate(self) -> None:
         self.resolved_backend()
-        if self.frames_per_forward is not None and self.frames_per_forward < 1:
-            raise ValueError(f"scorers.text.frames_per_forward must be >= 1 or None, got {self.frames_per_forward}")
-        if self.det_long_side < 32 or self.det_long_side % 32:
+        check_ranges(self, "scorers.text", {"frames_per_forward": (1, None), "det_long_side": (32, None),
+                                            "ppocr_pixel_threshold": (0, 1), "ppocr_box_threshold": (0, 1),
+                                            "ppocr_unclip_ratio": (0, None), "craft_text_threshold": (0, 1),
+                                            "craft_link_threshold": (0, 1), "craft_low_text": (0, 1)})
+        if self.det_long_side % 32:
             raise ValueError(f"scorers.text.det_long_side must be a multiple of 32, got {self.det_long_side}")
         self.pool.validate("scorers.text")
 
@@ -126,8 +123,7 @@ class ClipScoreConfig:
         return "scorers.clip.pretrained (a local open_clip weights file) or scorers.clip.model_name='local-dir:...'"
 
     def validate(self) -> None:
-        if self.frames_per_forward < 1:
-            raise ValueError("scorers.clip.frames_per_forward must be >= 1")
+        check_ranges(self, "scorers.clip", {"frames_per_forward": (1, None)})
         self.pool.validate("scorers.clip")
 
 
@@ -158,8 +154,9 @@ class CaptionConfig:
     def validate(self) -> None:
         if self.decoding not in ("beam_search", "greedy"):
             raise ValueError(f"scorers.caption.decoding must be 'beam_search' or 'greedy', got {self.decoding!r}")
-        if self.num_beams < 1 or self.max_tokens <= self.min_tokens or self.min_tokens < 1:
-            raise ValueError("scorers.caption: need num_beams >= 1 and max_tokens > min_tokens >= 1")
+        check_ranges(self, "scorers.caption", {"num_beams": (1, None), "min_tokens": (1, None),
+                                               "max_tokens": (self.min_tokens + 1, None),
+                                               "frames_per_forward": (1, None)})
         self.pool.validate("scorers.caption")
 
 
@@ -192,9 +189,8 @@ class VideoCaptionConfig:
         return None if self.model_path else "scorers.video_caption.model_path (a local GIT video-captioner directory)"
 
     def validate(self) -> None:
-        if self.num_frames < 2 or self.num_beams < 1 or self.max_new_tokens < 1 or self.clips_per_forward < 1:
-            raise ValueError("scorers.video_caption: need num_frames >= 2, num_beams, max_new_tokens and "
-                             "clips_per_forward >= 1")
+        check_ranges(self, "scorers.video_caption", {"num_frames": (2, None), "num_beams": (1, None),
+                                                     "max_new_tokens": (1, None), "clips_per_forward": (1, None)})
         self.pool.validate("scorers.video_caption")
 
 
@@ -220,8 +216,7 @@ class LlmSummaryConfig:
     def validate(self) -> None:
         if "{coca}" not in self.prompt or "{video}" not in self.prompt:
             raise ValueError("scorers.llm_summary.prompt must contain the placeholders {coca} and {video}")
-        if self.max_new_tokens < 1 or self.clips_per_forward < 1:
-            raise ValueError("scorers.llm_summary: max_new_tokens and clips_per_forward must be >= 1")
+        check_ranges(self, "scorers.llm_summary", {"max_new_tokens": (1, None), "clips_per_forward": (1, None)})
         self.pool.validate("scorers.llm_summary")
 
 
@@ -257,10 +252,11 @@ class RaftConfig:
     def validate(self) -> None:
         if self.architecture not in ("raft_large", "raft_small"):
             raise ValueError(f"scorers.raft.architecture must be raft_large or raft_small, got {self.architecture!r}")
-        if self.width < 128 or self.height < 128:  # RAFT's correlation pyramid needs >= 128 px per side
-            raise ValueError(f"scorers.raft: width and height must be >= 128, got {self.width}x{self.height}")
-        if self.sample_fps <= 0 or self.max_pairs < 1 or self.pairs_per_forward < 1:
-            raise ValueError("scorers.raft: sample_fps > 0, max_pairs >= 1, pairs_per_forward >= 1")
+        # RAFT's correlation pyramid needs >= 128 px per side
+        check_ranges(self, "scorers.raft", {"width": (128, None), "height": (128, None), "sample_fps": (1e-3, None),
+                                            "max_pairs": (1, None), "num_flow_updates": (1, None),
+                                            "pairs_per_forward": (1, None), "hq_max_text_area": (0, 1),
+                                            "hq_max_clips": (1, None)})
         for name in ("hq_drop_low_motion_percent", "hq_drop_low_aesthetic_percent"):
             _check_percent(f"scorers.raft.{name}", getattr(self, name))
         self.pool.validate("scorers.raft")

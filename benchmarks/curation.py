@@ -7,8 +7,9 @@ that keyframe snapping would lose.
 
   raw decode       PyAV decode of every frame (threaded, no RGB conversion): the ceiling
   chain            our single-decode chain: decode + analysis copy + cut cascade + 2-fps motion
-  decode+analysis  process_source up to the clip files: the chain + the scorers' frame spool
-  whole            process_source wall time: decode + analysis + writing every clip file
+  decode+analysis  decode_and_analyse without clip writing: the chain + the scorers' frame spool
+  whole            process_source wall time: decode + analysis + writing every clip file (re-encoded clips
+                   are encoded from the chain's own frames while it decodes)
   peer (defaults)  video2dataset's CutDetectionSubsampler at its defaults (ContentDetector at the native
                    rate) + OpticalFlowSubsampler (cv2 Farneback) on 2-fps frames at short side 16
   peer (3 rates)   the same with ContentDetector also at 8 and 2 fps (our cascade's three rates)
@@ -39,7 +40,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.video import write_video  # noqa: E402
-from curation.chain import analysis_size, process_source  # noqa: E402
+from curation.chain import analysis_size, decode_and_analyse, process_source  # noqa: E402
 from curation.config import CurationConfig  # noqa: E402
 from curation.cuts import CutCascade  # noqa: E402
 from curation.decode import analysis_copy, stream_frames  # noqa: E402
@@ -187,6 +188,13 @@ def best_of(repeats: int, function, *args):
     return min(times), result
 
 
+def analyse_only(path: Path, scratch: Path, config: CurationConfig) -> int:
+    """Decode + analysis + scorer spool, no clip files (what the chain costs before it writes clips)."""
+    analysis = decode_and_analyse(path, config, scratch, live_clips=False)
+    analysis.spool.close()
+    return analysis.num_frames
+
+
 def whole_source(path: Path, scratch: Path, config: CurationConfig):
     """process_source into a fresh directory (clip files included); returns its result."""
     out = scratch / f"{path.stem}-{time.perf_counter_ns()}"
@@ -200,26 +208,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set-dir", default=str(CACHE / "short_clips"))
+    parser.add_argument("--limit", type=int, default=None, help="only the first N videos (quick A/B runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a curation setting, e.g. clips.reencode_preset=ultrafast")
     args = parser.parse_args()
     files, truth = build_short_clip_set(Path(args.set_dir))
-    config = CurationConfig()
+    files = files[: args.limit]
+    overrides: dict = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        overrides.setdefault(section, {})[name] = json.loads(value) if value[:1].isdigit() else value
+    config = CurationConfig.from_overrides(overrides)
     cut_cls, flow_cls, resize, wheel = load_video2dataset_subsamplers()
 
-    keys = ("raw", "chain", "decode_analysis", "whole", "clip_write", "peer_defaults", "peer_rates")
+    keys = ("raw", "chain", "decode_analysis", "whole", "peer_defaults", "peer_rates")
     totals = dict.fromkeys(keys, 0.0)
-    frames, ours, theirs, methods = 0, {}, {}, {"copy": 0, "reencode": 0}
+    frames, ours, theirs, methods, second_pass = 0, {}, {}, {"copy": 0, "reencode": 0}, 0
     with tempfile.TemporaryDirectory() as scratch:
         for path in files:  # the sides of one file run back to back, so a noisy neighbour hits all of them
             t, n = best_of(args.repeats, raw_decode, path)
             totals["raw"] += t
             frames += n
             totals["chain"] += best_of(args.repeats, chain_steps, path, config, {"analysis", "cuts", "motion"})[0]
-            runs = [whole_source(path, Path(scratch), config) for _ in range(args.repeats)]
-            best = min(runs, key=lambda r: r.timings["decode_and_analyse"] + r.timings["clip_write"])
-            totals["decode_analysis"] += best.timings["decode_and_analyse"]
-            totals["clip_write"] += best.timings["clip_write"]
-            totals["whole"] += best.timings["decode_and_analyse"] + best.timings["clip_write"]
+            totals["decode_analysis"] += best_of(args.repeats, analyse_only, path, Path(scratch), config)[0]
+            t, best = best_of(args.repeats, whole_source, path, Path(scratch), config)
+            totals["whole"] += t
             ours[path.name] = best.source_row["cuts"]
+            second_pass += best.second_pass_clips
             for row in best.clip_rows:
                 methods[row["clip_method"]] += 1
             totals["peer_defaults"] += best_of(args.repeats, peer, path, cut_cls, flow_cls, resize, None)[0]
@@ -230,16 +246,18 @@ def main() -> None:
     fps = {key: frames / value for key, value in totals.items() if value}
     print(f"short-clip set: {len(files)} videos, {frames} frames; best of {args.repeats}; peer: {wheel}")
     print(f"clip files: {methods['copy']} stream-copied, {methods['reencode']} re-encoded "
-          f"(preset {config.clips.reencode_preset}, crf {config.clips.reencode_crf})")
+          f"(preset {config.clips.reencode_preset}, crf {config.clips.reencode_crf}; {second_pass} of them by a "
+          "second decode pass, the rest while decoding)")
     print(f"{'stage':<52}{'frames/s':>10}")
     print(f"{'raw PyAV decode (no RGB)':<52}{fps['raw']:>10.0f}")
     print(f"{'chain: decode + analysis copy + cuts + motion':<52}{fps['chain']:>10.0f}")
-    print(f"{'decode + analysis (process_source: chain + spool)':<52}{fps['decode_analysis']:>10.0f}")
+    print(f"{'decode + analysis (chain + scorer-frame spool)':<52}{fps['decode_analysis']:>10.0f}")
     print(f"{'whole per-source work (+ clip files)':<52}{fps['whole']:>10.0f}")
     print(f"{'peer: video2dataset cut (defaults) + flow':<52}{fps['peer_defaults']:>10.0f}")
     print(f"{'peer: video2dataset cut (3 rates) + flow':<52}{fps['peer_rates']:>10.0f}")
-    print(f"clip writing: {totals['clip_write']:.2f} s of {totals['whole']:.2f} s per-source work "
-          f"({totals['clip_write'] / totals['whole']:.0%})")
+    clip_share = 1 - totals["decode_analysis"] / totals["whole"]
+    print(f"clip files: {totals['whole'] - totals['decode_analysis']:.2f} s more than decode + analysis "
+          f"({clip_share:.0%} of the {totals['whole']:.2f} s per-source work)")
     print(f"ratio whole / raw decode:                  {fps['whole'] / fps['raw']:.2f}  (target >= 0.50)")
     print(f"ratio decode+analysis / raw decode:        {fps['decode_analysis'] / fps['raw']:.2f}  (target >= 0.70)")
     print(f"ratio decode+analysis / peer (defaults):   {fps['decode_analysis'] / fps['peer_defaults']:.2f}x "

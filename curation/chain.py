@@ -27,14 +27,29 @@ import cv2
 import numpy as np
 
 from common.video import quarter_turns, upright
-from curation.clipping import plan_clips, shots_from_cuts, write_copied_clips, write_reencoded_clips
+from curation.clipping import (
+    HeldFrames,
+    LiveReencoder,
+    plan_clips,
+    shots_from_cuts,
+    write_copied_clips,
+    write_reencoded_clips,
+)
 from curation.config import CurationConfig
 from curation.cuts import CutCascade
-from curation.decode import SourceError, StorageFault, analysis_copy, is_storage_fault, probe, stream_frames
+from curation.decode import (
+    SourceError,
+    SourceInfo,
+    StorageFault,
+    analysis_copy,
+    is_storage_fault,
+    probe,
+    stream_frames,
+)
 from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
-from dataformat import SOURCE_COLUMNS, source_id, source_label
+from dataformat import SOURCE_COLUMNS, clip_id, source_id, source_label
 
 
 @dataclass
@@ -43,6 +58,7 @@ class SourceResult:
     clip_rows: list[dict[str, Any]] = field(default_factory=list)
     clip_frames: list[ClipFrames] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    second_pass_clips: int = 0  # re-encoded clips the live re-encoder did not produce (written by a second pass)
 
 
 def error_result(relative_path: str, message: str) -> SourceResult:
@@ -136,41 +152,59 @@ def storage_fault(relative_path: str, error: BaseException) -> StorageFault:
                         f"{reason} while curating {source_label(relative_path)!r} (not committed; a rerun retries it)")
 
 
-def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
-    timings = {"decode_and_analyse": 0.0, "clip_write": 0.0}
-    started = time.perf_counter()
-    info = probe(path, config.decode)
-    width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
-    long_side = config.decode.sample_long_side
-    scale = min(1.0, long_side / max(info.width, info.height))
-    sample_size = (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
+@dataclass
+class Analysis:
+    """What one decode pass learns about a source: everything but the clip files."""
 
+    info: SourceInfo
+    num_frames: int
+    cuts: list[int]
+    keyframes: list[int]
+    frame_pts: list[int]
+    frame_times: list[float | None]  # presentation times (s): variable-frame-rate sources need them
+    corrupt: list[int]
+    motion: MotionMeter
+    spool: FrameSpool
+    live: LiveReencoder | None  # the shots it re-encoded while decoding
+    turns: int = 0  # quarter turns counter-clockwise that show the frames upright (a phone's display matrix)
+
+
+def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_clips: bool = True) -> Analysis:
+    """Decode `path` once: analysis copies for the cut cascade and the motion meter, scorer samples to a
+    spool in `work_dir`, and (with `live_clips`) every frame to a live re-encoder writing there, once the
+    cascade has settled whether a cut falls on it. The caller closes the spool and discards the live
+    re-encoder's leftovers."""
+    info = probe(path, config.decode)
+    live = _live_reencoder(info, work_dir, config) if live_clips else None
+    width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
+    scale = min(1.0, config.decode.sample_long_side / max(info.width, info.height))
+    sample_size = (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
     cascade = CutCascade(config.cuts, info.fps)
     motion = MotionMeter(config.motion, info.fps)
-    clips_dir.mkdir(parents=True, exist_ok=True)
-    spool = FrameSpool(clips_dir)
-    keyframes: list[int] = []
-    frame_pts: list[int] = []
-    frame_times: list[float | None] = []  # presentation times (s): variable-frame-rate sources need them
-    corrupt: list[int] = []
-    turns = 0  # quarter turns counter-clockwise that show the frames upright (a phone's display matrix)
+    held = HeldFrames(cascade.settle_frames)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spool = FrameSpool(work_dir)
+    analysis = Analysis(info, 0, [], [], [], [], [], motion, spool, live)
     try:
         index = -1
         for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
             if index == 0:
-                turns = quarter_turns(frame)
+                analysis.turns = quarter_turns(frame)
             if frame.key_frame:
-                keyframes.append(index)
+                analysis.keyframes.append(index)
             if frame.is_corrupt:
-                corrupt.append(index)
-            frame_pts.append(frame.pts if frame.pts is not None else -1)
-            frame_times.append(frame.time)
-            analysis = analysis_copy(frame, width, height)
-            cascade.push(index, analysis)
+                analysis.corrupt.append(index)
+            analysis.frame_pts.append(frame.pts if frame.pts is not None else -1)
+            analysis.frame_times.append(frame.time)
+            small = analysis_copy(frame, width, height)
+            cascade.push(index, small)
             if motion.wants(index):
-                motion.push(index, analysis)
-                spool.add(index, upright(analysis_copy(frame, *sample_size, rgb=True), turns))
-        num_frames = index + 1
+                motion.push(index, small)
+                spool.add(index, upright(analysis_copy(frame, *sample_size, rgb=True), analysis.turns))
+            if live is not None:
+                for held_index, held_frame in held.add(index, frame):
+                    live.push(held_index, held_frame, cascade.is_cut_so_far(held_index))
+        analysis.num_frames = num_frames = index + 1
         if num_frames < config.decode.min_frames:
             raise SourceError(
                 f"only {num_frames} decodable frame(s); at least {config.decode.min_frames} needed "
@@ -178,8 +212,47 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             )
         if info.expected_frames and num_frames < 0.9 * info.expected_frames:
             raise SourceError(f"truncated video: decoded {num_frames} of {info.expected_frames} frames")
-        cuts = cascade.finish()
-        timings["decode_and_analyse"] = time.perf_counter() - started
+        analysis.cuts = cascade.finish()
+        if live is not None:
+            final = set(analysis.cuts)
+            for held_index, held_frame in held.drain():
+                live.push(held_index, held_frame, held_index in final)
+            live.finish(num_frames)
+    except BaseException:
+        spool.close()
+        if live is not None:
+            live.discard()
+        raise
+    return analysis
+
+
+def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig) -> LiveReencoder | None:
+    """A live re-encoder, or None when holding `settle_frames` decoded frames back would take more than
+    `clips.lookahead_mb` (then re-encoded clips come from a second decode pass)."""
+    held_bytes = CutCascade(config.cuts, info.fps).settle_frames * info.width * info.height * 1.5  # 4:2:0
+    if held_bytes > config.clips.lookahead_mb * 2**20:
+        return None
+    return LiveReencoder(clips_dir, info.width, info.height, info.fps, config.clips)
+
+
+def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
+    timings = {"decode_and_analyse": 0.0, "clip_write": 0.0}
+    started = time.perf_counter()
+    analysis = decode_and_analyse(path, config, clips_dir)
+    try:
+        return _clips_and_rows(analysis, path, relative_path, clips_dir, config, timings, started)
+    finally:
+        if analysis.live is not None:
+            analysis.live.discard()
+
+
+def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_dir: Path, config: CurationConfig,
+                    timings: dict[str, float], started: float) -> SourceResult:
+    live = analysis.live
+    info, num_frames, cuts, keyframes = analysis.info, analysis.num_frames, analysis.cuts, analysis.keyframes
+    frame_pts, frame_times, motion, spool = analysis.frame_pts, analysis.frame_times, analysis.motion, analysis.spool
+    try:
+        timings["decode_and_analyse"] = time.perf_counter() - started  # with live re-encoding, when it runs
 
         shots = shots_from_cuts(cuts, num_frames)
         clip_config = config.clips
@@ -187,13 +260,23 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             clip_config = type(config.clips)(**{**config.clips.__dict__, "stream_copy": False})
         plans = plan_clips(shots, keyframes, num_frames, info.fps, clip_config)
         sid = source_id(relative_path)
-        named = [(plan, clips_dir / f"{sid}-{i:04d}.mp4") for i, plan in enumerate(plans)]
+        named = [(plan, clips_dir / f"{clip_id(sid, i)}.mp4") for i, plan in enumerate(plans)]
 
         started = time.perf_counter()
         write_copied_clips(path, [(p, f) for p, f in named if p.method == "copy"], frame_pts)
-        write_reencoded_clips(path, [(p, f) for p, f in named if p.method == "reencode"], frame_pts, keyframes,
-                              info.fps, config.clips.reencode_crf, config.clips.reencode_preset)
+        second_pass = []
+        for plan, file in named:
+            if plan.method != "reencode":
+                continue
+            written = live.take(plan) if live is not None else None
+            if written is not None:
+                written.replace(file)
+            else:
+                second_pass.append((plan, file))
+        write_reencoded_clips(path, second_pass, frame_pts, keyframes, info.fps, config.clips.reencode_crf,
+                              config.clips.reencode_preset)
         timings["clip_write"] = time.perf_counter() - started
+        turns = analysis.turns
         width, height = (info.height, info.width) if turns % 2 else (info.width, info.height)  # as displayed
 
         result = SourceResult(
@@ -209,16 +292,17 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
                 "cuts": cuts,
             },
             timings=timings,
+            second_pass_clips=len(second_pass),
         )
-        damaged = damaged_ranges(corrupt, keyframes, num_frames)
+        damaged = damaged_ranges(analysis.corrupt, keyframes, num_frames)
         video_frame_count = config.scorers.spooled_video_frames()
         for plan, file in named:
-            clip_id = file.stem
+            clip = file.stem
             middle = (plan.start_frame + plan.end_frame) // 2
             broken = any(start < plan.end_frame and plan.start_frame < end for start, end in damaged)
             result.clip_rows.append(
                 {
-                    "clip_id": clip_id,
+                    "clip_id": clip,
                     "source": source_label(relative_path),
                     "start_frame": plan.start_frame,
                     "end_frame": plan.end_frame,
@@ -239,7 +323,7 @@ def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationCo
             if video_frame_count:
                 spread = spread_frames(plan.start_frame, plan.end_frame, video_frame_count)
                 video_frames = np.stack([spool.nearest(f, plan.start_frame, plan.end_frame) for f in spread])
-            result.clip_frames.append(ClipFrames(clip_id=clip_id, frames=frames, video_frames=video_frames))
+            result.clip_frames.append(ClipFrames(clip_id=clip, frames=frames, video_frames=video_frames))
         return result
     finally:
         spool.close()

@@ -5,11 +5,19 @@ last keyframe <= e) (or e itself at the end of the source): the cut is snapped t
 cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (docs/recipe.md §1). When that
 leaves less than `min_clip_s` of a long-enough shot (sparse keyframes), the exact shot is re-encoded
 instead and the clip is marked `reencode`.
+
+Re-encoded clips are written while the source decodes (`LiveReencoder`): the chain holds each decoded
+frame back until the cut cascade has settled whether a cut falls on it, then feeds it to the encoder of
+its shot; a shot that turns out to hold enough keyframes to be copied drops its encoder. `plan_clips`
+stays the one truth: a planned clip the live pass did not produce exactly (a cut that settled late) is
+re-encoded by `write_reencoded_clips` in one more decode pass.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -207,3 +215,100 @@ def write_reencoded_clips(
                 written = encoder.close()
             if written != plan.end_frame - plan.start_frame:
                 raise RuntimeError(f"re-encode wrote {written} frames, expected {plan.end_frame - plan.start_frame}")
+
+
+class LiveReencoder:
+    """Re-encode shots from the chain's own decoded frames, so re-encoded clips cost no second decode.
+
+    `push` takes every frame in order once it is `delay` frames old (by then the cascade has almost always
+    settled whether a cut falls on it); each shot gets an encoder from its first frame on, dropped as soon
+    as the shot holds two keyframes at least `min_clip_s` apart (`plan_clips` will stream-copy it) or
+    grows past `max_clip_s` (a re-encoded long shot is split evenly, which needs its length: left to the
+    second pass). `take` hands over the file of a finished shot that matches a planned clip exactly.
+    """
+
+    def __init__(self, directory: Path, width: int, height: int, fps: float, config: ClipConfig) -> None:
+        self.directory = directory
+        self.size = (width, height)
+        self.fps = fps
+        self.config = config
+        self.min_frames = max(1, round(config.min_clip_s * fps))
+        self.max_frames = max(self.min_frames, round(config.max_clip_s * fps))
+        self.finished: dict[tuple[int, int], Path] = {}
+        self._start = -1
+        self._first_keyframe: int | None = None
+        self._encoder: _ClipEncoder | None = None
+        self._path: Path | None = None
+        self._dropped = True  # no shot open yet
+
+    def push(self, index: int, frame: av.VideoFrame, starts_shot: bool) -> None:
+        if starts_shot or self._start < 0:
+            self._end_shot(index)
+            self._start, self._first_keyframe, self._dropped = index, None, False
+        if self._dropped:
+            return
+        if frame.key_frame and self.config.stream_copy:
+            if self._first_keyframe is None:
+                self._first_keyframe = index
+            elif index - self._first_keyframe >= self.min_frames:
+                self._drop()  # keyframes enough to stream-copy this shot
+                return
+        if index - self._start >= self.max_frames:
+            self._drop()
+            return
+        if self._encoder is None:
+            self._path = self.directory / f".live-{self._start:09d}.mp4"
+            self._encoder = _ClipEncoder(self._path, *self.size, self.fps, self.config.reencode_crf,
+                                         self.config.reencode_preset)
+        self._encoder.add(frame)
+
+    def finish(self, num_frames: int) -> None:
+        self._end_shot(num_frames)
+
+    def take(self, plan: ClipPlan) -> Path | None:
+        return self.finished.pop((plan.start_frame, plan.end_frame), None)
+
+    def discard(self) -> None:
+        """Remove files nobody took (shots that were copied, too short, or cut differently in the end)."""
+        self._drop()
+        for path in self.finished.values():
+            path.unlink(missing_ok=True)
+        self.finished.clear()
+
+    def _end_shot(self, end: int) -> None:
+        if self._encoder is not None and not self._dropped:
+            written = self._encoder.close()
+            if written == end - self._start:
+                self.finished[(self._start, end)] = self._path
+            else:
+                self._path.unlink(missing_ok=True)
+            self._encoder = None
+        self._dropped = True
+
+    def _drop(self) -> None:
+        if self._encoder is not None:
+            with contextlib.suppress(av.FFmpegError, OSError):
+                self._encoder.close()
+            self._path.unlink(missing_ok=True)
+            self._encoder = None
+        self._dropped = True
+
+
+class HeldFrames:
+    """The decoded frames of the last `delay` indices, released oldest first (the live re-encoder's lag)."""
+
+    def __init__(self, delay: int) -> None:
+        self.delay = delay
+        self.frames: deque[tuple[int, av.VideoFrame]] = deque()
+
+    def add(self, index: int, frame: av.VideoFrame) -> list[tuple[int, av.VideoFrame]]:
+        self.frames.append((index, frame))
+        released = []
+        while len(self.frames) > self.delay:
+            released.append(self.frames.popleft())
+        return released
+
+    def drain(self) -> list[tuple[int, av.VideoFrame]]:
+        released = list(self.frames)
+        self.frames.clear()
+        return released

@@ -85,10 +85,13 @@ class ClipConfig:
     stream_copy: bool = True  # False forces re-encoding every clip
     reencode_crf: int = 18
     reencode_preset: str = "superfast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
+    # Re-encoded clips are written while decoding from frames held back until their cuts settle (a few
+    # seconds of video); above this many MiB of held frames (large frames) a second decode pass writes them.
+    lookahead_mb: int = 512
 
     def __post_init__(self) -> None:
         check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),
-                                     "reencode_crf": (0, 51)})
+                                     "reencode_crf": (0, 51), "lookahead_mb": (0, None)})
         if self.reencode_preset not in X264_PRESETS:
             raise ValueError(f"clips.reencode_preset must be one of {', '.join(X264_PRESETS)}, "
                              f"got {self.reencode_preset!r}")

@@ -150,6 +150,11 @@ class CutCascade:
         self.accepted: list[Candidate] = []
         self.rejected: list[tuple[Candidate, str]] = []
         self.frame_count = 0
+        # A frame this many frames old has its cut settled unless a fade's dark run or a chain of merges
+        # reaches further back: candidates wait `lag` frames, a located dissolve moves back by up to a low
+        # step plus a dissolve, and merging looks `min_shot_frames` around each.
+        self.settle_frames = reach + self.low_step + max(self.dissolve_lengths) + min_shot + 2
+        self._provisional: tuple[int, set[int]] = (0, set())
 
     def _timecode(self, index: int) -> FrameTimecode:
         return FrameTimecode(index, fps=self.fps)
@@ -170,6 +175,13 @@ class CutCascade:
                 self.pending.append(Candidate(cut.frame_num, "low", (cut.frame_num - self.low_step, cut.frame_num)))
         self.frame_count = index + 1
         self._resolve(ready_before=index - self.lag)
+
+    def is_cut_so_far(self, index: int) -> bool:
+        """Whether the candidates verified so far put a cut at `index` (final for frames `settle_frames`
+        old but in rare cases; callers that act on it check against `finish`)."""
+        if self._provisional[0] != len(self.accepted):
+            self._provisional = (len(self.accepted), set(self._merge()))
+        return index in self._provisional[1]
 
     def finish(self) -> list[int]:
         self._resolve(ready_before=self.frame_count + self.lag)

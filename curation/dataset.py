@@ -41,6 +41,7 @@ from dataformat import (
     read_parquet_rows,
     remove_stale_temporaries,
     source_id,
+    video_frames_path,
     write_parquet_atomic,
     write_shards,
 )
@@ -114,7 +115,7 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 RECOMPUTED_SETTINGS = ("filters", "shards")
 # Settings that change how fast work runs, never what it produces.
 THROUGHPUT_SETTINGS = ("pool", "decoder_threads", "use_ray", "frames_per_forward", "clips_per_forward",
-                       "pairs_per_forward")
+                       "pairs_per_forward", "lookahead_mb")
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,11 +214,6 @@ def save_clip_frames(path: Path, frames: np.ndarray) -> None:
     atomic_write(path, encoded.tobytes())
 
 
-def video_frames_path(frames_path: str | Path) -> Path:
-    """Where the video captioner's frames of a clip live: next to its first/middle/last strip."""
-    return Path(frames_path).with_suffix(".video.jpg")
-
-
 def load_clip_frames(row: dict[str, Any]) -> ClipFrames:
     """The first/middle/last frames of a clip, and its video-captioner frames when they were kept."""
     stacked = cv2.cvtColor(cv2.imread(row[Column.FRAMES_PATH], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -250,7 +246,7 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
             raise storage_fault(relative_path, error) from error
         result = error_result(relative_path, f"unreadable path: {error}")
     try:
-        return _commit(layout, sid, relative_path, result, frames_dir)
+        return _commit(layout, sid, relative_path, result)
     except Exception as error:
         if is_storage_fault(error):
             raise storage_fault(relative_path, error) from error
@@ -269,13 +265,13 @@ def commit_crashed_source(out: str | Path, relative_path: str, attempts: int, er
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     message = (f"worker crashed {attempts} times curating this source (the process died: a crash in native code "
                f"such as the decoder, or killed for memory): {reason}")
-    return _commit(layout, sid, relative_path, error_result(relative_path, message), frames_dir)
+    return _commit(layout, sid, relative_path, error_result(relative_path, message))
 
 
-def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResult, frames_dir: Path) -> dict:
+def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResult) -> dict:
     """Write a source's clip frames and rows, then its source row last (the commit)."""
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
-        row["frames_path"] = str(frames_dir / f"{row['clip_id']}.jpg")
+        row["frames_path"] = str(layout.clip_frames(sid, row["clip_id"]))
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
         if clip_frames.video_frames is not None:
             save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)

@@ -17,10 +17,12 @@ from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, tr
 from dataformat.layout import (
     SOURCE_ID_LENGTH,
     RunLayout,
+    clip_id,
     native_source,
     portable_source,
     source_id,
     source_label,
+    video_frames_path,
 )
 from dataformat.lock import LOCK_NAME, OutputLocked, acquire_output_lock, release_output_lock
 from dataformat.schema import (
@@ -66,5 +68,6 @@ __all__ = [
     "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",
     "fsync_directory", "index_shards", "pick_caption", "read_parquet_rows", "read_shard_samples",
     "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",
-    "write_parquet_atomic", "write_shards", "native_source", "portable_source", "source_label",
+    "write_parquet_atomic", "write_shards", "native_source", "portable_source", "source_label", "clip_id",
+    "video_frames_path",
 ]

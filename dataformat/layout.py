@@ -3,7 +3,9 @@
   config.json                          the resolved settings of the last run
   sources.parquet/part-<id>.parquet    one row per input file; its presence marks the source done
   work/clip_rows/part-<id>.parquet     that source's clip rows (written before the source row)
-  work/clips/<id>/<clip>.mp4           clip files;  work/frames/<id>/<clip>.jpg  first/middle/last frames
+  work/clips/<id>/<clip>.mp4           clip files (`<clip>` = `clip_id(<id>, n)`)
+  work/frames/<id>/<clip>.jpg          the clip's first/middle/last frames stacked in one JPEG
+  work/frames/<id>/<clip>.video.jpg    the video captioner's frames of the clip (only while it is active)
   work/annotations/part-<id>.parquet   learned-scorer columns of that source's clips
   work/downloads/                      local copies of remote sources while they are processed
   manifest.parquet, shards/*.tar, summary.json   written once every source is done
@@ -59,6 +61,16 @@ def native_source(portable: str) -> str:
     return portable
 
 
+def clip_id(sid: str, index: int) -> str:
+    """The id of a source's `index`-th clip (also its file stem)."""
+    return f"{sid}-{index:04d}"
+
+
+def video_frames_path(frames_path: str | Path) -> Path:
+    """The video captioner's frames of a clip, next to its first/middle/last strip (`frames_path`)."""
+    return Path(frames_path).with_suffix(".video.jpg")
+
+
 def _part(sid: str) -> str:
     return f"part-{sid}.parquet"
 
@@ -101,6 +113,10 @@ class RunLayout:
     @property
     def frames(self) -> Path:
         return self.work / "frames"
+
+    def clip_frames(self, sid: str, clip: str) -> Path:
+        """A clip's first/middle/last frames; `video_frames_path` of it holds the video captioner's frames."""
+        return self.frames / sid / f"{clip}.jpg"
 
     @property
     def annotations(self) -> Path:

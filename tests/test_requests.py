@@ -27,6 +27,29 @@ def _request(argv: list[str], settings: str):
     return request_from_args({"curate": CurateRequest, "train": StageRunRequest}[argv[0]], args, settings)
 
 
+def test_the_command_table_matches_what_each_module_registers():
+    """`lvd --help` lists COMMANDS without importing their modules: the table must be what they register."""
+    import argparse
+    import importlib
+
+    from flows.cli import COMMANDS
+
+    for module_name in dict.fromkeys(module for module, _ in COMMANDS.values()):
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module_name).register(subparsers)
+        registered = {action.dest: action.help for action in subparsers._choices_actions}
+        assert registered == {name: help_line for name, (module, help_line) in COMMANDS.items()
+                              if module == module_name}, module_name
+
+
+def test_lvd_help_imports_no_command_module():
+    code = ("import sys\nfrom flows.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'prefect', 'ray') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "curate" in run.stdout and "evaluate-fvd" in run.stdout, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+
+
 def test_strings_are_typed_and_nested_settings_merge_onto_the_defaults():
     config = CurationConfig.from_overrides(parse_set_options(
         ["clips.min_clip_s=2", "clips.stream_copy=false", "scorers.clip.pool.batch_size=4",

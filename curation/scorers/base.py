@@ -19,12 +19,25 @@ from common.weights import MissingWeightsError, require_file
 from curation.types import ClipFrames
 
 # What every learned scorer shares, importable from here: device choice and weight-path checks live in common/.
-__all__ = ["MissingWeightsError", "check_frames", "chunks", "error_row", "pick_device", "require_file",
+__all__ = ["MissingWeightsError", "check_frames", "chunks", "error_row", "pick_device", "require_file", "scorer_device",
            "score_isolated"]
 
 logger = logging.getLogger(__name__)
 
 MIN_FRAME_SIDE = 16
+
+
+
+def scorer_device(config: Any, device: str, threads: int) -> str:
+    """Check a scorer's settings and pick its device, before any weights load; on the CPU torch gets the
+    actor's `threads` (an actor owns that many cores, no more)."""
+    config.validate()
+    chosen = pick_device(device)
+    if chosen == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)
+    return chosen
 
 
 def check_frames(clip: ClipFrames) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from common.openclip import frames_to_model_input, load_open_clip, resize_for_model
-from curation.scorers.base import chunks, pick_device, score_isolated
+from curation.scorers.base import chunks, score_isolated, scorer_device
 from curation.scorers.config import CaptionConfig
 from curation.types import ClipFrames
 from dataformat import CAPTION_SOURCES
@@ -62,13 +62,9 @@ class CocaCaptioner:
     columns = ("caption", "captions")
 
     def __init__(self, config: CaptionConfig | None = None, device: str = "auto", threads: int = 1) -> None:
-        import torch
 
         self.config = config or CaptionConfig()
-        self.config.validate()
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        self.device = scorer_device(self.config, device, threads)
         started = time.perf_counter()
         self.model, self.preprocess_cfg = load_open_clip(
             self.config.model_name, self.config.pretrained, "scorers.caption", self.device

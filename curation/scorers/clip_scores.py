@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.openclip import frames_to_model_input, load_open_clip, model_input_size, resize_for_model
-from curation.scorers.base import chunks, pick_device, require_file, score_isolated
+from curation.scorers.base import chunks, require_file, score_isolated, scorer_device
 from curation.scorers.config import ClipScoreConfig
 from curation.types import ClipFrames
 
@@ -82,13 +82,9 @@ class ClipScorer:
 
     def __init__(self, config: ClipScoreConfig | None = None, device: str = "auto", threads: int = 1) -> None:
         import open_clip
-        import torch
 
         self.config = config or ClipScoreConfig()
-        self.config.validate()
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        self.device = scorer_device(self.config, device, threads)
         started = time.perf_counter()
         self.model, self.preprocess_cfg = load_open_clip(
             self.config.model_name, self.config.pretrained, "scorers.clip", self.device

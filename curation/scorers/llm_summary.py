@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from curation.scorers.base import chunks, pick_device, score_isolated
+from curation.scorers.base import chunks, score_isolated, scorer_device
 from curation.scorers.captions import empty_captions
 from curation.scorers.config import LlmSummaryConfig
 from curation.scorers.transformers_models import load_pretrained, require_model_dir
@@ -60,10 +60,7 @@ class LlmCaptionSummarizer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config or LlmSummaryConfig()
-        self.config.validate()
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        self.device = scorer_device(self.config, device, threads)
         started = time.perf_counter()
         path = require_model_dir(self.config.model_path, SETTING, WHAT)
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, SETTING, WHAT)

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.scorers.base import pick_device, require_file, score_isolated
+from curation.scorers.base import require_file, score_isolated, scorer_device
 from curation.scorers.config import RaftConfig
 from curation.types import ClipFrames
 
@@ -90,10 +90,7 @@ class RaftMotionScorer:
         import torch
 
         self.config = config or RaftConfig()
-        self.config.validate()
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        self.device = scorer_device(self.config, device, threads)
         started = time.perf_counter()
         path = require_file(self.config.weights, "scorers.raft.weights", f"RAFT ({self.config.architecture})")
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.scorers.base import check_frames, chunks, pick_device, score_isolated
+from curation.scorers.base import check_frames, chunks, score_isolated, scorer_device
 from curation.scorers.captions import empty_captions
 from curation.scorers.config import VideoCaptionConfig
 from curation.scorers.transformers_models import load_pretrained, require_model_dir
@@ -52,14 +52,10 @@ class GitVideoCaptioner:
     columns = ("captions",)
 
     def __init__(self, config: VideoCaptionConfig | None = None, device: str = "auto", threads: int = 1) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoProcessor
 
         self.config = config or VideoCaptionConfig()
-        self.config.validate()
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        self.device = scorer_device(self.config, device, threads)
         started = time.perf_counter()
         path = require_model_dir(self.config.model_path, SETTING, WHAT)
         model = load_pretrained(AutoModelForCausalLM.from_pretrained, path, SETTING, WHAT)

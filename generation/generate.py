@@ -29,7 +29,7 @@ from model.loading import DTYPES, load_pipeline, place_pipeline
 TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
                                               decode_chunk_size=8)
 IMAGE_MODEL_DEFAULTS: dict[str, Any] = dict(image_steps=50, image_guidance=7.5)  # diffusers' SD defaults
-VIDEO_SUFFIXES = (".mp4", ".gif")
+OUTPUT_SUFFIXES = (".mp4", ".gif")
 
 
 def parse_guidance(value: str | float | list | tuple) -> float | tuple[float, float]:
@@ -166,7 +166,7 @@ def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
         for frame, path in zip(frames, paths, strict=True):
             Image.fromarray(frame).save(path, format="PNG")
         return paths
-    if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
+    if Path(text).suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
     from common.video import save_video
 
@@ -175,7 +175,7 @@ def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
 
 def check_output(out: str | Path) -> None:
     text = str(out)
-    if not (text.endswith(("/", "\\")) or Path(text).is_dir() or Path(text).suffix.lower() in VIDEO_SUFFIXES):
+    if not (text.endswith(("/", "\\")) or Path(text).is_dir() or Path(text).suffix.lower() in OUTPUT_SUFFIXES):
         raise ValueError(f"output {text}: must end in .mp4, .gif or '/' (a folder of PNG frames)")
 
 

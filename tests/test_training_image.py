@@ -12,8 +12,9 @@ import torch
 
 from dataformat import find_shards, index_shards
 from model.conditioning import augment_frame, clip_image_embedding, conditioning_latent
+from model.loading import image_to_video_from_text, load_initial_pipeline
 from training.data import TrainingStream
-from training.loop import group_steps, image_to_video_from_text, load_initial_pipeline
+from training.loop import group_steps
 from training.stages import get_stage_preset
 from training.trainer import StageTrainer, augmentation_for_positions
 
@@ -127,7 +128,7 @@ def test_image_mode_trains_with_batches_of_two_and_learns(samples, tiny_image_pi
 @pytest.mark.gpu
 def test_image_mode_bf16_loss_is_finite_on_gpu(samples, tiny_image_pipeline):
     preset = _image_preset(steps=4, batch=2)
-    trainer = StageTrainer(tiny_image_pipeline, preset, device="cuda", mixed_precision="bf16")
+    trainer = StageTrainer(tiny_image_pipeline, preset, device="cuda")  # bf16 autocast on CUDA
     for micro in group_steps(TrainingStream(samples, preset, seed=0, micro_batch_size=2)):
         metrics = trainer.train_step(micro)
         assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]), metrics

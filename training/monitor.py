@@ -23,6 +23,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+SAMPLE_FPS = 8.0  # training sample videos are a few frames: slow enough to see the motion
+
 class TrainingMonitor:
     """Rank 0's TensorBoard writer, metrics log (metrics.jsonl) and progress file (progress.json)."""
 
@@ -56,18 +58,19 @@ class TrainingMonitor:
                     "phase": metrics["phase"]}
         atomic_write_json(self.progress_path, progress, indent=None)
 
-    def log_video(self, frames: np.ndarray, step: int, fps: float = 8.0, tag: str = "samples/video") -> Path | None:
-        """Write uint8 (T, H, W, 3) frames as a GIF file and as a TensorBoard image summary."""
+    def log_video(self, frames: np.ndarray, step: int) -> Path | None:
+        """Write uint8 (T, H, W, 3) frames as a GIF file (SAMPLE_FPS) and as TensorBoard's `samples/video`."""
         if not self.enabled:
             return None
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         from common.video import save_video
 
-        path = save_video(frames, self.log_dir / "samples" / f"step-{step:06d}.gif", fps)
+        path = save_video(frames, self.log_dir / "samples" / f"step-{step:06d}.gif", SAMPLE_FPS)
         image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
                               encoded_image_string=path.read_bytes())
-        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        summary = Summary(value=[Summary.Value(tag="samples/video", image=image)])
+        self.writer._get_file_writer().add_summary(summary, step)
         self.writer.flush()
         return path
 

@@ -176,7 +176,7 @@ class StageTrainer:
     """Holds the model and optimizer state of a stage and performs optimizer steps."""
 
     def __init__(self, pipeline, preset: StagePreset, seed: int = 0, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1, micro_batch_size: int = 1, mixed_precision: str = "auto",
+                 rank: int = 0, world_size: int = 1, micro_batch_size: int = 1,
                  keep_ema: bool = True, strategy: str = "ddp") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -199,8 +199,7 @@ class StageTrainer:
             self.tokenizer = pipeline.tokenizer
         if preset.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None  # bf16 autocast on GPUs
         if self.sharded:  # FSDP2: each U-Net block is one all-gather unit, the root holds the rest
             from torch.distributed.fsdp import fully_shard
 

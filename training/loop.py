@@ -55,53 +55,6 @@ class StageRunConfig:
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
-def load_initial_pipeline(init: str, seed: int = 0, conditioning: str = "text", image_encoder: str | None = None):
-    """'tiny' (random tiny preset), a TextToVideoPipeline directory, or an SD 2.x checkpoint to inflate (all
-    through model.loading); in image mode also a diffusers SVD folder (as it is), or any of the former turned
-    into an image-to-video model."""
-    from model.image_to_video import is_image_to_video_folder
-    from model.loading import load_pipeline
-
-    if conditioning == "image" and init != "tiny" and is_image_to_video_folder(init):
-        return load_pipeline(init)
-    text = load_pipeline(init, seed=seed, inflate_sd=True)
-    if conditioning == "text":
-        return text
-    return image_to_video_from_text(text, "tiny" if init == "tiny" and image_encoder is None else image_encoder,
-                                    seed=seed)
-
-
-def image_to_video_from_text(text, image_encoder: str | None, seed: int = 0):
-    """An image-to-video pipeline from a text-to-video one: U-Net `conv_in` 4 -> 8 channels (new ones zero),
-    SD's VAE turned into the temporal decoder (identity temporal layers), and a CLIP image encoder loaded from
-    `image_encoder` (an SVD folder or a CLIP vision folder; "tiny": a small random one for the tiny preset)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler
-
-    from model.image_to_video import ImageToVideoPipeline
-    from model.pipeline import SVD_SCHEDULER_CONFIG
-    from model.unet import inflate_input_channels
-    from model.vae import temporal_decoder_from_sd
-
-    unet = inflate_input_channels(text.unet, 2 * text.vae.config.latent_channels)
-    if image_encoder == "tiny":
-        from model.image_encoder import tiny_image_encoder
-
-        encoder, feature_extractor = tiny_image_encoder(unet.config.cross_attention_dim, seed=seed)
-    elif image_encoder is None:
-        raise ValueError("image-to-video training from a text-to-video checkpoint needs an image encoder: pass "
-                         "image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>")
-    else:
-        from model.image_encoder import load_image_encoder
-
-        encoder, feature_extractor = load_image_encoder(image_encoder)
-    if encoder.config.projection_dim != unet.config.cross_attention_dim:
-        raise ValueError(f"the image encoder's embedding ({encoder.config.projection_dim}) does not fit the U-Net's "
-                         f"cross-attention ({unet.config.cross_attention_dim})")
-    vae = temporal_decoder_from_sd(text.vae) if isinstance(text.vae, AutoencoderKL) else text.vae
-    return ImageToVideoPipeline(vae=vae, image_encoder=encoder, unet=unet, feature_extractor=feature_extractor,
-                                scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG))
-
-
 def group_steps(loader) -> Any:
     """Yield the list of micro-batches of each optimizer step, in order."""
     pending: list[dict[str, Any]] = []
@@ -120,6 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     import torch
 
     from dataformat import index_shards
+    from model.loading import load_initial_pipeline
     from training.data import TrainingStream, training_loader
     from training.monitor import TrainingMonitor
     from training.trainer import StageTrainer

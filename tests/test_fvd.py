@@ -168,8 +168,6 @@ def test_lvd_fvd_json_and_real_feature_cache(tmp_path, monkeypatch, capsys):
     write_video(real / "clip00.mp4", real_clips()[7], 25.0, crf=12)
     assert not compute_fvd(real, fake, batch_size=4)["real_features_cached"]
     assert len(list((tmp_path / "cache" / "fvd").glob("*.npz"))) == 2
-    # Self-distance through files is ~0 as well.
-    assert compute_fvd(real, real, batch_size=4, cache_real=False)["fvd"] < 1e-6
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ Everything is session-scoped and started on demand, so a test that needs none of
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,11 @@ apply_quiet_env()
 # Keep Prefect's profile/database out of the user's home even for tests that never start a server.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="lvd-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect-home"))
+
+
+def pytest_unconfigure(config) -> None:
+    """The session's sample data, Prefect database and curated set go with the session."""
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,17 @@ from pathlib import Path
 
 
 def wait_for_deployment(env: dict, name: str, server: subprocess.Popen, timeout_s: float) -> None:
+    """Poll the server's REST API (cheap) until `lvd serve` has registered deployment `name` (`flow/deployment`)."""
+    import httpx
+
+    url = f"{env['PREFECT_API_URL'].rstrip('/')}/deployments/name/{name}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"lvd serve exited early with code {server.returncode}")
-        probe = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", name],
-                               env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
+        if httpx.get(url, timeout=10).status_code == 200:
             return
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"deployment {name} was not registered")
 
 

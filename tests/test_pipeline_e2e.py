@@ -15,8 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.deployment_helpers import run_served_deployment
 
@@ -27,8 +30,6 @@ SUBFLOWS = ["curate-lvd", "train-stage", "train-stage", "train-stage", "evaluate
 
 def _subflows_of_pipeline_run(api_url: str) -> tuple[dict, list[str]]:
     """The lvd-pipeline run and the flow names of its subflow runs, read from the server's REST API."""
-    import httpx
-
     runs = httpx.post(f"{api_url}/flow_runs/filter", json={"limit": 200}).json()
     names = {run["flow_id"]: httpx.get(f"{api_url}/flows/{run['flow_id']}").json()["name"] for run in runs}
     (parent,) = [run for run in runs if names[run["flow_id"]] == "lvd-pipeline"]
@@ -68,6 +69,8 @@ def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_pa
     parent, children = _subflows_of_pipeline_run(prefect_api)
     assert parent["state"]["type"] == "COMPLETED"
     assert sorted(children) == sorted(SUBFLOWS)
+    artifacts = {a["key"] for a in httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 200}).json()}
+    assert {f"train-stage-{stage}-{kind}" for stage in STAGES for kind in ("report", "progress")} <= artifacts
 
     # Shards: plain webdataset; manifest: pyarrow and DuckDB.
     manifest = pq.read_table(paths["manifest"]).to_pylist()
@@ -85,12 +88,17 @@ def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_pa
 
     pipe = TextToVideoPipeline.from_pretrained(paths["stage3_pipeline"])
     assert pipe.unet.config.cross_attention_dim == 64  # the tiny preset
+    unets = [load_file(str(paths[f"stage{stage}_pipeline"] / "unet" / "diffusion_pytorch_model.safetensors"))
+             for stage in STAGES]
+    for before, after in zip(unets[:-1], unets[1:], strict=True):  # each stage trained on top of the last
+        assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     for stage in STAGES:
         assert list(paths[f"stage{stage}_tensorboard"].rglob("events.out.tfevents.*")), stage
         lineage = json.loads((paths[f"stage{stage}"] / "lineage.json").read_text())
         assert lineage["data"] == str(paths["curate"])
         if stage > 1:
             assert lineage["init"] == str(paths[f"stage{stage - 1}_pipeline"])
+            assert lineage["parent"]["stage"] == stage - 1
 
     # FVD: a finite number against the labelled smoke-test reference; the generated MP4 decodes.
     results = json.loads(paths["fvd_report"].read_text())

@@ -478,6 +478,8 @@ def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
     import numpy as np
 
     from common.video import decode_frames_at
+    from curation.scorers.config import RaftConfig
+    from curation.scorers.raft_motion import sample_raft_frames
 
     videos = tmp_path / "in"
     videos.mkdir()
@@ -511,3 +513,9 @@ def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
         decoded = decode_frames_at(clip["clip_path"], [0])[0]  # as training reads clips
         assert decoded.shape == (width, height, 3)
         assert distance(decoded, [shown[clip["start_frame"]]]) < 4 < 20 < distance(decoded, [sideways[span[0]]])
+    raft = RaftConfig(width=128, height=256, max_pairs=1)  # RAFT's frames: upright, scaled to width x height
+    first = clips[0]
+    pair = sample_raft_frames(first["clip_path"], "first", 25.0, first["end_frame"] - first["start_frame"], raft).frames
+    assert pair.shape == (2, 256, 128, 3)
+    start = first["start_frame"]
+    assert distance(pair[0], [shown[start]]) < 6 < 20 < distance(pair[0], [sideways[start]])

@@ -61,6 +61,7 @@ def sample_raft_frames(
     (a0, b0, a1, b1, ...) and, in `extra['pair_seconds']`, each pair's time step; pairs the file turns
     out not to contain (shorter than its row says) are left out.
     """
+    from common.video import frame_rgb
     from curation.decode import stream_frames
 
     pairs = pair_schedule(num_frames, fps, config.sample_fps, config.max_pairs)
@@ -70,7 +71,7 @@ def sample_raft_frames(
         last = max(needed)
         for index, frame in enumerate(stream_frames(clip_path)):
             if index in needed:
-                wanted[index] = frame.to_ndarray(width=config.width, height=config.height, format="rgb24")
+                wanted[index] = frame_rgb(frame, config.width, config.height)  # upright, as displayed
             if index >= last:
                 break
     pairs = [(a, b) for a, b in pairs if a in wanted and b in wanted]

@@ -139,6 +139,7 @@ class CostEstimate:
     task_runs: int
     task_runs_unbatched: int
     cpu_workers_balanced: int  # cpu-decode replicas for the curate phase's CPU work to keep pace with the GPUs
+    gpu_workers_balanced: int  # gpu replicas the curate phase keeps busy with the given cpu-decode group
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,6 +155,15 @@ def _phase(cpu_core_s: float, gpu_s: float, cluster: ClusterShape) -> PhaseEstim
         bottleneck="cpu-decode" if cpu_wall >= gpu_wall else "gpu",
         cores_per_gpu_balanced=cpu_core_s / gpu_s if gpu_s else math.inf,
     )
+
+
+def _gpu_workers_balanced(cores_per_gpu: float, cluster: ClusterShape) -> int:
+    """gpu replicas G with (cpu cores + G * spare) / (G * gpus per worker) = cores_per_gpu: the GPUs the
+    cpu-decode group (plus the gpu pods' own spare cores) can keep busy."""
+    per_worker = cores_per_gpu * cluster.gpus_per_gpu_worker - cluster.spare_cores_per_gpu_worker
+    if not math.isfinite(cores_per_gpu) or per_worker <= 0:
+        return cluster.gpu_workers  # the gpu pods' spare cores alone outpace their GPUs
+    return math.ceil(cluster.cpu_workers * cluster.cores_per_cpu_worker / per_worker)
 
 
 def estimate(inputs: CostInputs) -> CostEstimate:
@@ -215,6 +225,7 @@ def estimate(inputs: CostInputs) -> CostEstimate:
         task_runs_unbatched=sources,
         cpu_workers_balanced=math.ceil(max(balanced_cores, 0.0) / cluster.cores_per_cpu_worker)
         if math.isfinite(balanced_cores) else 0,
+        gpu_workers_balanced=_gpu_workers_balanced(curate.cores_per_gpu_balanced, cluster),
     )
 
 
@@ -254,7 +265,9 @@ def build_inputs(measured: Mapping, dataset: Dataset, cluster: ClusterShape, arg
     cpu = [CpuCost(name, core_s * (scale if name in measured["pixel_scaled"] else 1.0), "frame")
            for name, core_s in measured["cpu_core_s_per_frame"].items()]
     cpu += [CpuCost(name, core_s, "clip") for name, core_s in measured["cpu_core_s_per_clip"].items()]
-    cpu.append(CpuCost("raft frames (decode clip file)", measured["raft_core_s_per_clip_frame"] * scale, "kept_frame"))
+    raft_scale = (args.width * args.height) / measured["raft_clip_pixels"]
+    cpu.append(CpuCost("raft frames (decode clip file)", measured["raft_core_s_per_clip_frame"] * raft_scale,
+                       "kept_frame"))
     flops = measured["flops_per_clip"]
     per_frame_vit = flops["clip"] / 3  # CLIP scores 3 frames per clip
     raft_pairs = measured["raft_pairs_per_mean_clip"]
@@ -323,24 +336,51 @@ def _chain(path: Path, config, steps: frozenset[str]) -> int:
 
 
 def _flops_and_cpu_s(function) -> tuple[float, float]:
-    """(FLOPs counted by torch, CPU seconds) of one call; the call is made twice, timed without the counter.
+    """(FLOPs, CPU seconds) of one scorer call; the call is made twice, timed without counting.
 
-    The count runs with nn.MultiheadAttention's fused CPU fast path off: the counter does not see inside that
-    fused op (it would miss a third of a ViT's FLOPs); the timed call keeps it on.
+    Counting uses torch's per-operator FLOP formulas (torch.utils.flop_counter) in a bare dispatch mode:
+    FlopCounterMode's module tracker breaks under inference_mode (the scorers would return error rows), and
+    nn.MultiheadAttention's fused CPU fast path is switched off while counting, since no formula sees inside
+    it (a third of a ViT's FLOPs). A call whose rows carry an error is refused, never counted.
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
-    counter = FlopCounterMode(display=False)
+    class CountFlops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is None:  # e.g. aten.linear under inference_mode: count what it decomposes into
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = func(*args, **kwargs)
+            if formula is not None:
+                self.flops += formula(*args, **kwargs, out_val=out)
+            return out
+
+    def checked():
+        rows = function()
+        errors = [row["error"] for row in rows if row.get("error")]
+        if errors:
+            raise RuntimeError(f"scorer call failed: {errors[0]}")
+
+    counter = CountFlops()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with counter:
-            function()
+            checked()
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     started = _cpu_time()
-    function()
-    return float(counter.get_total_flops()), _cpu_time() - started
+    checked()
+    return float(counter.flops), _cpu_time() - started
 
 
 def _random_open_clip(name: str, folder: Path) -> str:
@@ -380,6 +420,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
         "motion": frozenset({"analysis", "cuts", "motion"}),
     }
     totals = dict.fromkeys([*steps, "process_source", "clip_write"], 0.0)
+    decode_per_file: dict[str, dict] = {}
     frames = pixels = clips = copied = 0
     results = []
     with tempfile.TemporaryDirectory(prefix="lvd-cost-") as scratch:
@@ -390,6 +431,8 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
             for name, chosen in steps.items():
                 seconds, count = _best(repeats, _chain, path, config, chosen)
                 totals[name] += seconds
+                if name == "decode":
+                    decode_per_file[path.name] = {"frames": count, "pixels": size, "decode_s": seconds}
             frames += count
             pixels += count * size
             best = (math.inf, None)
@@ -424,6 +467,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
             "pixels_per_frame": pixels / frames,
             "pixel_scaled": ["decode", "analysis copy", "scorer frame spool", "clip writing"],
             "cpu_core_s_per_frame": per_frame,
+            "decode_per_file": decode_per_file,
         }
         measured["clip_writing_reencode_heavy"] = _reencode_heavy_clip_writing(Path(scratch), config, log)
         measured.update(_measure_scorers(scored, clip_files, clip_model, coca_model, Path(scratch), log))
@@ -583,10 +627,12 @@ def report_table(estimates: list[CostEstimate], inputs: list[CostInputs]) -> str
                       f"({e.phases[phase].bottleneck} bound)" for e in estimates]))
     rows.append(("**wall time**", [f"**{_fmt(e.wall_hours)} h = {e.wall_hours / 24:,.1f} days**" for e in estimates]))
     rows.append(("bottleneck", [e.bottleneck for e in estimates]))
-    rows.append(("cpu-decode cores per GPU to balance (curate)",
+    rows.append(("CPU cores per GPU to balance (curate)",
                  [f"{e.phases[PHASE_CURATE].cores_per_gpu_balanced:,.0f}" for e in estimates]))
-    rows.append((f"cpu-decode replicas to keep {inputs[0].cluster.gpus} GPUs busy",
+    rows.append((f"cpu-decode replicas to keep {inputs[0].cluster.gpus} GPUs busy (curate)",
                  [f"{e.cpu_workers_balanced:,}" for e in estimates]))
+    rows.append((f"gpu replicas that {inputs[0].cluster.cpu_workers} cpu-decode replicas keep busy (curate)",
+                 [f"{e.gpu_workers_balanced:,}" for e in estimates]))
     lines = [f"| | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | {' | '.join(values)} |" for label, values in rows]
     return "\n".join(lines)
@@ -659,11 +705,26 @@ def main() -> int:
     print(assumptions_table(measured, inputs[0]))
     print("\nEstimate:\n")
     print(report_table(estimates, inputs))
-    curate = estimates[0].phases[PHASE_CURATE]
-    print(f"\nBottleneck: {estimates[0].bottleneck}. The curate phase needs {curate.cores_per_gpu_balanced:,.0f} "
-          f"cpu-decode cores per GPU for both groups to finish together: with {args.gpu_workers} gpu workers "
-          f"x {args.gpus_per_gpu_worker} GPUs that is {estimates[0].cpu_workers_balanced:,} cpu-decode replicas of "
-          f"{args.cores_per_cpu_worker} cores.")
+    lvd = estimates[0]
+    curate, hq = lvd.phases[PHASE_CURATE], lvd.phases[PHASE_HQ]
+    print(f"\nBottleneck ({lvd.dataset}): {lvd.bottleneck}. The curate phase's CPU work needs "
+          f"{curate.cores_per_gpu_balanced:,.0f} cores per GPU to keep pace with its GPU work: keeping all "
+          f"{cluster.gpus} GPUs busy takes {lvd.cpu_workers_balanced:,} cpu-decode replicas of "
+          f"{cluster.cores_per_cpu_worker} cores; the {cluster.cpu_workers} cpu-decode replicas keep "
+          f"{lvd.gpu_workers_balanced:,} gpu replicas busy. The hq (RAFT) phase needs "
+          f"{hq.cores_per_gpu_balanced:,.1f} cores per GPU ({hq.bottleneck} bound on this shape).")
+    direct = [(name, entry) for name, entry in measured.get("decode_per_file", {}).items()
+              if entry["pixels"] == args.width * args.height]
+    for name, entry in direct:
+        scaled = next(item.core_s for item in inputs[0].cpu if item.name == "decode")
+        print(f"Check of the pixel scaling: decode measured directly on {name} ({args.width}x{args.height}): "
+              f"{entry['decode_s'] / entry['frames'] * 1e3:.2f} CPU ms per frame; scaled figure used: "
+              f"{scaled * 1e3:.2f}.")
+    cpu_times = measured.get("scorer_cpu_s_per_clip", {})
+    if cpu_times:
+        print("Scorers on this CPU (1 thread, for comparison): " + ", ".join(
+            f"{name} {seconds:.2f} s per clip" if "pair" not in name else f"{name} {seconds:.2f} s"
+            for name, seconds in cpu_times.items()))
     heavy = measured.get("clip_writing_reencode_heavy")
     sensitivity = None
     if heavy:

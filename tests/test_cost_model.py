@@ -72,6 +72,7 @@ def test_estimate_matches_the_hand_computed_case():
     assert result.bottleneck == "cpu-decode"  # the longer phase's
     # 40 cores per GPU x 2 GPUs = 80 cores = 20 workers of 4 cores
     assert result.cpu_workers_balanced == 20
+    assert result.gpu_workers_balanced == 1  # 8 cores keep 8 / 40 = 0.2 GPUs busy: one worker of 2
     assert result.input_bytes == pytest.approx(1000 * 10 * 1e5)
     assert result.shard_bytes == pytest.approx(250 * (10 * 1e5 + 1000))
     assert (result.sources, result.task_runs, result.task_runs_unbatched) == (250, 3, 250)

@@ -189,3 +189,12 @@ def test_cluster_configs_need_a_token_and_keep_the_dashboard_off_the_network():
               if "ray start" in cmd]
     assert starts and all("RAY_AUTH_MODE=token" in cmd and "dashboard-host" not in cmd for cmd in starts)
     assert "~/.ray/auth_token" in ray_up["file_mounts"]
+
+
+def test_both_cluster_configs_name_the_same_worker_groups():
+    """The README, the cost model and the sizing notes speak of `cpu-decode` and `gpu`: both configs use those names."""
+    kuberay = yaml.safe_load((INFRA / "ray" / "kuberay-raycluster.yaml").read_text())
+    ray_up = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    groups = {group["groupName"] for group in kuberay["spec"]["workerGroupSpecs"]}
+    node_types = set(ray_up["available_node_types"]) - {ray_up["head_node_type"]}
+    assert groups == node_types == {"cpu-decode", "gpu"}

@@ -25,7 +25,7 @@ MAX_PIXELS_8K = 7680 * 4320
 class DecodeConfig:
     """How sources are opened. Frames stream through the chain; nothing holds a whole video."""
 
-    analysis_width: int = 128  # cut detectors and motion see frames scaled to this width
+    analysis_width: int = 64  # cut detectors and motion see frames scaled to this width
     sample_long_side: int = 640  # frames kept for the learned scorers (first/middle/last of each clip)
     min_side: int = 32  # sources smaller than this (either side) are refused
     max_pixels: int = MAX_PIXELS_8K  # sources with more pixels per frame than this are refused
@@ -84,7 +84,7 @@ class ClipConfig:
     max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
     stream_copy: bool = True  # False forces re-encoding every clip
     reencode_crf: int = 18
-    reencode_preset: str = "superfast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
+    reencode_preset: str = "ultrafast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
     # Re-encoded clips are written while decoding from frames held back until their cuts settle (a few
     # seconds of video); above this many MiB of held frames (large frames) a second decode pass writes them.
     lookahead_mb: int = 512

@@ -45,6 +45,7 @@ from dataformat import (
     write_parquet_atomic,
     write_shards,
 )
+from infra.local import current_ray_node_id
 
 
 def is_remote(input_root: str | Path) -> bool:
@@ -276,6 +277,7 @@ def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResul
         if clip_frames.video_frames is not None:
             save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)
     write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
+    result.source_row[Column.NODE_ID] = current_ray_node_id()  # which machine of a cluster did it (debugging)
     write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
     return {**result.source_row, "source_id": sid, "num_clips": len(result.clip_rows), "timings": result.timings}
 

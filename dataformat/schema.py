@@ -1,9 +1,9 @@
 """The tables of a curation run: one pyarrow schema per file, and every column list derived from it.
 
-`sources.parquet` has one row per input file, `manifest.parquet` one row per clip (the same row is each
-shard sample's `KEY.json`), `work/annotations/` the learned scorers' columns per clip. Readers spell column
-names through `Column`, which is checked against the schemas when this module is imported, so a renamed
-column fails loudly instead of reading as null.
+`sources.parquet` has one row per input file (and the Ray node that processed it: null in a run without Ray),
+`manifest.parquet` one row per clip (the same row is each shard sample's `KEY.json`), `work/annotations/` the
+learned scorers' columns per clip. Readers spell column names through `Column`, which is checked against the
+schemas when this module is imported, so a renamed column fails loudly instead of reading as null.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ SOURCES_SCHEMA = pa.schema(
     [
         ("source", pa.string()), ("status", pa.string()), ("error", pa.string()), ("num_frames", pa.int64()),
         ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("duration_s", pa.float64()),
-        ("cuts", pa.list_(pa.int64())),
+        ("cuts", pa.list_(pa.int64())), ("node_id", pa.string()),
     ]
 )
 MANIFEST_SCHEMA = pa.schema(
@@ -54,6 +54,7 @@ class Column:
     """Names of the columns code reads by name (manifest, source and annotation tables)."""
 
     CLIP_ID = "clip_id"
+    NODE_ID = "node_id"
     SOURCE = "source"
     STATUS = "status"
     ERROR = "error"

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 QUIET_ENV = {
@@ -117,6 +121,19 @@ def _ray_on_loopback(single_node: bool) -> None:
         constants.ENABLE_RAY_CLUSTER = not single_node
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost")
+
+
+def current_ray_node_id() -> str | None:
+    """The Ray node this code runs on (hex id), or None outside Ray (a sequential run imports no Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> dict:
     """Arguments for `ray.init`: join exactly `address` (a cluster), or start an own local Ray on loopback.
 
@@ -126,7 +143,8 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
     """
     apply_quiet_env()
     if address:
-        _ray_on_loopback(False)
+        # a cluster on this machine (`local_ray_cluster`) keeps 127.0.0.1: this driver must find its node there
+        _ray_on_loopback(_is_loopback(address))
         return {"address": address, "ignore_reinit_error": True}
     _ray_on_loopback(True)
     return {
@@ -138,3 +156,252 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
         "object_store_memory": 256 * 1024 * 1024,
         "log_to_driver": True,
     }
+
+
+# --- a multi-node Ray cluster on one machine ----------------------------------------------------------------------
+
+
+@dataclass
+class LocalRayNode:
+    """One `ray start` node: every process it started shares the session `session_id` (the pid of its
+    `ray start`), which is how it is found and stopped without touching any other Ray on the machine."""
+
+    index: int
+    session_id: int
+    temp_dir: Path
+    command: list[str] = field(repr=False)
+
+    def pids(self) -> list[int]:
+        """Live processes of this node (zombies left for a reaper do not count)."""
+        return session_pids(self.session_id)
+
+    def raylet_pid(self) -> int | None:
+        """The node's raylet: the process whose loss takes the node out of the cluster."""
+        for pid in self.pids():
+            if _process_name(pid) == "raylet":
+                return pid
+        return None
+
+
+@dataclass
+class LocalRayCluster:
+    """A running `local_ray_cluster`: `address` is what `ray.init(address=...)` / `ray_address` take."""
+
+    address: str
+    root: Path
+    cpus_per_node: int = 1
+    object_store_mb: int = 128
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    timeout_s: float = 180.0
+    nodes: list[LocalRayNode] = field(default_factory=list)
+
+    @property
+    def head(self) -> LocalRayNode:
+        return self.nodes[0]
+
+    def node_ids(self, alive_only: bool = True) -> dict[str, LocalRayNode]:
+        """{Ray node id (hex): the node} as the cluster's GCS lists them (no driver connection needed)."""
+        by_temp_dir = {str(node.temp_dir): node for node in self.nodes}
+        return {node_id: by_temp_dir[temp_dir] for node_id, (temp_dir, alive) in _gcs_nodes(self.address).items()
+                if temp_dir in by_temp_dir and (alive or not alive_only)}
+
+    def _start_node(self, index: int) -> LocalRayNode:
+        """`ray start` node `index` (0: the head) in a session of its own; returns once `ray start` has exited."""
+        temp_dir = self.root / f"n{index}"
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        head_port = int(self.address.rsplit(":", 1)[1])
+        command = _ray_start_command(temp_dir, self.cpus_per_node, head_port, index == 0, self.object_store_mb << 20)
+        log_path = self.root / f"node{index}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        node = LocalRayNode(index, process.pid, temp_dir, command)
+        try:
+            code = process.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            _stop_session(node.session_id)
+            raise RuntimeError(f"`ray start` of node {index} failed (exit {code}):\n"
+                               f"{log_path.read_text(errors='replace')[-2000:]}")
+        return node
+
+    def restart_node(self, index: int) -> LocalRayNode:
+        """Stop what is left of worker node `index` and start it again (a new Ray node id); waits until the
+        cluster lists all its nodes alive."""
+        if index == 0:
+            raise ValueError("the head cannot be restarted: the cluster's state lives in it")
+        if _stop_session(self.nodes[index].session_id):
+            raise RuntimeError(f"node {index} of {self.address} cannot be stopped")
+        self.nodes[index] = self._start_node(index)
+        _wait_for_nodes(self.address, len(self.nodes), self.timeout_s)
+        return self.nodes[index]
+
+    def kill_node(self, index: int) -> int:
+        """SIGKILL node `index`'s raylet (as a lost machine would vanish); returns the pid killed."""
+        pid = self.nodes[index].raylet_pid()
+        if pid is None:
+            raise RuntimeError(f"node {index} of {self.address} has no raylet running")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in session `session_id`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getsid(pid) == session_id and _process_state(pid) != "Z":
+                pids.append(pid)
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+    return pids
+
+
+def _process_stat(pid: int) -> tuple[str, str]:
+    """(name, state) of a process from /proc/PID/stat (the name is in parentheses and may hold spaces)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", "X"
+    name = text[text.index("(") + 1: text.rindex(")")]
+    return name, text[text.rindex(")") + 2:].split(" ", 1)[0]
+
+
+def _process_name(pid: int) -> str:
+    return _process_stat(pid)[0]
+
+
+def _process_state(pid: int) -> str:
+    return _process_stat(pid)[1]
+
+
+def _stop_session(session_id: int, timeout_s: float = 15.0) -> list[int]:
+    """SIGTERM every process of the session, SIGKILL what is left after `timeout_s`; returns the pids still
+    alive afterwards (none, unless a process cannot be killed)."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        for pid in session_pids(session_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while session_pids(session_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not session_pids(session_id):
+            return []
+    return session_pids(session_id)
+
+
+# `ray start`, except that 127.0.0.1 stays 127.0.0.1: Ray turns a loopback node or head address into the machine's
+# network address (so that other machines can reach it) and then listens on every interface; its switch for
+# keeping loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) also forbids joining a node to a head.
+_RAY_START_ON_LOOPBACK = """
+import sys
+from ray._private import services
+from ray.scripts.scripts import main
+resolve = services.resolve_ip_for_localhost
+services.resolve_ip_for_localhost = lambda host: host if host == "127.0.0.1" else resolve(host)
+sys.argv[0] = "ray"
+main()
+"""
+
+
+def _ray_start_command(temp_dir: Path, num_cpus: int, head_port: int, head: bool,
+                       object_store_memory: int) -> list[str]:
+    command = [sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start"]
+    command += ["--head", "--port", str(head_port)] if head else ["--address", f"127.0.0.1:{head_port}"]
+    command += [
+        "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+        "--temp-dir", str(temp_dir), "--object-store-memory", str(object_store_memory),
+        "--disable-usage-stats",
+        # every node of this machine needs its own agent ports (the defaults would collide)
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+    ]
+    if head:
+        command += ["--include-dashboard", "false", "--ray-client-server-port", str(free_port())]
+    return command
+
+
+def _ray_token_auth_as_local_init() -> None:
+    """Authenticate the way `ray.init()` of a new local cluster does: token mode unless RAY_AUTH_MODE says
+    otherwise, with the token in ~/.ray/auth_token (made when missing). The mode lands in os.environ, so the
+    nodes started from here and the drivers of this process (`ray.init(address=...)`) all agree on it."""
+    from ray._private.authentication import authentication_token_setup as auth
+
+    if os.environ.get(auth.AUTH_MODE_ENV_VAR) is None:
+        auth.enable_token_auth_by_default()
+    auth.ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
+def _gcs_nodes(address: str) -> dict[str, tuple[str, bool]]:
+    """{node id (hex): (temp dir, alive)} from the cluster's GCS (read directly: this process may be a driver of
+    another Ray, and a process can only be connected to one)."""
+    from ray._raylet import GcsClient
+
+    _ray_token_auth_as_local_init()
+    nodes = GcsClient(address=address).get_all_node_info(timeout=5)
+    return {node_id.hex(): (info.temp_dir, info.state == 0) for node_id, info in nodes.items()}  # 0: ALIVE
+
+
+def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
+    """Block until the cluster's GCS lists `count` alive nodes."""
+    deadline = time.monotonic() + timeout_s
+    alive, error = 0, None
+    while time.monotonic() < deadline:
+        try:
+            alive = sum(is_alive for _, is_alive in _gcs_nodes(address).values())
+            if alive >= count:
+                return
+        except Exception as caught:  # noqa: BLE001 - the GCS is still starting
+            error = caught
+        time.sleep(0.5)
+    raise TimeoutError(f"the Ray cluster at {address} lists {alive} of {count} nodes alive after {timeout_s:.0f} s"
+                       + (f" ({error})" if error else ""))
+
+
+@contextlib.contextmanager
+def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, root: Path | None = None,
+                      object_store_mb: int = 128, timeout_s: float = 180.0) -> Iterator[LocalRayCluster]:
+    """A real multi-node Ray cluster on this machine: `ray start --head` plus `nodes - 1` × `ray start --address`,
+    every node on 127.0.0.1 with `cpus_per_node` CPUs and its own temp dir under `root`.
+
+    Each node is started in a session of its own and stopped by that session (SIGTERM, then SIGKILL), never with
+    `ray stop` (which stops every Ray of the machine) nor by process name. On exit every process the cluster
+    started is gone, or RuntimeError says which are left.
+    """
+    if nodes < 1 or cpus_per_node < 1:
+        raise ValueError(f"a local Ray cluster needs >= 1 node and >= 1 CPU per node, got {nodes} x {cpus_per_node}")
+    apply_quiet_env()
+    _ray_token_auth_as_local_init()
+    own_root = root is None
+    # short paths: Ray's unix sockets live under the temp dir and a socket path is limited to 107 bytes
+    base = Path(tempfile.mkdtemp(prefix="lvdray-", dir="/tmp")) if own_root else Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **QUIET_ENV}
+    if env.get(_RAY_SINGLE_NODE_ENV) == "0":
+        del env[_RAY_SINGLE_NODE_ENV]  # set by a local Ray of this process: it forbids joining nodes
+    for key in ("RAY_ADDRESS",):
+        env.pop(key, None)
+    cluster = LocalRayCluster(address=f"127.0.0.1:{free_port()}", root=base, cpus_per_node=cpus_per_node,
+                              object_store_mb=object_store_mb, env=env, timeout_s=timeout_s)
+    try:
+        for index in range(nodes):
+            cluster.nodes.append(cluster._start_node(index))
+            if index == 0:
+                _wait_for_nodes(cluster.address, 1, timeout_s)
+        _wait_for_nodes(cluster.address, nodes, timeout_s)
+        yield cluster
+    finally:
+        left = {}
+        for node in reversed(cluster.nodes):
+            alive = _stop_session(node.session_id)
+            if alive:
+                left[node.index] = alive
+        if own_root:
+            shutil.rmtree(base, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"processes of the local Ray cluster {cluster.address} survived SIGKILL: {left}")

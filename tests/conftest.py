@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import apply_quiet_env, local_prefect_server, prefect_server_env, ray_init_kwargs
+from infra.local import apply_quiet_env, local_prefect_server, local_ray_cluster, prefect_server_env, ray_init_kwargs
 
 apply_quiet_env()
 # Keep Prefect's profile/database out of the user's home even for tests that never start a server.
@@ -78,9 +78,34 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`, 1 CPU each), shared
+    by the multi-node tests; on teardown every process it started must be gone."""
+    with local_ray_cluster(nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
+    assert not [pid for node in cluster.nodes for pid in node.pids()], "the Ray cluster left processes behind"
+
+
+@pytest.fixture
+def cluster_driver(ray_cluster):
+    """The test process free to become a driver of `ray_cluster` (flows connect through `ray_address`): a process
+    joins one Ray at a time, so the session's local Ray is shut down for the test and started again after it."""
+    import ray
+
+    had_local = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+        if had_local:
+            ray.init(**ray_init_kwargs(num_cpus=2))
+
+
 # A test that starts a real Prefect server or a local Ray pays seconds to minutes for it on a small machine;
 # such tests are end to end by nature, so they are `slow` (left out by `make test-fast`) without a marker.
-SLOW_FIXTURES = frozenset({"prefect_api", "ray_local"})
+SLOW_FIXTURES = frozenset({"prefect_api", "ray_local", "ray_cluster"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers

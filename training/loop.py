@@ -6,6 +6,8 @@ on GPU). Rank 0 reports a checkpoint every `checkpoint_every` steps through Ray 
 stage directory; under FSDP every rank joins the gather of full weights first); a rerun after a crash or
 SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
 The last report carries the exported diffusers pipeline, which the driver moves to `stageN/pipeline`.
+With `min_workers` the worker group is elastic: after losing a node it restarts from the newest checkpoint with the
+workers that still fit (the global batch is split over however many there are, so the result does not change).
 
 Stage directory (`stageN`, image-to-video `stageN-image`): pipeline/ (TextToVideoPipeline, or a diffusers SVD
 folder in image mode; loads with `lvd generate --checkpoint`), tensorboard/,
@@ -282,7 +284,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     resumed_from = latest_checkpoint(storage) if resume else None
     drop_stale_ray_snapshot(storage)
     config.resume_from = str(resumed_from) if resumed_from else None
-    result = _fit(config, num_workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
+    workers = (request.min_workers, num_workers) if request.min_workers not in (None, num_workers) else num_workers
+    result = _fit(config, workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
 
     final = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
     try:
@@ -329,8 +332,8 @@ def _step_of(checkpoint: Path | None) -> int:
     return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
 
 
-def _fit(config: StageRunConfig, num_workers: int, use_gpu: bool, storage: Path, ray_address: str | None,
-         max_failures: int, on_progress: Callable[[dict[str, Any]], None] | None):
+def _fit(config: StageRunConfig, num_workers: int | tuple[int, int], use_gpu: bool, storage: Path,
+         ray_address: str | None, max_failures: int, on_progress: Callable[[dict[str, Any]], None] | None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -40,6 +40,9 @@ class StageRunRequest(Request):
     output_root: str = setting("out/train", help="stage N writes OUTPUT_ROOT/stageN/ (pipeline/, tensorboard/, "
                                                  "checkpoints under ray/)")
     num_workers: int = setting(1, min=1, help="Ray Train workers (gloo on CPU, NCCL on GPU)")
+    min_workers: int | None = setting(None, min=1, help="elastic: after losing nodes, go on (from the last "
+                                                        "checkpoint) with as few as this many workers; the global "
+                                                        "batch stays the same (default: exactly num_workers)")
     use_gpu: bool = setting(False, help="one GPU per worker")
     resume: bool = setting(True, negate="--restart", help="continue from the newest checkpoint, skip a finished stage "
                                                           "(CLI: --restart ignores checkpoints, starts over)")
@@ -67,10 +70,14 @@ class StageRunRequest(Request):
 
     def validate(self) -> None:
         stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
-        for phase in stage_preset.phases:
-            if phase.batch_size % self.num_workers:
-                raise RequestError(f"num_workers: phase {phase.name}'s global batch {phase.batch_size} is not "
-                                   f"divisible by {self.num_workers} workers")
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise RequestError(f"min_workers: {self.min_workers} is more than num_workers {self.num_workers}")
+        for workers in range(self.min_workers or self.num_workers, self.num_workers + 1):
+            for phase in stage_preset.phases:
+                if phase.batch_size % workers:
+                    raise RequestError(f"{'num_workers' if workers == self.num_workers else 'min_workers'}: phase "
+                                       f"{phase.name}'s global batch {phase.batch_size} is not divisible by "
+                                       f"{workers} workers")
         if self.decoder_steps and self.conditioning != "image":
             raise RequestError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports "
                                "carry: use it with conditioning 'image'")

@@ -7,40 +7,29 @@ curation/actors.py hold one each. `build_scorer` is the single place that maps a
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from curation.scorers.config import ScorersConfig
 
-SCORER_NAMES = ("text", "caption", "video_caption", "llm_summary", "clip", "raft")
+# Scorer name (also its settings field in ScorersConfig) -> (module, class); loaded only when built.
+SCORER_CLASSES: dict[str, tuple[str, str]] = {
+    "text": ("curation.scorers.text_area", "TextAreaScorer"),
+    "caption": ("curation.scorers.captions", "CocaCaptioner"),
+    "video_caption": ("curation.scorers.video_captions", "GitVideoCaptioner"),
+    "llm_summary": ("curation.scorers.llm_summary", "LlmCaptionSummarizer"),
+    "clip": ("curation.scorers.clip_scores", "ClipScorer"),
+    "raft": ("curation.scorers.raft_motion", "RaftMotionScorer"),
+}
+SCORER_NAMES = tuple(SCORER_CLASSES)
 
 
 def build_scorer(name: str, config: ScorersConfig, device: str = "auto", threads: int = 1) -> Any:
     """Instantiate (and load the model of) the scorer called `name` from its part of `config`."""
-    if name == "text":
-        from curation.scorers.text_area import TextAreaScorer
-
-        return TextAreaScorer(config.text, device, threads)
-    if name == "clip":
-        from curation.scorers.clip_scores import ClipScorer
-
-        return ClipScorer(config.clip, device, threads)
-    if name == "caption":
-        from curation.scorers.captions import CocaCaptioner
-
-        return CocaCaptioner(config.caption, device, threads)
-    if name == "video_caption":
-        from curation.scorers.video_captions import GitVideoCaptioner
-
-        return GitVideoCaptioner(config.video_caption, device, threads)
-    if name == "llm_summary":
-        from curation.scorers.llm_summary import LlmCaptionSummarizer
-
-        return LlmCaptionSummarizer(config.llm_summary, device, threads)
-    if name == "raft":
-        from curation.scorers.raft_motion import RaftMotionScorer
-
-        return RaftMotionScorer(config.raft, device, threads)
-    raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORER_NAMES)}")
+    if name not in SCORER_CLASSES:
+        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORER_NAMES)}")
+    module, cls = SCORER_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)(getattr(config, name), device, threads)
 
 
 def pool_config(name: str, config: ScorersConfig):

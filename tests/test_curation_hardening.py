@@ -332,6 +332,7 @@ def test_a_file_name_that_is_not_utf8_becomes_a_row_and_the_run_completes(sample
     assert carried.isascii() and native_source(carried) == latin1 and portable_source("plain.mp4") == "plain.mp4"
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_code_2(sample_dir, tmp_path):
     """A file, or a path under /proc, used to end in a 130-160 line traceback after services started."""
     from curation.dataset import OutputPathError

@@ -51,6 +51,7 @@ def _read_pngs(directory: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(path)) for path in sorted(directory.glob("*.png"))])
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_same_seed_gives_diffusers_frames_through_the_cli(svd_dir, image_path, tmp_path):
     reference = StableVideoDiffusionPipeline.from_pretrained(svd_dir)
     reference.set_progress_bar_config(disable=True)
@@ -103,6 +104,7 @@ def test_svd_folder_loads_and_exports_load_in_diffusers(svd_dir, image_path, tmp
         kwargs, progress=False)).frames)
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_bad_images_and_outputs_are_one_line_errors(svd_dir, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
@@ -128,6 +130,7 @@ def test_images_open_from_fsspec_urls(image_path):
         load_image("memory://inputs/none.png")
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_text_to_image_to_video_cli_and_flow_helper(svd_dir, tmp_path):
     sd_dir = tmp_path / "sd"
     tiny_sd(seed=2).save_pretrained(sd_dir)

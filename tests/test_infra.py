@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect import Flow
 
@@ -148,6 +149,7 @@ def _short_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="rt", dir="/tmp")
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_local_ray_listens_on_loopback_only():
     """A local run's Ray (GCS, raylet, object manager, task and actor workers, agents) accepts no connection
     from the network."""
@@ -157,6 +159,7 @@ def test_local_ray_listens_on_loopback_only():
     assert not exposed, f"Ray processes listen beyond loopback: {exposed}"
 
 
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
 def test_local_ray_is_not_hijacked_by_another_cluster_on_the_machine():
     """A dead `ray start` cluster's address file does not make a local run join (or fail to join) that cluster:
     without `ray_address` the run starts its own Ray (with address "local", which Ray documents as also

@@ -5,7 +5,8 @@ The paths are `dataformat.RunLayout`'s (README "Output formats"): each source co
 shards/*.tar and summary.json after every source is done.
 
 A source is committed by renaming its source row into place last, so a run killed at any point is
-rerun to exactly one row per source: unfinished sources are simply processed again from scratch.
+rerun to exactly one row per source: unfinished sources are simply processed again from scratch In the
+flow, Ray workers stage a source (everything but the source row) and the driver commits it.
 """
 
 from __future__ import annotations
@@ -231,7 +232,14 @@ def load_clip_frames(row: dict[str, Any]) -> ClipFrames:
 
 
 def curate_source(input_root: str | Path, relative_path: str, out: str | Path, config: CurationConfig) -> dict:
-    """Process one source and commit it; returns its source row plus clip count and timings."""
+    """Process one source and commit it in this process; returns its source row plus clip count and timings."""
+    return commit_source(out, relative_path, stage_source(input_root, relative_path, out, config))
+
+
+def stage_source(input_root: str | Path, relative_path: str, out: str | Path, config: CurationConfig) -> dict:
+    """Process one source and write all of it but the commit: clips, frames and clip rows, which count for
+    nothing until `commit_source` writes the source row (the flow's Ray workers stage, its driver commits, so
+    a killed driver leaves no worker able to commit). Returns the source row plus clip count and timings."""
     layout = RunLayout(out)
     sid = source_id(relative_path)
     clips_dir, frames_dir = layout.clips / sid, layout.frames / sid
@@ -247,11 +255,23 @@ def curate_source(input_root: str | Path, relative_path: str, out: str | Path, c
             raise storage_fault(relative_path, error) from error
         result = error_result(relative_path, f"unreadable path: {error}")
     try:
-        return _commit(layout, sid, relative_path, result)
+        return _stage(layout, sid, result)
     except Exception as error:
         if is_storage_fault(error):
             raise storage_fault(relative_path, error) from error
         raise
+
+
+def commit_source(out: str | Path, relative_path: str, staged: dict) -> dict:
+    """Commit a staged source (`stage_source`'s result) by writing its source row; returns `staged`."""
+    row = {name: staged.get(name) for name in SOURCES_SCHEMA.names}
+    try:
+        write_parquet_atomic([row], SOURCES_SCHEMA, RunLayout(out).source_part(relative_path))
+    except Exception as error:
+        if is_storage_fault(error):
+            raise storage_fault(relative_path, error) from error
+        raise
+    return staged
 
 
 def commit_crashed_source(out: str | Path, relative_path: str, attempts: int, error: BaseException) -> dict:
@@ -266,11 +286,11 @@ def commit_crashed_source(out: str | Path, relative_path: str, attempts: int, er
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     message = (f"worker crashed {attempts} times curating this source (the process died: a crash in native code "
                f"such as the decoder, or killed for memory): {reason}")
-    return _commit(layout, sid, relative_path, error_result(relative_path, message))
+    return commit_source(out, relative_path, _stage(layout, sid, error_result(relative_path, message)))
 
 
-def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResult) -> dict:
-    """Write a source's clip frames and rows, then its source row last (the commit)."""
+def _stage(layout: RunLayout, sid: str, result: SourceResult) -> dict:
+    """Write a source's clip frames and clip rows (not yet its source row, the commit)."""
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(layout.clip_frames(sid, row["clip_id"]))
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
@@ -278,7 +298,6 @@ def _commit(layout: RunLayout, sid: str, relative_path: str, result: SourceResul
             save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)
     write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
     result.source_row[Column.NODE_ID] = current_ray_node_id()  # which machine of a cluster did it (debugging)
-    write_parquet_atomic([result.source_row], SOURCES_SCHEMA, layout.source_part(relative_path))
     return {**result.source_row, "source_id": sid, "num_clips": len(result.clip_rows), "timings": result.timings}
 
 

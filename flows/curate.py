@@ -3,15 +3,18 @@
 discover sources (skipping those already committed in OUT) -> one `curate-source` task per source on
 Ray (local Ray by default, `ray_address` for a cluster; retried on infrastructure failure, a bad source
 is an error row, never a failed task; a source that kills its worker process on every try is an error row
-too) -> `finalize` (filters over the whole run, shards, manifest) ->
-markdown summary artifact. `lvd curate IN OUT` runs the same flow from the shell with a progress bar.
+too; the task stages the source, the driver commits it, and workers exit when the driver is gone) ->
+`finalize` (filters over the whole run, shards, manifest) -> markdown summary artifact. `lvd curate IN OUT`
+runs the same flow from the shell with a progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,11 @@ from curation.config import CurateRequest, CurationConfig
 from curation.dataset import (
     check_output_dir,
     commit_crashed_source,
-    curate_source,
+    commit_source,
     discover_sources,
     finalize,
     prepare_output,
+    stage_source,
     uncommitted,
 )
 from curation.hq import hq_pass, hq_uses_ray
@@ -35,6 +39,7 @@ from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
 from dataformat import native_source, portable_source
 from flows.cli import add_request_command
+from infra.driver import DriverProcess, stop_with_driver
 from infra.local import ray_init_kwargs
 
 
@@ -67,8 +72,11 @@ WORKER_CRASH_RETRIES = 2
 
 
 @task(name="curate-source", retries=2, retry_delay_seconds=5, task_run_name="curate {relative_path}")
-def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any]) -> dict:
-    return curate_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
+def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any],
+                       driver: dict[str, Any]) -> dict:
+    """On a Ray worker: stage one source (the driver commits it); the worker exits if the driver is gone."""
+    stop_with_driver(DriverProcess.from_dict(driver))
+    return stage_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
 
 
 @task(name="finalize")
@@ -97,8 +105,9 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     worker_deaths = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
     logger = get_run_logger()
     artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed")
-    with remote_options(max_retries=WORKER_CRASH_RETRIES):
-        futures = [curate_source_task.submit(input_path, rel, output_path, config) for rel in pending]
+    driver = DriverProcess.current().to_dict()
+    with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api():
+        futures = [curate_source_task.submit(input_path, rel, output_path, config, driver) for rel in pending]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -109,7 +118,7 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     def finished_sources():
         for done_count, (relative_path, future) in enumerate(zip(pending, futures, strict=True), start=1):
             try:
-                result = future.result()
+                result = commit_source(output_path, native_source(relative_path), future.result())  # the driver commits
             except worker_deaths as error:  # every try killed its worker: the rest of the run goes on
                 result = commit_crashed_source(output_path, native_source(relative_path), WORKER_CRASH_RETRIES + 1,
                                                error)
@@ -157,6 +166,25 @@ def curate_lvd(request: CurateRequest) -> dict:
     print(f"{report['sources']} sources ({report['sources_error']} errors), {report['clips']} clips, "
           f"{report['kept']} kept -> {output_path}")
     return report
+
+
+@contextlib.contextmanager
+def _workers_report_to_this_api() -> Iterator[None]:
+    """Tasks submitted in this block report to the Prefect API this flow run reports to.
+
+    Ray workers rebuild the driver's Prefect settings; without an API URL in them, each worker would start a
+    temporary server of its own and record its task runs there. With no server configured, the flow run's API
+    is the temporary server Prefect started in this process (on 127.0.0.1), and the workers are pointed at it.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    context = FlowRunContext.get()
+    if PREFECT_API_URL.value() or context is None or context.client is None:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):
+        yield
 
 
 def _runner_args(ray_address: str | None) -> dict[str, Any]:

@@ -35,9 +35,14 @@ QUIET_ENV = {
 _RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# With no Prefect server configured, a flow run reports to a temporary server Prefect starts in its own process;
+# Prefect gives it 20 s to answer, which a loaded machine misses (the run then fails before it starts).
+EPHEMERAL_SERVER_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def apply_quiet_env() -> None:
-    """No telemetry: this machine (and many clusters) has no outbound network."""
-    for key, value in QUIET_ENV.items():
+    """No telemetry: this machine (and many clusters) has no outbound network. Also a patient temporary server."""
+    for key, value in {**QUIET_ENV, **EPHEMERAL_SERVER_ENV}.items():
         os.environ.setdefault(key, value)
 
 

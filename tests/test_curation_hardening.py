@@ -13,7 +13,7 @@ import pytest
 from prefect import task
 
 from curation.config import CurationConfig
-from curation.dataset import curate_source, finalize, prepare_output
+from curation.dataset import curate_source, finalize, prepare_output, stage_source
 from dataformat import read_parquet_rows, source_id
 
 
@@ -356,7 +356,8 @@ def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_cod
 
 
 @task(name="curate-source")
-def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, output_path: str, config: dict) -> dict:
+def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, output_path: str, config: dict,
+                                        driver: dict) -> dict:
     """The real per-source task, except that for `crash*` sources the decoder kills its process with SIGSEGV
     after ten real frames (as a crash in native decoder code does) and notes each try in OUT/crash-tries."""
     import signal
@@ -375,7 +376,7 @@ def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, ou
 
     if relative_path.startswith("crash"):
         curation.chain.stream_frames = crashing_decoder  # this worker dies with its patched module
-    return curate_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
+    return stage_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
 
 
 def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(prefect_api, ray_local, sample_dir,

@@ -1,16 +1,23 @@
-"""A run killed with SIGKILL at any moment and rerun ends exactly-once: sources, manifest, shards."""
+"""A run killed with SIGKILL at any moment and rerun ends exactly-once: sources, manifest, shards; after a kill of
+`lvd curate`, no Ray worker writes on, and the workers report to the driver's Prefect API."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dataformat import read_parquet_rows, read_shard_samples
+from dataformat import source_id as _source_id
 
 pytestmark = pytest.mark.slow  # kills and reruns a curation subprocess many times
 
@@ -69,3 +76,179 @@ def test_sigkill_at_any_point_then_rerun_is_exactly_once(sample_dir, tmp_path):
         assert _run_and_kill(videos, out, "finalize", delay) is None
     assert _run_and_kill(videos, out, "full", 60) == 0
     _assert_exactly_once(videos, out)
+
+
+# `lvd curate` killed with SIGKILL (its whole process group) while Ray workers are in the middle of a source, then
+# rerun. One scenario, observed once per module (two CLI runs are the cost); the tests below read what it saw.
+CLI_SOURCES = ("bikes.mp4", "cuts_hard.mp4", "static_shot.mp4", "not_a_video.mp4")
+CLI_SETTINGS = ["--set", "scorers.text.enabled=false"]  # no scorer actors: the workers are what is observed
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_SERVER_MARKS = ("prefect.server.api.server:create_app", "prefect server start")
+
+
+class _RunProcesses:
+    """Every process a run starts (its descendants, also after they are orphaned), sampled while it runs."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.seen: dict[int, tuple[float, int, str]] = {}  # pid -> (start time, parent pid, command line)
+
+    def sample(self) -> None:
+        table = {}  # one pass over the process table: pid -> (parent pid, start time)
+        for process in psutil.process_iter(["ppid", "create_time"]):
+            table[process.pid] = (process.info["ppid"], process.info["create_time"])
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in table.items():
+            children.setdefault(parent, []).append(pid)
+        known = [pid for pid, (started, _, _) in self.seen.items() if table.get(pid, (0, None))[1] == started]
+        stack, visited = [self.root_pid, *known], set()
+        while stack:
+            pid = stack.pop()
+            if pid in visited or pid not in table:
+                continue
+            visited.add(pid)
+            if pid not in self.seen:
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(psutil.Process(pid).cmdline())
+                    self.seen[pid] = (table[pid][1], table[pid][0], command)
+            stack.extend(children.get(pid, []))
+
+    def alive(self) -> list[psutil.Process]:
+        running = []
+        for pid, (started, _, _) in self.seen.items():
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+        return running
+
+    def prefect_servers(self) -> list[tuple[int, int]]:
+        """(pid, parent pid) of every Prefect API server the run started."""
+        return [(pid, parent) for pid, (_, parent, command) in self.seen.items()
+                if any(mark in command for mark in PREFECT_SERVER_MARKS)]
+
+    def stop(self) -> None:
+        """Kill, by pid, whatever of the run still runs (the test leaves nothing behind, even when it fails)."""
+        for process in self.alive():
+            with contextlib.suppress(Exception):
+                process.kill()
+
+
+def _tree_state(out: Path) -> dict[str, tuple[int, int]]:
+    """Every path under OUT with its size and modification time."""
+    state = {}
+    for path in [out, *out.rglob("*")]:
+        with contextlib.suppress(FileNotFoundError):
+            info = path.lstat()
+            state[str(path.relative_to(out))] = (info.st_size, info.st_mtime_ns)
+    return state
+
+
+def _committed(out: Path) -> set[str]:
+    return {part.name for part in (out / "sources.parquet").glob("part-*.parquet")}
+
+
+def _staging_in_flight(out: Path) -> bool:
+    """A worker is writing a source's frames and that source is not committed: work in flight."""
+    done = {name.removeprefix("part-").removesuffix(".parquet") for name in _committed(out)}
+    frames = out / "work" / "frames"
+    return frames.is_dir() and any(d.name not in done and any(d.iterdir()) for d in frames.iterdir() if d.is_dir())
+
+
+def _cli(videos: Path, out: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "curate", str(videos), str(out), *CLI_SETTINGS],
+                            env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def killed_cli_run(sample_dir, prefect_api, tmp_path_factory) -> dict:
+    """Run 1, no Prefect server configured: SIGKILL the CLI's process group as soon as a worker is staging a
+    source; watch OUT and the run's processes for 6 s. Run 2, against the `prefect_api` server: complete it."""
+    from infra.local import QUIET_ENV, prefect_server_env
+
+    root = tmp_path_factory.mktemp("killed-cli")
+    videos, out = root / "videos", root / "out"
+    videos.mkdir()
+    for name in CLI_SOURCES:
+        (videos / name).symlink_to(sample_dir / "videos" / name)
+    configured = set(prefect_server_env(root, 1)) - set(QUIET_ENV)  # no server configured: Prefect's default
+    env = {key: value for key, value in os.environ.items() if key not in configured and key != "RAY_ADDRESS"}
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(root / "prefect-home")})
+    seen: dict = {}
+    process = _cli(videos, out, env, root / "killed.log")
+    run = _RunProcesses(process.pid)
+    try:
+        deadline = time.monotonic() + 600
+        while not _staging_in_flight(out):
+            assert process.poll() is None, f"the run ended before any work was in flight: {seen}"
+            assert time.monotonic() < deadline, "no worker started staging a source within 600 s"
+            run.sample()
+            time.sleep(0.1)
+        run.sample()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        killed = time.monotonic()
+        seen["committed_at_kill"] = _committed(out)
+        time.sleep(max(0.0, killed + 2 - time.monotonic()))
+        seen["state_at_2s"] = _tree_state(out)
+        time.sleep(max(0.0, killed + 6 - time.monotonic()))
+        seen["state_at_6s"] = _tree_state(out)
+        seen["committed_at_6s"] = _committed(out)
+        seen["alive_at_6s"] = [" ".join(p.cmdline())[:160] for p in run.alive()]
+        seen["killed_servers"] = run.prefect_servers()
+        seen["cli_pid"] = process.pid
+        seen["killed_log"] = (root / "killed.log").read_text(errors="replace")
+    finally:
+        run.stop()
+    rerun_env = {**env, "PREFECT_API_URL": prefect_api}
+    rerun = _cli(videos, out, rerun_env, root / "rerun.log")
+    rerun_processes = _RunProcesses(rerun.pid)
+    try:
+        while rerun.poll() is None:
+            rerun_processes.sample()
+            time.sleep(0.5)
+        seen["rerun_code"] = rerun.returncode
+        seen["rerun_servers"] = rerun_processes.prefect_servers()
+        seen["rerun_log"] = (root / "rerun.log").read_text(errors="replace")
+    finally:
+        rerun_processes.stop()
+    seen.update(videos=videos, out=out)
+    return seen
+
+
+def test_after_sigkill_of_the_cli_no_worker_writes_and_a_rerun_is_exactly_once(killed_cli_run):
+    """Ray workers run in their own process groups, so the kill does not reach them: they stage, the driver
+    commits, and they exit when the driver is gone."""
+    seen = killed_cli_run
+    assert seen["committed_at_6s"] == seen["committed_at_kill"], "a source was committed after the kill"
+    changed = {path for path in seen["state_at_2s"].keys() | seen["state_at_6s"].keys()
+               if seen["state_at_2s"].get(path) != seen["state_at_6s"].get(path)}
+    assert not changed, f"OUT still changed more than 2 s after the kill: {sorted(changed)[:5]}"
+    assert not seen["alive_at_6s"], f"processes of the killed run still run 6 s after the kill: {seen['alive_at_6s']}"
+    assert seen["rerun_code"] == 0, seen["rerun_log"][-3000:]
+    _assert_exactly_once(seen["videos"], seen["out"])
+
+
+def test_ray_workers_report_to_the_drivers_prefect_api_and_start_no_server(killed_cli_run, prefect_api):
+    """Without a configured server only the driver starts a temporary one, and the workers report to it; with
+    one configured (the rerun), nobody starts a server and every `curate-source` task run is on it."""
+    import httpx
+
+    seen = killed_cli_run
+    assert seen["killed_servers"], "the killed run started no Prefect server: nothing was observed"
+    assert [parent for _, parent in seen["killed_servers"]] == [seen["cli_pid"]], \
+        f"Prefect servers (pid, parent pid) other than the driver's: {seen['killed_servers']}"
+    assert seen["killed_log"].count("Starting temporary server") == 1
+    assert seen["rerun_servers"] == [] and "Starting temporary server" not in seen["rerun_log"]
+
+    rerun_sources = set(CLI_SOURCES) - {name for name in CLI_SOURCES
+                                        if f"part-{_source_id(name)}.parquet" in seen["committed_at_6s"]}
+    subflow = re.search(r"Beginning subflow run '([^']+)' for flow 'curate-sources'", seen["rerun_log"]).group(1)
+    flow_runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [subflow]}},
+                                                                  "sort": "START_TIME_DESC", "limit": 1})
+    flow_run_id = flow_runs.raise_for_status().json()[0]["id"]
+    task_runs = httpx.post(f"{prefect_api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    curated = {run["name"].removeprefix("curate "): run["state_type"] for run in task_runs.raise_for_status().json()
+               if run["name"].startswith("curate ")}
+    assert curated == dict.fromkeys(rerun_sources, "COMPLETED")

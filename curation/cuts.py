@@ -40,7 +40,7 @@ class Candidate:
 class Thumb:
     """What verification keeps of one frame (~9 KB; a few seconds of them sit in a ring buffer).
 
-    The colour histogram is only needed for the few frames that end a dissolve candidate, so it is
+    The colour histogram is only needed for the frames around a dissolve candidate, so it is
     computed on first use.
     """
 
@@ -87,11 +87,6 @@ def make_thumb(analysis_bgr: np.ndarray) -> Thumb:
     return Thumb(analysis_bgr)
 
 
-def colour_distance(a: Thumb, b: Thumb) -> float:
-    """Bhattacharyya distance of hue-saturation histograms: dissolves join differently coloured shots."""
-    return float(cv2.compareHist(a.colour, b.colour, cv2.HISTCMP_BHATTACHARYYA))
-
-
 def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fit the inner frames of each window as alpha*first + (1-alpha)*last.
 
@@ -111,15 +106,6 @@ def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     errors = misfit.reshape(len(windows), -1).mean(axis=1)
     residuals = np.where(scale > 1e-3, errors / np.maximum(scale, 1e-3), np.inf)
     return residuals, alphas
-
-
-def _monotone_fade(alphas: list[float], slack: float = 0.1) -> bool:
-    return (
-        bool(alphas)
-        and alphas[0] > 0.6
-        and alphas[-1] < 0.4
-        and all(later <= earlier + slack for earlier, later in zip(alphas, alphas[1:], strict=False))
-    )
 
 
 class CutCascade:
@@ -242,8 +228,9 @@ class CutCascade:
     def _locate_dissolve(self, candidate: Candidate) -> Candidate | str:
         """Find the longest window near a low-rate candidate that is a cross-fade between two shots.
 
-        All windows of one length are fitted at once (vectorised); the cut goes where the fitted blend
-        weight crosses one half.
+        All windows of one length are tested at once (vectorised: ends from different shots, blend fit,
+        falling blend weight); among the longest length that has one, the best fit wins and the cut goes
+        where its blend weight crosses one half.
         """
         start, end = candidate.window
         config = self.config
@@ -251,36 +238,41 @@ class CutCascade:
         indices = [i for i in range(low, end + max(self.dissolve_lengths) + 1) if self._thumb(i) is not None]
         if not indices:
             return "outside buffer"
-        first_index = indices[0]
-        stack = np.stack([self._thumb(i).blend.ravel() for i in range(first_index, indices[-1] + 1)])
-        best: tuple[int, float, int, int] | None = None
-        for length in self.dissolve_lengths:
-            starts = [
-                a for a in range(max(start - length, first_index), end + 1)
-                if a + length <= indices[-1] and self._is_shot_change(a, a + length)
-            ]
-            if not starts:
+        first_index, last_index = indices[0], indices[-1]
+        thumbs = [self._thumb(i) for i in range(first_index, last_index + 1)]
+        stack = np.stack([thumb.blend.ravel() for thumb in thumbs])
+        units = np.stack([thumb.unit for thumb in thumbs])
+        colours = np.stack([thumb.colour.ravel() for thumb in thumbs]).astype(np.float64)
+        roots, totals = np.sqrt(colours), colours.sum(axis=1)
+        for length in sorted(self.dissolve_lengths, reverse=True):
+            first, last = max(start - length, first_index), min(end, last_index - length)
+            if last < first:
                 continue
-            windows = stack[np.asarray(starts)[:, None] - first_index + np.arange(length + 1)[None, :]]
-            residuals, alphas = fit_cross_fades(windows)
-            for a, residual, weights in zip(starts, residuals, alphas, strict=True):
-                if residual > config.max_blend_residual or not _monotone_fade(weights.tolist()):
-                    continue
-                crossing = a + 1 + next((i for i, w in enumerate(weights) if w < 0.5), len(weights))
-                if best is None or (length, -residual) > best[:2]:
-                    best = (length, -float(residual), crossing, a)
-        if best is None:
-            return "no dissolve (camera or subject motion, or no colour change)"
-        length, _, crossing, a = best
-        return Candidate(crossing, candidate.level, (a, a + length))
-
-    def _is_shot_change(self, a: int, b: int) -> bool:
-        """Ends of a dissolve belong to different shots: new colours and a different layout."""
-        first, last = self._thumb(a), self._thumb(b)
-        return (
-            colour_distance(first, last) >= self.config.min_dissolve_colour_change
-            and first.correlation(last) < self.config.same_shot_correlation
-        )
+            a = np.arange(first - first_index, last - first_index + 1)
+            b = a + length
+            # the window's ends belong to different shots: new colours (Bhattacharyya distance of the hue-saturation
+            # histograms, as OpenCV's compareHist computes it) and a different layout
+            product = totals[a] * totals[b]
+            scale = np.where(np.abs(product) > np.finfo(np.float32).eps, 1.0 / np.sqrt(np.abs(product)), 1.0)
+            colour_change = np.sqrt(np.maximum(1.0 - np.einsum("wb,wb->w", roots[a], roots[b]) * scale, 0.0))
+            correlation = np.einsum("wp,wp->w", units[a], units[b])
+            changed = (colour_change >= config.min_dissolve_colour_change) & (
+                correlation < config.same_shot_correlation)
+            a = a[changed]
+            if not len(a):
+                continue
+            residuals, alphas = fit_cross_fades(stack[a[:, None] + np.arange(length + 1)[None, :]])
+            weights = alphas.astype(np.float64)  # compared in double precision
+            falling = np.all(weights[:, 1:] <= weights[:, :-1] + 0.1, axis=1)
+            fits = (residuals <= config.max_blend_residual) & (weights[:, 0] > 0.6) & (weights[:, -1] < 0.4) & falling
+            if not fits.any():
+                continue
+            pick = np.flatnonzero(fits)[np.argmin(residuals[fits])]  # the first of equally good fits
+            window_start = first_index + int(a[pick])
+            below = np.flatnonzero(alphas[pick] < 0.5)
+            crossing = window_start + 1 + (int(below[0]) if len(below) else alphas.shape[1])
+            return Candidate(crossing, candidate.level, (window_start, window_start + length))
+        return "no dissolve (camera or subject motion, or no colour change)"
 
     def _merge(self) -> list[int]:
         """One cut per transition: overlapping candidates merge, preferring hard-cut positions."""

@@ -9,18 +9,19 @@ time on a KubeRay shape, from per-frame and per-clip costs measured here with th
 Two parts. `estimate(CostInputs) -> CostEstimate` is the model: pure arithmetic, unit-tested on a
 hand-computed case (tests/test_cost_model.py). The measurement (`measure`, run only by this script) times the
 real code paths of curation/ on the bundled sample footage, in CPU seconds of this process (all its threads):
-decode, the 128-px analysis copy, the cut cascade, Farneback motion, the scorer-frame spool, clip writing,
-the PP-OCR text detector (real weights, shipped with rapidocr), and CLIP ViT-L/14, CoCa ViT-L/14 and RAFT-large
-with random weights (real architectures: real weights are not available offline; the compute is the same).
-It also counts their floating-point operations (torch's FlopCounterMode) per clip. GPU seconds are not
-measured: no GPU was available. They are the counted FLOPs divided by a stated GPU peak and a stated
-utilisation, both printed as assumptions with their source; replace them with a GPU run's figures when you
-have one (the JSON holds every input).
+decode, the small analysis copy (decode.analysis_width), the cut cascade, Farneback motion, the scorer-frame
+spool, clip writing, the PP-OCR text detector (real weights, shipped with rapidocr), and CLIP ViT-L/14, CoCa
+ViT-L/14 and RAFT-large with random weights (real architectures: real weights are not available offline; the
+compute is the same). It also counts their floating-point operations per clip (torch's per-operator FLOP
+formulas). GPU seconds are not measured: no GPU was available. They are the counted FLOPs divided by a stated
+GPU peak and a stated utilisation, both printed as assumptions with their source; replace them with a GPU
+run's figures when you have one (the JSON holds every input).
 
 The curation has two phases that cannot overlap: (1) every clip is decoded, cut, written and scored (CPU work
 streams into the GPU scorer pools, so the two groups overlap and the slower sets the pace), then the filters
 rank the whole set; (2) the kept clips get RAFT motion for the stage III subset (clip files decoded on CPU,
-RAFT on GPU). Wall time per phase = max(CPU core-seconds / cpu-decode cores, GPU-seconds / GPUs).
+RAFT on GPU). Wall time per phase = max(CPU core-seconds / CPU cores, GPU-seconds / GPUs), the CPU cores being
+the cpu-decode group's plus the gpu pods' spare ones.
 """
 
 from __future__ import annotations
@@ -403,7 +404,6 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
     import av
     import torch
 
-    from curation.chain import process_source
     from curation.config import CurationConfig
     from curation.sample_data import GROUND_TRUTH, VIDEO_DIR, build_sample_data
 
@@ -419,7 +419,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
         "cuts": frozenset({"analysis", "cuts"}),
         "motion": frozenset({"analysis", "cuts", "motion"}),
     }
-    totals = dict.fromkeys([*steps, "process_source", "clip_write"], 0.0)
+    totals = dict.fromkeys([*steps, "analyse", "process_source"], 0.0)
     decode_per_file: dict[str, dict] = {}
     frames = pixels = clips = copied = 0
     results = []
@@ -435,17 +435,9 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
                     decode_per_file[path.name] = {"frames": count, "pixels": size, "decode_s": seconds}
             frames += count
             pixels += count * size
-            best = (math.inf, None)
-            for attempt in range(repeats):
-                started = _cpu_time()
-                result = process_source(path, path.name, Path(scratch) / f"{path.stem}-{attempt}", config)
-                best = min(best, (_cpu_time() - started, result), key=lambda pair: pair[0])
-            seconds, result = best
-            if result.source_row["status"] != "ok":
-                raise RuntimeError(f"{path.name}: {result.source_row['error']}")
-            wall = result.timings["decode_and_analyse"] + result.timings["clip_write"]
+            totals["analyse"] += _best(repeats, _analyse_only, path, config, Path(scratch) / "analyse")[0]
+            seconds, result = _best_source(repeats, path, Path(scratch), config)
             totals["process_source"] += seconds
-            totals["clip_write"] += seconds * result.timings["clip_write"] / wall  # CPU split like the wall time
             clips += len(result.clip_rows)
             copied += sum(row["clip_method"] == "copy" for row in result.clip_rows)
             results.append(result)
@@ -454,8 +446,8 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
             "analysis copy": max(totals["analysis"] - totals["decode"], 0.0) / frames,
             "cut cascade": max(totals["cuts"] - totals["analysis"], 0.0) / frames,
             "motion (Farneback)": max(totals["motion"] - totals["cuts"], 0.0) / frames,
-            "scorer frame spool": max(totals["process_source"] - totals["clip_write"] - totals["motion"], 0.0) / frames,
-            "clip writing": totals["clip_write"] / frames,
+            "scorer frame spool": max(totals["analyse"] - totals["motion"], 0.0) / frames,
+            "clip writing": max(totals["process_source"] - totals["analyse"], 0.0) / frames,
         }
         log(f"sample footage: {len(files)} videos, {frames} frames, {clips} clips ({copied} stream-copied), "
             f"mean {pixels / frames:,.0f} px per frame; best of {repeats}")
@@ -468,10 +460,34 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
             "pixel_scaled": ["decode", "analysis copy", "scorer frame spool", "clip writing"],
             "cpu_core_s_per_frame": per_frame,
             "decode_per_file": decode_per_file,
+            "settings": {"decode.analysis_width": config.decode.analysis_width,
+                         "clips.reencode_preset": config.clips.reencode_preset,
+                         "clips.reencode_crf": config.clips.reencode_crf},
         }
         measured["clip_writing_reencode_heavy"] = _reencode_heavy_clip_writing(Path(scratch), config, log)
         measured.update(_measure_scorers(scored, clip_files, clip_model, coca_model, Path(scratch), log))
     return measured
+
+
+def _analyse_only(path: Path, config, work_dir: Path) -> None:
+    """The decode pass of process_source without its live re-encoder: chain + scorer-frame spool."""
+    from curation.chain import decode_and_analyse
+
+    decode_and_analyse(path, config, work_dir, live_clips=False).spool.close()
+
+
+def _best_source(repeats: int, path: Path, scratch: Path, config):
+    """(least CPU seconds, result) of process_source (decode pass with live re-encoding + clip files)."""
+    from curation.chain import process_source
+
+    best = (math.inf, None)
+    for attempt in range(repeats):
+        started = _cpu_time()
+        result = process_source(path, path.name, scratch / f"{path.stem}-{attempt}", config)
+        best = min(best, (_cpu_time() - started, result), key=lambda pair: pair[0])
+    if best[1].source_row["status"] != "ok":
+        raise RuntimeError(f"{path.name}: {best[1].source_row['error']}")
+    return best
 
 
 def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) -> dict:
@@ -479,7 +495,6 @@ def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) ->
     set), where most clips must be re-encoded: the sample footage above is nearly all stream copies."""
     import importlib.util
 
-    from curation.chain import process_source
 
     spec = importlib.util.spec_from_file_location("bench_curation", Path(__file__).with_name("curation.py"))
     bench = importlib.util.module_from_spec(spec)
@@ -488,14 +503,9 @@ def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) ->
     frames = clips = reencoded = 0
     pixels = clip_write = 0.0
     for path in files[:count]:
-        started = _cpu_time()
-        result = process_source(path, path.name, scratch / f"short-{path.stem}", config)
-        seconds = _cpu_time() - started
+        seconds, result = _best_source(1, path, scratch / "short", config)
+        clip_write += max(seconds - _best(1, _analyse_only, path, config, scratch / "short-analyse")[0], 0.0)
         row = result.source_row
-        if row["status"] != "ok":
-            raise RuntimeError(f"{path.name}: {row['error']}")
-        wall = result.timings["decode_and_analyse"] + result.timings["clip_write"]
-        clip_write += seconds * result.timings["clip_write"] / wall
         frames += row["num_frames"]
         pixels += row["num_frames"] * row["width"] * row["height"]
         clips += len(result.clip_rows)
@@ -702,6 +712,8 @@ def main() -> int:
     print(f"\nInputs ({measured['machine']}; sources assumed {args.width}x{args.height}, CPU costs of decode, "
           f"analysis copy, spool and clip writing scaled by pixels from the footage's "
           f"{measured['pixels_per_frame']:,.0f} px):\n")
+    if measured.get("settings"):
+        print("Curation settings measured: " + ", ".join(f"{k}={v}" for k, v in measured["settings"].items()) + "\n")
     print(assumptions_table(measured, inputs[0]))
     print("\nEstimate:\n")
     print(report_table(estimates, inputs))

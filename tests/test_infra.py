@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -201,3 +202,53 @@ def test_both_cluster_configs_name_the_same_worker_groups():
     groups = {group["groupName"] for group in kuberay["spec"]["workerGroupSpecs"]}
     node_types = set(ray_up["available_node_types"]) - {ray_up["head_node_type"]}
     assert groups == node_types == {"cpu-decode", "gpu"}
+
+
+_WATCHER = r"""
+import json, subprocess, sys, time
+from infra.driver import DriverProcess, stop_with_driver
+
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+stop_with_driver(DriverProcess.from_dict(json.loads(sys.argv[1])))
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_exits_with_its_child_processes_once_its_driver_is_gone():
+    """stop_with_driver (what each curate-source task calls on its Ray worker): the worker follows a driver
+    that exits, children included; a driver on another machine is never taken for gone."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from infra.driver import DriverProcess
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    identity = dataclasses.replace(DriverProcess.current(), pid=driver.pid,
+                                   started=psutil.Process(driver.pid).create_time())
+    assert not identity.is_gone()
+    assert not dataclasses.replace(identity, host="another-machine", pid=2**22 + 1).is_gone()
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, json.dumps(identity.to_dict())],
+                               cwd=INFRA.parent, stdout=subprocess.PIPE, text=True)
+    child_pid = int(watcher.stdout.readline())
+    try:
+        assert watcher.poll() is None
+        driver.kill()
+        driver.wait()
+        assert identity.is_gone()
+        assert watcher.wait(timeout=30) == 1
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the worker's child process outlived it"
+            time.sleep(0.05)
+    finally:
+        for process in (driver, watcher):
+            if process.poll() is None:
+                process.kill()
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(child_pid).kill()

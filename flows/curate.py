@@ -97,8 +97,10 @@ def select_hq(output_path: str, config: dict[str, Any]) -> dict:
 
 
 @flow(name="curate-sources")
-def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: list[str], progress: bool):
-    """Fan the pending sources out on the flow's task runner (Ray) and track completions."""
+def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: list[str], progress: bool,
+                   local_ray: bool = True):
+    """Fan the pending sources out on the flow's task runner (Ray) and track completions. `local_ray`: the
+    workers run on this machine (they can reach a Prefect server on its loopback)."""
     import ray.exceptions
     from prefect_ray.context import remote_options
 
@@ -106,7 +108,7 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     logger = get_run_logger()
     artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed")
     driver = DriverProcess.current().to_dict()
-    with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api():
+    with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api(local_ray):
         futures = [curate_source_task.submit(input_path, rel, output_path, config, driver) for rel in pending]
     bar = None
     if progress:
@@ -153,7 +155,8 @@ def curate_lvd(request: CurateRequest) -> dict:
     output_path = str(Path(request.output_path).resolve())
     pending = discover_task(input_path, output_path, config)
     runner = RayTaskRunner(**_runner_args(request.ray_address))
-    curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, request.progress)
+    curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, request.progress,
+                                                    local_ray=request.ray_address is None)
     report = finalize_task(output_path, config)
     if hq_uses_ray(request.config):
         hq = select_hq.with_options(task_runner=RayTaskRunner(**_runner_args(request.ray_address)))(output_path,
@@ -169,18 +172,25 @@ def curate_lvd(request: CurateRequest) -> dict:
 
 
 @contextlib.contextmanager
-def _workers_report_to_this_api() -> Iterator[None]:
+def _workers_report_to_this_api(local_ray: bool) -> Iterator[None]:
     """Tasks submitted in this block report to the Prefect API this flow run reports to.
 
     Ray workers rebuild the driver's Prefect settings; without an API URL in them, each worker would start a
     temporary server of its own and record its task runs there. With no server configured, the flow run's API
-    is the temporary server Prefect started in this process (on 127.0.0.1), and the workers are pointed at it.
+    is the temporary server Prefect started in this process (on 127.0.0.1), and local workers are pointed at it;
+    workers of a cluster cannot reach it, so a cluster run needs PREFECT_API_URL (a server the cluster reaches).
     """
     from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     context = FlowRunContext.get()
     if PREFECT_API_URL.value() or context is None or context.client is None:
+        yield
+        return
+    if not local_ray:
+        get_run_logger().warning("no Prefect server configured (PREFECT_API_URL): the cluster's workers cannot "
+                                 "reach this run's temporary server on 127.0.0.1 and record their task runs on "
+                                 "temporary servers of their own")
         yield
         return
     with temporary_settings(updates={PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):

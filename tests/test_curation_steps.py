@@ -10,6 +10,7 @@ import pytest
 from curation.chain import process_source
 from curation.clipping import ClipPlan, plan_clips, shots_from_cuts
 from curation.config import ClipConfig, CurationConfig, FilterRule
+from curation.cuts import CutCascade
 from curation.filtering import apply_filters
 from tests.curation_helpers import decode_rgb, psnr
 
@@ -108,12 +109,15 @@ def test_config_overrides_are_checked_by_name():
                                                      "drop": "low", "value": 250}]})
 
 
-@pytest.mark.parametrize("lookahead_mb", [512, 0], ids=["while-decoding", "second-pass"])
+@pytest.mark.parametrize(("lookahead_mb", "late_cuts"), [(512, False), (0, False), (512, True)],
+                         ids=["while-decoding", "second-pass", "cuts-settled-late"])
 def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sample_dir, tmp_path, monkeypatch,
-                                                                              lookahead_mb):
+                                                                              lookahead_mb, late_cuts):
     """stream_copy off: bikes.mp4's shots are all re-encoded, each clip exactly its source frames with its own
     timestamps; written from the chain's own decode (or, when the frames held back would not fit in
-    clips.lookahead_mb, from one more pass for all clips)."""
+    clips.lookahead_mb or the cascade settled the cuts only at the end, from one more pass for them all)."""
+    if late_cuts:  # the live pass then sees one shot, which matches none of the planned clips
+        monkeypatch.setattr(CutCascade, "is_cut_so_far", lambda self, index: False)
     opened = []
     real_open = av.open
 
@@ -129,7 +133,13 @@ def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sa
     rows = result.clip_rows
     assert len(rows) >= 4 and all(row["clip_method"] == "reencode" for row in rows)
     # probe + the chain's decode (+ one pass for all re-encoded clips when they are not written live)
-    assert opened.count(str(source)) == (2 if lookahead_mb else 3)
+    assert opened.count(str(source)) == (2 if lookahead_mb and not late_cuts else 3)
+    if not lookahead_mb:
+        assert result.second_pass_clips == len(rows)
+    elif late_cuts:  # shots among the frames still held back at the end match: their cuts were final by then
+        assert 0 < result.second_pass_clips < len(rows)
+    else:
+        assert result.second_pass_clips == 0
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == sorted(Path(r["clip_path"]).name for r in rows)
     frames = decode_rgb(source)
     for row in rows:

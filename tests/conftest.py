@@ -90,9 +90,13 @@ def ray_cluster():
 @pytest.fixture
 def cluster_driver(ray_cluster):
     """The test process free to become a driver of `ray_cluster` (flows connect through `ray_address`): a process
-    joins one Ray at a time, so the session's local Ray is shut down for the test and started again after it."""
+    joins one Ray at a time, so the session's local Ray is shut down for the test and started again after it.
+    A node an earlier test killed is started again first."""
     import ray
 
+    for node in ray_cluster.nodes[1:]:
+        if node.raylet_pid() is None:
+            ray_cluster.restart_node(node.index)
     had_local = ray.is_initialized()
     ray.shutdown()
     try:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from curation.chain import SourceResult, error_result, process_source, storage_f
 from curation.config import CurationConfig
 from curation.decode import StorageFault, is_storage_fault
 from curation.filtering import apply_filters
+from curation.listing import is_remote, iter_sources, pending_sources
 from curation.types import ClipFrames
 from dataformat import (
     CLIP_PART_SCHEMA,
@@ -49,39 +50,10 @@ from dataformat import (
 from infra.local import current_ray_node_id
 
 
-def is_remote(input_root: str | Path) -> bool:
-    """A URL such as s3://bucket/raw or gs://... (any fsspec protocol) rather than a local path."""
-    return "://" in str(input_root)
-
-
-def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> list[str]:
-    """Relative paths of video files under `input_root` (broken links included: they become error rows).
-
-    `input_root` may be an fsspec URL (s3://, gs://, ...: install the matching fsspec backend).
-    """
-    if is_remote(input_root):
-        import fsspec
-
-        filesystem, root_path = fsspec.core.url_to_fs(str(input_root))
-        if not filesystem.exists(root_path):
-            raise FileNotFoundError(f"input path {input_root} does not exist")
-        if filesystem.isfile(root_path):
-            return [root_path.rstrip("/").rsplit("/", 1)[-1]]
-        prefix = root_path.rstrip("/") + "/"
-        return sorted(
-            path.removeprefix(prefix) for path in filesystem.find(root_path) if path.lower().endswith(extensions)
-        )
-    root = Path(input_root)
-    if not root.exists():
-        raise FileNotFoundError(f"input path {root} does not exist")
-    if root.is_file():
-        return [root.name]
-    found = []
-    for directory, _, files in os.walk(root):
-        for name in files:
-            if name.lower().endswith(extensions):
-                found.append(str((Path(directory) / name).relative_to(root)))
-    return sorted(found)
+def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> Iterator[str]:
+    """Relative paths of the video files under `input_root` (a folder, a file or an fsspec URL), streamed in
+    sorted order (curation/listing.py); a missing input raises FileNotFoundError on the first `next`."""
+    return iter_sources(input_root, extensions)
 
 
 def input_file(input_root: str | Path, relative_path: str) -> Path:
@@ -200,10 +172,10 @@ def completed_source_ids(layout: RunLayout) -> set[str]:
     return {part.stem.removeprefix("part-") for part in layout.sources.glob("part-*.parquet")}
 
 
-def uncommitted(layout: RunLayout, sources: list[str]) -> list[str]:
-    """The relative paths in `sources` that OUT has not committed (matched by id: any file name works)."""
-    done = completed_source_ids(layout)
-    return [source for source in sources if source_id(source) not in done]
+def uncommitted(layout: RunLayout, sources: Iterable[str]) -> Iterator[str]:
+    """The relative paths in `sources` that OUT has not committed (matched by id: any file name works),
+    streamed."""
+    return pending_sources(layout, sources)
 
 
 def save_clip_frames(path: Path, frames: np.ndarray) -> None:

@@ -95,6 +95,11 @@ class RunLayout:
     def source_part(self, relative_path: str) -> Path:
         return self.sources / _part(source_id(relative_path))
 
+    def is_committed(self, relative_path: str) -> bool:
+        """Whether the source's row is in place (one file check: resuming a run of millions of sources
+        streams its listing through this instead of loading every committed id)."""
+        return os.path.exists(os.path.join(self.sources, _part(source_id(relative_path))))
+
     @property
     def work(self) -> Path:
         return self.out / "work"

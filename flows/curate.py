@@ -58,8 +58,8 @@ def default_input() -> str:
 def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> list[str]:
     cfg = CurationConfig.from_overrides(config)
     layout = prepare_output(output_path, cfg)
-    sources = discover_sources(input_path, cfg.video_extensions)
-    pending = uncommitted(layout, sources)
+    sources = list(discover_sources(input_path, cfg.video_extensions))
+    pending = list(uncommitted(layout, sources))
     get_run_logger().info("%d sources, %d already done, %d to process", len(sources), len(sources) - len(pending),
                           len(pending))
     return [portable_source(source) for source in pending]  # Prefect parameters are JSON: any file name

@@ -130,13 +130,14 @@ def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[st
     return overrides
 
 
-def pending_sources(input_path: str, curate_dir: Path, config: CurationConfig) -> list[str]:
-    """Sources under `input_path` that the curate output directory has not committed yet."""
-    from curation.dataset import discover_sources, uncommitted
-    from dataformat import RunLayout, portable_source
+def has_pending_sources(input_path: str, curate_dir: Path, config: CurationConfig) -> bool:
+    """Whether `input_path` holds a source the curate output directory has not committed yet (stops at the
+    first one: the listing streams)."""
+    from curation.listing import iter_sources, pending_sources
+    from dataformat import RunLayout
 
-    pending = uncommitted(RunLayout(curate_dir), discover_sources(input_path, config.video_extensions))
-    return [portable_source(source) for source in pending]
+    return next(pending_sources(RunLayout(curate_dir), iter_sources(input_path, config.video_extensions)),
+                None) is not None
 
 
 def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
@@ -215,8 +216,8 @@ def curate_step(run: DagRun) -> StepOutcome:
         "curate-lvd", fingerprint(curate.input_path, config),
         lambda: {key: value for key, value in run.steps.curate(curate).items()
                  if key in ("sources", "sources_error", "clips", "kept")},
-        reusable=lambda _: paths["manifest"].exists() and not pending_sources(curate.input_path, paths["curate"],
-                                                                              curate.config))
+        reusable=lambda _: paths["manifest"].exists() and not has_pending_sources(curate.input_path,
+                                                                                  paths["curate"], curate.config))
     run.upstream = fingerprint(file_fingerprint(paths["curate"] / "summary.json") or curated,
                                file_fingerprint(paths["curate"] / "hq" / "summary.json"))
     return StepOutcome(skipped, {"kept clips": f"{curated.get('kept')} of {curated.get('clips')}",

@@ -47,18 +47,18 @@ def test_good_sources_in_the_same_run_are_curated(run_dir):
 
 
 def test_discovery_lists_only_video_files_and_missing_input_is_clear(sample_dir, tmp_path):
-    found = discover_sources(sample_dir, CurationConfig().video_extensions)
+    found = list(discover_sources(sample_dir, CurationConfig().video_extensions))
     assert "ground_truth.json" not in found and "videos/bikes.mp4" in found
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        discover_sources(tmp_path / "nope", (".mp4",))
+        next(discover_sources(tmp_path / "nope", (".mp4",)))
 
 
 def test_fsspec_url_input_is_discovered_and_downloaded(sample_dir, tmp_path):
     """Buckets go through fsspec; file:// exercises the same download path without a network."""
     url = f"file://{sample_dir / 'videos'}"
     config = CurationConfig()
-    assert discover_sources(url, config.video_extensions) == discover_sources(sample_dir / "videos",
-                                                                            config.video_extensions)
+    assert list(discover_sources(url, config.video_extensions)) == list(discover_sources(sample_dir / "videos",
+                                                                                        config.video_extensions))
     prepare_output(tmp_path, config)
     row = curate_source(url, "static_shot.mp4", tmp_path, config)
     assert row["status"] == "ok" and row["num_clips"] == 1

@@ -197,6 +197,10 @@ class CurateRequest(Request):
                                           '{"clips": {"min_clip_s": 2.0}}')
     ray_address: str | None = setting(None, help='Ray cluster to run on (e.g. "ray://head:10001"); default: '
                                                  "a local Ray")
+    sources_per_task: int = setting(8, min=1, help="sources one Prefect task run curates (fewer when a run has too "
+                                                   "few to give every Ray CPU a batch)")
+    batches_in_flight: int | None = setting(None, min=1, help="batches submitted to Ray at once; the next is "
+                                                              "submitted as one finishes (default: 2 per Ray CPU)")
     progress: bool = setting(False, cli=False, help="show a console progress bar (used by `lvd curate`)")
 
     def validate(self) -> None:

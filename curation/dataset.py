@@ -234,6 +234,13 @@ def stage_source(input_root: str | Path, relative_path: str, out: str | Path, co
         raise
 
 
+def stage_sources(input_root: str | Path, relative_paths: list[str], out: str | Path,
+                  config: CurationConfig) -> list[dict]:
+    """Stage a batch of sources one after the other (one Prefect task run curates a batch, so a run of millions
+    of sources is thousands of task runs); `stage_source`'s result for each, in order."""
+    return [stage_source(input_root, relative_path, out, config) for relative_path in relative_paths]
+
+
 def commit_source(out: str | Path, relative_path: str, staged: dict) -> dict:
     """Commit a staged source (`stage_source`'s result) by writing its source row; returns `staged`."""
     row = {name: staged.get(name) for name in SOURCES_SCHEMA.names}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from dataformat.schema import select_columns
@@ -90,6 +91,21 @@ def read_parquet_rows(path: str | Path) -> list[dict[str, Any]]:
             rows.extend(pq.read_table(file).to_pylist())
         return rows
     return pq.read_table(path).to_pylist()
+
+
+def parquet_dataset(path: str | Path, schema: pa.Schema | None = None) -> ds.Dataset:
+    """A Parquet file or a directory of parts as one pyarrow dataset, safe to open while a run writes it.
+
+    Every part is renamed into place complete (`write_parquet_atomic`), and the hidden temporaries of writes in
+    progress are skipped ('.' and '_' prefixes), so a reader at any moment sees whole parts only: the rows
+    committed so far. `schema` unifies parts and gives an empty or absent directory its columns.
+    """
+    path = Path(path)
+    if not path.exists():
+        if schema is None:
+            raise FileNotFoundError(f"{path} does not exist")
+        return ds.dataset(pa.table({name: pa.array([], type=schema.field(name).type) for name in schema.names}))
+    return ds.dataset(path, format="parquet", schema=schema, ignore_prefixes=[".", "_"])
 
 
 def remove_stale_temporaries(root: str | Path) -> None:

@@ -1,9 +1,10 @@
 """Prefect flow `curate-lvd`: raw clips -> LVD-F shards. Orchestration only; the work is in curation/.
 
-discover sources (skipping those already committed in OUT) -> one `curate-source` task per source on
-Ray (local Ray by default, `ray_address` for a cluster; retried on infrastructure failure, a bad source
-is an error row, never a failed task; a source that kills its worker process on every try is an error row
-too; the task stages the source, the driver commits it, and workers exit when the driver is gone) ->
+count the sources not yet committed in OUT -> stream them, in batches of `sources_per_task`, to one `curate-batch`
+task each on Ray, at most `batches_in_flight` batches at once (local Ray by default, `ray_address` for a cluster;
+retried on infrastructure failure, a bad source is an error row, never a failed task; a source that kills its
+worker process on every try is an error row too; the task stages its sources, the driver commits each, and
+workers exit when the driver is gone) ->
 `finalize` (filters over the whole run, shards, manifest) -> markdown summary artifact. `lvd curate IN OUT`
 runs the same flow from the shell with a progress bar.
 """
@@ -31,16 +32,17 @@ from curation.dataset import (
     discover_sources,
     finalize,
     prepare_output,
-    stage_source,
-    uncommitted,
+    stage_sources,
 )
 from curation.hq import hq_pass, hq_uses_ray
+from curation.listing import batch_size, pending_sources, source_batches
 from curation.report import write_report
 from curation.sample_data import VIDEO_DIR, build_sample_data
-from dataformat import native_source, portable_source
+from dataformat import RunLayout, native_source, portable_source
 from flows.cli import add_request_command
 from infra.driver import DriverProcess, stop_with_driver
 from infra.local import ray_init_kwargs
+from infra.window import BoundedWindow
 
 
 def lvd_home() -> Path:
@@ -55,28 +57,34 @@ def default_input() -> str:
 
 
 @task(name="discover-sources")
-def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> list[str]:
+def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> int:
+    """Count the sources still to curate (the listing streams; `curate-sources` walks it again, in the same
+    order, while it submits batches)."""
     cfg = CurationConfig.from_overrides(config)
     layout = prepare_output(output_path, cfg)
-    sources = list(discover_sources(input_path, cfg.video_extensions))
-    pending = list(uncommitted(layout, sources))
-    get_run_logger().info("%d sources, %d already done, %d to process", len(sources), len(sources) - len(pending),
-                          len(pending))
-    return [portable_source(source) for source in pending]  # Prefect parameters are JSON: any file name
+    total = pending = 0
+    for relative_path in discover_sources(input_path, cfg.video_extensions):
+        total += 1
+        pending += not layout.is_committed(relative_path)
+    get_run_logger().info("%d sources, %d already done, %d to process", total, total - pending, pending)
+    return pending
 
 
-# A source whose worker process dies (a crash in native code such as the decoder, an out-of-memory kill) is tried
-# again by Ray on a fresh worker this many times; one that kills every try is committed as an error row saying so.
-# (Prefect's own retries below cover exceptions: they run inside the worker and die with it.)
+# A batch whose worker process dies (a crash in native code such as the decoder, an out-of-memory kill) is tried
+# again by Ray on a fresh worker this many times, then its sources are tried one by one the same way; a source that
+# kills every try is committed as an error row saying so. (Prefect's own retries below cover exceptions: they run
+# inside the worker and die with it.)
 WORKER_CRASH_RETRIES = 2
 
 
-@task(name="curate-source", retries=2, retry_delay_seconds=5, task_run_name="curate {relative_path}")
-def curate_source_task(input_path: str, relative_path: str, output_path: str, config: dict[str, Any],
-                       driver: dict[str, Any]) -> dict:
-    """On a Ray worker: stage one source (the driver commits it); the worker exits if the driver is gone."""
+@task(name="curate-batch", retries=2, retry_delay_seconds=5, task_run_name="curate {label}")
+def curate_batch_task(input_path: str, relative_paths: list[str], label: str, output_path: str,
+                      config: dict[str, Any], driver: dict[str, Any]) -> list[dict]:
+    """On a Ray worker: stage a batch of sources (the driver commits them); the worker exits if the driver is
+    gone. Its result has one row per source (status, clips, timings)."""
     stop_with_driver(DriverProcess.from_dict(driver))
-    return stage_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
+    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path,
+                         CurationConfig.from_overrides(config))
 
 
 @task(name="finalize")
@@ -97,51 +105,88 @@ def select_hq(output_path: str, config: dict[str, Any]) -> dict:
 
 
 @flow(name="curate-sources")
-def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: list[str], progress: bool,
-                   local_ray: bool = True):
-    """Fan the pending sources out on the flow's task runner (Ray) and track completions. `local_ray`: the
+def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: int, progress: bool,
+                   sources_per_task: int = 8, batches_in_flight: int | None = None,
+                   local_ray: bool = True) -> dict[str, int]:
+    """Stream the uncommitted sources to Ray in batches (one `curate-batch` task run each), at most
+    `batches_in_flight` at once, and commit each source on the driver as its batch finishes. `local_ray`: the
     workers run on this machine (they can reach a Prefect server on its loopback)."""
+    import ray
     import ray.exceptions
     from prefect_ray.context import remote_options
 
     worker_deaths = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
     logger = get_run_logger()
-    artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed")
+    cfg = CurationConfig.from_overrides(config)
+    layout = RunLayout(output_path)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = batches_in_flight or 2 * cpus
+    size = batch_size(pending, min(cpus, limit), sources_per_task)  # at most `limit` workers can be busy
+    batches = source_batches(pending_sources(layout, discover_sources(input_path, cfg.video_extensions)), size)
+    numbered = ((f"batch {number}", [portable_source(rel) for rel in batch]) for number, batch in enumerate(batches, 1))
+    logger.info("%d sources to curate in batches of %d, at most %d batches in flight", pending, size, limit)
     driver = DriverProcess.current().to_dict()
-    with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api(local_ray):
-        futures = [curate_source_task.submit(input_path, rel, output_path, config, driver) for rel in pending]
+
+    def submit(batch: tuple[str, list[str]]):
+        label, relative_paths = batch
+        shown = f"{label}: {relative_paths[0]}" + (f" +{len(relative_paths) - 1}" if len(relative_paths) > 1 else "")
+        with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api(local_ray):
+            return curate_batch_task.submit(input_path, relative_paths, shown, output_path, config, driver)
+
+    window = BoundedWindow(numbered, submit, limit, _first_finished)
+    artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed (per batch)")
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(futures), unit="source", desc="curate")
-    results = []
+        bar = tqdm(total=pending, unit="source", desc="curate")
+    counts = {"sources": 0, "sources_error": 0, "clips": 0, "batches": 0}
 
     def finished_sources():
-        for done_count, (relative_path, future) in enumerate(zip(pending, futures, strict=True), start=1):
+        for (label, relative_paths), future in window:
             try:
-                result = commit_source(output_path, native_source(relative_path), future.result())  # the driver commits
-            except worker_deaths as error:  # every try killed its worker: the rest of the run goes on
-                result = commit_crashed_source(output_path, native_source(relative_path), WORKER_CRASH_RETRIES + 1,
-                                               error)
-            results.append(result)
-            if result["status"] == "error":
+                results = [commit_source(output_path, native_source(rel), staged)  # the driver commits
+                           for rel, staged in zip(relative_paths, future.result(), strict=True)]
+            except worker_deaths as error:
+                if len(relative_paths) > 1:  # find the source that kills its worker: try each on its own
+                    logger.warning("%s: its worker died on every try (%s); curating its sources one by one", label,
+                                   type(error).__name__)
+                    window.retry_first((f"{label}.{n}", [rel]) for n, rel in enumerate(relative_paths, 1))
+                    continue
+                results = [commit_crashed_source(output_path, native_source(relative_paths[0]),
+                                                 WORKER_CRASH_RETRIES + 1, error)]
+            errors = [result for result in results if result["status"] == "error"]
+            for result in errors:
                 logger.warning("%s: %s", result["source"], result["error"])
-            update_progress_artifact(artifact_id, 100.0 * done_count / max(1, len(futures)))
+            counts["batches"] += 1
+            counts["sources"] += len(results)
+            counts["sources_error"] += len(errors)
+            counts["clips"] += sum(result["num_clips"] for result in results)
+            update_progress_artifact(artifact_id, min(100.0, 100.0 * counts["sources"] / max(1, pending)))
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(result["source"][-30:])
-            yield result
+                bar.update(len(results))
+                bar.set_postfix_str(results[-1]["source"][-30:])
+            yield from results
 
     # Learned scorers run on Ray actors while the remaining sources are still being decoded.
-    scoring = annotate_sources(output_path, CurationConfig.from_overrides(config), finished_sources(), bool(futures))
+    scoring = annotate_sources(output_path, cfg, finished_sources(), pending > 0)
     for line in scoring.lines():
         logger.info("scorers: %s", line)
     if bar is not None:
         bar.close()
-    if not futures:
-        update_progress_artifact(artifact_id, 100.0)
-    return results
+    update_progress_artifact(artifact_id, 100.0)
+    logger.info("%d sources (%d errors, %d clips) in %d batches; at most %d batches were in flight", counts["sources"],
+                counts["sources_error"], counts["clips"], counts["batches"], window.peak_in_flight)
+    return {**counts, "batch_size": size, "peak_batches_in_flight": window.peak_in_flight}
+
+
+def _first_finished(futures: list) -> int:
+    """Index of a finished Ray task among `futures` (PrefectRayFuture), waiting until one is."""
+    import ray
+
+    references = [future.wrapped_future for future in futures]
+    ready, _ = ray.wait(references, num_returns=1)
+    return references.index(ready[0])
 
 
 @flow(name="curate-lvd", log_prints=True)
@@ -156,6 +201,7 @@ def curate_lvd(request: CurateRequest) -> dict:
     pending = discover_task(input_path, output_path, config)
     runner = RayTaskRunner(**_runner_args(request.ray_address))
     curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, request.progress,
+                                                    request.sources_per_task, request.batches_in_flight,
                                                     local_ray=request.ray_address is None)
     report = finalize_task(output_path, config)
     if hq_uses_ray(request.config):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,9 +28,22 @@ def test_deployment_run_curates_sample_clips(prefect_api, sample_dir, tmp_path):
         shutil.copy(sample_dir / "videos" / name, raw / name)
     out = tmp_path / "lvd-f"
     env = {**os.environ, "LVD_HOME": str(tmp_path / "home")}
-    run_served_deployment("curate-lvd", ["--param", f"input_path={raw}",
-                                         "--param", f"output_path={out}"],
+    run_served_deployment("curate-lvd", ["--param", f"input_path={raw}", "--param", f"output_path={out}",
+                                         "--param", "sources_per_task=2", "--param", "batches_in_flight=1"],
                           env, tmp_path, register_timeout_s=90, watch_timeout_s=400, timeout_s=450)
+
+    # One task run per batch of sources, each named after its batch; the progress artifact reached 100%.
+    subflow = httpx.post(f"{prefect_api}/flow_runs/filter", json={
+        "flows": {"name": {"any_": ["curate-sources"]}}, "sort": "START_TIME_DESC", "limit": 1}).json()[0]
+    task_runs = httpx.post(f"{prefect_api}/task_runs/filter",
+                           json={"flow_runs": {"id": {"any_": [subflow["id"]]}}}).json()
+    batches = sorted(run["name"] for run in task_runs if run["name"].startswith("curate batch "))
+    assert batches == ["curate batch 1: bikes.mp4 +1", "curate batch 2: not_a_video.mp4 +1",
+                       "curate batch 3: text_big.mp4"]
+    assert all(run["state_type"] == "COMPLETED" for run in task_runs)
+    progress = httpx.post(f"{prefect_api}/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["curate-progress"]}, "flow_run_id": {"any_": [subflow["id"]]}}}).json()
+    assert [artifact["data"] for artifact in progress] == [100.0]
 
     sources = pq.read_table(out / "sources.parquet").to_pylist()
     assert len(sources) == len(SUBSET)

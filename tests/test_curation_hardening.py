@@ -13,7 +13,7 @@ import pytest
 from prefect import task
 
 from curation.config import CurationConfig
-from curation.dataset import curate_source, finalize, prepare_output, stage_source
+from curation.dataset import curate_source, finalize, prepare_output, stage_sources
 from dataformat import read_parquet_rows, source_id
 
 
@@ -355,11 +355,11 @@ def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_cod
     assert a_file.read_text() == "not a directory"
 
 
-@task(name="curate-source")
-def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, output_path: str, config: dict,
-                                        driver: dict) -> dict:
-    """The real per-source task, except that for `crash*` sources the decoder kills its process with SIGSEGV
-    after ten real frames (as a crash in native decoder code does) and notes each try in OUT/crash-tries."""
+@task(name="curate-batch")
+def _curate_batch_whose_decoder_crashes(input_path: str, relative_paths: list[str], label: str, output_path: str,
+                                        config: dict, driver: dict) -> list[dict]:
+    """The real batch task, except that for `crash*` sources the decoder kills its process with SIGSEGV after
+    ten real frames (as a crash in native decoder code does) and notes each try in OUT/crash-tries."""
     import signal
 
     import curation.chain
@@ -368,21 +368,22 @@ def _curate_source_whose_decoder_crashes(input_path: str, relative_path: str, ou
 
     def crashing_decoder(path, threads="AUTO"):
         for index, frame in enumerate(stream_frames(path, threads)):
-            if index == 10:
+            if index == 10 and Path(path).name.startswith("crash"):
                 with open(Path(output_path) / "crash-tries", "a") as tries:
-                    tries.write(f"{os.getpid()}\n")
+                    tries.write(f"{label.split(':')[0]}\t{os.getpid()}\n")  # "batch 1", "batch 1.1"
                 os.kill(os.getpid(), signal.SIGSEGV)
             yield frame
 
-    if relative_path.startswith("crash"):
-        curation.chain.stream_frames = crashing_decoder  # this worker dies with its patched module
-    return stage_source(input_path, native_source(relative_path), output_path, CurationConfig.from_overrides(config))
+    curation.chain.stream_frames = crashing_decoder  # this worker dies with its patched module
+    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path,
+                         CurationConfig.from_overrides(config))
 
 
 def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(prefect_api, ray_local, sample_dir,
                                                                            tmp_path, monkeypatch):
     """A worker process killed while curating a source (segfault, out-of-memory kill) used to fail the whole run
-    after Ray's retries; now the source is an error row naming the crash and the other sources are curated."""
+    after Ray's retries; now its batch is split, the source is an error row naming the crash and the other
+    sources are curated."""
     from prefect_ray import RayTaskRunner
 
     import flows.curate
@@ -393,17 +394,20 @@ def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(pref
         shutil.copyfile(sample_dir / "videos" / "static_shot.mp4", videos / name)
     assert flows.curate.WORKER_CRASH_RETRIES == 2  # three tries in all; two here keep the test short
     monkeypatch.setattr(flows.curate, "WORKER_CRASH_RETRIES", 1)
-    monkeypatch.setattr(flows.curate, "curate_source_task", _curate_source_whose_decoder_crashes)
+    monkeypatch.setattr(flows.curate, "curate_batch_task", _curate_batch_whose_decoder_crashes)
     out = tmp_path / "out"
     settings = {"scorers": {"text": {"enabled": False}}}
     config = CurationConfig.from_overrides(settings)
     layout = prepare_output(out, config)
     runner = RayTaskRunner(**flows.curate._runner_args(None))  # as curate-lvd runs its sources
-    flows.curate.curate_sources.with_options(task_runner=runner)(str(videos), str(out), settings,
-                                                                 ["crash.mp4", "static_shot.mp4"], False)
+    counts = flows.curate.curate_sources.with_options(task_runner=runner)(
+        str(videos), str(out), settings, pending=2, progress=False, sources_per_task=2, batches_in_flight=1)
     summary = finalize(layout, config)  # the rest of the run
-    tries = (out / "crash-tries").read_text().split()
-    assert len(tries) == 2 and len(set(tries)) == 2  # a new worker each time
+    tries = [line.split("\t") for line in (out / "crash-tries").read_text().splitlines()]
+    # The batch of both sources dies twice, then the crashing source alone dies twice, each on a new worker.
+    assert [label for label, _ in tries] == ["batch 1", "batch 1", "batch 1.1", "batch 1.1"]
+    assert len({pid for _, pid in tries}) == 4
+    assert counts["sources"] == 2 and counts["sources_error"] == 1 and counts["batches"] == 2
     rows = {row["source"]: row for row in read_parquet_rows(out / "sources.parquet")}
     assert rows["static_shot.mp4"]["status"] == "ok"
     assert rows["crash.mp4"]["status"] == "error"

@@ -14,9 +14,17 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
-from dataformat import read_parquet_rows, read_shard_samples
+from dataformat import (
+    CLIP_PART_SCHEMA,
+    SOURCES_SCHEMA,
+    RunLayout,
+    parquet_dataset,
+    read_parquet_rows,
+    read_shard_samples,
+)
 from dataformat import source_id as _source_id
 
 pytestmark = pytest.mark.slow  # kills and reruns a curation subprocess many times
@@ -60,11 +68,21 @@ def _assert_exactly_once(videos: Path, out: Path) -> None:
     assert leftovers == [], leftovers
 
 
+def _assert_readable_as_datasets(out: Path) -> None:
+    """The per-source parts read as pyarrow datasets of whole parts, whatever a killed writer left behind."""
+    layout = RunLayout(out)
+    for directory, schema in ((layout.sources, SOURCES_SCHEMA), (layout.clip_rows, CLIP_PART_SCHEMA)):
+        parts = list(directory.glob("part-*.parquet")) if directory.is_dir() else []
+        rows = sum(pq.read_metadata(part).num_rows for part in parts)
+        assert parquet_dataset(directory, schema).to_table().num_rows == rows
+
+
 def test_sigkill_at_any_point_then_rerun_is_exactly_once(sample_dir, tmp_path):
     videos, out = sample_dir / "videos", tmp_path / "run"
     finished = None
     for delay in (0.1, 0.6, 1.3, 2.2):
         finished = _run_and_kill(videos, out, "full", delay)
+        _assert_readable_as_datasets(out)  # what a reader sees at any moment of a run
         if finished is not None:
             break
     if finished is None:
@@ -81,7 +99,8 @@ def test_sigkill_at_any_point_then_rerun_is_exactly_once(sample_dir, tmp_path):
 # `lvd curate` killed with SIGKILL (its whole process group) while Ray workers are in the middle of a source, then
 # rerun. One scenario, observed once per module (two CLI runs are the cost); the tests below read what it saw.
 CLI_SOURCES = ("bikes.mp4", "cuts_hard.mp4", "static_shot.mp4", "not_a_video.mp4")
-CLI_SETTINGS = ["--set", "scorers.text.enabled=false"]  # no scorer actors: the workers are what is observed
+# No scorer actors: the workers are what is observed. One source per task run: each task run is named after it.
+CLI_SETTINGS = ["--set", "scorers.text.enabled=false", "--sources-per-task", "1"]
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_SERVER_MARKS = ("prefect.server.api.server:create_app", "prefect server start")
 
@@ -232,7 +251,7 @@ def test_after_sigkill_of_the_cli_no_worker_writes_and_a_rerun_is_exactly_once(k
 
 def test_ray_workers_report_to_the_drivers_prefect_api_and_start_no_server(killed_cli_run, prefect_api):
     """Without a configured server only the driver starts a temporary one, and the workers report to it; with
-    one configured (the rerun), nobody starts a server and every `curate-source` task run is on it."""
+    one configured (the rerun), nobody starts a server and every `curate-batch` task run is on it."""
     import httpx
 
     seen = killed_cli_run
@@ -249,6 +268,6 @@ def test_ray_workers_report_to_the_drivers_prefect_api_and_start_no_server(kille
                                                                   "sort": "START_TIME_DESC", "limit": 1})
     flow_run_id = flow_runs.raise_for_status().json()[0]["id"]
     task_runs = httpx.post(f"{prefect_api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
-    curated = {run["name"].removeprefix("curate "): run["state_type"] for run in task_runs.raise_for_status().json()
-               if run["name"].startswith("curate ")}
+    curated = {run["name"].split(": ", 1)[1]: run["state_type"] for run in task_runs.raise_for_status().json()
+               if run["name"].startswith("curate batch ")}  # "curate batch 2: bikes.mp4"
     assert curated == dict.fromkeys(rerun_sources, "COMPLETED")

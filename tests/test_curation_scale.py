@@ -12,6 +12,7 @@ from fsspec.spec import AbstractFileSystem
 from curation.dataset import discover_sources
 from curation.listing import batch_size, pending_sources, source_batches
 from dataformat import SOURCES_SCHEMA, RunLayout, write_parquet_atomic
+from infra.window import BoundedWindow
 
 FILES_PER_DIRECTORY = 1000
 
@@ -85,3 +86,37 @@ def test_batches_fill_every_worker_on_small_runs_and_are_full_on_large_ones():
     assert batch_size(pending=0, workers=4, sources_per_task=8) == 1
     with pytest.raises(ValueError, match="at least 1"):
         next(source_batches(["a"], 0))
+
+
+def test_the_window_submits_lazily_keeps_at_most_its_limit_in_flight_and_retries_first():
+    pulled: list[int] = []
+
+    def items():
+        for item in range(10):
+            pulled.append(item)
+            yield item
+
+    in_flight: set[int] = set()
+    most = 0
+
+    def submit(item):
+        nonlocal most
+        in_flight.add(item)
+        most = max(most, len(in_flight))
+        return item
+
+    def first_done(futures):  # the newest finishes first: completion order differs from submission order
+        return len(futures) - 1
+
+    window = BoundedWindow(items(), submit, 3, first_done)
+    finished = []
+    for item, _ in window:
+        in_flight.discard(item)
+        assert len(pulled) <= len(finished) + 3  # the input is read only as far as the window reaches
+        finished.append(item)
+        if item == 4:
+            window.retry_first([40, 41])
+    assert most == 3 and window.peak_in_flight == 3 and window.submitted == 12
+    assert sorted(finished) == sorted([*range(10), 40, 41]) and finished[:2] == [2, 3]
+    with pytest.raises(ValueError, match="at least 1"):
+        BoundedWindow([], submit, 0, first_done)

@@ -216,7 +216,7 @@ time.sleep(120)
 
 
 def test_a_worker_exits_with_its_child_processes_once_its_driver_is_gone():
-    """stop_with_driver (what each curate-source task calls on its Ray worker): the worker follows a driver
+    """stop_with_driver (what each curate-batch task calls on its Ray worker): the worker follows a driver
     that exits, children included; a driver on another machine is never taken for gone."""
     import dataclasses
     import json

@@ -124,13 +124,13 @@ def _running(node, task_name: str) -> bool:
 
 
 def test_curation_survives_losing_a_node(cluster_driver, prefect_api, sample_dir, tmp_path):
-    """The second node dies while it curates a source: the source is redone on the head, every source ends up
+    """The second node dies while it curates a batch: the batch is redone on the head, every source ends up
     committed exactly once and the output equals a local run's."""
     from flows.curate import curate_lvd
 
     raw = _input_dir(sample_dir, tmp_path, SOURCES)
     out = tmp_path / "out"
-    killer = _NodeKiller(cluster_driver, 1, lambda: _running(cluster_driver.nodes[1], "curate-source"))
+    killer = _NodeKiller(cluster_driver, 1, lambda: _running(cluster_driver.nodes[1], "curate-batch"))
     killer.start()
     try:
         report = curate_lvd(input_path=str(raw), output_path=str(out), config=CONFIG,

@@ -64,7 +64,7 @@ def curate_on(address: str, raw: Path, out: Path) -> dict[str, float]:
 
     config = CurationConfig.from_overrides(CONFIG)
     layout = prepare_output(out, config)
-    sources = discover_sources(raw, config.video_extensions)
+    sources = list(discover_sources(raw, config.video_extensions))
     ray.init(**ray_init_kwargs(address))
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(curate_source)

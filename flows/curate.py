@@ -12,10 +12,8 @@ runs the same flow from the shell with a progress bar.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ from curation.sample_data import VIDEO_DIR, build_sample_data
 from dataformat import RunLayout, native_source, portable_source
 from flows.cli import add_request_command
 from infra.driver import DriverProcess, stop_with_driver
-from infra.local import ray_init_kwargs
+from infra.local import ray_init_kwargs, unconfigured_prefect_api_url
 from infra.window import BoundedWindow
 
 
@@ -113,6 +111,7 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     workers run on this machine (they can reach a Prefect server on its loopback)."""
     import ray
     import ray.exceptions
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_ray.context import remote_options
 
     worker_deaths = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
@@ -125,15 +124,31 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     batches = source_batches(pending_sources(layout, discover_sources(input_path, cfg.video_extensions)), size)
     numbered = ((f"batch {number}", [portable_source(rel) for rel in batch]) for number, batch in enumerate(batches, 1))
     logger.info("%d sources to curate in batches of %d, at most %d batches in flight", pending, size, limit)
+    # Ray workers rebuild this run's Prefect settings; with no API URL in them each would start a temporary server of
+    # its own. Without a configured server, local workers are pointed at the one this run reports to.
+    worker_api = unconfigured_prefect_api_url()
+    if worker_api and not local_ray:
+        logger.warning("no Prefect server configured (PREFECT_API_URL): the cluster's workers cannot reach this run's "
+                       "temporary server on 127.0.0.1 and record their task runs on temporary servers of their own")
+        worker_api = None
     driver = DriverProcess.current().to_dict()
 
     def submit(batch: tuple[str, list[str]]):
         label, relative_paths = batch
         shown = f"{label}: {relative_paths[0]}" + (f" +{len(relative_paths) - 1}" if len(relative_paths) > 1 else "")
-        with remote_options(max_retries=WORKER_CRASH_RETRIES), _workers_report_to_this_api(local_ray):
+        with remote_options(max_retries=WORKER_CRASH_RETRIES), \
+                temporary_settings(updates={PREFECT_API_URL: worker_api} if worker_api else {}):
             return curate_batch_task.submit(input_path, relative_paths, shown, output_path, config, driver)
 
-    window = BoundedWindow(numbered, submit, limit, _first_finished)
+    def first_finished(futures: list) -> int:
+        """Index of a finished Ray task among `futures` (PrefectRayFuture), waiting until one is. (Nested: a
+        module-level helper would be pickled by reference into the tasks' context, and deployments load this
+        module under a name Ray workers cannot import.)"""
+        references = [future.wrapped_future for future in futures]
+        ready, _ = ray.wait(references, num_returns=1)
+        return references.index(ready[0])
+
+    window = BoundedWindow(numbered, submit, limit, first_finished)
     artifact_id = create_progress_artifact(0.0, key="curate-progress", description="sources processed (per batch)")
     bar = None
     if progress:
@@ -180,15 +195,6 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
     return {**counts, "batch_size": size, "peak_batches_in_flight": window.peak_in_flight}
 
 
-def _first_finished(futures: list) -> int:
-    """Index of a finished Ray task among `futures` (PrefectRayFuture), waiting until one is."""
-    import ray
-
-    references = [future.wrapped_future for future in futures]
-    ready, _ = ray.wait(references, num_returns=1)
-    return references.index(ready[0])
-
-
 @flow(name="curate-lvd", log_prints=True)
 @flat_parameters(CurateRequest)
 def curate_lvd(request: CurateRequest) -> dict:
@@ -215,32 +221,6 @@ def curate_lvd(request: CurateRequest) -> dict:
     print(f"{report['sources']} sources ({report['sources_error']} errors), {report['clips']} clips, "
           f"{report['kept']} kept -> {output_path}")
     return report
-
-
-@contextlib.contextmanager
-def _workers_report_to_this_api(local_ray: bool) -> Iterator[None]:
-    """Tasks submitted in this block report to the Prefect API this flow run reports to.
-
-    Ray workers rebuild the driver's Prefect settings; without an API URL in them, each worker would start a
-    temporary server of its own and record its task runs there. With no server configured, the flow run's API
-    is the temporary server Prefect started in this process (on 127.0.0.1), and local workers are pointed at it;
-    workers of a cluster cannot reach it, so a cluster run needs PREFECT_API_URL (a server the cluster reaches).
-    """
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    context = FlowRunContext.get()
-    if PREFECT_API_URL.value() or context is None or context.client is None:
-        yield
-        return
-    if not local_ray:
-        get_run_logger().warning("no Prefect server configured (PREFECT_API_URL): the cluster's workers cannot "
-                                 "reach this run's temporary server on 127.0.0.1 and record their task runs on "
-                                 "temporary servers of their own")
-        yield
-        return
-    with temporary_settings(updates={PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):
-        yield
 
 
 def _runner_args(ray_address: str | None) -> dict[str, Any]:

@@ -111,6 +111,22 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
             process.wait()
 
 
+def unconfigured_prefect_api_url() -> str | None:
+    """Inside a flow run with no Prefect API configured: the URL of the temporary server Prefect started in this
+    process (on 127.0.0.1) that the run reports to, for Ray workers to report to as well. None otherwise (a
+    configured URL already reaches the workers with the run's settings).
+
+    Lives here, not in a flow module: a function of a flow module that a flow calls is pickled by reference into
+    the Ray tasks' context, and a deployment loads flow modules under names workers cannot import."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    context = FlowRunContext.get()
+    if PREFECT_API_URL.value() or context is None or context.client is None:
+        return None
+    return str(context.client.api_url).rstrip("/")
+
+
 def _ray_on_loopback(single_node: bool) -> None:
     """Make the next `ray.init` in this process pick 127.0.0.1 (single_node) or the network address as node IP.
 

@@ -230,11 +230,16 @@ def _runner_args(ray_address: str | None) -> dict[str, Any]:
 
 
 def deployments() -> list:
+    from prefect.deployments.runner import EntrypointType
+
     return [
         curate_lvd.to_deployment(
             name="local",
             description="Curate raw clips into LVD-F shards (defaults: bundled sample clips, local Ray).",
             parameters={"output_path": str(Path("out/curate").resolve())},
+            # Imported as `flows.curate`, not run as the script `curate.py`: Ray workers unpickle the batch task
+            # by its module, which must be importable there.
+            entrypoint_type=EntrypointType.MODULE_PATH,
         )
     ]
 

@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OPENCV_HEADLESS := opencv-python-headless==5.0.0.93
+TEST_WORKERS ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
@@ -24,14 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import cv2, torch, av, scenedetect, prefect, ray, webdataset; print('environment ok: cv2', cv2.__version__, 'torch', torch.__version__)"
 	touch $@
 
-# pytest exits 5 when it collects nothing; that is not a failure of the project.
+# pytest exits 5 when it collects nothing; that is not a failure of the project. The suite runs on
+# TEST_WORKERS pytest-xdist processes (work stealing): most long tests wait on Ray, Prefect or a subprocess
+# much of the time, so two workers on two cores finish well before one; TEST_WORKERS=0 runs in one process.
 # `make test` is the whole suite (what CI runs); `make test-fast` leaves out the tests marked `slow`
 # (end-to-end runs that start servers or train several stages) for day-to-day work.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -308,34 +308,6 @@ def _best(repeats: int, function, *args) -> tuple[float, object]:
     return best, result
 
 
-def _chain(path: Path, config, steps: frozenset[str]) -> int:
-    """The chain of `curation.chain.process_source` up to the given steps (the real classes, no clip files)."""
-    import av
-
-    from curation.chain import analysis_size
-    from curation.cuts import CutCascade
-    from curation.decode import analysis_copy, stream_frames
-    from curation.motion import MotionMeter
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
-    aw, ah = analysis_size(width, height, config.decode.analysis_width)
-    cascade, motion = CutCascade(config.cuts, fps), MotionMeter(config.motion, fps)
-    count = 0
-    for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
-        count += 1
-        if "analysis" in steps:
-            analysis = analysis_copy(frame, aw, ah)
-            if "cuts" in steps:
-                cascade.push(index, analysis)
-            if "motion" in steps and motion.wants(index):
-                motion.push(index, analysis)
-    if "cuts" in steps:
-        cascade.finish()
-    return count
-
-
 def _flops_and_cpu_s(function) -> tuple[float, float]:
     """(FLOPs, CPU seconds) of one scorer call; the call is made twice, timed without counting.
 
@@ -404,6 +376,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
     import av
     import torch
 
+    from curation.chain import chain_steps
     from curation.config import CurationConfig
     from curation.sample_data import GROUND_TRUTH, VIDEO_DIR, build_sample_data
 
@@ -429,7 +402,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
                 context = container.streams.video[0].codec_context
                 size = context.width * context.height
             for name, chosen in steps.items():
-                seconds, count = _best(repeats, _chain, path, config, chosen)
+                seconds, count = _best(repeats, chain_steps, path, config, chosen)
                 totals[name] += seconds
                 if name == "decode":
                     decode_per_file[path.name] = {"frames": count, "pixels": size, "decode_s": seconds}

@@ -40,11 +40,8 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.video import write_video  # noqa: E402
-from curation.chain import analysis_size, decode_and_analyse, process_source  # noqa: E402
+from curation.chain import chain_steps, decode_and_analyse, process_source  # noqa: E402
 from curation.config import CurationConfig  # noqa: E402
-from curation.cuts import CutCascade  # noqa: E402
-from curation.decode import analysis_copy, stream_frames  # noqa: E402
-from curation.motion import MotionMeter  # noqa: E402
 from curation.sample_data import _cover, _decode_all, _dissolve, footage_paths  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "lvd" / "bench"
@@ -120,28 +117,6 @@ def raw_decode(path: Path) -> int:
         stream.thread_type = "AUTO"
         for _ in container.decode(stream):
             count += 1
-    return count
-
-
-def chain_steps(path: Path, config: CurationConfig, steps: set[str]) -> int:
-    """The chain's per-frame work with some steps switched off (for the per-step breakdown)."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
-    aw, ah = analysis_size(width, height, config.decode.analysis_width)
-    cascade, motion = CutCascade(config.cuts, fps), MotionMeter(config.motion, fps)
-    count = 0
-    for index, frame in enumerate(stream_frames(path)):
-        count += 1
-        if "analysis" not in steps:
-            continue
-        analysis = analysis_copy(frame, aw, ah)
-        if "cuts" in steps:
-            cascade.push(index, analysis)
-        if "motion" in steps and motion.wants(index):
-            motion.push(index, analysis)
-    if "cuts" in steps:
-        cascade.finish()
     return count
 
 

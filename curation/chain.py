@@ -133,6 +133,32 @@ class FrameSpool:
         self.file.close()
 
 
+def chain_steps(path: Path, config: CurationConfig, steps: set[str] | frozenset[str]) -> int:
+    """The per-frame chain of `decode_and_analyse` up to `steps` ("analysis", "cuts", "motion"), with the real
+    classes and no clip files or spool: what each step costs, for benchmarks/curation.py and cost_model.py.
+    Returns the number of decoded frames."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
+    analysis_width, analysis_height = analysis_size(width, height, config.decode.analysis_width)
+    cascade, motion = CutCascade(config.cuts, fps), MotionMeter(config.motion, fps)
+    count = 0
+    for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
+        count += 1
+        if "analysis" not in steps:
+            continue
+        analysis = analysis_copy(frame, analysis_width, analysis_height)
+        if "cuts" in steps:
+            cascade.push(index, analysis)
+        if "motion" in steps and motion.wants(index):
+            motion.push(index, analysis)
+    if "cuts" in steps:
+        cascade.finish()
+    return count
+
+
 def process_source(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
     """Never raises for a bad source: the result then carries an error row and no clips. A fault of the
     machine (disk full, I/O error, timeout: `is_storage_fault`) is raised as StorageFault naming the source."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,15 +91,19 @@ def test_bad_stage_parameters_fail_fast_through_the_flow(curated_dir, tmp_path, 
 
 def _kill_session(session_id: int) -> None:
     """SIGKILL every process of a session, as a lost node would. Killing the process group is not enough:
-    Ray puts each worker in a group of its own, and a surviving worker writes one more checkpoint."""
-    for _ in range(2):  # a second pass catches a process spawned during the first
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == session_id:
-                        os.kill(int(entry.name), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    continue
+    Ray puts each worker in a group of its own, and a surviving worker writes one more checkpoint. Scans
+    until three in a row find nothing alive: a process forked while the previous scan ran is caught too."""
+    from infra.local import session_pids
+
+    quiet_scans, deadline = 0, time.monotonic() + 30
+    while quiet_scans < 3 and time.monotonic() < deadline:
+        alive = session_pids(session_id)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        quiet_scans = 0 if alive else quiet_scans + 1
+        time.sleep(0.02)
+    assert not session_pids(session_id), "processes of the killed run survive"
 
 
 def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_path, prefect_api):

@@ -22,8 +22,9 @@ class OutputLocked(RuntimeError):
     """Another live process writes this output directory."""
 
 
-def _process_started(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch), or None if no such process runs."""
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None if no such live process runs (zombies
+    count as gone). A process that exists but cannot be inspected raises psutil.AccessDenied."""
     import psutil
 
     try:
@@ -33,15 +34,18 @@ def _process_started(pid: int) -> float | None:
         return process.create_time()
     except psutil.NoSuchProcess:
         return None
-    except psutil.Error:  # exists but not ours to inspect
-        return 0.0
 
 
 def _holder_alive(holder: dict) -> bool:
     """Whether the process recorded in a lock still runs (same pid, started no later than the lock was taken)."""
     if holder.get("host") != socket.gethostname():
         return True  # cannot be checked from here
-    started = _process_started(int(holder.get("pid", -1)))
+    import psutil
+
+    try:
+        started = process_started(int(holder.get("pid", -1)))
+    except psutil.Error:  # exists but not ours to inspect
+        return True
     if started is None:
         return False
     return started <= float(holder.get("process_started", started)) + 1.0  # else the pid was reused
@@ -64,7 +68,7 @@ def acquire_output_lock(out: str | Path) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-          "process_started": _process_started(os.getpid()) or time.time()}
+          "process_started": process_started(os.getpid()) or time.time()}
     for _ in range(3):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

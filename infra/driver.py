@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dataformat.lock import process_started
+
 POLL_S = 0.1
 
 
@@ -31,19 +33,6 @@ def _pid_namespace() -> str:
     with contextlib.suppress(OSError):
         return os.readlink("/proc/self/ns/pid")
     return ""
-
-
-def _process_started(pid: int) -> float | None:
-    """Start time of process `pid` (seconds since the epoch); None if it has exited (zombies included)."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return process.create_time()
-    except psutil.NoSuchProcess:
-        return None
 
 
 @dataclass(frozen=True)
@@ -58,7 +47,7 @@ class DriverProcess:
     @classmethod
     def current(cls) -> DriverProcess:
         pid = os.getpid()
-        return cls(socket.gethostname(), _pid_namespace(), pid, _process_started(pid) or 0.0)
+        return cls(socket.gethostname(), _pid_namespace(), pid, process_started(pid) or 0.0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriverProcess:
@@ -75,7 +64,7 @@ class DriverProcess:
         """True once the driver has certainly exited; a driver this process cannot see is never 'gone'."""
         if not self.visible_here():
             return False
-        started = _process_started(self.pid)
+        started = process_started(self.pid)
         return started is None or abs(started - self.started) > 1.0  # exited, or the pid now names another process
 
     def check(self) -> None:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED: dict[str, set[str]] = {
     "dataformat": set(),
     "common": set(),
-    "infra": set(),
+    "infra": {"dataformat"},  # the driver watchdog reads process liveness the way the OUT lock does
     "model": {"common"},
     "curation": {"dataformat", "common", "infra"},
     "training": {"model", "dataformat", "common", "infra"},

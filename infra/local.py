@@ -306,15 +306,26 @@ def _process_state(pid: int) -> str:
 def _stop_session(session_id: int, timeout_s: float = 15.0) -> list[int]:
     """SIGTERM every process of the session, SIGKILL what is left after `timeout_s`; returns the pids still
     alive afterwards (none, unless a process cannot be killed)."""
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        for pid in session_pids(session_id):
+    for pid in session_pids(session_id):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while session_pids(session_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return kill_session(session_id)
+
+
+def kill_session(session_id: int, timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL every process of the session, as a lost machine would, scanning until three scans in a row find
+    nothing alive (a process forked while a scan ran is caught by the next); returns the pids still alive."""
+    quiet_scans, deadline = 0, time.monotonic() + timeout_s
+    while quiet_scans < 3 and time.monotonic() < deadline:
+        alive = session_pids(session_id)
+        for pid in alive:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while session_pids(session_id) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_pids(session_id):
-            return []
+                os.kill(pid, signal.SIGKILL)
+        quiet_scans = 0 if alive else quiet_scans + 1
+        time.sleep(0.02)
     return session_pids(session_id)
 
 

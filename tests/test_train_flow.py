@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from infra.local import kill_session
 from tests.train_helpers import train_in_process
 from training.loop import complete_checkpoints, run_stage
 from training.request import StageRunRequest
@@ -89,23 +87,6 @@ def test_bad_stage_parameters_fail_fast_through_the_flow(curated_dir, tmp_path, 
     assert not (root / "stage1" / "ray").exists()
 
 
-def _kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session, as a lost node would. Killing the process group is not enough:
-    Ray puts each worker in a group of its own, and a surviving worker writes one more checkpoint. Scans
-    until three in a row find nothing alive: a process forked while the previous scan ran is caught too."""
-    from infra.local import session_pids
-
-    quiet_scans, deadline = 0, time.monotonic() + 30
-    while quiet_scans < 3 and time.monotonic() < deadline:
-        alive = session_pids(session_id)
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        quiet_scans = 0 if alive else quiet_scans + 1
-        time.sleep(0.02)
-    assert not session_pids(session_id), "processes of the killed run survive"
-
-
 def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_path, prefect_api):
     """`lvd train --stage 1 --checkpoint-every 5` killed with SIGKILL right after its first checkpoint; the
     rerun continues from the newest checkpoint on disk and ends with the weights of an uninterrupted run."""
@@ -122,7 +103,9 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
                 break
             time.sleep(0.02)  # a tiny step takes ~50 ms: poll faster than the run moves
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        _kill_session(first.pid)  # the driver, Ray and its workers (each in its own process group) at once
+        # the driver, Ray and its workers at once, as a lost node would (each worker has a process group of its
+        # own, so killing the group is not enough: a surviving worker writes one more checkpoint)
+        assert not kill_session(first.pid, timeout_s=30), "processes of the killed run survive"
         first.wait()
     finally:
         log.close()

@@ -15,8 +15,8 @@ Fades through black come from PySceneDetect's ThresholdDetector (cut at the midd
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -26,6 +26,8 @@ from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDe
 from curation.config import CutConfig
 
 THUMB_SIZE = (32, 18)  # structure correlation and dissolve fits: small enough to ignore motion of a few pixels
+SMALL_SIZE = (64, 36)  # the colour histograms of dissolve candidates are taken at this size
+HUE_BINS, SATURATION_BINS = 16, 8
 
 
 @dataclass
@@ -37,75 +39,259 @@ class Candidate:
     window: tuple[int, int]
 
 
-class Thumb:
-    """What verification keeps of one frame (~9 KB; a few seconds of them sit in a ring buffer).
+class FrameNumber(int):
+    """A frame number that PySceneDetect's content detectors take where they expect a FrameTimecode.
 
-    The colour histogram is only needed for the frames around a dissolve candidate, so it is
-    computed on first use.
+    Their trigger logic (AdaptiveDetector's minimum scene length, the FlashFilter of ContentDetector) only
+    subtracts and compares timecodes built from frame numbers, which plain ints do exactly; it reads
+    `frame_rate` and, on what it returns, we read `frame_num`. Building FrameTimecodes per frame and per
+    comparison cost more than the detectors' arithmetic on 64-px frames.
     """
 
-    __slots__ = ("small", "structure", "_colour", "_unit")
+    frame_rate: Fraction
 
-    def __init__(self, analysis_bgr: np.ndarray) -> None:
-        self.small = cv2.resize(analysis_bgr, (64, 36), interpolation=cv2.INTER_AREA)
-        gray = cv2.resize(cv2.cvtColor(self.small, cv2.COLOR_BGR2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
-        self.structure = gray.astype(np.float32)
-        self._colour: np.ndarray | None = None
-        self._unit: np.ndarray | None = None
+    @classmethod
+    def at(cls, index: int, rate: Fraction) -> FrameNumber:
+        number = cls(index)
+        number.frame_rate = rate
+        return number
 
     @property
-    def unit(self) -> np.ndarray:
-        """The grey thumbnail zero-mean and unit-norm (float64; zeros for a flat frame), computed once:
+    def frame_num(self) -> int:
+        return int(self)
+
+
+class _SharedHsvScore:
+    """ContentDetector's frame score from an HSV frame computed once per frame for every detector.
+
+    PySceneDetect's ContentDetector converts each frame it gets to HSV and then takes per-channel mean
+    absolute differences with the frame it saw last; the cascade runs three of them on the same frames (two
+    at lower rates), so the conversion is shared: `process_frame` takes the frame's HSV image instead of BGR.
+    The differences are computed with OpenCV (exact integer sums, divided as PySceneDetect divides) and
+    weighted as ContentDetector weighs them (the same sum, term by term, over the same total weight), so the
+    scores are PySceneDetect's to the bit; `process_frame` and the trigger logic (threshold, flash filter,
+    AdaptiveDetector's rolling ratio) are PySceneDetect's own. Edge differences are not supported (the
+    cascade uses the default weights, which give them no weight).
+    """
+
+    _weights: ContentDetector.Components
+    stats_manager: object
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if self._weights.delta_edges != 0.0:
+            raise ValueError("shared-HSV content detectors do not support edge differences (delta_edges weight)")
+        self._last_hsv: np.ndarray | None = None
+        self._total_weight = sum(abs(weight) for weight in self._weights)
+
+    def _calculate_frame_score(self, timecode: FrameNumber, frame_img: np.ndarray) -> float:
+        if self.stats_manager is not None:
+            raise ValueError("shared-HSV content detectors do not record stats")
+        previous, self._last_hsv = self._last_hsv, frame_img
+        if previous is None:
+            return 0.0
+        pixels = float(frame_img.shape[0] * frame_img.shape[1])
+        hue, sat, lum, _ = cv2.sumElems(cv2.absdiff(frame_img, previous))
+        weights = self._weights
+        return (hue / pixels * weights.delta_hue + sat / pixels * weights.delta_sat
+                + lum / pixels * weights.delta_lum + 0.0 * weights.delta_edges) / self._total_weight
+
+
+class SharedHsvContentDetector(_SharedHsvScore, ContentDetector):
+    """PySceneDetect's ContentDetector fed HSV frames (see _SharedHsvScore) and FrameNumber timecodes."""
+
+
+class SharedHsvAdaptiveDetector(_SharedHsvScore, AdaptiveDetector):
+    """PySceneDetect's AdaptiveDetector fed HSV frames (see _SharedHsvScore) and FrameNumber timecodes."""
+
+
+class FrameMean:
+    """The mean intensity of the current frame, handed to PySceneDetect's ThresholdDetector as its stats manager.
+
+    ThresholdDetector takes a frame's mean intensity from its stats manager (PySceneDetect's cache of
+    per-frame metrics) when that has it, instead of computing `numpy.mean` over the frame; this stand-in
+    always has the current frame's, computed from OpenCV's per-channel sums. Those sums of 8-bit pixels are
+    exact integers, as numpy's are, and are divided by the same count, so the value is numpy's to the bit.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def update(self, frame_bgr: np.ndarray) -> None:
+        blue, green, red, _ = cv2.sumElems(frame_bgr)
+        self.value = (blue + green + red) / frame_bgr.size
+
+    def metrics_exist(self, timecode: object, metric_keys: list[str]) -> bool:
+        return True
+
+    def get_metrics(self, timecode: object, metric_keys: list[str]) -> list[float]:
+        return [self.value]
+
+
+class ThumbRing:
+    """What verification keeps of the last `capacity` frames, in rows of preallocated arrays (~15 KB a row).
+
+    Per frame: the HSV image of its 64x36 copy and its grey 32x18 thumbnail (float32). Computed on first use,
+    as only frames near a candidate need them: the thumbnail zero-mean and unit-norm (structure correlation)
+    and a hue-saturation histogram (dissolve ends). The arrays have twice `capacity` rows, so any run of
+    buffered frames is one contiguous slice (the dissolve search takes them as a stack without copying);
+    when the end is reached the live rows move to the front.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        rows = 2 * capacity
+        pixels = THUMB_SIZE[0] * THUMB_SIZE[1]
+        self.hsv = np.empty((rows, SMALL_SIZE[1], SMALL_SIZE[0], 3), np.uint8)
+        self.structure = np.empty((rows, pixels), np.float32)
+        self._units = np.empty((rows, pixels), np.float64)
+        # Rows whose histogram is not computed yet hold some valid histogram (never garbage), so arithmetic
+        # over a whole block stays finite where only some rows matter.
+        self._colours = np.full((rows, HUE_BINS * SATURATION_BINS), 1.0 / (HUE_BINS * SATURATION_BINS))
+        self._unit_ready = np.zeros(rows, bool)
+        self._colour_ready = np.zeros(rows, bool)
+        self.first = 0  # frame index of the oldest buffered frame
+        self.count = 0
+        self._row0 = 0  # its row
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def append(self, index: int, analysis_bgr: np.ndarray, analysis_hsv: np.ndarray) -> None:
+        """Add frame `index` (frames come in order, one index after the other) and its HSV image."""
+        if self.count == 0:
+            self.first = index
+        elif self.count == self.capacity:
+            self.first += 1
+            self._row0 += 1
+            self.count -= 1
+        if self._row0 + self.count == len(self.structure):
+            live = slice(self._row0, self._row0 + self.count)
+            for array in (self.hsv, self.structure, self._units, self._colours, self._unit_ready,
+                          self._colour_ready):
+                array[: self.count] = array[live]
+            self._row0 = 0
+        row = self._row0 + self.count
+        if analysis_bgr.shape[1::-1] == SMALL_SIZE:
+            small, self.hsv[row] = analysis_bgr, analysis_hsv  # what resizing to its own size gives
+        else:
+            small = cv2.resize(analysis_bgr, SMALL_SIZE, interpolation=cv2.INTER_AREA)
+            cv2.cvtColor(small, cv2.COLOR_BGR2HSV, dst=self.hsv[row])
+        gray = cv2.resize(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
+        self.structure[row] = gray.ravel()
+        self._unit_ready[row] = self._colour_ready[row] = False
+        self.count += 1
+
+    def row(self, index: int) -> int | None:
+        """The row of frame `index`, or None when it is not buffered."""
+        position = index - self.first
+        return self._row0 + position if 0 <= position < self.count else None
+
+    def clamped_row(self, index: int) -> int:
+        return self._row0 + min(max(index - self.first, 0), self.count - 1)
+
+    def compute_units(self, rows: np.ndarray) -> None:
+        """Make the grey thumbnails of `rows` zero-mean and unit-norm (float64; zeros for a flat frame), once:
         verification correlates each frame with many others."""
-        if self._unit is None:
-            centred = self.structure.ravel().astype(np.float64)
-            centred -= centred.mean()
-            norm = float(np.sqrt(centred @ centred))
-            self._unit = centred / norm if norm >= 1e-3 else np.zeros_like(centred)
-        return self._unit
+        todo = np.unique(rows[~self._unit_ready[rows]])
+        if not len(todo):
+            return
+        centred = self.structure[todo].astype(np.float64)
+        centred -= centred.mean(axis=1, keepdims=True)
+        for row, vector in zip(todo, centred, strict=True):
+            norm = float(np.sqrt(vector @ vector))
+            self._units[row] = vector / norm if norm >= 1e-3 else 0.0
+        self._unit_ready[todo] = True
 
-    def correlation(self, other: Thumb) -> float:
-        """Pearson correlation of the two grey thumbnails: 1 for the same picture under any gain/offset,
-        0 when either is flat (black, white: structure undefined, treated as different)."""
-        return float(self.unit @ other.unit)
+    def units(self, first_row: int, last_row: int) -> np.ndarray:
+        """Rows `first_row`..`last_row` of the normalised thumbnails (see `compute_units`)."""
+        self.compute_units(np.arange(first_row, last_row + 1))
+        return self._units[first_row: last_row + 1]
 
-    @property
-    def blend(self) -> np.ndarray:
-        return self.structure
+    def best_correlation(self, rows: list[int], others: list[int]) -> float:
+        """The highest Pearson correlation of a grey thumbnail in `rows` with one in `others`: 1 for the same
+        picture under any gain/offset, 0 when either is flat (black, white: structure undefined, treated as
+        different)."""
+        self.compute_units(np.array(rows + others))
+        units = self._units
+        return max(float(units[row] @ units[other]) for row in rows for other in others)
 
-    @property
-    def colour(self) -> np.ndarray:
-        """Hue-saturation histogram, L1-normalised."""
-        if self._colour is None:
-            hsv = cv2.cvtColor(self.small, cv2.COLOR_BGR2HSV)
-            hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
-            self._colour = cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1)
-        return self._colour
+    def colours(self, first_row: int, last_row: int) -> np.ndarray:
+        """Rows `first_row`..`last_row` of the hue-saturation histograms (L1-normalised, float64): the rows
+        passed to `compute_colours` hold theirs, the others some valid histogram."""
+        return self._colours[first_row: last_row + 1]
+
+    def compute_colours(self, rows: np.ndarray) -> bool:
+        """Compute the histograms of `rows` not computed yet; False when there were none."""
+        todo = np.unique(rows[~self._colour_ready[rows]])
+        for row in todo:
+            hist = cv2.calcHist([self.hsv[row]], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
+            self._colours[row] = cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1).ravel()
+        self._colour_ready[todo] = True
+        return bool(len(todo))
 
 
-def make_thumb(analysis_bgr: np.ndarray) -> Thumb:
-    return Thumb(analysis_bgr)
+class CrossFadeFit:
+    """Fits windows of buffered frames as cross-fades: each inner frame as alpha*first + (1-alpha)*last.
 
-
-def fit_cross_fades(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the inner frames of each window as alpha*first + (1-alpha)*last.
-
-    `windows` is (windows, frames, pixels). Returns each window's residual relative to how different its
-    ends are, and the fitted alphas (windows, frames-2). A dissolve is such a blend with alpha falling from
-    1 to 0; camera or subject motion is not a blend of the window's ends for any alpha.
+    A dissolve is such a blend with alpha falling from 1 to 0; camera or subject motion is not a blend of the
+    window's ends for any alpha. Each window gets its alphas and its residual: the mean absolute misfit
+    relative to how different its ends are (inf when they are the same picture). A window's fit is computed
+    once and kept while its frames are buffered: the mid- and low-rate candidates of one transition search
+    overlapping windows. The window arrays (windows x frames x pixels, megabytes) go to scratch memory kept
+    between calls: fresh arrays of that size cost more in page faults than the arithmetic.
     """
-    first, last = windows[:, 0], windows[:, -1]
-    difference = first - last
-    energy = np.maximum(np.einsum("wp,wp->w", difference, difference), 1e-6)
-    scale = np.abs(difference).mean(axis=1)
-    offsets = windows[:, 1:-1] - last[:, None]
-    alphas = np.clip(np.einsum("wfp,wp->wf", offsets, difference) / energy[:, None], 0.0, 1.0)
-    misfit = alphas[..., None] * difference[:, None]  # in place from here: these arrays dominate the cost
-    np.subtract(offsets, misfit, out=misfit)
-    np.abs(misfit, out=misfit)
-    errors = misfit.reshape(len(windows), -1).mean(axis=1)
-    residuals = np.where(scale > 1e-3, errors / np.maximum(scale, 1e-3), np.inf)
-    return residuals, alphas
+
+    def __init__(self) -> None:
+        self._offsets = np.empty(0, np.float32)
+        self._misfit = np.empty(0, np.float32)
+        self._known: dict[tuple[int, int], tuple[np.ndarray, np.float32]] = {}
+
+    @staticmethod
+    def _scratch(buffer: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        size = int(np.prod(shape))
+        if buffer.size < size:
+            buffer = np.empty(size, np.float32)
+        return buffer, buffer[:size].reshape(shape)
+
+    def fit(self, stack: np.ndarray, first_index: int, starts: np.ndarray,
+            length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Alphas (windows, length - 1) and residuals (windows,) of the windows [start, start + length] of
+        `stack` (frames from `first_index` on, pixels)."""
+        keys = [(first_index + int(start), length) for start in starts]
+        missing = [i for i, key in enumerate(keys) if key not in self._known]
+        if missing:
+            alphas, residuals = self._compute(stack, starts[missing], length)
+            for i, alpha, residual in zip(missing, alphas, residuals, strict=True):
+                self._known[keys[i]] = (alpha, residual)
+        fits = [self._known[key] for key in keys]
+        return np.stack([alpha for alpha, _ in fits]), np.array([residual for _, residual in fits], np.float32)
+
+    def forget_before(self, index: int, keep: int = 4096) -> None:
+        """Drop the fits of windows starting before frame `index` (no longer buffered) once there are more
+        than `keep`."""
+        if len(self._known) > keep:
+            self._known = {key: fit for key, fit in self._known.items() if key[0] >= index}
+
+    def _compute(self, stack: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        first, last = stack[starts], stack[starts + length]
+        difference = first - last
+        energy = np.maximum(np.einsum("wp,wp->w", difference, difference), 1e-6)
+        scale = np.abs(difference).mean(axis=1)
+        self._offsets, offsets = self._scratch(self._offsets, (len(starts), length - 1, stack.shape[1]))
+        np.take(stack, starts[:, None] + np.arange(1, length)[None, :], axis=0, out=offsets)
+        np.subtract(offsets, last[:, None], out=offsets)
+        alphas = np.clip(np.einsum("wfp,wp->wf", offsets, difference) / energy[:, None], 0.0, 1.0)
+        self._misfit, misfit = self._scratch(self._misfit, offsets.shape)
+        np.multiply(alphas[..., None], difference[:, None], out=misfit)
+        np.subtract(offsets, misfit, out=misfit)
+        np.abs(misfit, out=misfit)
+        errors = misfit.reshape(len(starts), -1).mean(axis=1)
+        return alphas, np.where(scale > 1e-3, errors / np.maximum(scale, 1e-3), np.inf)
 
 
 class CutCascade:
@@ -118,21 +304,27 @@ class CutCascade:
         self.min_shot_frames = min_shot
         self.mid_step = max(1, round(fps / config.mid_fps))
         self.low_step = max(self.mid_step + 1, round(fps / config.low_fps))
-        self.native = AdaptiveDetector(
+        # The three content detectors share each frame's HSV image; the fade detector takes BGR frames.
+        self.native = SharedHsvAdaptiveDetector(
             adaptive_threshold=config.native_adaptive_threshold,
             min_content_val=config.native_min_content,
             window_width=config.native_window,
             min_scene_len=min_shot,
         )
-        self.mid = ContentDetector(threshold=config.mid_threshold, min_scene_len=1)
-        self.low = ContentDetector(threshold=config.low_threshold, min_scene_len=1)
+        self.mid = SharedHsvContentDetector(threshold=config.mid_threshold, min_scene_len=1)
+        self.low = SharedHsvContentDetector(threshold=config.low_threshold, min_scene_len=1)
         self.fade = ThresholdDetector(threshold=config.fade_threshold, min_scene_len=min_shot, fade_bias=0.0)
+        self._frame_mean = FrameMean()
+        self.fade.stats_manager = self._frame_mean
+        self._rate = FrameTimecode(0, fps=fps)  # the source's rate, converted to a fraction once
         # Scale dissolve lengths (given for 25 fps) to this source's rate.
         self.dissolve_lengths = sorted({max(2, round(n * fps / 25.0)) for n in config.dissolve_lengths})
         reach = 2 * self.low_step + max(self.dissolve_lengths) + 8
         self.lag = reach
-        self.thumbs: deque[tuple[int, Thumb]] = deque(maxlen=3 * reach + 16)
+        self.thumbs = ThumbRing(3 * reach + 16)
+        self._fit = CrossFadeFit()
         self.pending: list[Candidate] = []
+        self._next_due: float = np.inf  # the earliest window end of a pending candidate: verified once settled
         self.accepted: list[Candidate] = []
         self.rejected: list[tuple[Candidate, str]] = []
         self.frame_count = 0
@@ -142,25 +334,30 @@ class CutCascade:
         self.settle_frames = reach + self.low_step + max(self.dissolve_lengths) + min_shot + 2
         self._provisional: tuple[int, set[int]] = (0, set())
 
-    def _timecode(self, index: int) -> FrameTimecode:
-        return FrameTimecode(index, fps=self.fps)
-
     def push(self, index: int, analysis_bgr: np.ndarray) -> None:
-        timecode = self._timecode(index)
-        self.thumbs.append((index, make_thumb(analysis_bgr)))
-        for cut in self.native.process_frame(timecode, analysis_bgr):
-            self.pending.append(Candidate(cut.frame_num, "native", (cut.frame_num - 1, cut.frame_num)))
-        for cut in self.fade.process_frame(timecode, analysis_bgr):
+        """Add frame `index` (0, 1, 2, ... one after the other)."""
+        hsv = cv2.cvtColor(analysis_bgr, cv2.COLOR_BGR2HSV)
+        self.thumbs.append(index, analysis_bgr, hsv)
+        number = FrameNumber.at(index, self._rate.frame_rate)
+        found: list[Candidate] = []
+        for cut in self.native.process_frame(number, hsv):
+            found.append(Candidate(cut.frame_num, "native", (cut.frame_num - 1, cut.frame_num)))
+        self._frame_mean.update(analysis_bgr)
+        for cut in self.fade.process_frame(FrameTimecode(index, fps=self._rate), analysis_bgr):
             half = self.min_shot_frames
-            self.pending.append(Candidate(cut.frame_num, "fade", (cut.frame_num - half, cut.frame_num + half)))
+            found.append(Candidate(cut.frame_num, "fade", (cut.frame_num - half, cut.frame_num + half)))
         if index % self.mid_step == 0:
-            for cut in self.mid.process_frame(timecode, analysis_bgr):
-                self.pending.append(Candidate(cut.frame_num, "mid", (cut.frame_num - self.mid_step, cut.frame_num)))
+            for cut in self.mid.process_frame(number, hsv):
+                found.append(Candidate(cut.frame_num, "mid", (cut.frame_num - self.mid_step, cut.frame_num)))
         if index % self.low_step == 0:
-            for cut in self.low.process_frame(timecode, analysis_bgr):
-                self.pending.append(Candidate(cut.frame_num, "low", (cut.frame_num - self.low_step, cut.frame_num)))
+            for cut in self.low.process_frame(number, hsv):
+                found.append(Candidate(cut.frame_num, "low", (cut.frame_num - self.low_step, cut.frame_num)))
+        if found:
+            self.pending += found
+            self._next_due = min(self._next_due, *(candidate.window[1] for candidate in found))
         self.frame_count = index + 1
-        self._resolve(ready_before=index - self.lag)
+        if self._next_due <= index - self.lag:
+            self._resolve(ready_before=index - self.lag)
 
     def is_cut_so_far(self, index: int) -> bool:
         """Whether the candidates verified so far put a cut at `index` (final for frames `settle_frames`
@@ -175,19 +372,6 @@ class CutCascade:
 
     # -- verification -------------------------------------------------------------------------------
 
-    def _thumb(self, index: int) -> Thumb | None:
-        if not self.thumbs:
-            return None
-        first = self.thumbs[0][0]
-        position = index - first
-        if 0 <= position < len(self.thumbs):
-            return self.thumbs[position][1]
-        return None
-
-    def _clamped_thumb(self, index: int) -> Thumb | None:
-        first, last = self.thumbs[0][0], self.thumbs[-1][0]
-        return self._thumb(min(max(index, first), last))
-
     def _resolve(self, ready_before: int) -> None:
         still_pending = []
         for candidate in self.pending:
@@ -200,10 +384,11 @@ class CutCascade:
             else:
                 self.rejected.append((candidate, verdict))
         self.pending = still_pending
+        self._next_due = min((candidate.window[1] for candidate in still_pending), default=np.inf)
 
     def _verify(self, candidate: Candidate) -> Candidate | str:
         start, end = candidate.window
-        if self._clamped_thumb(start) is None:
+        if not len(self.thumbs):
             return "outside buffer"
         if candidate.level == "fade":
             return candidate  # a run of black frames separates two shots by construction
@@ -220,10 +405,9 @@ class CutCascade:
         cut (even a jump cut inside one scene) does not. Several pairs make this robust to a flash
         spanning a frame or two more than the window.
         """
-        befores = [self._clamped_thumb(start - k) for k in (1, 2, 3)]
-        afters = [self._clamped_thumb(end + k) for k in (1, 3, 5)]
-        best = max(b.correlation(a) for b in befores for a in afters)
-        return best >= self.config.same_shot_correlation
+        befores = [self.thumbs.clamped_row(start - k) for k in (1, 2, 3)]
+        afters = [self.thumbs.clamped_row(end + k) for k in (1, 3, 5)]
+        return self.thumbs.best_correlation(befores, afters) >= self.config.same_shot_correlation
 
     def _locate_dissolve(self, candidate: Candidate) -> Candidate | str:
         """Find the longest window near a low-rate candidate that is a cross-fade between two shots.
@@ -233,16 +417,16 @@ class CutCascade:
         where its blend weight crosses one half.
         """
         start, end = candidate.window
-        config = self.config
-        low = start - max(self.dissolve_lengths)
-        indices = [i for i in range(low, end + max(self.dissolve_lengths) + 1) if self._thumb(i) is not None]
-        if not indices:
+        config, thumbs = self.config, self.thumbs
+        longest = max(self.dissolve_lengths)
+        first_index, last_index = max(start - longest, thumbs.first), min(end + longest, thumbs.last)
+        if last_index < first_index:
             return "outside buffer"
-        first_index, last_index = indices[0], indices[-1]
-        thumbs = [self._thumb(i) for i in range(first_index, last_index + 1)]
-        stack = np.stack([thumb.blend.ravel() for thumb in thumbs])
-        units = np.stack([thumb.unit for thumb in thumbs])
-        colours = np.stack([thumb.colour.ravel() for thumb in thumbs]).astype(np.float64)
+        self._fit.forget_before(thumbs.first)
+        first_row, last_row = thumbs.row(first_index), thumbs.row(last_index)
+        stack = thumbs.structure[first_row: last_row + 1]
+        units = thumbs.units(first_row, last_row)
+        colours = thumbs.colours(first_row, last_row)
         roots, totals = np.sqrt(colours), colours.sum(axis=1)
         for length in sorted(self.dissolve_lengths, reverse=True):
             first, last = max(start - length, first_index), min(end, last_index - length)
@@ -250,18 +434,20 @@ class CutCascade:
                 continue
             a = np.arange(first - first_index, last - first_index + 1)
             b = a + length
-            # the window's ends belong to different shots: new colours (Bhattacharyya distance of the hue-saturation
-            # histograms, as OpenCV's compareHist computes it) and a different layout
+            # the window's ends belong to different shots: a different layout and new colours (Bhattacharyya
+            # distance of the hue-saturation histograms, as OpenCV's compareHist computes it); histograms are
+            # computed only for the ends of windows whose layout changed, as no other window can pass
+            correlation = np.einsum("wp,wp->w", units[a], units[b])
+            different = correlation < config.same_shot_correlation
+            if thumbs.compute_colours(first_row + np.concatenate((a[different], b[different]))):
+                roots, totals = np.sqrt(colours), colours.sum(axis=1)
             product = totals[a] * totals[b]
             scale = np.where(np.abs(product) > np.finfo(np.float32).eps, 1.0 / np.sqrt(np.abs(product)), 1.0)
             colour_change = np.sqrt(np.maximum(1.0 - np.einsum("wb,wb->w", roots[a], roots[b]) * scale, 0.0))
-            correlation = np.einsum("wp,wp->w", units[a], units[b])
-            changed = (colour_change >= config.min_dissolve_colour_change) & (
-                correlation < config.same_shot_correlation)
-            a = a[changed]
+            a = a[(colour_change >= config.min_dissolve_colour_change) & different]
             if not len(a):
                 continue
-            residuals, alphas = fit_cross_fades(stack[a[:, None] + np.arange(length + 1)[None, :]])
+            alphas, residuals = self._fit.fit(stack, first_index, a, length)
             weights = alphas.astype(np.float64)  # compared in double precision
             falling = np.all(weights[:, 1:] <= weights[:, :-1] + 0.1, axis=1)
             fits = (residuals <= config.max_blend_residual) & (weights[:, 0] > 0.6) & (weights[:, -1] < 0.4) & falling

@@ -28,6 +28,7 @@ import numpy as np
 
 from common.video import quarter_turns, upright
 from curation.clipping import (
+    DecodedSoFar,
     HeldFrames,
     LiveReencoder,
     plan_clips,
@@ -45,6 +46,7 @@ from curation.decode import (
     is_storage_fault,
     probe,
     stream_frames,
+    thread_budget,
 )
 from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
@@ -145,7 +147,7 @@ def chain_steps(path: Path, config: CurationConfig, steps: set[str] | frozenset[
     analysis_width, analysis_height = analysis_size(width, height, config.decode.analysis_width)
     cascade, motion = CutCascade(config.cuts, fps), MotionMeter(config.motion, fps)
     count = 0
-    for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
+    for index, frame in enumerate(stream_frames(path, config.decode.threads)):
         count += 1
         if "analysis" not in steps:
             continue
@@ -201,19 +203,21 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
     cascade has settled whether a cut falls on it. The caller closes the spool and discards the live
     re-encoder's leftovers."""
     info = probe(path, config.decode)
-    live = _live_reencoder(info, work_dir, config) if live_clips else None
+    cascade = CutCascade(config.cuts, info.fps)
+    keyframes: list[int] = []
+    ahead = DecodedSoFar(keyframes, cascade.is_cut_so_far)
+    live = _live_reencoder(info, work_dir, config, ahead) if live_clips else None
     width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
     scale = min(1.0, config.decode.sample_long_side / max(info.width, info.height))
     sample_size = (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
-    cascade = CutCascade(config.cuts, info.fps)
     motion = MotionMeter(config.motion, info.fps)
     held = HeldFrames(cascade.settle_frames)
     work_dir.mkdir(parents=True, exist_ok=True)
     spool = FrameSpool(work_dir)
-    analysis = Analysis(info, 0, [], [], [], [], [], motion, spool, live)
+    analysis = Analysis(info, 0, [], keyframes, [], [], [], motion, spool, live)
     try:
         index = -1
-        for index, frame in enumerate(stream_frames(path, config.decode.decoder_threads)):
+        for index, frame in enumerate(stream_frames(path, config.decode.threads)):
             if index == 0:
                 analysis.turns = quarter_turns(frame)
             if frame.key_frame:
@@ -228,8 +232,9 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
                 motion.push(index, small)
                 spool.add(index, upright(analysis_copy(frame, *sample_size, rgb=True), analysis.turns))
             if live is not None:
+                ahead.frames = index + 1
                 for held_index, held_frame in held.add(index, frame):
-                    live.push(held_index, held_frame, cascade.is_cut_so_far(held_index))
+                    live.push(held_index, held_frame)
         analysis.num_frames = num_frames = index + 1
         if num_frames < config.decode.min_frames:
             raise SourceError(
@@ -240,9 +245,9 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
             raise SourceError(f"truncated video: decoded {num_frames} of {info.expected_frames} frames")
         analysis.cuts = cascade.finish()
         if live is not None:
-            final = set(analysis.cuts)
+            ahead.is_cut, ahead.ended = set(analysis.cuts).__contains__, True
             for held_index, held_frame in held.drain():
-                live.push(held_index, held_frame, held_index in final)
+                live.push(held_index, held_frame)
             live.finish(num_frames)
     except BaseException:
         spool.close()
@@ -252,13 +257,15 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
     return analysis
 
 
-def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig) -> LiveReencoder | None:
+def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig,
+                    ahead: DecodedSoFar) -> LiveReencoder | None:
     """A live re-encoder, or None when holding `settle_frames` decoded frames back would take more than
     `clips.lookahead_mb` (then re-encoded clips come from a second decode pass)."""
     held_bytes = CutCascade(config.cuts, info.fps).settle_frames * info.width * info.height * 1.5  # 4:2:0
     if held_bytes > config.clips.lookahead_mb * 2**20:
         return None
-    return LiveReencoder(clips_dir, info.width, info.height, info.fps, config.clips)
+    return LiveReencoder(clips_dir, info.width, info.height, info.fps, config.clips, ahead,
+                         thread_budget(config.decode.threads))
 
 
 def _process(path: Path, relative_path: str, clips_dir: Path, config: CurationConfig) -> SourceResult:
@@ -299,8 +306,8 @@ def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_di
                 written.replace(file)
             else:
                 second_pass.append((plan, file))
-        write_reencoded_clips(path, second_pass, frame_pts, keyframes, info.fps, config.clips.reencode_crf,
-                              config.clips.reencode_preset)
+        write_reencoded_clips(path, second_pass, frame_pts, keyframes, info.fps, config.clips,
+                              thread_budget(config.decode.threads))
         timings["clip_write"] = time.perf_counter() - started
         turns = analysis.turns
         width, height = (info.height, info.width) if turns % 2 else (info.width, info.height)  # as displayed

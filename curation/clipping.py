@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import io
+import queue
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
+from av.video.frame import PictureType
 
 from common.video import display_matrix
 from curation.config import ClipConfig
@@ -132,42 +138,171 @@ def write_copied_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_p
                 current[1].close()
 
 
-class _ClipEncoder:
-    """One H.264 clip file fed with decoded frames as they are (no RGB round trip)."""
+QUEUED_FRAMES = 16  # decoded frames waiting for the encoder thread (at 4K, ~200 MB)
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int, preset: str) -> None:
+
+class ClipEncoder:
+    """One x264 encoder for every re-encoded clip of a source, each clip its own MP4 file.
+
+    Opening an encoder per clip cost more than encoding a short clip's frames (thread start-up, lookahead
+    fill and drain), so the clips of a source share one: `begin` forces an IDR frame at the clip's first
+    frame, x264's own 1-s GOPs restart there, and nothing after an IDR refers back past it (closed GOPs), so
+    the packets from one IDR up to the next clip's IDR are a complete stream for that clip's file. Packets
+    come out `threads` frames late (x264's frame threads, which run without the GIL, beside the decoder and
+    the analysis); each is routed to its clip by its timestamp, and a clip's file is closed when the next
+    clip's first packet arrives. `abandon` drops the current clip (its packets are discarded, its file
+    removed). `close` flushes and returns the number of frames written per file.
+
+    The encoding runs on a thread of its own fed through a short queue: x264 returns a frame only once an
+    earlier one is done, and the decoder and the cut cascade go on meanwhile. An error there (a full disk)
+    is raised by the next call.
+    """
+
+    def __init__(self, width: int, height: int, fps: float, crf: int, preset: str, threads: int = 1) -> None:
         rate = Fraction(fps).limit_denominator(1001)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.output = av.open(str(path), mode="w")
-        self.stream = self.output.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height = width, height
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # 4:2:0 needs even
-        gop = max(1, round(fps))  # 1-s GOPs: the clip can be cut again or seeked cheaply
-        self.stream.options = {"crf": str(crf), "preset": preset,
-                               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
         self.time_base = Fraction(1) / rate
-        self.count = 0
+        self.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # 4:2:0 needs even sizes
+        self.size = (width, height)
+        # The encoder is a stream of an MP4 container that is never written: MP4 wants the parameter sets out of
+        # band (global header), and the clip files' streams take their codec settings from this one.
+        self._template_container = av.open(io.BytesIO(), mode="w", format="mp4")
+        self.stream = self._template_container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, self.pix_fmt
+        gop = max(1, round(fps))  # 1-s GOPs: a clip can be cut again or seeked cheaply
+        self.stream.options = {"crf": str(crf), "preset": preset, "threads": str(max(1, threads)),
+                               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"}
+        self.clips: list[_EncodedClip] = []  # in encoding order; clips[i].first = its first frame's timestamp
+        self._firsts: list[int] = []
+        self._open: _EncodedClip | None = None  # the clip whose file receives packets now
+        self._count = 0  # frames encoded so far (the encoder's timestamps)
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_FRAMES)
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="clip-encoder", daemon=True)
+        self._worker.start()
+
+    def begin(self, path: Path) -> None:
+        """Frames added from now on belong to a new clip written to `path`."""
+        self._put(self._begin, path)
 
     def add(self, frame: av.VideoFrame) -> None:
-        if self.count == 0:
-            matrix = display_matrix(frame)
-            if matrix:  # the clip keeps the source's rotation, as a stream copy does
-                self.stream.set_display_matrix(matrix)
-        if frame.format.name != self.stream.pix_fmt:
-            frame = frame.reformat(format=self.stream.pix_fmt)
-        frame.pts, frame.time_base = self.count, self.time_base
-        frame.pict_type = av.video.frame.PictureType.NONE  # the source's I-frames must not force keyframes here
-        for packet in self.stream.encode(frame):
-            self.output.mux(packet)
-        self.count += 1
+        self._put(self._add, frame)
 
-    def close(self) -> int:
+    def abandon(self) -> None:
+        """Drop the current clip: no file, whatever was encoded of it is discarded."""
+        self._put(self._abandon)
+
+    def close(self) -> dict[Path, int]:
+        """Flush the encoder, close every file; frames written per kept clip file."""
+        self._stop_worker()
         try:
-            for packet in self.stream.encode():
-                self.output.mux(packet)
+            if self._error is not None:
+                raise self._error
+            self._route(self.stream.encode(None))
         finally:
-            self.output.close()
-        return self.count
+            self._close_open()
+            self._template_container.close()
+        return {clip.path: clip.written for clip in self.clips if not clip.abandoned}
+
+    def discard(self) -> None:
+        """Close without flushing and remove every file (a failed source)."""
+        self._stop_worker()
+        with contextlib.suppress(av.FFmpegError, OSError):
+            self._close_open()
+        with contextlib.suppress(av.FFmpegError, OSError):
+            self._template_container.close()
+        for clip in self.clips:
+            with contextlib.suppress(OSError):
+                clip.path.unlink(missing_ok=True)
+
+    def _put(self, operation: Callable[..., None], *args: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((operation, args))
+
+    def _work(self) -> None:
+        while True:
+            operation, args = self._queue.get()
+            if operation is None:
+                return
+            if self._error is None:  # after an error the queue is only drained
+                try:
+                    operation(*args)
+                except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = error
+
+    def _stop_worker(self) -> None:
+        if self._worker.is_alive():
+            self._queue.put((None, ()))
+            self._worker.join()
+
+    def _begin(self, path: Path) -> None:
+        self.clips.append(_EncodedClip(path, self._count))
+        self._firsts.append(self._count)
+
+    def _add(self, frame: av.VideoFrame) -> None:
+        clip = self.clips[-1]
+        if clip.abandoned:
+            return
+        if clip.frames == 0:
+            clip.matrix = display_matrix(frame)
+        if frame.format.name != self.pix_fmt:
+            frame = frame.reformat(format=self.pix_fmt)
+        frame.pts, frame.time_base = self._count, self.time_base
+        # the clip starts with an IDR frame; the source's own I-frames must not force keyframes elsewhere
+        frame.pict_type = PictureType.I if clip.frames == 0 else PictureType.NONE
+        self._route(self.stream.encode(frame))
+        clip.frames += 1
+        self._count += 1
+
+    def _abandon(self) -> None:
+        clip = self.clips[-1]
+        clip.abandoned = True
+        if clip is self._open:
+            self._close_open()
+
+    def _route(self, packets: list[av.Packet]) -> None:
+        for packet in packets:
+            clip = self.clips[bisect.bisect_right(self._firsts, packet.pts) - 1]
+            if clip.abandoned:
+                continue
+            if clip is not self._open:
+                self._close_open()  # closed GOPs: every packet of the earlier clip came before this one
+                clip.start_file(self.stream, self.size, self.pix_fmt, self.time_base)
+                self._open = clip
+            packet.pts -= clip.first
+            packet.dts = None if packet.dts is None else packet.dts - clip.first
+            packet.stream = clip.out_stream
+            clip.output.mux(packet)
+            clip.written += 1
+
+    def _close_open(self) -> None:
+        clip, self._open = self._open, None
+        if clip is not None:
+            clip.output.close()
+            if clip.abandoned:
+                clip.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _EncodedClip:
+    path: Path
+    first: int  # the encoder timestamp of its first frame
+    frames: int = 0  # frames handed to the encoder
+    written: int = 0  # packets written to its file
+    abandoned: bool = False
+    matrix: list[int] | None = None
+    output: av.container.OutputContainer | None = None
+    out_stream: av.VideoStream | None = None
+
+    def start_file(self, template: av.VideoStream, size: tuple[int, int], pix_fmt: str, time_base: Fraction) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.output = av.open(str(self.path), mode="w")
+        stream = self.output.add_stream_from_template(template, width=size[0], height=size[1], pix_fmt=pix_fmt)
+        stream.codec_context.extradata = template.codec_context.extradata  # the parameter sets (SPS/PPS)
+        stream.time_base = time_base
+        if self.matrix:  # the clip keeps the source's rotation, as a stream copy does
+            stream.set_display_matrix(self.matrix)
+        self.out_stream = stream
 
 
 def write_reencoded_clips(
@@ -176,14 +311,14 @@ def write_reencoded_clips(
     frame_pts: list[int],
     keyframes: list[int],
     fps: float,
-    crf: int,
-    preset: str,
+    config: ClipConfig,
+    threads: int = 1,
 ) -> None:
     """Re-encode the exact frames [start, end) of each plan, all clips of the source in one decode pass.
 
-    The clips are written in frame order from one decoder: a frame is decoded at most once (seeking to a
-    clip's keyframe only when that skips frames no clip needs), where a decode per clip re-decoded the
-    GOP prefix before each clip. Decoded frames go to x264 in their own pixel format.
+    The clips are written in frame order from one decoder into one `ClipEncoder`: a frame is decoded at most
+    once (seeking to a clip's keyframe only when that skips frames no clip needs), where a decode per clip
+    re-decoded the GOP prefix before each clip. Decoded frames go to x264 in their own pixel format.
     """
     if not plans:
         return
@@ -192,16 +327,19 @@ def write_reencoded_clips(
     with av.open(str(source)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        width, height = stream.codec_context.width, stream.codec_context.height
-        decoded = container.decode(stream)
-        position = -1  # index of the last frame taken from `decoded`
-        for plan, path in sorted(plans, key=lambda item: item[0].start_frame):
-            before = bisect.bisect_right(keyframes, plan.start_frame) - 1
-            if before >= 0 and keyframes[before] > position + 1:  # a keyframe ahead: jump instead of decoding
-                container.seek(frame_pts[keyframes[before]], stream=stream, backward=True, any_frame=False)
-                decoded = container.decode(stream)
-            encoder = _ClipEncoder(path, width, height, fps, crf, preset)
-            try:
+        stream.codec_context.thread_count = threads
+        encoder = ClipEncoder(stream.codec_context.width, stream.codec_context.height, fps, config.reencode_crf,
+                              config.reencode_preset, threads)
+        try:
+            decoded = container.decode(stream)
+            position = -1  # index of the last frame taken from `decoded`
+            ordered = sorted(plans, key=lambda item: item[0].start_frame)
+            for plan, path in ordered:
+                before = bisect.bisect_right(keyframes, plan.start_frame) - 1
+                if before >= 0 and keyframes[before] > position + 1:  # a keyframe ahead: jump instead of decoding
+                    container.seek(frame_pts[keyframes[before]], stream=stream, backward=True, any_frame=False)
+                    decoded = container.decode(stream)
+                encoder.begin(path)
                 for frame in decoded:
                     index = index_of.get(frame.pts)
                     if index is None:
@@ -211,86 +349,123 @@ def write_reencoded_clips(
                         encoder.add(frame)
                     if index >= plan.end_frame - 1:
                         break
-            finally:
-                written = encoder.close()
-            if written != plan.end_frame - plan.start_frame:
-                raise RuntimeError(f"re-encode wrote {written} frames, expected {plan.end_frame - plan.start_frame}")
+            written = encoder.close()
+        except BaseException:
+            encoder.discard()
+            raise
+    for plan, path in ordered:
+        expected = plan.end_frame - plan.start_frame
+        if written.get(path) != expected:
+            raise RuntimeError(f"re-encode wrote {written.get(path)} frames, expected {expected}")
+
+
+@dataclass
+class DecodedSoFar:
+    """What the decoder knows beyond the frame the live re-encoder is given (the chain keeps it current)."""
+
+    keyframes: list[int]
+    is_cut: Callable[[int], bool]  # where cuts fall, as far as they are known
+    frames: int = 0  # frames decoded so far
+    ended: bool = False  # `frames` is the source's length
 
 
 class LiveReencoder:
     """Re-encode shots from the chain's own decoded frames, so re-encoded clips cost no second decode.
 
     `push` takes every frame in order once it is `delay` frames old (by then the cascade has almost always
-    settled whether a cut falls on it); each shot gets an encoder from its first frame on, dropped as soon
-    as the shot holds two keyframes at least `min_clip_s` apart (`plan_clips` will stream-copy it) or
-    grows past `max_clip_s` (a re-encoded long shot is split evenly, which needs its length: left to the
-    second pass). `take` hands over the file of a finished shot that matches a planned clip exactly.
+    settled whether a cut falls on it); each shot becomes a clip of one shared `ClipEncoder` from its first
+    frame on, unless the frames decoded beyond it show that `plan_clips` will not re-encode it (too short, or
+    keyframes enough to stream-copy it), looked at again whenever a keyframe or the source's end comes in;
+    a shot is also abandoned when it grows past `max_clip_s` (a re-encoded long shot is split evenly, which needs its
+    length: left to the second pass). After `finish`, `take` hands over the file of a shot that matches a
+    planned clip exactly.
     """
 
-    def __init__(self, directory: Path, width: int, height: int, fps: float, config: ClipConfig) -> None:
+    def __init__(self, directory: Path, width: int, height: int, fps: float, config: ClipConfig,
+                 ahead: DecodedSoFar, threads: int = 1) -> None:
         self.directory = directory
-        self.size = (width, height)
-        self.fps = fps
+        self.ahead = ahead
         self.config = config
         self.min_frames = max(1, round(config.min_clip_s * fps))
         self.max_frames = max(self.min_frames, round(config.max_clip_s * fps))
+        self.encoder = ClipEncoder(width, height, fps, config.reencode_crf, config.reencode_preset, threads)
         self.finished: dict[tuple[int, int], Path] = {}
+        self._shots: dict[Path, tuple[int, int]] = {}  # ended shots' files -> (start, end)
         self._start = -1
-        self._first_keyframe: int | None = None
-        self._encoder: _ClipEncoder | None = None
-        self._path: Path | None = None
+        self._known: tuple[int, bool] | None = None  # (keyframes, ended) when the shot was last looked at
+        self._path: Path | None = None  # the current shot's file while it is being encoded
         self._dropped = True  # no shot open yet
 
-    def push(self, index: int, frame: av.VideoFrame, starts_shot: bool) -> None:
-        if starts_shot or self._start < 0:
+    def push(self, index: int, frame: av.VideoFrame) -> None:
+        """Frame `index`, `delay` frames behind the decoder (`self.ahead` says what the decoder knows)."""
+        if self.ahead.is_cut(index) or self._start < 0:
             self._end_shot(index)
-            self._start, self._first_keyframe, self._dropped = index, None, False
+            self._start, self._dropped, self._known = index, False, None
         if self._dropped:
             return
-        if frame.key_frame and self.config.stream_copy:
-            if self._first_keyframe is None:
-                self._first_keyframe = index
-            elif index - self._first_keyframe >= self.min_frames:
-                self._drop()  # keyframes enough to stream-copy this shot
+        known = (len(self.ahead.keyframes), self.ahead.ended)
+        if known != self._known:  # a keyframe or the source's end came in: look again
+            self._known = known
+            if not self._worth_encoding(self._start):
+                self._drop()
                 return
         if index - self._start >= self.max_frames:
             self._drop()
             return
-        if self._encoder is None:
+        if self._path is None:
             self._path = self.directory / f".live-{self._start:09d}.mp4"
-            self._encoder = _ClipEncoder(self._path, *self.size, self.fps, self.config.reencode_crf,
-                                         self.config.reencode_preset)
-        self._encoder.add(frame)
+            self.encoder.begin(self._path)
+        self.encoder.add(frame)
+
+    def _worth_encoding(self, start: int) -> bool:
+        """False when the frames decoded beyond `start` already show that `plan_clips` will make no
+        re-encoded clip of the shot from `start`: it ends too soon for a clip, or it holds keyframes enough
+        to be stream-copied (two at least `min_clip_s` apart before its next cut, or one that far before the
+        end of the source)."""
+        ahead, keyframes = self.ahead, self.ahead.keyframes
+        next_cut = next((i for i in range(start + 1, ahead.frames) if ahead.is_cut(i)), None)
+        end = next_cut if next_cut is not None else (ahead.frames if ahead.ended else None)
+        if end is not None and end - start < self.min_frames:
+            return False
+        if not self.config.stream_copy:
+            return True
+        first = bisect.bisect_left(keyframes, start)
+        if first == len(keyframes):
+            return True
+        if ahead.ended and end == ahead.frames:  # the shot runs to the source's end: copied up to it
+            return end - keyframes[first] < self.min_frames
+        second = bisect.bisect_left(keyframes, keyframes[first] + self.min_frames)
+        return second == len(keyframes) or (end is not None and keyframes[second] > end)
 
     def finish(self, num_frames: int) -> None:
         self._end_shot(num_frames)
+        written = self.encoder.close()
+        for path, (start, end) in self._shots.items():
+            if written.get(path) == end - start:
+                self.finished[(start, end)] = path
+            else:
+                path.unlink(missing_ok=True)
 
     def take(self, plan: ClipPlan) -> Path | None:
         return self.finished.pop((plan.start_frame, plan.end_frame), None)
 
     def discard(self) -> None:
         """Remove files nobody took (shots that were copied, too short, or cut differently in the end)."""
-        self._drop()
+        self.encoder.discard()
         for path in self.finished.values():
             path.unlink(missing_ok=True)
         self.finished.clear()
 
     def _end_shot(self, end: int) -> None:
-        if self._encoder is not None and not self._dropped:
-            written = self._encoder.close()
-            if written == end - self._start:
-                self.finished[(self._start, end)] = self._path
-            else:
-                self._path.unlink(missing_ok=True)
-            self._encoder = None
+        if self._path is not None and not self._dropped:
+            self._shots[self._path] = (self._start, end)
+        self._path = None
         self._dropped = True
 
     def _drop(self) -> None:
-        if self._encoder is not None:
-            with contextlib.suppress(av.FFmpegError, OSError):
-                self._encoder.close()
-            self._path.unlink(missing_ok=True)
-            self._encoder = None
+        if self._path is not None:
+            self.encoder.abandon()
+            self._path = None
         self._dropped = True
 
 

@@ -31,11 +31,13 @@ class DecodeConfig:
     max_pixels: int = MAX_PIXELS_8K  # sources with more pixels per frame than this are refused
     max_duration_s: float = 6 * 3600.0  # absurdly long sources are refused up front
     min_frames: int = 2
-    decoder_threads: str = "AUTO"  # FFmpeg frame+slice threading
+    # CPU threads one source may use to decode and re-encode; 0: the CPUs this process was given (a Ray task's
+    # CPUs; outside Ray, every core this process may run on). A task given 1 CPU then uses 1 core.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         check_ranges(self, "decode", {"analysis_width": (16, None), "sample_long_side": (16, None),
-                                      "min_side": (1, None), "max_pixels": (1, None),
+                                      "min_side": (1, None), "max_pixels": (1, None), "threads": (0, None),
                                       "max_duration_s": (1e-3, None), "min_frames": (1, None)})
 
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,8 +177,24 @@ def _read_header(path: Path, config: DecodeConfig, messages: list[tuple[int, str
     return info
 
 
-def stream_frames(path: str | Path, threads: str = "AUTO") -> Iterator[av.VideoFrame]:
-    """Decode the first video stream frame by frame (each frame once, nothing retained).
+def thread_budget(configured: int = 0) -> int:
+    """CPU threads one source may use: `configured` when set, else the CPUs Ray gave this task (a task granted
+    1 CPU that let FFmpeg start a thread per core would crowd the other tasks on its node), else the cores
+    this process may run on."""
+    if configured > 0:
+        return configured
+    ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # the driver and non-task contexts have no assigned resources
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    return len(os.sched_getaffinity(0))
+
+
+def stream_frames(path: str | Path, threads: int = 0) -> Iterator[av.VideoFrame]:
+    """Decode the first video stream frame by frame (each frame once, nothing retained), on
+    `thread_budget(threads)` threads.
 
     A decode error mid-stream raises SourceError naming the frame, so a truncated or corrupt file
     becomes an error row instead of a silently shorter clip list.
@@ -188,7 +205,8 @@ def stream_frames(path: str | Path, threads: str = "AUTO") -> Iterator[av.VideoF
         raise SourceError(f"not a readable video: {_short(error)}") from None
     with container:
         stream = container.streams.video[0]
-        stream.thread_type = threads
+        stream.thread_type = "AUTO"  # frame and slice threads
+        stream.codec_context.thread_count = thread_budget(threads)
         index = 0
         try:
             for packet in container.demux(stream):

@@ -136,7 +136,7 @@ def test_a_rerun_with_other_settings_is_refused_unless_finalize_recomputes_them(
     assert "\n" not in str(error.value) and "new output directory" in str(error.value)
     assert (out / "config.json").read_text() == recorded
     # filters are applied afresh to every committed clip: a rerun may change them, and the outputs follow
-    no_filters = CurationConfig.from_overrides({"filters": [], "decode": {"decoder_threads": "1"}})
+    no_filters = CurationConfig.from_overrides({"filters": [], "decode": {"threads": 1}})
     summary = run_sequential(videos, out, no_filters)
     assert summary["kept"] == summary["clips"] > 0
     assert json.loads((out / "config.json").read_text())["filters"] == []
@@ -366,7 +366,7 @@ def _curate_batch_whose_decoder_crashes(input_path: str, relative_paths: list[st
     from curation.decode import stream_frames
     from dataformat import native_source
 
-    def crashing_decoder(path, threads="AUTO"):
+    def crashing_decoder(path, threads=0):
         for index, frame in enumerate(stream_frames(path, threads)):
             if index == 10 and Path(path).name.startswith("crash"):
                 with open(Path(output_path) / "crash-tries", "a") as tries:

@@ -8,7 +8,7 @@ import av
 import pytest
 
 from curation.chain import process_source
-from curation.clipping import ClipPlan, plan_clips, shots_from_cuts
+from curation.clipping import ClipEncoder, ClipPlan, plan_clips, shots_from_cuts
 from curation.config import ClipConfig, CurationConfig, FilterRule
 from curation.cuts import CutCascade
 from curation.filtering import apply_filters
@@ -152,3 +152,93 @@ def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sa
     assert times == pytest.approx([i / rows[-1]["fps"] for i in range(len(times))], abs=1e-3)
     with pytest.raises(ValueError, match=r"clips\.reencode_preset must be one of ultrafast"):
         CurationConfig.from_overrides({"clips": {"reencode_preset": "quick"}})
+
+
+@pytest.mark.parametrize("preset", ["ultrafast", "medium"])  # medium: B-frames and frame threads
+def test_one_encoder_writes_each_clip_as_its_own_complete_file(sample_dir, tmp_path, preset):
+    """ClipEncoder: clips of one shared x264 encoder, each file exactly its frames, starting on a keyframe
+    with 1-s GOPs; an abandoned clip leaves no file; a rotated source's matrix is kept."""
+    source = sample_dir / "videos" / "bikes.mp4"
+    with av.open(str(source)) as container:
+        frames = list(container.decode(video=0))
+    rotated = tmp_path / "source" / "portrait.mp4"  # frames 60-136 as a phone stores them (a display matrix)
+    rotated.parent.mkdir()
+    with av.open(str(rotated), "w") as writer:
+        stream = writer.add_stream("libx264", rate=25, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.set_display_rotation(-90)
+        for frame in frames[60:137]:
+            writer.mux(stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+                                     .reformat(format="yuv420p")))
+        writer.mux(stream.encode(None))
+    with av.open(str(rotated)) as container:
+        frames[60:137] = list(container.decode(video=0))
+    encoder = ClipEncoder(frames[0].width, frames[0].height, 25.0, 18, preset, threads=2)
+    spans = {"a": (0, 30), "dropped": (30, 45), "b": (60, 137), "c": (200, 226)}
+    for name, (start, end) in spans.items():
+        encoder.begin(tmp_path / f"{name}.mp4")
+        for frame in frames[start:end]:
+            encoder.add(frame)
+        if name == "dropped":
+            encoder.abandon()
+    written = encoder.close()
+    assert written == {tmp_path / f"{n}.mp4": end - start for n, (start, end) in spans.items() if n != "dropped"}
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["a.mp4", "b.mp4", "c.mp4"]
+    source_rgb = decode_rgb(source)
+    for name in ("a", "b", "c"):
+        start, end = spans[name]
+        with av.open(str(tmp_path / f"{name}.mp4")) as container:
+            decoded = list(container.decode(video=0))
+        assert [i for i, f in enumerate(decoded) if f.key_frame] == list(range(0, end - start, 25))
+        assert {f.rotation for f in decoded} == ({-90} if name == "b" else {0})
+        clip = decode_rgb(tmp_path / f"{name}.mp4")
+        assert len(clip) == end - start
+        for offset in (0, len(clip) // 2, len(clip) - 1):
+            assert psnr(clip[offset], source_rgb[start + offset]) > 30
+
+
+def test_an_encoder_thread_error_reaches_the_caller(sample_dir, tmp_path):
+    with av.open(str(sample_dir / "videos" / "bikes.mp4")) as container:
+        frames = [frame for _, frame in zip(range(5), container.decode(video=0), strict=False)]
+    (tmp_path / "a-file").write_text("not a directory")
+    encoder = ClipEncoder(frames[0].width, frames[0].height, 25.0, 18, "ultrafast")
+    encoder.begin(tmp_path / "a-file" / "clip.mp4")
+    for frame in frames:
+        encoder.add(frame)
+    with pytest.raises(FileExistsError):  # raised on the encoder thread, handed over by close()
+        encoder.close()
+    encoder.discard()
+
+
+def test_no_frame_is_encoded_for_a_shot_that_is_copied_or_too_short(sample_dir, tmp_path, monkeypatch):
+    """The live re-encoder looks at the keyframes and cuts the decoder already knows (it runs `settle_frames`
+    ahead): every frame it encodes ends up in a re-encoded clip, none is left to a second pass, and a shot
+    copied up to the source's end is dropped as soon as the decoder reaches that end."""
+    encoded = []
+    real_add = ClipEncoder.add
+    monkeypatch.setattr(ClipEncoder, "add", lambda self, frame: (encoded.append(1), real_add(self, frame)))
+    needed = 0
+    for name in ["bikes.mp4", "cuts_hard.mp4", "dissolves.mp4", "fade_black.mp4"]:
+        result = process_source(sample_dir / "videos" / name, name, tmp_path / name, CurationConfig())
+        assert result.source_row["status"] == "ok" and result.second_pass_clips == 0
+        needed += sum(r["end_frame"] - r["start_frame"] for r in result.clip_rows if r["clip_method"] == "reencode")
+    assert needed > 0 and len(encoded) == needed
+    encoded.clear()  # one 132-frame shot, copied from its only keyframe to the end
+    result = process_source(sample_dir / "videos" / "bigbuckbunny.mp4", "b.mp4", tmp_path / "b", CurationConfig())
+    assert [r["clip_method"] for r in result.clip_rows] == ["copy"]
+    settle = CutCascade(CurationConfig().cuts, result.source_row["fps"]).settle_frames
+    assert 0 < len(encoded) <= result.source_row["num_frames"] - settle + 1
+
+
+def test_a_ray_task_decodes_and_encodes_on_the_cpus_it_was_given(ray_local):
+    """decode.threads = 0: a task granted 1 CPU uses 1 thread (FFmpeg would start one per core of the node and
+    crowd the other tasks there); outside Ray, every core this process may use; a set value wins."""
+    import os
+
+    from curation.decode import thread_budget
+
+    budget = ray_local.remote(thread_budget)
+    assert ray_local.get(budget.options(num_cpus=1).remote()) == 1
+    assert ray_local.get(budget.options(num_cpus=2).remote()) == 2
+    assert ray_local.get(budget.options(num_cpus=1).remote(3)) == 3
+    assert thread_budget() == len(os.sched_getaffinity(0))

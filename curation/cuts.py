@@ -145,9 +145,7 @@ class ThumbRing:
         self.hsv = np.empty((rows, SMALL_SIZE[1], SMALL_SIZE[0], 3), np.uint8)
         self.structure = np.empty((rows, pixels), np.float32)
         self._units = np.empty((rows, pixels), np.float64)
-        # Rows whose histogram is not computed yet hold some valid histogram (never garbage), so arithmetic
-        # over a whole block stays finite where only some rows matter.
-        self._colours = np.full((rows, HUE_BINS * SATURATION_BINS), 1.0 / (HUE_BINS * SATURATION_BINS))
+        self._colours = np.empty((rows, HUE_BINS * SATURATION_BINS), np.float64)
         self._unit_ready = np.zeros(rows, bool)
         self._colour_ready = np.zeros(rows, bool)
         self.first = 0  # frame index of the oldest buffered frame
@@ -202,9 +200,10 @@ class ThumbRing:
             return
         centred = self.structure[todo].astype(np.float64)
         centred -= centred.mean(axis=1, keepdims=True)
-        for row, vector in zip(todo, centred, strict=True):
-            norm = float(np.sqrt(vector @ vector))
-            self._units[row] = vector / norm if norm >= 1e-3 else 0.0
+        norms = np.sqrt([vector @ vector for vector in centred])  # one BLAS dot each, as for a lone vector
+        flat = norms < 1e-3
+        self._units[todo] = centred / np.where(flat, 1.0, norms)[:, None]
+        self._units[todo[flat]] = 0.0
         self._unit_ready[todo] = True
 
     def units(self, first_row: int, last_row: int) -> np.ndarray:
@@ -221,18 +220,13 @@ class ThumbRing:
         return max(float(units[row] @ units[other]) for row in rows for other in others)
 
     def colours(self, first_row: int, last_row: int) -> np.ndarray:
-        """Rows `first_row`..`last_row` of the hue-saturation histograms (L1-normalised, float64): the rows
-        passed to `compute_colours` hold theirs, the others some valid histogram."""
-        return self._colours[first_row: last_row + 1]
-
-    def compute_colours(self, rows: np.ndarray) -> bool:
-        """Compute the histograms of `rows` not computed yet; False when there were none."""
-        todo = np.unique(rows[~self._colour_ready[rows]])
-        for row in todo:
+        """Rows `first_row`..`last_row` of the hue-saturation histograms of the 64x36 copies (L1-normalised,
+        float64), each computed once."""
+        for row in first_row + np.flatnonzero(~self._colour_ready[first_row: last_row + 1]):
             hist = cv2.calcHist([self.hsv[row]], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
             self._colours[row] = cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1).ravel()
-        self._colour_ready[todo] = True
-        return bool(len(todo))
+            self._colour_ready[row] = True
+        return self._colours[first_row: last_row + 1]
 
 
 class CrossFadeFit:
@@ -434,17 +428,15 @@ class CutCascade:
                 continue
             a = np.arange(first - first_index, last - first_index + 1)
             b = a + length
-            # the window's ends belong to different shots: a different layout and new colours (Bhattacharyya
-            # distance of the hue-saturation histograms, as OpenCV's compareHist computes it); histograms are
-            # computed only for the ends of windows whose layout changed, as no other window can pass
-            correlation = np.einsum("wp,wp->w", units[a], units[b])
-            different = correlation < config.same_shot_correlation
-            if thumbs.compute_colours(first_row + np.concatenate((a[different], b[different]))):
-                roots, totals = np.sqrt(colours), colours.sum(axis=1)
+            # the window's ends belong to different shots: new colours (Bhattacharyya distance of the hue-saturation
+            # histograms, as OpenCV's compareHist computes it) and a different layout
             product = totals[a] * totals[b]
             scale = np.where(np.abs(product) > np.finfo(np.float32).eps, 1.0 / np.sqrt(np.abs(product)), 1.0)
             colour_change = np.sqrt(np.maximum(1.0 - np.einsum("wb,wb->w", roots[a], roots[b]) * scale, 0.0))
-            a = a[(colour_change >= config.min_dissolve_colour_change) & different]
+            correlation = np.einsum("wp,wp->w", units[a], units[b])
+            changed = (colour_change >= config.min_dissolve_colour_change) & (
+                correlation < config.same_shot_correlation)
+            a = a[changed]
             if not len(a):
                 continue
             alphas, residuals = self._fit.fit(stack, first_index, a, length)

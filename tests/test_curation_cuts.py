@@ -129,7 +129,6 @@ def test_thumb_ring_keeps_the_last_frames_across_wraparound(sample_dir):
         assert ring.first == max(0, index - 19) and ring.last == index
         assert ring.row(index - 20) is None and ring.row(index + 1) is None
         oldest = ring.row(ring.first)
-        ring.compute_colours(np.array([oldest]))
         small = cv2.resize(frames[ring.first], SMALL_SIZE, interpolation=cv2.INTER_AREA)
         thumb = cv2.resize(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), THUMB_SIZE,
                            interpolation=cv2.INTER_AREA).astype(np.float32).ravel()

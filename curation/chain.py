@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 
+from common.background import SerialWorker
 from common.video import quarter_turns, upright
 from curation.clipping import (
     DecodedSoFar,
@@ -109,14 +111,21 @@ def analysis_size(width: int, height: int, target_width: int) -> tuple[int, int]
 
 
 class FrameSpool:
-    """Half-second RGB samples kept as JPEG in a temporary file: bounded memory for any length."""
+    """Half-second samples kept as JPEG in a temporary file: bounded memory for any length. The samples are
+    shrunk and encoded on a thread of their own (OpenCV releases the GIL) while the chain decodes on."""
 
     def __init__(self, directory: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - unlinked at once; closed in close()
         self.index: list[tuple[int, int, int]] = []  # (frame, offset, length)
+        self._worker: SerialWorker | None = SerialWorker("frame-spool", queued=4)
 
-    def add(self, frame_index: int, rgb: np.ndarray) -> None:
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    def add(self, frame_index: int, frame: av.VideoFrame, size: tuple[int, int], turns: int) -> None:
+        """Keep decoded frame `frame_index` at `size` (stored orientation), turned upright by `turns`."""
+        self._worker.submit(self._store, frame_index, frame, size, turns)
+
+    def _store(self, frame_index: int, frame: av.VideoFrame, size: tuple[int, int], turns: int) -> None:
+        bgr = upright(analysis_copy(frame, *size), turns)
+        ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:
             raise RuntimeError("JPEG encoding of a sampled frame failed")
         offset = self.file.seek(0, 2)
@@ -124,7 +133,10 @@ class FrameSpool:
         self.index.append((frame_index, offset, len(data)))
 
     def nearest(self, frame_index: int, start: int, end: int) -> np.ndarray:
-        """The sample closest to `frame_index`, preferring samples inside [start, end)."""
+        """The sample closest to `frame_index`, preferring samples inside [start, end) (RGB)."""
+        if self._worker is not None:  # every sample is in: the chain has decoded the whole source
+            self._worker.join()
+            self._worker = None
         inside = [entry for entry in self.index if start <= entry[0] < end] or self.index
         frame, offset, length = min(inside, key=lambda entry: abs(entry[0] - frame_index))
         self.file.seek(offset)
@@ -132,6 +144,8 @@ class FrameSpool:
         return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
         self.file.close()
 
 
@@ -139,8 +153,6 @@ def chain_steps(path: Path, config: CurationConfig, steps: set[str] | frozenset[
     """The per-frame chain of `decode_and_analyse` up to `steps` ("analysis", "cuts", "motion"), with the real
     classes and no clip files or spool: what each step costs, for benchmarks/curation.py and cost_model.py.
     Returns the number of decoded frames."""
-    import av
-
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
@@ -230,7 +242,7 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
             cascade.push(index, small)
             if motion.wants(index):
                 motion.push(index, small)
-                spool.add(index, upright(analysis_copy(frame, *sample_size, rgb=True), analysis.turns))
+                spool.add(index, frame, sample_size, analysis.turns)
             if live is not None:
                 ahead.frames = index + 1
                 for held_index, held_frame in held.add(index, frame):

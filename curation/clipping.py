@@ -18,18 +18,16 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import av
 from av.video.frame import PictureType
 
+from common.background import SerialWorker
 from common.video import display_matrix
 from curation.config import ClipConfig
 
@@ -175,28 +173,23 @@ class ClipEncoder:
         self._firsts: list[int] = []
         self._open: _EncodedClip | None = None  # the clip whose file receives packets now
         self._count = 0  # frames encoded so far (the encoder's timestamps)
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_FRAMES)
-        self._error: BaseException | None = None
-        self._worker = threading.Thread(target=self._work, name="clip-encoder", daemon=True)
-        self._worker.start()
+        self._worker = SerialWorker("clip-encoder", QUEUED_FRAMES)
 
     def begin(self, path: Path) -> None:
         """Frames added from now on belong to a new clip written to `path`."""
-        self._put(self._begin, path)
+        self._worker.submit(self._begin, path)
 
     def add(self, frame: av.VideoFrame) -> None:
-        self._put(self._add, frame)
+        self._worker.submit(self._add, frame)
 
     def abandon(self) -> None:
         """Drop the current clip: no file, whatever was encoded of it is discarded."""
-        self._put(self._abandon)
+        self._worker.submit(self._abandon)
 
     def close(self) -> dict[Path, int]:
         """Flush the encoder, close every file; frames written per kept clip file."""
-        self._stop_worker()
         try:
-            if self._error is not None:
-                raise self._error
+            self._worker.join()
             self._route(self.stream.encode(None))
         finally:
             self._close_open()
@@ -205,7 +198,7 @@ class ClipEncoder:
 
     def discard(self) -> None:
         """Close without flushing and remove every file (a failed source)."""
-        self._stop_worker()
+        self._worker.stop()
         with contextlib.suppress(av.FFmpegError, OSError):
             self._close_open()
         with contextlib.suppress(av.FFmpegError, OSError):
@@ -213,27 +206,6 @@ class ClipEncoder:
         for clip in self.clips:
             with contextlib.suppress(OSError):
                 clip.path.unlink(missing_ok=True)
-
-    def _put(self, operation: Callable[..., None], *args: Any) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((operation, args))
-
-    def _work(self) -> None:
-        while True:
-            operation, args = self._queue.get()
-            if operation is None:
-                return
-            if self._error is None:  # after an error the queue is only drained
-                try:
-                    operation(*args)
-                except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
-                    self._error = error
-
-    def _stop_worker(self) -> None:
-        if self._worker.is_alive():
-            self._queue.put((None, ()))
-            self._worker.join()
 
     def _begin(self, path: Path) -> None:
         self.clips.append(_EncodedClip(path, self._count))

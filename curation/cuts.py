@@ -129,23 +129,27 @@ class FrameMean:
 
 
 class ThumbRing:
-    """What verification keeps of the last `capacity` frames, in rows of preallocated arrays (~15 KB a row).
+    """What verification keeps of the last `capacity` frames, in rows (~8 KB a row, plus the frames).
 
-    Per frame: the HSV image of its 64x36 copy and its grey 32x18 thumbnail (float32). Computed on first use,
-    as only frames near a candidate need them: the thumbnail zero-mean and unit-norm (structure correlation)
-    and a hue-saturation histogram (dissolve ends). The arrays have twice `capacity` rows, so any run of
-    buffered frames is one contiguous slice (the dissolve search takes them as a stack without copying);
-    when the end is reached the live rows move to the front.
+    Per frame: its 64x36 BGR copy and that copy's HSV image, by reference (the analysis frame itself and the
+    HSV image the detectors got, when the analysis frame is 64x36 already). Computed on first use, as only
+    frames near a candidate need them, a block of frames at a time: the grey 32x18 thumbnail (float32), the
+    thumbnail zero-mean and unit-norm (structure correlation) and a hue-saturation histogram (dissolve
+    ends). The arrays have twice `capacity` rows, so any run of buffered frames is one contiguous slice (the
+    dissolve search takes them as a stack without copying); when the end is reached the live rows move to
+    the front.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         rows = 2 * capacity
         pixels = THUMB_SIZE[0] * THUMB_SIZE[1]
-        self.hsv = np.empty((rows, SMALL_SIZE[1], SMALL_SIZE[0], 3), np.uint8)
-        self.structure = np.empty((rows, pixels), np.float32)
+        self._small: list[np.ndarray | None] = [None] * rows
+        self._hsv: list[np.ndarray | None] = [None] * rows
+        self._structure = np.empty((rows, pixels), np.float32)
         self._units = np.empty((rows, pixels), np.float64)
         self._colours = np.empty((rows, HUE_BINS * SATURATION_BINS), np.float64)
+        self._structure_ready = np.zeros(rows, bool)
         self._unit_ready = np.zeros(rows, bool)
         self._colour_ready = np.zeros(rows, bool)
         self.first = 0  # frame index of the oldest buffered frame
@@ -160,28 +164,29 @@ class ThumbRing:
         return self.first + self.count - 1
 
     def append(self, index: int, analysis_bgr: np.ndarray, analysis_hsv: np.ndarray) -> None:
-        """Add frame `index` (frames come in order, one index after the other) and its HSV image."""
+        """Add frame `index` (frames come in order, one index after the other) and its HSV image; both are
+        kept by reference, so neither may change afterwards."""
         if self.count == 0:
             self.first = index
         elif self.count == self.capacity:
+            self._small[self._row0] = self._hsv[self._row0] = None
             self.first += 1
             self._row0 += 1
             self.count -= 1
-        if self._row0 + self.count == len(self.structure):
+        if self._row0 + self.count == len(self._structure):
             live = slice(self._row0, self._row0 + self.count)
-            for array in (self.hsv, self.structure, self._units, self._colours, self._unit_ready,
-                          self._colour_ready):
+            for array in (self._small, self._hsv, self._structure, self._units, self._colours,
+                          self._structure_ready, self._unit_ready, self._colour_ready):
                 array[: self.count] = array[live]
+            self._small[self.count:] = self._hsv[self.count:] = [None] * (len(self._small) - self.count)
             self._row0 = 0
         row = self._row0 + self.count
         if analysis_bgr.shape[1::-1] == SMALL_SIZE:
-            small, self.hsv[row] = analysis_bgr, analysis_hsv  # what resizing to its own size gives
+            self._small[row], self._hsv[row] = analysis_bgr, analysis_hsv  # what resizing to its own size gives
         else:
-            small = cv2.resize(analysis_bgr, SMALL_SIZE, interpolation=cv2.INTER_AREA)
-            cv2.cvtColor(small, cv2.COLOR_BGR2HSV, dst=self.hsv[row])
-        gray = cv2.resize(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
-        self.structure[row] = gray.ravel()
-        self._unit_ready[row] = self._colour_ready[row] = False
+            small = self._small[row] = cv2.resize(analysis_bgr, SMALL_SIZE, interpolation=cv2.INTER_AREA)
+            self._hsv[row] = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+        self._structure_ready[row] = self._unit_ready[row] = self._colour_ready[row] = False
         self.count += 1
 
     def row(self, index: int) -> int | None:
@@ -192,13 +197,31 @@ class ThumbRing:
     def clamped_row(self, index: int) -> int:
         return self._row0 + min(max(index - self.first, 0), self.count - 1)
 
+    def _compute_structure(self, rows: np.ndarray) -> None:
+        """The grey 32x18 thumbnails of `rows` not computed yet, in one OpenCV call each for the whole block:
+        stacked frames convert and shrink by exact 2x2 averages exactly as they do one by one."""
+        todo = rows[~self._structure_ready[rows]]
+        if not len(todo):
+            return
+        smalls = np.stack([self._small[row] for row in todo]).reshape(-1, SMALL_SIZE[0], 3)
+        gray = cv2.resize(cv2.cvtColor(smalls, cv2.COLOR_BGR2GRAY), (THUMB_SIZE[0], len(todo) * THUMB_SIZE[1]),
+                          interpolation=cv2.INTER_AREA)
+        self._structure[todo] = gray.reshape(len(todo), -1)
+        self._structure_ready[todo] = True
+
+    def structure(self, first_row: int, last_row: int) -> np.ndarray:
+        """Rows `first_row`..`last_row` of the grey 32x18 thumbnails (float32), each computed once."""
+        self._compute_structure(np.arange(first_row, last_row + 1))
+        return self._structure[first_row: last_row + 1]
+
     def compute_units(self, rows: np.ndarray) -> None:
         """Make the grey thumbnails of `rows` zero-mean and unit-norm (float64; zeros for a flat frame), once:
         verification correlates each frame with many others."""
         todo = np.unique(rows[~self._unit_ready[rows]])
         if not len(todo):
             return
-        centred = self.structure[todo].astype(np.float64)
+        self._compute_structure(todo)
+        centred = self._structure[todo].astype(np.float64)
         centred -= centred.mean(axis=1, keepdims=True)
         norms = np.sqrt([vector @ vector for vector in centred])  # one BLAS dot each, as for a lone vector
         flat = norms < 1e-3
@@ -223,7 +246,7 @@ class ThumbRing:
         """Rows `first_row`..`last_row` of the hue-saturation histograms of the 64x36 copies (L1-normalised,
         float64), each computed once."""
         for row in first_row + np.flatnonzero(~self._colour_ready[first_row: last_row + 1]):
-            hist = cv2.calcHist([self.hsv[row]], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
+            hist = cv2.calcHist([self._hsv[row]], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
             self._colours[row] = cv2.normalize(hist, hist, 1, 0, cv2.NORM_L1).ravel()
             self._colour_ready[row] = True
         return self._colours[first_row: last_row + 1]
@@ -329,7 +352,8 @@ class CutCascade:
         self._provisional: tuple[int, set[int]] = (0, set())
 
     def push(self, index: int, analysis_bgr: np.ndarray) -> None:
-        """Add frame `index` (0, 1, 2, ... one after the other)."""
+        """Add frame `index` (0, 1, 2, ... one after the other); `analysis_bgr` is kept by reference for a few
+        seconds of frames and must not change afterwards."""
         hsv = cv2.cvtColor(analysis_bgr, cv2.COLOR_BGR2HSV)
         self.thumbs.append(index, analysis_bgr, hsv)
         number = FrameNumber.at(index, self._rate.frame_rate)
@@ -418,7 +442,7 @@ class CutCascade:
             return "outside buffer"
         self._fit.forget_before(thumbs.first)
         first_row, last_row = thumbs.row(first_index), thumbs.row(last_index)
-        stack = thumbs.structure[first_row: last_row + 1]
+        stack = thumbs.structure(first_row, last_row)
         units = thumbs.units(first_row, last_row)
         colours = thumbs.colours(first_row, last_row)
         roots, totals = np.sqrt(colours), colours.sum(axis=1)

@@ -133,7 +133,7 @@ def test_thumb_ring_keeps_the_last_frames_across_wraparound(sample_dir):
         thumb = cv2.resize(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), THUMB_SIZE,
                            interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
         centred = thumb.astype(np.float64) - thumb.astype(np.float64).mean()
-        assert np.array_equal(ring.structure[oldest], thumb)
+        assert np.array_equal(ring.structure(oldest, oldest)[0], thumb)
         assert np.allclose(ring.units(oldest, oldest)[0], centred / np.linalg.norm(centred))
         hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_BGR2HSV)], [0, 1], None, [16, 8], [0, 180, 0, 256])
         assert np.allclose(ring.colours(oldest, oldest)[0], hist.ravel() / hist.sum())

@@ -2,8 +2,11 @@
 DDP workers, side by side in one run.
 
 Both clusters are `infra.local.local_ray_cluster`s on this machine (`ray start --head` + `ray start --address`,
-127.0.0.1, `--cpus-per-node` CPUs each, default 1), so "2 nodes" means two Ray nodes with one CPU each: the
-ratio says how well the work spreads over nodes, as long as the machine has a free core per node.
+127.0.0.1, `--cpus-per-node` CPUs each, default 1), each node pinned to cores of its own (`pin_cores`) when the
+machine has enough, so "2 nodes" means two Ray nodes of one core each, as two 1-core machines would be: without
+pinning, the 1-node run borrows the idle core through its decoder and x264 threads and the ratio understates
+what a second machine adds. The ratio says how well the work spreads over nodes; the driver (this process) is
+not pinned and mostly waits.
 
   curation  the per-source unit of `curate-lvd` (`curation.dataset.curate_source`: decode, cut cascade, clips,
             motion, commit), one Ray task per source with 1 CPU, as the flow fans it out (without Prefect's
@@ -13,7 +16,7 @@ ratio says how well the work spreads over nodes, as long as the machine has a fr
             step) vs 2 DDP workers (gloo, one per node, 1 sample each); samples/s over the steps after the
             first `--warmup-steps`.
 
-Usage: python benchmarks/scale_out.py [--copies 10] [--train-steps 12] [--cpus-per-node 1]
+Usage: python benchmarks/scale_out.py [--copies 25] [--train-steps 12] [--cpus-per-node 1]
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ def train_on(address: str, data: Path, out: Path, workers: int, steps: int, warm
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--copies", type=int, default=10,
-                        help="copies of each ok sample clip (10 sources per copy; 10: over a minute on 1 node)")
+    parser.add_argument("--copies", type=int, default=25,
+                        help="copies of each ok sample clip (10 sources per copy; 25: over a minute on 1 node)")
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--warmup-steps", type=int, default=2)
@@ -114,18 +117,21 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lvd-scale-out-"))
     raw = build_workload(work, args.copies)
+    pin = len(os.sched_getaffinity(0)) >= 2 * args.cpus_per_node
+    if not pin:
+        print("fewer cores than 2 nodes need: the nodes are not pinned and share the cores", flush=True)
     load_before = os.getloadavg()
 
     curation = {}
     for nodes in (1, 2):
         out = work / f"curate-{nodes}"
         shutil.rmtree(out, ignore_errors=True)
-        with local_ray_cluster(nodes=nodes, cpus_per_node=args.cpus_per_node) as cluster:
+        with local_ray_cluster(nodes=nodes, cpus_per_node=args.cpus_per_node, pin_cores=pin) as cluster:
             curation[nodes] = curate_on(cluster.address, raw, out)
         print(f"curation on {nodes} node(s): {curation[nodes]}", flush=True)
 
     training = {}
-    with local_ray_cluster(nodes=2, cpus_per_node=args.cpus_per_node) as cluster:
+    with local_ray_cluster(nodes=2, cpus_per_node=args.cpus_per_node, pin_cores=pin) as cluster:
         for workers in (1, 2):
             out = work / f"train-{workers}"
             shutil.rmtree(out, ignore_errors=True)
@@ -145,7 +151,8 @@ def main() -> None:
     print(f"{'training: samples/s (1 vs 2 DDP workers)':<44}{training[1]['samples_per_s']:>12.2f}"
           f"{training[2]['samples_per_s']:>12.2f}{training[2]['samples_per_s'] / training[1]['samples_per_s']:>8.2f}x")
     print(f"{one['sources']} sources, {one['frames']} frames; nodes used: {one['nodes_used']} / {two['nodes_used']}; "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+          f"{os.cpu_count()} CPUs, nodes {'pinned to cores of their own' if pin else 'not pinned'}, "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
 
 
 if __name__ == "__main__":

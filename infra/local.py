@@ -214,7 +214,14 @@ class LocalRayCluster:
     object_store_mb: int = 128
     env: dict[str, str] = field(default_factory=dict, repr=False)
     timeout_s: float = 180.0
+    cores: list[int] | None = None  # pinned: node i runs on cores[i * cpus_per_node : (i + 1) * cpus_per_node]
     nodes: list[LocalRayNode] = field(default_factory=list)
+
+    def node_cores(self, index: int) -> set[int] | None:
+        """The cores node `index` is pinned to (None: not pinned)."""
+        if self.cores is None:
+            return None
+        return set(self.cores[index * self.cpus_per_node:(index + 1) * self.cpus_per_node])
 
     @property
     def head(self) -> LocalRayNode:
@@ -233,9 +240,11 @@ class LocalRayCluster:
         head_port = int(self.address.rsplit(":", 1)[1])
         command = _ray_start_command(temp_dir, self.cpus_per_node, head_port, index == 0, self.object_store_mb << 20)
         log_path = self.root / f"node{index}.log"
+        cores = self.node_cores(index)
+        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))  # inherited by all it starts
         with open(log_path, "ab") as log:
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=pin)  # noqa: PLW1509 - only sets affinity
         node = LocalRayNode(index, process.pid, temp_dir, command)
         try:
             code = process.wait(timeout=self.timeout_s)
@@ -400,9 +409,15 @@ def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, root: Path | None = None,
-                      object_store_mb: int = 128, timeout_s: float = 180.0) -> Iterator[LocalRayCluster]:
+                      object_store_mb: int = 128, timeout_s: float = 180.0,
+                      pin_cores: bool = False) -> Iterator[LocalRayCluster]:
     """A real multi-node Ray cluster on this machine: `ray start --head` plus `nodes - 1` × `ray start --address`,
     every node on 127.0.0.1 with `cpus_per_node` CPUs and its own temp dir under `root`.
+
+    `pin_cores`: every process of node i runs only on cores [i * cpus_per_node, (i + 1) * cpus_per_node) of those
+    this process may use, as on separate machines (Ray's CPU count is a scheduling quota, not a limit: without
+    pinning, a 1-CPU node's tasks borrow the idle cores through their decoder and encoder threads, which makes a
+    1-node measurement look like more than one core). ValueError when there are not enough cores.
 
     Each node is started in a session of its own and stopped by that session (SIGTERM, then SIGKILL), never with
     `ray stop` (which stops every Ray of the machine) nor by process name. On exit every process the cluster
@@ -410,6 +425,10 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, root: Path | None 
     """
     if nodes < 1 or cpus_per_node < 1:
         raise ValueError(f"a local Ray cluster needs >= 1 node and >= 1 CPU per node, got {nodes} x {cpus_per_node}")
+    cores = sorted(os.sched_getaffinity(0))
+    if pin_cores and len(cores) < nodes * cpus_per_node:
+        raise ValueError(f"pinning {nodes} node(s) x {cpus_per_node} CPU(s) to cores of their own needs "
+                         f"{nodes * cpus_per_node} cores; this process may use {len(cores)}")
     apply_quiet_env()
     _ray_token_auth_as_local_init()
     own_root = root is None
@@ -422,7 +441,8 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, root: Path | None 
     for key in ("RAY_ADDRESS",):
         env.pop(key, None)
     cluster = LocalRayCluster(address=f"127.0.0.1:{free_port()}", root=base, cpus_per_node=cpus_per_node,
-                              object_store_mb=object_store_mb, env=env, timeout_s=timeout_s)
+                              object_store_mb=object_store_mb, env=env, timeout_s=timeout_s,
+                              cores=cores if pin_cores else None)
     try:
         for index in range(nodes):
             cluster.nodes.append(cluster._start_node(index))

@@ -80,9 +80,10 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`, 1 CPU each), shared
-    by the multi-node tests; on teardown every process it started must be gone."""
-    with local_ray_cluster(nodes=2, cpus_per_node=1) as cluster:
+    """A real 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`, 1 CPU each, each node
+    on a core of its own when there are two), shared by the multi-node tests; on teardown every process it
+    started must be gone."""
+    with local_ray_cluster(nodes=2, cpus_per_node=1, pin_cores=len(os.sched_getaffinity(0)) >= 2) as cluster:
         yield cluster
     assert not [pid for node in cluster.nodes for pid in node.pids()], "the Ray cluster left processes behind"
 

@@ -183,3 +183,27 @@ def test_train_stage_ddp_over_two_nodes_then_on_the_survivor(cluster_driver, cur
     trained = _unet(result["pipeline"])
     for name, value in weights.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=f"{name} differs")
+
+
+def test_each_node_runs_on_cores_of_its_own(cluster_driver):
+    """Pinned nodes (`local_ray_cluster(pin_cores=True)`): a node's tasks run only on its own cores and a
+    1-CPU task decodes and encodes on one thread, as on separate 1-core machines."""
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from curation.decode import thread_budget
+    from infra.local import ray_init_kwargs
+
+    if cluster_driver.cores is None:
+        pytest.skip("fewer than two cores: the nodes share them")
+
+    def where() -> tuple[set[int], int]:
+        return os.sched_getaffinity(0), thread_budget()
+
+    ray.init(**ray_init_kwargs(cluster_driver.address))
+    task = ray.remote(num_cpus=1)(where)
+    for node_id, node in cluster_driver.node_ids().items():
+        placed = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        assert ray.get(placed.remote()) == (cluster_driver.node_cores(node.index), 1)

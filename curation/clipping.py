@@ -30,6 +30,7 @@ from av.video.frame import PictureType
 from common.background import SerialWorker
 from common.video import display_matrix
 from curation.config import ClipConfig
+from curation.decode import decoder_threads
 
 
 @dataclass
@@ -299,7 +300,7 @@ def write_reencoded_clips(
     with av.open(str(source)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
+        stream.codec_context.thread_count = decoder_threads(threads)
         encoder = ClipEncoder(stream.codec_context.width, stream.codec_context.height, fps, config.reencode_crf,
                               config.reencode_preset, threads)
         try:

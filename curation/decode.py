@@ -192,6 +192,13 @@ def thread_budget(configured: int = 0) -> int:
     return len(os.sched_getaffinity(0))
 
 
+def decoder_threads(budget: int) -> int:
+    """FFmpeg decoder threads for a budget of `budget` cores: one frame thread more than the cores when there
+    are several (FFmpeg's own automatic choice), so a frame is being decoded while the chain works on the last;
+    exactly one on a single core."""
+    return budget + 1 if budget > 1 else 1
+
+
 def stream_frames(path: str | Path, threads: int = 0) -> Iterator[av.VideoFrame]:
     """Decode the first video stream frame by frame (each frame once, nothing retained), on
     `thread_budget(threads)` threads.
@@ -206,7 +213,7 @@ def stream_frames(path: str | Path, threads: int = 0) -> Iterator[av.VideoFrame]
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads
-        stream.codec_context.thread_count = thread_budget(threads)
+        stream.codec_context.thread_count = decoder_threads(thread_budget(threads))
         index = 0
         try:
             for packet in container.demux(stream):

@@ -369,8 +369,10 @@ def _random_open_clip(name: str, folder: Path) -> str:
     return f"local-dir:{folder / name}"
 
 
-def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
-    """Per-frame and per-clip costs of the real curation code on the bundled sample footage (this machine)."""
+def measure(repeats: int, clip_model: str, coca_model: str, threads: int = 1, log=print) -> dict:
+    """Per-frame and per-clip costs of the real curation code on the bundled sample footage (this machine),
+    decoding and re-encoding on `threads` threads per source (decode.threads; 1 is what a curation task given
+    1 CPU by Ray uses)."""
     import tempfile
 
     import av
@@ -386,6 +388,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
     truth = json.loads((root / GROUND_TRUTH).read_text())
     files = [root / VIDEO_DIR / name for name, entry in sorted(truth.items()) if not entry["error"]]
     config = CurationConfig()
+    config.decode.threads = threads
     steps = {
         "decode": frozenset(),
         "analysis": frozenset({"analysis"}),
@@ -434,6 +437,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, log=print) -> dict:
             "cpu_core_s_per_frame": per_frame,
             "decode_per_file": decode_per_file,
             "settings": {"decode.analysis_width": config.decode.analysis_width,
+                         "decode.threads": config.decode.threads,
                          "clips.reencode_preset": config.clips.reencode_preset,
                          "clips.reencode_crf": config.clips.reencode_crf},
         }
@@ -467,7 +471,6 @@ def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) ->
     """Clip writing on upload-like files whose keyframes rarely fall on cuts (benchmarks/curation.py's short-clip
     set), where most clips must be re-encoded: the sample footage above is nearly all stream copies."""
     import importlib.util
-
 
     spec = importlib.util.spec_from_file_location("bench_curation", Path(__file__).with_name("curation.py"))
     bench = importlib.util.module_from_spec(spec)
@@ -652,6 +655,8 @@ def main() -> int:
     parser.add_argument("--json", default="out/cost_model.json", help="where to write measurements + estimates")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for the CPU chain measurements")
     parser.add_argument("--clip-model", default="ViT-L-14", help="open_clip architecture counted for CLIP")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="decode.threads while measuring (1: a curation task given 1 CPU by Ray)")
     parser.add_argument("--coca-model", default="coca_ViT-L-14", help="open_clip CoCa architecture counted")
     parser.add_argument("--width", type=int, default=DEFAULT_RESOLUTION[0], help="assumed source width")
     parser.add_argument("--height", type=int, default=DEFAULT_RESOLUTION[1], help="assumed source height")
@@ -667,8 +672,8 @@ def main() -> int:
                         help="CPUs of a gpu pod (96 in the KubeRay config) left to decode tasks, the rest to actors")
     parser.add_argument("--gpu", choices=sorted(GPU_PEAKS), default="A100")
     args = parser.parse_args()
-    if args.repeats < 1 or args.sources_per_task_run < 1 or args.clips_per_source <= 0:
-        parser.error("--repeats and --sources-per-task-run must be >= 1, --clips-per-source > 0")
+    if args.repeats < 1 or args.sources_per_task_run < 1 or args.clips_per_source <= 0 or args.decode_threads < 1:
+        parser.error("--repeats, --sources-per-task-run and --decode-threads must be >= 1, --clips-per-source > 0")
 
     if args.measured:
         measured = json.loads(Path(args.measured).read_text())["measured"]
@@ -677,7 +682,7 @@ def main() -> int:
             here = Path(__file__).resolve().parent
             sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
             sys.path.insert(0, str(here.parent))
-        measured = measure(args.repeats, args.clip_model, args.coca_model)
+        measured = measure(args.repeats, args.clip_model, args.coca_model, args.decode_threads)
     cluster = ClusterShape(args.cpu_workers, args.cores_per_cpu_worker, args.gpu_workers, args.gpus_per_gpu_worker,
                            args.gpu, GPU_PEAKS[args.gpu], args.spare_cores_per_gpu_worker)
     inputs = [build_inputs(measured, dataset, cluster, args) for dataset in DATASETS]

@@ -5,10 +5,12 @@ time on a KubeRay shape, from per-frame and per-clip costs measured here with th
     python benchmarks/cost_model.py --measured FILE.json # re-estimate from an earlier run's measurements
         [--cpu-workers 64 --cores-per-cpu-worker 32 --gpu-workers 32 --gpus-per-gpu-worker 8]
         [--sources-per-task-run 1000 --clips-per-source 1 --video-mbit-s 2.0 --json out/cost_model.json]
+        [--decode-threads 1]                              # decode.threads while measuring (a 1-CPU Ray task's)
 
 Two parts. `estimate(CostInputs) -> CostEstimate` is the model: pure arithmetic, unit-tested on a
 hand-computed case (tests/test_cost_model.py). The measurement (`measure`, run only by this script) times the
-real code paths of curation/ on the bundled sample footage, in CPU seconds of this process (all its threads):
+real code paths of curation/ on the bundled sample footage, in CPU seconds of this process (all its threads:
+decoder, clip encoder and spool workers), with decode.threads 1 unless told otherwise:
 decode, the small analysis copy (decode.analysis_width), the cut cascade, Farneback motion, the scorer-frame
 spool, clip writing, the PP-OCR text detector (real weights, shipped with rapidocr), and CLIP ViT-L/14, CoCa
 ViT-L/14 and RAFT-large with random weights (real architectures: real weights are not available offline; the

@@ -347,11 +347,12 @@ class LiveReencoder:
 
     `push` takes every frame in order once it is `delay` frames old (by then the cascade has almost always
     settled whether a cut falls on it); each shot becomes a clip of one shared `ClipEncoder` from its first
-    frame on, unless the frames decoded beyond it show that `plan_clips` will not re-encode it (too short, or
-    keyframes enough to stream-copy it), looked at again whenever a keyframe or the source's end comes in;
-    a shot is also abandoned when it grows past `max_clip_s` (a re-encoded long shot is split evenly, which needs its
-    length: left to the second pass). After `finish`, `take` hands over the file of a shot that matches a
-    planned clip exactly.
+    frame on, unless the frames decoded beyond it show that `plan_clips` will not re-encode it (too short,
+    or keyframes enough to stream-copy it), looked at again whenever a keyframe or the source's end comes
+    in. A shot is also abandoned when it grows past `max_clip_s` (a re-encoded long shot is split evenly,
+    which needs its length: left to the second pass). After `finish`, `take` hands over the file of a shot
+    that matches a planned clip exactly. A shot whose only keyframe is its first one is encoded until the
+    decoder reaches the next keyframe, cut or the source's end: until then it may still need re-encoding.
     """
 
     def __init__(self, directory: Path, width: int, height: int, fps: float, config: ClipConfig,

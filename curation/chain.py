@@ -46,7 +46,7 @@ from curation.decode import (
     StorageFault,
     analysis_copy,
     is_storage_fault,
-    probe,
+    open_source,
     stream_frames,
     thread_budget,
 )
@@ -214,11 +214,18 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
     spool in `work_dir`, and (with `live_clips`) every frame to a live re-encoder writing there, once the
     cascade has settled whether a cut falls on it. The caller closes the spool and discards the live
     re-encoder's leftovers."""
-    info = probe(path, config.decode)
+    info, container = open_source(path, config.decode)
+    try:
+        return _decode_and_analyse(path, container, info, config, work_dir, live_clips)
+    finally:
+        container.close()  # already closed once decoding ran to the end
+
+
+def _decode_and_analyse(path: Path, container: av.container.InputContainer, info: SourceInfo,
+                        config: CurationConfig, work_dir: Path, live_clips: bool) -> Analysis:
     cascade = CutCascade(config.cuts, info.fps)
     keyframes: list[int] = []
     ahead = DecodedSoFar(keyframes, cascade.is_cut_so_far)
-    live = _live_reencoder(info, work_dir, config, ahead) if live_clips else None
     width, height = analysis_size(info.width, info.height, config.decode.analysis_width)
     scale = min(1.0, config.decode.sample_long_side / max(info.width, info.height))
     sample_size = (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
@@ -226,27 +233,44 @@ def decode_and_analyse(path: Path, config: CurationConfig, work_dir: Path, live_
     held = HeldFrames(cascade.settle_frames)
     work_dir.mkdir(parents=True, exist_ok=True)
     spool = FrameSpool(work_dir)
+    try:
+        live = _live_reencoder(info, work_dir, config, ahead) if live_clips else None
+    except BaseException:
+        spool.close()
+        raise
     analysis = Analysis(info, 0, [], keyframes, [], [], [], motion, spool, live)
+
+    def take(index: int, frame: av.VideoFrame) -> None:
+        """Everything the chain does with one decoded frame, in frame order on the analyser thread."""
+        if index == 0:
+            analysis.turns = quarter_turns(frame)
+        if frame.key_frame:
+            analysis.keyframes.append(index)
+        if frame.is_corrupt:
+            analysis.corrupt.append(index)
+        analysis.frame_pts.append(frame.pts if frame.pts is not None else -1)
+        analysis.frame_times.append(frame.time)
+        small = analysis_copy(frame, width, height)
+        cascade.push(index, small)
+        if motion.wants(index):
+            motion.push(index, small)
+            spool.add(index, frame, sample_size, analysis.turns)
+        if live is not None:
+            ahead.frames = index + 1
+            for held_index, held_frame in held.add(index, frame):
+                live.push(held_index, held_frame)
+
+    # The decoder runs on this thread and the per-frame analysis on its own, so the decoder is fed its next
+    # packets while a frame is analysed.
+    analyser = SerialWorker("chain-analysis", queued=8)
     try:
         index = -1
-        for index, frame in enumerate(stream_frames(path, config.decode.threads)):
-            if index == 0:
-                analysis.turns = quarter_turns(frame)
-            if frame.key_frame:
-                analysis.keyframes.append(index)
-            if frame.is_corrupt:
-                analysis.corrupt.append(index)
-            analysis.frame_pts.append(frame.pts if frame.pts is not None else -1)
-            analysis.frame_times.append(frame.time)
-            small = analysis_copy(frame, width, height)
-            cascade.push(index, small)
-            if motion.wants(index):
-                motion.push(index, small)
-                spool.add(index, frame, sample_size, analysis.turns)
-            if live is not None:
-                ahead.frames = index + 1
-                for held_index, held_frame in held.add(index, frame):
-                    live.push(held_index, held_frame)
+        try:
+            for index, frame in enumerate(stream_frames(path, config.decode.threads, container)):
+                analyser.submit(take, index, frame)
+        finally:
+            analyser.stop()
+        analyser.join()
         analysis.num_frames = num_frames = index + 1
         if num_frames < config.decode.min_frames:
             raise SourceError(

@@ -114,6 +114,16 @@ def _pixel_limit(width: int, height: int, config: DecodeConfig) -> SourceError |
 
 
 def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
+    """What the header says of `path`, or SourceError when it cannot be curated (see `open_source`)."""
+    info, container = open_source(path, config)
+    container.close()
+    return info
+
+
+def open_source(path: str | Path, config: DecodeConfig | None = None) -> tuple[SourceInfo, av.container.InputContainer]:
+    """Check everything that can be known before decoding and return the header's facts with the container
+    left open, so that decoding does not open and probe the file a second time (a few ms per source, which
+    is several per cent of a short source's work). SourceError when the source cannot be curated."""
     config = config or DecodeConfig()
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -128,7 +138,16 @@ def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
     if size == 0:
         raise SourceError("empty file (0 bytes)")
     with ffmpeg_messages() as messages:
-        info = _read_header(path, config, messages)
+        info, container = _read_header(path, config, messages)
+    try:
+        _check_header(info, messages, config)
+    except BaseException:
+        container.close()
+        raise
+    return info, container
+
+
+def _check_header(info: SourceInfo, messages: list[tuple[int, str, str]], config: DecodeConfig) -> None:
     if info.width <= 0 or info.height <= 0:
         raise _refused_size(messages, config) or SourceError(
             "the decoder reports no frame size: the header claims a size it cannot decode or the stream is broken")
@@ -144,37 +163,41 @@ def probe(path: str | Path, config: DecodeConfig | None = None) -> SourceInfo:
         raise SourceError(
             f"duration {info.duration_s:.0f} s exceeds decode.max_duration_s={config.max_duration_s:.0f}"
         )
-    return info
 
 
-def _read_header(path: Path, config: DecodeConfig, messages: list[tuple[int, str, str]]) -> SourceInfo:
+def _read_header(path: Path, config: DecodeConfig,
+                 messages: list[tuple[int, str, str]]) -> tuple[SourceInfo, av.container.InputContainer]:
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise SourceError("no video stream in container")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            if not rate or float(rate) <= 0:
-                raise SourceError("video stream has no usable frame rate")
-            duration_s = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration_s = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration_s = container.duration / 1_000_000
-            info = SourceInfo(
-                path=str(path),
-                fps=float(rate),
-                width=int(stream.codec_context.width or 0),
-                height=int(stream.codec_context.height or 0),
-                duration_s=duration_s,
-                codec=stream.codec_context.name,
-                expected_frames=int(stream.frames) or None,
-            )
-    except SourceError:
-        raise
+        container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
         raise _refused_size(messages, config) or SourceError(f"not a readable video: {_short(error)}") from None
-    return info
+    try:
+        if not container.streams.video:
+            raise SourceError("no video stream in container")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate or float(rate) <= 0:
+            raise SourceError("video stream has no usable frame rate")
+        duration_s = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / 1_000_000
+        info = SourceInfo(
+            path=str(path),
+            fps=float(rate),
+            width=int(stream.codec_context.width or 0),
+            height=int(stream.codec_context.height or 0),
+            duration_s=duration_s,
+            codec=stream.codec_context.name,
+            expected_frames=int(stream.frames) or None,
+        )
+    except BaseException as error:
+        container.close()
+        if isinstance(error, av.FFmpegError | UnicodeDecodeError | ValueError):
+            raise _refused_size(messages, config) or SourceError(f"not a readable video: {_short(error)}") from None
+        raise
+    return info, container
 
 
 def thread_budget(configured: int = 0) -> int:
@@ -199,17 +222,19 @@ def decoder_threads(budget: int) -> int:
     return budget + 1 if budget > 1 else 1
 
 
-def stream_frames(path: str | Path, threads: int = 0) -> Iterator[av.VideoFrame]:
+def stream_frames(path: str | Path, threads: int = 0,
+                  container: av.container.InputContainer | None = None) -> Iterator[av.VideoFrame]:
     """Decode the first video stream frame by frame (each frame once, nothing retained), on
-    `thread_budget(threads)` threads.
+    `thread_budget(threads)` threads, from `container` (`open_source`'s, closed at the end) or from `path`.
 
     A decode error mid-stream raises SourceError naming the frame, so a truncated or corrupt file
     becomes an error row instead of a silently shorter clip list.
     """
-    try:
-        container = av.open(str(path))
-    except av.FFmpegError as error:
-        raise SourceError(f"not a readable video: {_short(error)}") from None
+    if container is None:
+        try:
+            container = av.open(str(path))
+        except av.FFmpegError as error:
+            raise SourceError(f"not a readable video: {_short(error)}") from None
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads

@@ -366,8 +366,8 @@ def _curate_batch_whose_decoder_crashes(input_path: str, relative_paths: list[st
     from curation.decode import stream_frames
     from dataformat import native_source
 
-    def crashing_decoder(path, threads=0):
-        for index, frame in enumerate(stream_frames(path, threads)):
+    def crashing_decoder(path, threads=0, container=None):
+        for index, frame in enumerate(stream_frames(path, threads, container)):
             if index == 10 and Path(path).name.startswith("crash"):
                 with open(Path(output_path) / "crash-tries", "a") as tries:
                     tries.write(f"{label.split(':')[0]}\t{os.getpid()}\n")  # "batch 1", "batch 1.1"

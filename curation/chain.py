@@ -153,13 +153,11 @@ def chain_steps(path: Path, config: CurationConfig, steps: set[str] | frozenset[
     """The per-frame chain of `decode_and_analyse` up to `steps` ("analysis", "cuts", "motion"), with the real
     classes and no clip files or spool: what each step costs, for benchmarks/curation.py and cost_model.py.
     Returns the number of decoded frames."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
-    analysis_width, analysis_height = analysis_size(width, height, config.decode.analysis_width)
-    cascade, motion = CutCascade(config.cuts, fps), MotionMeter(config.motion, fps)
+    info, container = open_source(path, config.decode)  # one open, as in decode_and_analyse
+    analysis_width, analysis_height = analysis_size(info.width, info.height, config.decode.analysis_width)
+    cascade, motion = CutCascade(config.cuts, info.fps), MotionMeter(config.motion, info.fps)
     count = 0
-    for index, frame in enumerate(stream_frames(path, config.decode.threads)):
+    for index, frame in enumerate(stream_frames(path, config.decode.threads, container)):
         count += 1
         if "analysis" not in steps:
             continue
@@ -234,7 +232,7 @@ def _decode_and_analyse(path: Path, container: av.container.InputContainer, info
     work_dir.mkdir(parents=True, exist_ok=True)
     spool = FrameSpool(work_dir)
     try:
-        live = _live_reencoder(info, work_dir, config, ahead) if live_clips else None
+        live = _live_reencoder(info, work_dir, config, ahead, cascade.settle_frames) if live_clips else None
     except BaseException:
         spool.close()
         raise
@@ -293,11 +291,11 @@ def _decode_and_analyse(path: Path, container: av.container.InputContainer, info
     return analysis
 
 
-def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig,
-                    ahead: DecodedSoFar) -> LiveReencoder | None:
+def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig, ahead: DecodedSoFar,
+                    settle_frames: int) -> LiveReencoder | None:
     """A live re-encoder, or None when holding `settle_frames` decoded frames back would take more than
     `clips.lookahead_mb` (then re-encoded clips come from a second decode pass)."""
-    held_bytes = CutCascade(config.cuts, info.fps).settle_frames * info.width * info.height * 1.5  # 4:2:0
+    held_bytes = settle_frames * info.width * info.height * 1.5  # 4:2:0
     if held_bytes > config.clips.lookahead_mb * 2**20:
         return None
     return LiveReencoder(clips_dir, info.width, info.height, info.fps, config.clips, ahead,

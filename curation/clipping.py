@@ -170,8 +170,7 @@ class ClipEncoder:
         gop = max(1, round(fps))  # 1-s GOPs: a clip can be cut again or seeked cheaply
         self.stream.options = {"crf": str(crf), "preset": preset, "threads": str(max(1, threads)),
                                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"}
-        self.clips: list[_EncodedClip] = []  # in encoding order; clips[i].first = its first frame's timestamp
-        self._firsts: list[int] = []
+        self.clips: list[_EncodedClip] = []  # in encoding order, so their `first` timestamps ascend
         self._open: _EncodedClip | None = None  # the clip whose file receives packets now
         self._count = 0  # frames encoded so far (the encoder's timestamps)
         self._worker = SerialWorker("clip-encoder", QUEUED_FRAMES)
@@ -210,7 +209,6 @@ class ClipEncoder:
 
     def _begin(self, path: Path) -> None:
         self.clips.append(_EncodedClip(path, self._count))
-        self._firsts.append(self._count)
 
     def _add(self, frame: av.VideoFrame) -> None:
         clip = self.clips[-1]
@@ -235,7 +233,7 @@ class ClipEncoder:
 
     def _route(self, packets: list[av.Packet]) -> None:
         for packet in packets:
-            clip = self.clips[bisect.bisect_right(self._firsts, packet.pts) - 1]
+            clip = self.clips[bisect.bisect_right(self.clips, packet.pts, key=lambda c: c.first) - 1]
             if clip.abandoned:
                 continue
             if clip is not self._open:

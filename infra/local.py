@@ -82,7 +82,9 @@ def prefect_server_env(home: Path, port: int) -> dict[str, str]:
 def local_prefect_server(home: Path, port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
     """Start `prefect server start` on 127.0.0.1 with a SQLite database under `home`; yield its API URL.
 
-    The server is stopped (and its children with it) when the context exits.
+    The server is stopped (and its children with it) when the context exits, after this process has sent
+    the logs and events it still holds: sent later, to a stopped server, they hold up the interpreter's exit
+    by over a minute of connection retries.
     """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,7 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
         wait_for_http(f"{api_url}/health", process=process)
         yield api_url
     finally:
+        drain_prefect_clients()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 15)
         try:
@@ -109,6 +112,18 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
+
+
+def drain_prefect_clients(timeout_s: float = 15.0) -> None:
+    """Send what this process's Prefect log and event workers still queue (no-op if Prefect is not loaded)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout_s, at_exit=False)
 
 
 def unconfigured_prefect_api_url() -> str | None:

@@ -183,6 +183,9 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
         _ray_on_loopback(_is_loopback(address))
         return {"address": address, "ignore_reinit_error": True}
     _ray_on_loopback(True)
+    # Ray Train's preemption watcher (one more actor process per training run, polling every 5 s) watches for
+    # nodes being drained, which a Ray of one machine never does; the local Ray's processes inherit this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return {
         "address": "local",
         "_node_ip_address": "127.0.0.1",

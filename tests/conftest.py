@@ -78,11 +78,12 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A real 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`, 1 CPU each, each node
-    on a core of its own when there are two), shared by the multi-node tests; on teardown every process it
-    started must be gone."""
+    on a core of its own when there are two), shared by the multi-node tests of a module and stopped after them
+    (its idle nodes would take CPU from the rest of the session); on teardown every process it started must be
+    gone."""
     with local_ray_cluster(nodes=2, cpus_per_node=1, pin_cores=len(os.sched_getaffinity(0)) >= 2) as cluster:
         yield cluster
     assert not [pid for node in cluster.nodes for pid in node.pids()], "the Ray cluster left processes behind"
@@ -113,12 +114,29 @@ def cluster_driver(ray_cluster):
 SLOW_FIXTURES = frozenset({"prefect_api", "ray_local", "ray_cluster"})
 
 
+# The modules with the longest tests (`--durations`), longest first. Only the order tests start in depends on
+# it: pytest-xdist hands each worker a contiguous share and idle workers steal from the end of the others', so
+# starting the longest first keeps one worker from running a long test alone at the end of the suite. The
+# multi-node module comes first so that no other worker steals part of it (each would start a cluster).
+LONGEST_FIRST = ("test_multinode.py", "test_pipeline_e2e.py", "test_train_flow.py", "test_curation_resume.py",
+                 "test_image_to_video.py", "test_curate_flow_e2e.py", "test_fvd.py", "test_scorers_captions.py",
+                 "test_scorers_flow.py", "test_scorers_actors.py")
+
+
+def _start_rank(item) -> tuple[int, int]:
+    module = item.path.name
+    rank = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+    return (rank, 0 if item.get_closest_marker("slow") else 1)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
 def pytest_collection_modifyitems(config, items):
-    """Tests using a server fixture are marked `slow`; tests marked `gpu` are skipped without CUDA, never faked."""
+    """Tests using a server fixture are marked `slow`; the longest start first; tests marked `gpu` are skipped
+    without CUDA, never faked."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_start_rank)  # stable: the order within a module is kept
     try:
         import torch
 

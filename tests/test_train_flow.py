@@ -26,38 +26,32 @@ def _unet(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(pipeline_dir) / UNET_WEIGHTS))
 
 
-def test_two_ddp_or_fsdp_workers_equal_one_worker_with_the_doubled_batch(curated_dir, tmp_path, ray_local):
-    """Stage II tiny, global batch 2: 2 Ray workers x 1 sample (gloo all-reduce; FSDP2 reduce-scatter) vs 1
-    worker x 2 samples (trained in this process). Then FSDP resumes from its step-2 checkpoint (sharded load)
-    and ends where it ended."""
+def test_two_fsdp_workers_equal_one_worker_with_the_doubled_batch_and_resume_sharded(curated_dir, tmp_path,
+                                                                                     ray_local):
+    """Stage II tiny, global batch 2: 2 Ray workers x 1 sample under FSDP2 (reduce-scatter) vs 1 worker x 2
+    samples (trained in this process). Then FSDP resumes from its step-2 checkpoint (sharded load) and ends where
+    it ended. (2 DDP workers = 1 worker with the doubled batch is asserted by the image-to-video finetune below
+    and, across two nodes, by test_multinode.py.)"""
     common = dict(data=str(curated_dir), init="tiny", max_steps=3, micro_batch_size=1)
-    results = {
-        strategy: run_stage(StageRunRequest.build(
-            stage=2, output_root=str(tmp_path / strategy), num_workers=2, strategy=strategy, checkpoint_every=2,
-            **common))
-        for strategy in ("ddp", "fsdp")
-    }
+    fsdp = run_stage(StageRunRequest.build(stage=2, output_root=str(tmp_path / "fsdp"), num_workers=2,
+                                           strategy="fsdp", checkpoint_every=2, **common))
     one, one_losses = train_in_process(StageRunRequest.build(stage=2, output_root=str(tmp_path / "one"), **common))
     from model.pipeline import TextToVideoPipeline
 
     initial = TextToVideoPipeline.from_preset("tiny").unet.state_dict()
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-4, "training must change the weights"
-    two_ddp = _unet(results["ddp"]["pipeline"])
-    difference = max((one[k] - two_ddp[k]).abs().max().item() for k in one)
-    assert difference < 1e-6 * max(moved, 1.0) + 1e-7, f"2 DDP workers differ from 1 by {difference} (moved {moved})"
     # FSDP2 pre-divides gradients before its reduce-scatter, so they differ from one worker's by rounding; Adam's
     # first steps are ~lr * sign(grad), which turns that rounding into visible moves of the few weights whose
     # gradient is ~0 (biases before a GroupNorm). Compare the whole update instead: measured 7.9e-4 relative.
-    two_fsdp = _unet(results["fsdp"]["pipeline"])
+    two_fsdp = _unet(fsdp["pipeline"])
     update_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
     update_fsdp = torch.cat([(two_fsdp[k] - initial[k]).flatten() for k in one])
     relative = ((update_fsdp - update_one).norm() / update_one.norm()).item()
     assert relative < 1e-2, f"the FSDP update differs from 1 worker's by {relative:.2e} (relative L2)"
-    for strategy in ("ddp", "fsdp"):
-        assert one_losses == pytest.approx(results[strategy]["losses"], rel=1e-4)
+    assert one_losses == pytest.approx(fsdp["losses"], rel=1e-4)
 
-    fsdp_dir = Path(results["fsdp"]["output_dir"])
+    fsdp_dir = Path(fsdp["output_dir"])
     for checkpoint, step in complete_checkpoints(fsdp_dir / "ray").items():
         if step == 3:
             shutil.rmtree(checkpoint)  # as if the run died between its step-2 checkpoint and the end

@@ -115,12 +115,12 @@ SLOW_FIXTURES = frozenset({"prefect_api", "ray_local", "ray_cluster"})
 
 
 # The modules with the longest tests (`--durations`), longest first. Only the order tests start in depends on
-# it: pytest-xdist hands each worker a contiguous share and idle workers steal from the end of the others', so
-# starting the longest first keeps one worker from running a long test alone at the end of the suite. The
-# multi-node module comes first so that no other worker steals part of it (each would start a cluster).
-LONGEST_FIRST = ("test_multinode.py", "test_pipeline_e2e.py", "test_train_flow.py", "test_curation_resume.py",
-                 "test_image_to_video.py", "test_curate_flow_e2e.py", "test_fvd.py", "test_scorers_captions.py",
-                 "test_scorers_flow.py", "test_scorers_actors.py")
+# it: `make test` hands each pytest-xdist worker one module at a time in this order (`--dist loadscope
+# --no-loadscope-reorder`), so the longest start first and no worker runs a long module alone at the end.
+LONGEST_FIRST = ("test_train_flow.py", "test_pipeline_e2e.py", "test_multinode.py", "test_curation_resume.py",
+                 "test_curate_flow_e2e.py", "test_fvd.py", "test_image_to_video.py", "test_curation_hardening.py",
+                 "test_scorers_actors.py", "test_scorers_flow.py", "test_scorers_captions.py", "test_training.py",
+                 "test_walk.py", "test_infra.py")
 
 
 def _start_rank(item) -> tuple[int, int]:

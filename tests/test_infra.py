@@ -252,3 +252,46 @@ def test_a_worker_exits_with_its_child_processes_once_its_driver_is_gone():
                 process.kill()
         with contextlib.suppress(psutil.Error):
             psutil.Process(child_pid).kill()
+
+
+
+_FLOW_THEN_STOP_SERVER = """
+import os, sys
+from pathlib import Path
+from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from infra.local import local_prefect_server, prefect_server_env
+
+@flow(persist_result=False)
+def fails() -> None:
+    get_run_logger().info("one line")
+    raise ValueError("bad parameter")
+
+home = Path(sys.argv[1])
+with local_prefect_server(home) as url:
+    os.environ.update(prefect_server_env(home, int(url.rsplit(":", 1)[1].split("/")[0])))
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        try:
+            fails()
+        except ValueError:
+            pass
+print("left the server", flush=True)
+"""
+
+
+@pytest.mark.slow  # end to end (CLI subprocesses or a Ray start): left out of make test-fast
+def test_stopping_the_local_server_first_sends_what_the_process_still_queues(tmp_path):
+    """`local_prefect_server` drains the process's Prefect log and event workers before it stops the server:
+    otherwise the events and logs of the last flow run are retried against the stopped server at exit (each
+    pytest process of the suite waited ~75 s for that) and then lost."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "flow_then_stop.py"
+    script.write_text(_FLOW_THEN_STOP_SERVER)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "home")], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "left the server" in output, output[-3000:]
+    for lost in ("pending items", "Error logging to API", "Unable to connect"):
+        assert lost not in output, output[-3000:]

@@ -123,10 +123,9 @@ LONGEST_FIRST = ("test_train_flow.py", "test_pipeline_e2e.py", "test_multinode.p
                  "test_walk.py", "test_infra.py")
 
 
-def _start_rank(item) -> tuple[int, int]:
+def _start_rank(item) -> int:
     module = item.path.name
-    rank = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-    return (rank, 0 if item.get_closest_marker("slow") else 1)
+    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers

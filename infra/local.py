@@ -170,6 +170,16 @@ def current_ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
+# A Ray of one machine, started by `ray_init_kwargs` or `local_ray_cluster`, without what only a cluster needs:
+# - Ray Train's preemption watcher (one more actor process per training run, polling every 5 s) watches for nodes
+#   being drained, which a Ray of one machine never does;
+# - metrics collection feeds a dashboard and Prometheus that a local Ray does not run;
+# - workers started ahead of the first task wait idle, and poll, as long as the Ray runs (an idle local Ray took
+#   5.3 CPU-seconds a minute with both, 3.0 without); a task or actor starts its worker when it needs one.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_enable_metrics_collection": "0",
+                 "RAY_prestart_worker_first_driver": "0"}
+
+
 def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> dict:
     """Arguments for `ray.init`: join exactly `address` (a cluster), or start an own local Ray on loopback.
 
@@ -183,9 +193,8 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
         _ray_on_loopback(_is_loopback(address))
         return {"address": address, "ignore_reinit_error": True}
     _ray_on_loopback(True)
-    # Ray Train's preemption watcher (one more actor process per training run, polling every 5 s) watches for
-    # nodes being drained, which a Ray of one machine never does; the local Ray's processes inherit this.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for key, value in LOCAL_RAY_ENV.items():  # the local Ray's processes inherit these
+        os.environ.setdefault(key, value)
     return {
         "address": "local",
         "_node_ip_address": "127.0.0.1",
@@ -453,7 +462,7 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, root: Path | None 
     # short paths: Ray's unix sockets live under the temp dir and a socket path is limited to 107 bytes
     base = Path(tempfile.mkdtemp(prefix="lvdray-", dir="/tmp")) if own_root else Path(root)
     base.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **QUIET_ENV}
+    env = {**os.environ, **QUIET_ENV, **LOCAL_RAY_ENV}
     if env.get(_RAY_SINGLE_NODE_ENV) == "0":
         del env[_RAY_SINGLE_NODE_ENV]  # set by a local Ray of this process: it forbids joining nodes
     for key in ("RAY_ADDRESS",):

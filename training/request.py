@@ -90,18 +90,18 @@ class StageRunRequest(Request):
     def resolve(self) -> tuple[StagePreset, list[str], str]:
         """What reads the disk, before Ray starts, with messages that say what to do: the stage cut to
         `max_steps`, the shards under `data`, the initialisation (FileNotFoundError naming what is missing)."""
-        from model.image_to_video import is_image_to_video_folder
-
         stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
         init, encoder = self.init, self.image_encoder
         if self.conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
             raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
                                     "SVD folder or a text-to-video stage export")
-        if self.conditioning == "image" and encoder is None and self.preset != "tiny" and not (
-                init and is_image_to_video_folder(init)):
-            raise RequestError("image-to-video training from a text-to-video checkpoint needs an image encoder: "
-                               "pass image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>, or "
-                               "init=<SVD folder>")
+        if self.conditioning == "image" and encoder is None and self.preset != "tiny":
+            from model.image_to_video import is_image_to_video_folder  # diffusers: only image requests import it
+
+            if not (init and is_image_to_video_folder(init)):
+                raise RequestError("image-to-video training from a text-to-video checkpoint needs an image "
+                                   "encoder: pass image_encoder=<SVD folder or CLIPVisionModelWithProjection folder>, "
+                                   "or init=<SVD folder>")
         if encoder not in (None, "tiny") and not Path(encoder).is_dir():
             raise FileNotFoundError(f"image_encoder {encoder!r} is not a folder (an SVD or CLIP vision folder)")
         try:

@@ -172,3 +172,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# `LVD_TEST_CPU_LOG=FILE make test` appends one JSON line per test: its wall time and the CPU seconds of this
+# pytest process and everything it started (local Ray, Prefect server, CLI runs; a process that ended counts through
+# the parent that reaped it). The machine's two cores are the suite's limit, so this says which tests cost it.
+def _tree_cpu_seconds() -> float:
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    log = os.environ.get("LVD_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import json
+    import time
+
+    started, cpu = time.monotonic(), _tree_cpu_seconds()
+    yield
+    line = {"test": item.nodeid, "wall_s": round(time.monotonic() - started, 2),
+            "cpu_s": round(_tree_cpu_seconds() - cpu, 2), "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+    with open(log, "a") as out:
+        out.write(json.dumps(line) + "\n")

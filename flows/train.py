@@ -33,7 +33,11 @@ def run_stage_task(request: StageRunRequest) -> dict[str, Any]:
                                            description=f"stage {request.stage} optimizer steps")
 
     def on_progress(progress: dict[str, Any]) -> None:
-        update_progress_artifact(progress_id, 100.0 * progress["step"] / max(progress["total"], 1))
+        try:
+            update_progress_artifact(progress_id, 100.0 * progress["step"] / max(progress["total"], 1))
+        except Exception as error:  # noqa: BLE001 - a progress bar the server did not take must not fail the
+            # stage: the task's retry would start the run again from its last checkpoint
+            get_run_logger().warning("progress artifact not updated: %s", error)
 
     return run_stage(request, on_progress=on_progress)
 

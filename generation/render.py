@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -18,9 +18,13 @@ from common.requests import Request, RequestError, setting
 from common.video import save_video
 from generation.audio import audio_envelope as envelope_of
 from generation.audio import envelope_speeds, mux_audio
-from generation.upscale import upscale_frames
-from generation.walk import WalkSettings, Waypoint, check_walk_inputs, run_walk
 from model.loading import DTYPES
+
+if TYPE_CHECKING:
+    from generation.walk import Waypoint
+
+# generation.walk and generation.upscale (torch, diffusers: ~10 s of imports on a small machine) are imported where
+# a walk's inputs are checked or rendered, so that a request with a bad setting fails at once.
 
 UPSCALERS = ("lanczos", "realesrgan")
 
@@ -72,6 +76,8 @@ class WalkRequest(Request):
 
     def check_inputs(self) -> None:
         """The audio file, the images and the waypoint lists, before any model is loaded."""
+        from generation.walk import check_walk_inputs
+
         try:
             check_render_options(self.out, self.fps, self.upscale, self.audio)
             waypoints, segment_frames = walk_waypoints(self.prompts, self.seeds, self.segment_frames, self.images)
@@ -121,6 +127,8 @@ def walk_waypoints(prompts: list[str] | None, seeds: list[int] | None, frames: i
                    images: list[str] | None) -> tuple[list[Waypoint], list[int]]:
     """Waypoints and per-segment frame counts: `prompts` with `seeds` (a text walk), or `images` with
     `seeds` and optional `prompts` (a morph); `frames` is one length for every segment or one per segment."""
+    from generation.walk import Waypoint
+
     if images:
         prompts = list(prompts) if prompts else [""] * len(images)
         if len(prompts) != len(images):
@@ -173,6 +181,9 @@ def render_walk(
     key (a different checkpoint or dtype never reuses segments). `fps`: output frame rate (also the clock
     the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it sees
     fps_id - 1, SVD's convention)."""
+    from generation.upscale import upscale_frames
+    from generation.walk import WalkSettings, check_walk_inputs, run_walk
+
     out_path = Path(out)
     check_render_options(out_path, fps, upscale, audio)
     waypoints, segment_frames = walk_waypoints(prompts, seeds, frames, images)

@@ -28,6 +28,7 @@ def run_served_deployment(flow_name: str, parameters: list[str], env: dict, log_
                           register_timeout_s: float, watch_timeout_s: int, timeout_s: float) -> None:
     """Serve `flow_name`'s deployments, run `flow_name/local` with `parameters` (prefect CLI flags) until it
     ends, assert it completed (with the serve log in the message when not), and stop the server."""
+    env = {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # start the run within 1 s, not up to 10 s, of the request
     log_path = Path(log_dir) / "serve.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--flow", flow_name],

@@ -26,6 +26,12 @@ def _unet(pipeline_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(pipeline_dir) / UNET_WEIGHTS))
 
 
+def _first_error(log: str) -> str:
+    """The log from its first exception on (a task that failed and was retried says why there), else its end."""
+    starts = [index for index in (log.find("Encountered exception"), log.find("Traceback")) if index >= 0]
+    return log[min(starts):][:4000] if starts else log[-3000:]
+
+
 def test_two_fsdp_workers_equal_one_worker_with_the_doubled_batch_and_resume_sharded(curated_dir, tmp_path,
                                                                                      ray_local):
     """Stage II tiny, global batch 2: 2 Ray workers x 1 sample under FSDP2 (reduce-scatter) vs 1 worker x 2
@@ -110,7 +116,7 @@ def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_pa
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert result["resumed_from_step"] == on_disk and result["step"] == 20
+    assert result["resumed_from_step"] == on_disk and result["step"] == 20, _first_error(rerun.stderr)
     steps = [json.loads(line)["step"] for line in (root / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21)), "each step logged once across the kill"
 

@@ -161,3 +161,32 @@ def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_di
     frames = pipe(bikes_frame().resize((128, 96)), height=96, width=128, num_frames=6, num_inference_steps=2,
                   decode_chunk_size=6, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
     assert frames.shape == (6, 96, 128, 3) and np.isfinite(frames).all() and frames.std() > 1e-3
+
+
+def test_a_progress_update_the_server_refuses_neither_fails_nor_retries_the_stage(curated_dir, tmp_path, prefect_api,
+                                                                                  monkeypatch):
+    """The progress bar is the UI's: when the Prefect server refuses an update, the `run-stage` task goes on (a
+    failure would retry the task, and the retry would start the run again from its last checkpoint)."""
+    from prefect import flow
+
+    import flows.train as train_flow
+
+    runs = []
+
+    def run_stage(request: StageRunRequest, on_progress=None) -> dict:
+        runs.append(request.stage)
+        on_progress({"step": 1, "total": 2})
+        return {"stage": request.stage}
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("503 Service Unavailable")
+
+    monkeypatch.setattr(train_flow, "run_stage", run_stage)
+    monkeypatch.setattr(train_flow, "update_progress_artifact", refused)
+
+    @flow
+    def one_stage() -> dict:
+        request = StageRunRequest.build(stage=1, data=str(curated_dir), output_root=str(tmp_path))
+        return train_flow.run_stage_task(request)
+
+    assert one_stage() == {"stage": 1} and runs == [1]

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -112,6 +113,14 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
+
+
+def api_port(api_url: str) -> int:
+    """The port of a server's API URL, such as `local_prefect_server` yields (http://127.0.0.1:PORT/api)."""
+    port = urlsplit(api_url).port
+    if port is None:
+        raise ValueError(f"no port in API URL {api_url!r}")
+    return port
 
 
 def drain_prefect_clients(timeout_s: float = 15.0) -> None:

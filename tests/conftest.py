@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import apply_quiet_env, local_prefect_server, local_ray_cluster, prefect_server_env, ray_init_kwargs
+from infra.local import (
+    api_port,
+    apply_quiet_env,
+    local_prefect_server,
+    local_ray_cluster,
+    prefect_server_env,
+    ray_init_kwargs,
+)
 
 apply_quiet_env()
 # One home for the whole test session. The pytest-xdist workers inherit it from the process that started them
@@ -77,7 +84,7 @@ def prefect_api() -> str:
 
     home = _PROCESS_HOME / "prefect-server"
     with local_prefect_server(home) as api_url:
-        port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+        port = api_port(api_url)
         saved = {k: os.environ.get(k) for k in prefect_server_env(home, port)}
         os.environ.update(prefect_server_env(home, port))  # for subprocesses
         try:

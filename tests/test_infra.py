@@ -98,7 +98,7 @@ import ray
 from infra.local import ray_init_kwargs
 
 ray.init(**ray_init_kwargs(num_cpus=1))
-time.sleep(3)  # a worker Ray starts ahead of the first task is up within a second or two of the driver
+time.sleep(3)  # a worker that Ray starts ahead of the first task is up within a second or two of the driver
 idle = []
 for child in psutil.Process().children(recursive=True):
     try:
@@ -276,13 +276,12 @@ def test_a_worker_exits_with_its_child_processes_once_its_driver_is_gone():
             psutil.Process(child_pid).kill()
 
 
-
 _FLOW_THEN_STOP_SERVER = """
 import os, sys
 from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from infra.local import local_prefect_server, prefect_server_env
+from infra.local import api_port, local_prefect_server, prefect_server_env
 
 @flow(persist_result=False)
 def fails() -> None:
@@ -291,7 +290,7 @@ def fails() -> None:
 
 home = Path(sys.argv[1])
 with local_prefect_server(home) as url:
-    os.environ.update(prefect_server_env(home, int(url.rsplit(":", 1)[1].split("/")[0])))
+    os.environ.update(prefect_server_env(home, api_port(url)))
     with temporary_settings(updates={PREFECT_API_URL: url}):
         try:
             fails()

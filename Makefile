@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OPENCV_HEADLESS := opencv-python-headless==5.0.0.93
+# Blender as a Python module renders the multi-view orbits. Its wheel pins numpy<2 although it runs with the
+# numpy 2 the rest needs (it only warns that its own numpy bridge is off), so it is installed without its pins.
+BPY := bpy==5.0.1
 TEST_WORKERS ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
@@ -15,6 +18,7 @@ setup: $(VENV)/.installed
 
 # torch comes first from the machine's local wheel cache; easyocr/scenedetect/rapidocr pull the GUI
 # OpenCV, which shadows the headless one and breaks cv2, so it is removed and headless reinstalled.
+# Debian's Chromium (the browser tests: rating app, clip playback) is installed when missing (needs root/apt).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
@@ -22,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e '.[dev]'
 	$(PIP) uninstall -y opencv-python opencv-contrib-python || true
 	$(PIP) install --force-reinstall --no-deps $(OPENCV_HEADLESS)
+	$(PIP) install --no-deps $(BPY) zstandard
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(PY) -c "import cv2, torch, av, scenedetect, prefect, ray, webdataset; print('environment ok: cv2', cv2.__version__, 'torch', torch.__version__)"
 	touch $@
 

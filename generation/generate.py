@@ -16,7 +16,6 @@ Modes, chosen by the arguments:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,26 +129,11 @@ def generate_request_files(request: GenerateRequest, *, progress: bool = True,
 
 
 def load_image(source: str | Path):
-    """The conditioning image as RGB: a local file Pillow opens, or any fsspec URL (s3://, https://, memory://).
-    Anything else is a ValueError whose one-line message names the source."""
-    import fsspec
-    import PIL.Image
+    """The conditioning image as displayed, 8-bit RGB (`common.images.read_image`: a local file or any fsspec URL;
+    EXIF orientation, 16-bit and alpha handled). A bad source is a ValueError whose one-line message names it."""
+    from common.images import read_image
 
-    try:
-        with fsspec.open(str(source), "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise ValueError(f"image {source}: no such file") from None
-    except Exception as error:  # noqa: BLE001 - any transport failure is the same user error
-        raise ValueError(f"image {source}: cannot read it ({_one_line(error)})") from None
-    try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"image {source}: not an image Pillow can open (unknown or damaged format)") from None
-    except Exception as error:  # noqa: BLE001 - Pillow raises several types for bad files
-        raise ValueError(f"image {source}: not an image Pillow can open ({_one_line(error)})") from None
-    return image.convert("RGB")
+    return read_image(source)
 
 
 def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
@@ -332,7 +316,3 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -77,7 +77,7 @@ class GenerateRequest(Request):
                                                               "image-to-video, 8 text-to-video)")
     image_steps: int | None = setting(None, min=1, help="text-to-image steps (default 50)")
     image_guidance: float | None = setting(None, help="text-to-image guidance (default 7.5)")
-    seed: int = setting(0, help="seed of the noise (and of the text-to-image stage)")
+    seed: int = setting(0, min=0, max=2**63 - 1, help="seed of the noise (and of the text-to-image stage)")
     dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
     cpu_offload: bool = setting(False, help="keep weights on the CPU between uses")
     out_fps: float = setting(8.0, min=0.001, help="frame rate of the written .mp4/.gif")
@@ -114,6 +114,25 @@ class GenerateFileRequest(GenerateRequest):
             check_output(self.out)
         except ValueError as error:
             raise RequestError(str(error)) from None
+
+    def check_inputs(self) -> None:
+        """The output can be written (checked by writing a probe file beside it), before any model loads."""
+        check_writable_output(self.out)
+
+
+def check_writable_output(out: str | Path) -> None:
+    """Raise a one-line RequestError unless a file can be created where `out` goes (its folder, made if missing)."""
+    import tempfile
+
+    text = str(out)
+    folder = Path(text) if text.endswith(("/", "\\")) or Path(text).is_dir() else Path(text).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lvd-write-probe-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RequestError(f"out {text}: cannot write in {folder} ({reason})") from None
 
 
 def generate_request(request: GenerateRequest, *, progress: bool = True) -> GeneratedVideos:

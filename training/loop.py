@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dataformat import atomic_write_json
+from dataformat import acquire_output_lock, atomic_write_json
 from training.monitor import plot_losses, read_metrics
 from training.request import StageRunRequest
 from training.stages import StagePreset
@@ -252,7 +252,9 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     """Train one stage to completion (or skip it when done.json says it already finished).
 
     `conditioning="image"` trains image-to-video (from `init`: an SVD folder, or a text-to-video export turned
-    into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder."""
+    into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder.
+    One writer per output root: raises OutputLocked (one line) while another live process trains into it."""
+    acquire_output_lock(request.output_root)
     stage_preset, shards, init = request.resolve()
     if request.checkpoint_every is not None:
         stage_preset = replace(stage_preset, checkpoint_every=request.checkpoint_every)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.requests import Request, RequestError, setting
-from dataformat import DataError, find_shards
+from dataformat import DataError, acquire_output_lock, find_shards
 from training.stages import StagePreset, get_stage_preset
 
 
@@ -111,7 +111,10 @@ class StageRunRequest(Request):
         return stage_preset, shards, init or default_init(self.stage, self.preset, self.output_root)
 
     def check_inputs(self) -> dict[str, Any]:
-        """The plan of the run, once `resolve` found everything it needs."""
+        """The plan of the run, once `resolve` found everything it needs. Takes the output root's writer lock
+        for this process first (`lvd train` in its own process, a served flow run in its own), so a second run
+        into the same root is refused in one line before it deletes or overwrites anything."""
+        acquire_output_lock(self.output_root)
         stage_preset, shards, init = self.resolve()
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

@@ -192,7 +192,7 @@ class CurateRequest(Request):
 
     input_path: str | None = setting(None, positional=True, path="exists",
                                      help="folder or file of raw videos (default: the bundled sample clips)")
-    output_path: str = setting("out/curate", positional=True,
+    output_path: str = setting("out/curate", positional=True, path="output",
                                help="run directory (sources.parquet, manifest.parquet, shards/); rerunning resumes")
     config: CurationConfig = setting(default_factory=CurationConfig,
                                      help="overrides of the CurationConfig defaults, checked by name, e.g. "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 DEPLOYMENT_MODULES = [
@@ -41,6 +42,14 @@ def serve_all(limit: int | None = None, flow_names: list[str] | None = None) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.allow_root:
+        from common.requests import ALLOWED_ROOTS_ENV, RequestError
+
+        roots = [Path(root).expanduser().resolve() for root in args.allow_root]
+        missing = [str(root) for root in roots if not root.is_dir()]
+        if missing:
+            raise RequestError(f"--allow-root: no such directory: {missing[0]}")
+        os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(map(str, roots))  # the flow-run subprocesses check it
     if args.local:
         from infra.local import CLIENT_ENV_FILE, local_prefect_api
 
@@ -62,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--home", default=".lvd/prefect", help="PREFECT_HOME for --local (SQLite lives here)")
     parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
                         help="--local: the API needs the auth string kept in HOME/api-auth (mode 0600; default on)")
+    parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                        help="runs may only read and write paths inside DIR (repeatable; default: anywhere)")
     parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
     parser.add_argument("--flow", action="append", default=None, help="serve only this flow's deployments (repeatable)")
     parser.set_defaults(func=_run)

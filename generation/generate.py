@@ -58,11 +58,11 @@ class GenerateRequest(Request):
 
     prompts: list[str] | None = setting(None, cli=False, help="text -> video: one video per prompt; with "
                                                               "image_model: the first frame's prompt (CLI: PROMPT)")
-    checkpoint: str | None = setting(None, help="pipeline folder (default: tiny random text-to-video)")
-    output_dir: str = setting("out/generate", cli=False, help="the flow writes NNN.mp4 and NNN.gif here")
-    image: str | None = setting(None, help="conditioning image: a file Pillow opens or an fsspec URL")
+    checkpoint: str | None = setting(None, path="input", help="pipeline folder (default: tiny random text-to-video)")
+    output_dir: str = setting("out/generate", cli=False, path="output", help="the flow writes NNN.mp4 and NNN.gif here")
+    image: str | None = setting(None, path="input", help="conditioning image: a file Pillow opens or an fsspec URL")
     image_model: str | None = setting(None, help="diffusers text-to-image folder (e.g. SD 2.1) that draws the "
-                                                 "first frame from the prompt")
+                                                 "first frame from the prompt", path="input")
     num_frames: int | None = setting(None, min=1, flag="--frames", help="default: the checkpoint's U-Net config")
     height: int | None = setting(None, min=1, help="default: 576 for image-to-video")
     width: int | None = setting(None, min=1, help="default: 1024 for image-to-video")
@@ -106,7 +106,7 @@ class GenerateFileRequest(GenerateRequest):
     """`lvd generate`: one video written to `out`."""
 
     out: str = setting("generated.mp4", help="output .mp4, .gif, or a folder ending in '/' (one lossless PNG "
-                                             "per frame)")
+                                             "per frame)", path="output")
 
     def validate(self) -> None:
         super().validate()

@@ -38,7 +38,7 @@ class StageRunRequest(Request):
     data: str = setting("out/curate", path="dir",
                         help="a curate-lvd output directory (its shards/) or a folder of WebDataset .tar shards")
     output_root: str = setting("out/train", help="stage N writes OUTPUT_ROOT/stageN/ (pipeline/, tensorboard/, "
-                                                 "checkpoints under ray/)")
+                                                 "checkpoints under ray/)", path="output")
     num_workers: int = setting(1, min=1, help="Ray Train workers (gloo on CPU, NCCL on GPU)")
     min_workers: int | None = setting(None, min=1, help="elastic: after losing nodes, go on (from the last "
                                                         "checkpoint) with as few as this many workers; the global "
@@ -46,8 +46,9 @@ class StageRunRequest(Request):
     use_gpu: bool = setting(False, help="one GPU per worker")
     resume: bool = setting(True, negate="--restart", help="continue from the newest checkpoint, skip a finished stage "
                                                           "(CLI: --restart ignores checkpoints, starts over)")
-    init: str | None = setting(None, help="initialisation: a pipeline dir, an SD 2.x checkpoint path/hub id, or "
-                                          "'tiny' (default: the preset's / the previous stage's pipeline)")
+    init: str | None = setting(None, path="input",
+                               help="initialisation: a pipeline dir, an SD 2.x checkpoint path/hub id, or "
+                                    "'tiny' (default: the preset's / the previous stage's pipeline)")
     max_steps: int | None = setting(None, min=1, help="cut the stage to this many optimizer steps (every phase "
                                                       "keeps at least one)")
     ray_address: str | None = setting(None, help='Ray cluster, e.g. "ray://head:10001"; default: a local Ray')
@@ -64,7 +65,7 @@ class StageRunRequest(Request):
         "text", help="text: text-to-video; image: image-to-video, stages 2-3 (finetunes --init, a diffusers SVD "
                      "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/)")
     image_encoder: str | None = setting(None, help="image mode from a text-to-video export: an SVD or CLIP vision "
-                                                   "folder ('tiny' preset: random)")
+                                                   "folder ('tiny' preset: random)", path="input")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
                                                 "this many steps")
 

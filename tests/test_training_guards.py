@@ -1,4 +1,5 @@
-"""Training refuses what would spoil a run before it touches the output: a second writer into the same root."""
+"""Training refuses what would spoil a run before it touches the output (a second writer into the same root) and
+cleans up what a killed run left."""
 
 from __future__ import annotations
 
@@ -65,3 +66,17 @@ def test_the_lock_of_a_finished_run_is_taken_over(held_root, tmp_path: Path) -> 
     with pytest.raises(Exception, match="no WebDataset shards"):
         request.check_inputs()
     assert (root / LOCK_NAME).exists()  # now held by this process
+
+
+def test_export_leftovers_of_a_killed_run_are_removed_on_the_next_run(tmp_path: Path, curated_dir: Path) -> None:
+    """A kill during the export leaves `stageN/.export-*` (a full copy of the weights); the next run of the stage
+    removes it, even when the stage is already done and is skipped."""
+    root = tmp_path / "runs"
+    stage = root / "stage1"
+    (stage / ".export-k1ll3d" / "pipeline" / "unet").mkdir(parents=True)
+    (stage / ".export-k1ll3d" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 4096)
+    (stage / "done.json").write_text('{"stage": 1, "pipeline": "p"}')
+    request = StageRunRequest.build({"stage": 1, "data": str(curated_dir), "output_root": str(root), "init": "tiny"})
+    summary = run_stage(request)
+    assert summary["skipped"] is True
+    assert not list(stage.glob(".export-*")) and (stage / "done.json").exists()

@@ -263,6 +263,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     max_steps, strategy, use_gpu = request.max_steps, request.strategy, request.use_gpu
     conditioning, image_encoder, decoder_steps = request.conditioning, request.image_encoder, request.decoder_steps
     directory = request.directory
+    for leftover in directory.glob(".export-*"):  # a copy of the weights a run killed during its export left
+        shutil.rmtree(leftover, ignore_errors=True)  # (safe: this process holds the root's writer lock)
     done = directory / "done.json"
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}

@@ -270,6 +270,7 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
     if address:
         # a cluster on this machine (`local_ray_cluster`) keeps 127.0.0.1: this driver must find its node there
         _ray_on_loopback(_is_loopback(address))
+        _default_to_token_auth()
         return {"address": address, "ignore_reinit_error": True}
     _ray_on_loopback(True)
     for key, value in LOCAL_RAY_ENV.items():  # the local Ray's processes inherit these
@@ -283,6 +284,68 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
         "object_store_memory": 256 * 1024 * 1024,
         "log_to_driver": True,
     }
+
+
+class RayConnectionError(ConnectionError):
+    """This driver cannot join the Ray cluster at an address; the message is one line saying what to do."""
+
+
+_RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# Ray's GCS client in a child process, authenticated as `ray.init` would be in this environment.
+_GCS_PROBE = """
+import sys
+from ray._private.authentication import authentication_token_setup as auth
+auth.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+from ray._raylet import GcsClient
+GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+"""
+
+
+def _default_to_token_auth() -> None:
+    """A driver joining a cluster authenticates with its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) when it has one and RAY_AUTH_MODE is unset: `ray start` turns token authentication on by
+    default, and a token-mode driver also joins a cluster that has it off. Ray reads the mode when it is imported,
+    so it is switched through Ray's own call, which also updates the running process (and, through the
+    environment, the processes it starts)."""
+    if os.environ.get(_RAY_AUTH_MODE_ENV) is not None:
+        return
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    quiet = logging.getLogger(auth.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks of starting a cluster, which a driver does not
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
+    """Raise RayConnectionError (one line) unless the cluster at `address` (host:port of its GCS) accepts this
+    driver. Probed in a child process that keeps Ray's own output, so a refused token is one line instead of
+    twenty GCS retry warnings and a traceback. Ray Client addresses (ray://) and local runs are not probed."""
+    if not address or address.startswith("ray://") or address in ("local", "auto"):
+        return
+    _default_to_token_auth()
+    try:
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                               timeout=timeout_s, env={**os.environ, **QUIET_ENV})
+    except subprocess.TimeoutExpired:
+        raise RayConnectionError(f"no Ray cluster answered at {address} within {timeout_s:.0f} s") from None
+    if probe.returncode == 0:
+        return
+    output = probe.stderr + probe.stdout
+    if "InvalidAuthToken" in output or "AuthenticationError" in output or "auth token" in output.lower():
+        mode = os.environ.get(_RAY_AUTH_MODE_ENV)
+        hint = ("set RAY_AUTH_MODE=token" if mode != "token" else
+                "give this driver the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+        raise RayConnectionError(f"the Ray cluster at {address} refused this driver's authentication "
+                                 f"(RAY_AUTH_MODE={mode}): {hint}; the cluster's token is in ~/.ray/auth_token "
+                                 "on its head node")
+    last = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "no output")
+    raise RayConnectionError(f"cannot join the Ray cluster at {address}: {last.strip()[:300]}")
 
 
 # --- a multi-node Ray cluster on one machine ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from common.requests import Request, RequestError, setting
 from dataformat import DataError, acquire_output_lock, find_shards
+from infra.local import check_ray_connection
 from training.stages import StagePreset, get_stage_preset
 
 
@@ -116,6 +117,10 @@ class StageRunRequest(Request):
         for this process first (`lvd train` in its own process, a served flow run in its own), so a second run
         into the same root is refused in one line before it deletes or overwrites anything."""
         acquire_output_lock(self.output_root)
+        try:
+            check_ray_connection(self.ray_address)
+        except ConnectionError as error:
+            raise RequestError(str(error)) from None
         stage_preset, shards, init = self.resolve()
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

@@ -93,6 +93,12 @@ class GenerateRequest(Request):
             except ValueError as error:
                 raise RequestError(str(error)) from None
 
+    def check_inputs(self) -> None:
+        """The checkpoint folder is checked (one line naming the file) before any model loads."""
+        from model.folder_check import check_pipeline_source
+
+        check_pipeline_source(self.checkpoint)
+
     def generation_settings(self) -> dict[str, Any]:
         """The keyword arguments of `generate_videos` (everything but prompts, checkpoint and outputs)."""
         names = ("image", "image_model", "num_frames", "height", "width", "steps", "guidance", "fps",
@@ -116,7 +122,9 @@ class GenerateFileRequest(GenerateRequest):
             raise RequestError(str(error)) from None
 
     def check_inputs(self) -> None:
-        """The output can be written (checked by writing a probe file beside it), before any model loads."""
+        """The checkpoint folder, and that the output can be written (a probe file beside it), before any model
+        loads."""
+        super().check_inputs()
         check_writable_output(self.out)
 
 

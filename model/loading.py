@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.devices import pick_device
+from model.folder_check import PipelineFolderError, check_finite_weights, check_pipeline_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY = "tiny"
@@ -47,9 +48,12 @@ def saved_class_name(directory: str | Path) -> str | None:
     if not index.is_file():
         return None
     try:
-        return str(json.loads(index.read_text()).get("_class_name"))
+        data = json.loads(index.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"{index}: unreadable model_index.json ({error})") from None
+        raise PipelineFolderError(f"{index}: unreadable model_index.json ({error})") from None
+    if not isinstance(data, dict):
+        raise PipelineFolderError(f"{index}: must be a JSON object, got {type(data).__name__}")
+    return str(data.get("_class_name"))
 
 
 def load_pipeline(source: str | Path | None = TINY, *, dtype: str = "float32", device: str | None = None,
@@ -75,7 +79,9 @@ def load_pipeline(source: str | Path | None = TINY, *, dtype: str = "float32", d
     else:
         class_name = saved_class_name(source) if Path(source).is_dir() else None
         if class_name in PIPELINE_CLASSES:
+            check_pipeline_folder(source)  # one line naming the file, before diffusers reads any of it
             pipe = pipeline_class(class_name).from_pretrained(source, dtype=getattr(torch, dtype))
+            check_finite_weights(pipe.components, source)
         elif inflate_sd:
             pipe = pipeline_class("TextToVideoPipeline").from_sd_checkpoint(str(source))
         elif class_name is None:

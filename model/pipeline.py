@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from common.requests import RequestError
 from model.conditioning import micro_conditioning
 from model.edm import VPredictionPreconditioning, initial_noise_scale, karras_sigmas
 from model.sampling import ClassifierFreeGuidance, linear_guidance_scales, sample_euler
@@ -198,12 +199,26 @@ class TextToVideoPipeline(DiffusionPipeline):
         return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
 
 
+class NonFiniteOutputError(RequestError):
+    """Sampling or decoding produced NaN or infinite values (damaged weights, an overflowing dtype): an error
+    instead of a black video."""
+
+
+def check_finite_output(values: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise NonFiniteOutputError(f"the {what} hold {bad:,} NaN or infinite values of {values.numel():,}: the "
+                                   "weights are damaged or the dtype overflows (try --dtype float32)")
+
+
 def decode_output(vae, latents: torch.Tensor, decode_chunk_size: int, output_type: str) -> np.ndarray | torch.Tensor:
     """What a video pipeline returns for its final latents (B, T, C, h, w): 'latent' as they are, 'pt' the decoded
     frames in [-1, 1] (B, T, 3, H, W), 'np' uint8 (B, T, H, W, 3) rounded as diffusers' image output is."""
+    check_finite_output(latents, "latents")
     if output_type == "latent":
         return latents
     frames = decode_latents(vae, latents.to(vae.dtype), chunk_size=decode_chunk_size).float()
+    check_finite_output(frames, "decoded frames")
     if output_type == "pt":
         return frames
     return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()

@@ -122,5 +122,9 @@ class StageRunRequest(Request):
         except ConnectionError as error:
             raise RequestError(str(error)) from None
         stage_preset, shards, init = self.resolve()
+        from model.folder_check import check_pipeline_source
+
+        for source in (init, self.image_encoder):  # one line naming the file, before any worker loads it
+            check_pipeline_source(source)
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

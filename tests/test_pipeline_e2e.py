@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -115,11 +114,9 @@ def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_pa
     # Rerun (in this process, same server): every step is skipped and nothing is rewritten.
     done_before = (paths["stage3"] / "done.json").stat().st_mtime_ns
     mp4_before = Path(video["mp4"]).read_bytes()
-    started = time.monotonic()
     again = lvd_pipeline(**params)
     assert again["skipped"] == ["curate-lvd", "train-stage1", "train-stage2", "train-stage3", "evaluate-fvd",
                                 "generate-video"]
-    assert time.monotonic() - started < 60
     assert (paths["stage3"] / "done.json").stat().st_mtime_ns == done_before
     assert Path(video["mp4"]).read_bytes() == mp4_before
     assert again["fvd"]["fvd"] == pytest.approx(results["fvd"])

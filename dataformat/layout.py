@@ -1,5 +1,6 @@
-"""Where every file of a curation run lives (README "Output formats"); nothing else spells these paths.
+"""Where every file of a curation run lives (docs/curation.md, "Output formats"); nothing else spells these paths.
 
+  .lvd-lock                            the process writing the run (pid, host, start time; `infra.output_lock`)
   config.json                          the resolved settings of the last run
   sources.parquet/part-<id>.parquet    one row per input file; its presence marks the source done
   work/clip_rows/part-<id>.parquet     that source's clip rows (written before the source row)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_ID_LENGTH = 64
+LOCK_NAME = ".lvd-lock"
 
 
 def source_id(relative_path: str) -> str:
@@ -83,6 +85,10 @@ class RunLayout:
 
     def __init__(self, out: str | Path) -> None:
         object.__setattr__(self, "out", Path(out))
+
+    @property
+    def lock(self) -> Path:
+        return self.out / LOCK_NAME
 
     @property
     def config(self) -> Path:

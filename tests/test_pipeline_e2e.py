@@ -54,7 +54,11 @@ def test_whole_dag_through_a_real_prefect_server(prefect_api, sample_dir, tmp_pa
         shutil.copy(sample_dir / "videos" / name, raw / name)
     root = tmp_path / "run"
     params = {"input_path": str(raw), "output_root": str(root), "max_steps": 2, "prompts": ["a cyclist"]}
-    env = {**os.environ, "LVD_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}
+    from evaluation.i3d import ensure_i3d_weights
+
+    # A cache root of its own (the sample set), with the I3D weights already converted in the default one.
+    env = {**os.environ, "LVD_HOME": str(tmp_path / "home"), "LVD_I3D_WEIGHTS": str(ensure_i3d_weights()),
+           "OMP_NUM_THREADS": "2"}
     run_served_deployment("lvd-pipeline", ["--params", json.dumps(params)], env, tmp_path,
                           register_timeout_s=120, watch_timeout_s=480, timeout_s=540)
 

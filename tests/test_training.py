@@ -274,7 +274,8 @@ def test_checkpoint_round_trip_continues_identically(samples, tmp_path):
 
 def test_a_ray_snapshot_naming_missing_checkpoints_is_set_aside(tmp_path):
     """Ray Train refuses to start on a snapshot that names deleted checkpoints; our resume scan does not need it."""
-    from training.loop import RUN_NAME, drop_stale_ray_snapshot
+    from dataformat import RAY_RUN_NAME as RUN_NAME
+    from training.loop import drop_stale_ray_snapshot
 
     run = tmp_path / RUN_NAME
     (run / "checkpoint_a").mkdir(parents=True)
@@ -294,7 +295,8 @@ def test_a_checkpoint_torn_during_its_copy_is_skipped_for_the_one_before(tmp_pat
     """A kill while Ray copies a checkpoint into storage leaves state.json beside a short unet.safetensors."""
     from safetensors.torch import save_file
 
-    from training.loop import RUN_NAME, checkpoint_is_complete, latest_checkpoint, write_file_manifest
+    from dataformat import RAY_RUN_NAME as RUN_NAME
+    from training.loop import checkpoint_is_complete, latest_checkpoint, write_file_manifest
 
     directories = {}
     for step in (5, 10):

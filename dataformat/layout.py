@@ -68,6 +68,11 @@ def clip_id(sid: str, index: int) -> str:
     return f"{sid}-{index:04d}"
 
 
+def clip_file_name(clip: str) -> str:
+    """The file of clip `clip` (a `clip_id`) in its source's clip directory: an MP4 named after the clip."""
+    return f"{clip}.mp4"
+
+
 def video_frames_path(frames_path: str | Path) -> Path:
     """The video captioner's frames of a clip, next to its first/middle/last strip (`frames_path`)."""
     return Path(frames_path).with_suffix(".video.jpg")
@@ -124,6 +129,9 @@ class RunLayout:
     @property
     def frames(self) -> Path:
         return self.work / "frames"
+
+    def clip_file(self, sid: str, clip: str) -> Path:
+        return self.clips / sid / clip_file_name(clip)
 
     def clip_frames(self, sid: str, clip: str) -> Path:
         """A clip's first/middle/last frames; `video_frames_path` of it holds the video captioner's frames."""

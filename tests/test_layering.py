@@ -224,3 +224,26 @@ def test_the_cache_root_is_lvd_home_then_its_alias_then_the_default(monkeypatch,
     assert cache_root() == tmp_path / "older" and i3d_cache() == tmp_path / "older" / "i3d"
     monkeypatch.setenv("LVD_HOME", str(tmp_path / "lvd"))
     assert cache_root() == tmp_path / "lvd" and sample_cache() == tmp_path / "lvd" / "sample"
+
+
+def test_flows_load_no_models_and_write_files_only_atomically():
+    """Flows orchestrate: a model is loaded by the library a flow calls (model.loading behind generation,
+    evaluation and training), and what a flow itself writes goes through dataformat's atomic writes."""
+    loading = {"load_pipeline", "from_pretrained", "from_sd_checkpoint", "I3DFeatureExtractor", "ClipSimilarity"}
+    writing = {"write_text", "write_bytes", "save", "save_video", "write_video", "savez", "imwrite"}
+    offenders = []
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        for line, name in imported_names(path, "flows"):
+            if name == "model.loading" or name.rsplit(".", 1)[-1] in loading:
+                offenders.append(f"{relative}:{line}: imports {name}")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if called in loading | writing:
+                offenders.append(f"{relative}:{node.lineno}: calls {called}")
+            modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if called == "open" and relative != Path("flows/demo.py") and any(set(mode) & set("wax") for mode in modes):
+                offenders.append(f"{relative}:{node.lineno}: opens a file for writing")
+    assert not offenders, "model loading or direct file writing in flows/:\n" + "\n".join(offenders)

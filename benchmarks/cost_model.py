@@ -380,12 +380,13 @@ def measure(repeats: int, clip_model: str, coca_model: str, threads: int = 1, lo
     import av
     import torch
 
+    from common.cache import benchmark_cache
     from curation.chain import chain_steps
     from curation.config import CurationConfig
     from curation.sample_data import GROUND_TRUTH, VIDEO_DIR, build_sample_data
 
     torch.set_num_threads(1)
-    root = Path.home() / ".cache" / "lvd" / "bench" / "sample"
+    root = benchmark_cache() / "sample"
     build_sample_data(root)
     truth = json.loads((root / GROUND_TRUTH).read_text())
     files = [root / VIDEO_DIR / name for name, entry in sorted(truth.items()) if not entry["error"]]

@@ -39,12 +39,13 @@ if not __package__:  # run as a script: this file must not shadow the `curation`
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.cache import benchmark_cache  # noqa: E402
 from common.video import write_video  # noqa: E402
 from curation.chain import chain_steps, decode_and_analyse, process_source  # noqa: E402
 from curation.config import CurationConfig  # noqa: E402
 from curation.sample_data import _cover, _decode_all, _dissolve, footage_paths  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "lvd" / "bench"
+CACHE = benchmark_cache()
 
 
 def load_video2dataset_subsamplers():

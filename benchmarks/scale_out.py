@@ -35,12 +35,13 @@ if not __package__:  # run as a script: the repository root, not benchmarks/, on
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.cache import benchmark_cache  # noqa: E402
 from curation.config import CurationConfig  # noqa: E402
 from curation.dataset import curate_source, discover_sources, finalize, prepare_output  # noqa: E402
 from curation.sample_data import VIDEO_DIR, build_sample_data  # noqa: E402
 from infra.local import local_ray_cluster, ray_init_kwargs  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "lvd" / "bench"
+CACHE = benchmark_cache()
 # The sample clips that curate to clips (the bad inputs finish in milliseconds and would only add overhead).
 OK_SOURCES = ("bikes.mp4", "bigbuckbunny.mp4", "cuts_hard.mp4", "dissolves.mp4", "fade_black.mp4", "flashes.mp4",
               "static_shot.mp4", "text_big.mp4", "text_small.mp4", "odd_161x97.mp4")

@@ -53,7 +53,7 @@ from curation.decode import (
 from curation.filtering import DECODE_ERRORS
 from curation.motion import MotionMeter
 from curation.types import ClipFrames
-from dataformat import SOURCE_COLUMNS, clip_id, source_id, source_label
+from dataformat import SOURCE_COLUMNS, clip_file_name, clip_id, source_id, source_label
 
 
 @dataclass
@@ -327,7 +327,7 @@ def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_di
             clip_config = type(config.clips)(**{**config.clips.__dict__, "stream_copy": False})
         plans = plan_clips(shots, keyframes, num_frames, info.fps, clip_config)
         sid = source_id(relative_path)
-        named = [(plan, clips_dir / f"{clip_id(sid, i)}.mp4") for i, plan in enumerate(plans)]
+        named = [(plan, clips_dir / clip_file_name(clip_id(sid, i))) for i, plan in enumerate(plans)]
 
         started = time.perf_counter()
         write_copied_clips(path, [(p, f) for p, f in named if p.method == "copy"], frame_pts)

@@ -37,7 +37,6 @@ from dataformat import (
     SOURCES_SCHEMA,
     Column,
     RunLayout,
-    acquire_output_lock,
     atomic_write,
     atomic_write_json,
     read_parquet_rows,
@@ -48,6 +47,7 @@ from dataformat import (
     write_shards,
 )
 from infra.local import current_ray_node_id
+from infra.output_lock import acquire_output_lock
 
 
 def discover_sources(input_root: str | Path, extensions: tuple[str, ...]) -> Iterator[str]:

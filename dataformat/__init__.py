@@ -2,7 +2,7 @@
 
 A leaf package (it imports nothing from the rest of the project): table schemas and their column lists,
 shard sample keys and video/image suffixes, the paths of a curation run, the seekable shard index,
-atomic writes, and the training-time caption mix.
+atomic writes, the training-time caption mix, and where a training stage and the whole DAG write.
 """
 
 from dataformat.atomic import (
@@ -16,8 +16,10 @@ from dataformat.atomic import (
 )
 from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, training_caption
 from dataformat.layout import (
+    LOCK_NAME,
     SOURCE_ID_LENGTH,
     RunLayout,
+    clip_file_name,
     clip_id,
     native_source,
     portable_source,
@@ -25,7 +27,7 @@ from dataformat.layout import (
     source_label,
     video_frames_path,
 )
-from dataformat.lock import LOCK_NAME, OutputLocked, acquire_output_lock, release_output_lock
+from dataformat.pipeline import PipelineLayout
 from dataformat.schema import (
     ANNOTATED_COLUMNS,
     ANNOTATION_COLUMNS,
@@ -59,13 +61,15 @@ from dataformat.shards import (
     sample_json,
     write_shards,
 )
+from dataformat.training import RAY_RUN_NAME, CheckpointLayout, StageLayout, ray_snapshot, stage_name
 
 __all__ = [
     "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
     "CLIP_PART_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
     "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH",
-    "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "OutputLocked", "acquire_output_lock", "release_output_lock",
-    "Column", "DataError", "IndexedSample",
+    "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "RAY_RUN_NAME", "CheckpointLayout", "PipelineLayout",
+    "StageLayout", "ray_snapshot", "stage_name",
+    "Column", "DataError", "IndexedSample", "clip_file_name",
     "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",
     "fsync_directory", "index_shards", "parquet_dataset", "pick_caption", "read_parquet_rows", "read_shard_samples",
     "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",

@@ -1,5 +1,6 @@
-"""Where every file of a curation run lives (README "Output formats"); nothing else spells these paths.
+"""Where every file of a curation run lives (docs/curation.md, "Output formats"); nothing else spells these paths.
 
+  .lvd-lock                            the process writing the run (pid, host, start time; `infra.output_lock`)
   config.json                          the resolved settings of the last run
   sources.parquet/part-<id>.parquet    one row per input file; its presence marks the source done
   work/clip_rows/part-<id>.parquet     that source's clip rows (written before the source row)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_ID_LENGTH = 64
+LOCK_NAME = ".lvd-lock"
 
 
 def source_id(relative_path: str) -> str:
@@ -66,6 +68,11 @@ def clip_id(sid: str, index: int) -> str:
     return f"{sid}-{index:04d}"
 
 
+def clip_file_name(clip: str) -> str:
+    """The file of clip `clip` (a `clip_id`) in its source's clip directory: an MP4 named after the clip."""
+    return f"{clip}.mp4"
+
+
 def video_frames_path(frames_path: str | Path) -> Path:
     """The video captioner's frames of a clip, next to its first/middle/last strip (`frames_path`)."""
     return Path(frames_path).with_suffix(".video.jpg")
@@ -83,6 +90,10 @@ class RunLayout:
 
     def __init__(self, out: str | Path) -> None:
         object.__setattr__(self, "out", Path(out))
+
+    @property
+    def lock(self) -> Path:
+        return self.out / LOCK_NAME
 
     @property
     def config(self) -> Path:
@@ -118,6 +129,9 @@ class RunLayout:
     @property
     def frames(self) -> Path:
         return self.work / "frames"
+
+    def clip_file(self, sid: str, clip: str) -> Path:
+        return self.clips / sid / clip_file_name(clip)
 
     def clip_frames(self, sid: str, clip: str) -> Path:
         """A clip's first/middle/last frames; `video_frames_path` of it holds the video captioner's frames."""

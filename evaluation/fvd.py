@@ -277,11 +277,11 @@ def cached_folder_features(directory: str | Path, extractor: I3DFeatureExtractor
                            cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None,
                            ) -> tuple[np.ndarray, list[str], bool]:
     """Like `folder_features`, reusing features saved for identical content; returns (features, names, hit)."""
-    from evaluation.i3d_checkpoint import cache_dir as default_cache_dir
+    from common.cache import fvd_feature_cache
 
     settings = settings or ClipSettings()
     settings.validate()
-    cache = Path(cache_dir) if cache_dir else default_cache_dir() / "fvd"
+    cache = Path(cache_dir) if cache_dir else fvd_feature_cache()
     key = folder_fingerprint(directory, settings, limit)
     path = cache / f"{key}.npz"
     if path.exists():

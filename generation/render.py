@@ -95,6 +95,17 @@ class WalkRequest(Request):
         return f"{self.checkpoint or 'tiny'}:{self.dtype}"
 
 
+def render_walk_files(request: WalkRequest, *, progress: bool = True, pipe=None) -> dict[str, Any]:
+    """Render a walk to `request.out` (.mp4) and a preview GIF next to it; the options and waypoints are checked
+    before the pipeline is loaded (through model.loading, unless `pipe` is given)."""
+    request.check_inputs()
+    if pipe is None:
+        from model.loading import load_pipeline
+
+        pipe = load_pipeline(request.checkpoint, dtype=request.dtype, device="auto", cpu_offload=request.cpu_offload)
+    return render_request(pipe, request, progress=progress)
+
+
 def render_request(pipe, request: WalkRequest, *, progress: bool = True) -> dict[str, Any]:
     """`render_walk` with every setting from `request`."""
     from generation.generate import parse_guidance

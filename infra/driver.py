@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dataformat.lock import process_started
+from infra.process import process_started
 
 POLL_S = 0.1
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from common.cache import clip_tokenizer_cache
+
 MAX_TOKENS = 77
 
 
@@ -50,7 +52,7 @@ def write_clip_tokenizer_files(directory: Path) -> Path:
 
 def tiny_text_encoder(hidden_size: int = 64, seed: int = 0) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """A random 2-layer CLIP text encoder with the real CLIP tokenizer (for tests and the demo)."""
-    cache = Path.home() / ".cache" / "lvd" / "clip-tokenizer"
+    cache = clip_tokenizer_cache()
     tokenizer = CLIPTokenizer(str(write_clip_tokenizer_files(cache) / "vocab.json"), str(cache / "merges.txt"),
                               model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)

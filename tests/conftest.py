@@ -145,18 +145,79 @@ def cluster_driver(ray_cluster):
 SLOW_FIXTURES = frozenset({"prefect_api", "ray_local", "ray_cluster"})
 
 
-# The modules with the longest tests (`--durations`), longest first. Only the order tests start in depends on
-# it: `make test` hands each pytest-xdist worker one module at a time in this order (`--dist loadscope
-# --no-loadscope-reorder`), so the longest start first and no worker runs a long module alone at the end.
-LONGEST_FIRST = ("test_train_flow.py", "test_pipeline_e2e.py", "test_multinode.py", "test_curation_resume.py",
-                 "test_curate_flow_e2e.py", "test_fvd.py", "test_image_to_video.py", "test_curation_hardening.py",
-                 "test_scorers_actors.py", "test_scorers_flow.py", "test_scorers_captions.py", "test_training.py",
-                 "test_walk.py", "test_infra.py")
+# The order modules start in: longest first, from the time each module took in a recorded run. `make test` hands
+# each pytest-xdist worker one module at a time in this order (`--dist loadscope --no-loadscope-reorder`), so the
+# longest start first and no worker runs a long module alone at the end. `--record-durations` writes the times of
+# the modules a run ran into tests/durations.json (the others keep their entries; entries of modules that are gone
+# are dropped); `make test PYTEST_ARGS=--record-durations` refreshes all of them. LVD_TEST_DURATIONS_FILE names
+# another file (the tests of this mechanism).
+DURATIONS_FILE = Path(os.environ.get("LVD_TEST_DURATIONS_FILE") or Path(__file__).with_name("durations.json"))
 
 
-def _start_rank(item) -> int:
-    module = item.path.name
-    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+def pytest_addoption(parser) -> None:
+    parser.addoption("--record-durations", action="store_true",
+                     help="write each module's time in this run (setup + call + teardown of its tests) to "
+                          "tests/durations.json, which orders the modules of later runs longest first")
+
+
+def recorded_durations(path: Path = DURATIONS_FILE) -> dict[str, float]:
+    """Module file name -> seconds, as recorded; an unreadable file orders nothing (with a warning), never fails."""
+    import json
+    import warnings
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{path}: unreadable ({error}); modules start in collection order", stacklevel=1)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(name): float(seconds) for name, seconds in data.items()
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool)}
+
+
+def module_start_order(modules: dict[str, int], durations: dict[str, float]) -> list[str]:
+    """Modules (name -> number of tests marked slow) longest first. A module without a recorded time starts before
+    every measured one (starting a short module early costs nothing, finishing a long one late costs its length);
+    among those, the ones with more slow tests first. Ties keep the collection order."""
+    def rank(name: str) -> tuple[float, int]:
+        return (-durations.get(name, float("inf")), -modules[name])
+
+    return sorted(modules, key=rank)
+
+
+def _order_modules(items: list) -> None:
+    slow_tests: dict[str, int] = {}
+    for item in items:
+        slow_tests[item.path.name] = slow_tests.get(item.path.name, 0) + ("slow" in item.keywords)
+    position = {name: index for index, name in enumerate(module_start_order(slow_tests, recorded_durations()))}
+    items.sort(key=lambda item: position[item.path.name])  # stable: the order within a module is kept
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Each phase of each test (also in the pytest-xdist controller, which gets its workers' reports)."""
+    module = Path(report.nodeid.split("::", 1)[0]).name
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    config = session.config
+    if not config.getoption("--record-durations") or hasattr(config, "workerinput") or not _module_seconds:
+        return
+    import json
+
+    existing = {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    durations = {name: seconds for name, seconds in recorded_durations().items() if name in existing}
+    durations.update({name: round(seconds, 2) for name, seconds in _module_seconds.items() if name in existing})
+    ordered = dict(sorted(durations.items(), key=lambda entry: -entry[1]))
+    temporary = DURATIONS_FILE.with_name(f".{DURATIONS_FILE.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(ordered, indent=1) + "\n")
+    temporary.replace(DURATIONS_FILE)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
@@ -166,7 +227,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=_start_rank)  # stable: the order within a module is kept
+    _order_modules(items)
     try:
         import torch
 

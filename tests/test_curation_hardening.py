@@ -91,7 +91,8 @@ def test_one_writer_per_output_directory(sample_dir, tmp_path):
     import sys
     import time
 
-    from dataformat import LOCK_NAME, release_output_lock
+    from dataformat import LOCK_NAME
+    from infra.output_lock import release_output_lock
 
     out = tmp_path / "out"
     prepare_output(out, CurationConfig())  # this process is now OUT's writer
@@ -102,7 +103,7 @@ def test_one_writer_per_output_directory(sample_dir, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert second.returncode != 0
     error = second.stderr.strip().splitlines()[-1]
-    assert error.startswith("dataformat.lock.OutputLocked:"), second.stderr[-2000:]
+    assert error.startswith("infra.output_lock.OutputLocked:"), second.stderr[-2000:]
     assert f"pid {os.getpid()} on {socket.gethostname()}" in error
     assert staging.is_dir() and not (out / "sources.parquet").exists()
 

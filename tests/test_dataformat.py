@@ -124,9 +124,9 @@ def test_concurrent_atomic_writers_never_share_a_temporary_and_readers_see_old_o
         def write(handle) -> None:
             handle.write(payload[: len(payload) // 2])
             handle.flush()
-            both_writing.wait(timeout=10)  # both writers are now half-way through their own temporary file
+            both_writing.wait(timeout=120)  # both writers are now half-way through their own temporary file
             temporaries_while_writing.append({p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")})
-            both_listed.wait(timeout=10)  # neither renames its temporary before the other has looked
+            both_listed.wait(timeout=120)  # neither renames its temporary before the other has looked
             handle.write(payload[len(payload) // 2 :])
         return write
 

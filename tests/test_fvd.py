@@ -152,7 +152,7 @@ def _write_set(folder: Path, clips: np.ndarray, fps: float = 25.0) -> Path:
 @pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it
 def test_lvd_fvd_json_and_real_feature_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LVD_I3D_WEIGHTS", str(ensure_i3d_weights()))
-    monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LVD_HOME", str(tmp_path / "cache"))
     real = _write_set(tmp_path / "real", real_clips()[:4])
     fake = _write_set(tmp_path / "fake", np.stack([[cv2.GaussianBlur(f, (0, 0), 3) for f in c]
                                                    for c in real_clips()[4:8]]))
@@ -172,7 +172,7 @@ def test_lvd_fvd_json_and_real_feature_cache(tmp_path, monkeypatch, capsys):
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LVD_I3D_WEIGHTS", str(ensure_i3d_weights()))
-    monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LVD_HOME", str(tmp_path / "cache"))
     good = _write_set(tmp_path / "good", real_clips()[:2])
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -124,7 +124,7 @@ def test_evaluate_fvd_flow_end_to_end(prefect_api, real_set, tiny_clip, tmp_path
     from flows.evaluate import evaluate_fvd
 
     monkeypatch.setenv("LVD_I3D_WEIGHTS", str(ensure_i3d_weights()))
-    monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LVD_HOME", str(tmp_path / "cache"))
     out = tmp_path / "eval"
     params = dict(real_dir=str(real_set), output_dir=str(out), num_videos=4, batch_size=2, shard_size=2,
                   steps=2, height=64, width=112, clip_model=tiny_clip)

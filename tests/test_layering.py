@@ -146,3 +146,104 @@ def test_the_checker_sees_lazy_imports_and_cycles(tmp_path):
     assert forbidden_imports(tmp_path) == [
         "model/a.py:2: model.a imports curation.b (model may import common)"]
     assert import_cycles(tmp_path) == [["common.c", "common.d"]]
+
+
+# ------------------------------------------------------------------------------ the on-disk contract
+
+# File and directory names of the project's outputs: spelled once, in dataformat/ (and the cache root's in
+# common/cache.py); every other package asks a layout (`RunLayout`, `StageLayout`, `CheckpointLayout`,
+# `EvaluationLayout`, `PipelineLayout`) for them.
+CONTRACT_NAMES = frozenset({
+    ".lvd-lock", "sources.parquet", "manifest.parquet", "summary.json", "report.md", "results.json",
+    "sample_grid.jpg", "done.json", "lineage.json", "metrics.jsonl", "progress.json", "loss.png", "files.json",
+    "state.json", "rng.json", "unet.safetensors", "ema.safetensors", "optimizer.pt",
+    "checkpoint_manager_snapshot.json", "pipeline.md", "pipeline.json", ".pipeline", "fvd-real-clips",
+})
+# training/trainer.py still spells its checkpoint's files (CheckpointLayout has them): it is being changed in
+# parallel this round; the move is left to its merge.
+NOT_YET_MOVED = {"training/trainer.py": {"rng.json", "state.json", "unet.safetensors", "ema.safetensors",
+                                         "optimizer.pt"}}
+
+
+def contract_names_spelled(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, name) of each string literal (docstrings aside) that is, or ends with, a contract file name."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            for name in CONTRACT_NAMES:
+                if node.value == name or node.value.endswith("/" + name):
+                    yield node.lineno, name
+
+
+def test_output_paths_are_spelled_only_in_dataformat():
+    offenders = []
+    for package in set(ALLOWED) - {"dataformat"}:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = str(path.relative_to(ROOT))
+            for line, name in contract_names_spelled(path):
+                if name not in NOT_YET_MOVED.get(relative, set()):
+                    offenders.append(f"{relative}:{line}: {name!r} (ask its layout in dataformat/)")
+    assert not offenders, "output file names spelled outside dataformat/:\n" + "\n".join(offenders)
+
+
+def test_dataformat_holds_formats_not_processes():
+    """Whether a process runs (the output lock's holder, a worker's driver) is infra's business: dataformat,
+    which infra may import, reads and names files only."""
+    process_modules = {"psutil", "socket", "signal", "subprocess", "atexit"}
+    found = [f"{path.relative_to(ROOT)}:{line}: {name}"
+             for path in sorted((ROOT / "dataformat").rglob("*.py"))
+             for line, name in imported_names(path, "dataformat") if name.split(".")[0] in process_modules]
+    assert not found, "process handling in dataformat/:\n" + "\n".join(found)
+
+
+def test_one_cache_root():
+    """~/.cache/lvd and its environment variables are spelled in common/cache.py only."""
+    offenders = []
+    for path in [*sorted(ROOT.glob("*/**/*.py"))]:
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in {"tests", ".venv"} or relative == Path("common/cache.py"):
+            continue
+        text = path.read_text(errors="ignore")
+        for marker in ('".cache"', "LVD_HOME", "LVD_CACHE_DIR"):
+            if marker in text:
+                offenders.append(f"{relative}: {marker}")
+    assert not offenders, "cache paths outside common/cache.py:\n" + "\n".join(offenders)
+
+
+def test_the_cache_root_is_lvd_home_then_its_alias_then_the_default(monkeypatch, tmp_path):
+    from common.cache import cache_root, i3d_cache, sample_cache
+
+    monkeypatch.delenv("LVD_HOME", raising=False)
+    monkeypatch.delenv("LVD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "lvd"
+    monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / "older"))
+    assert cache_root() == tmp_path / "older" and i3d_cache() == tmp_path / "older" / "i3d"
+    monkeypatch.setenv("LVD_HOME", str(tmp_path / "lvd"))
+    assert cache_root() == tmp_path / "lvd" and sample_cache() == tmp_path / "lvd" / "sample"
+
+
+def test_flows_load_no_models_and_write_files_only_atomically():
+    """Flows orchestrate: a model is loaded by the library a flow calls (model.loading behind generation,
+    evaluation and training), and what a flow itself writes goes through dataformat's atomic writes."""
+    loading = {"load_pipeline", "from_pretrained", "from_sd_checkpoint", "I3DFeatureExtractor", "ClipSimilarity"}
+    writing = {"write_text", "write_bytes", "save", "save_video", "write_video", "savez", "imwrite"}
+    offenders = []
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        for line, name in imported_names(path, "flows"):
+            if name == "model.loading" or name.rsplit(".", 1)[-1] in loading:
+                offenders.append(f"{relative}:{line}: imports {name}")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if called in loading | writing:
+                offenders.append(f"{relative}:{node.lineno}: calls {called}")
+            modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if called == "open" and relative != Path("flows/demo.py") and any(set(mode) & set("wax") for mode in modes):
+                offenders.append(f"{relative}:{node.lineno}: opens a file for writing")
+    assert not offenders, "model loading or direct file writing in flows/:\n" + "\n".join(offenders)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from infra.local import kill_session
+from tests.tools.hold_at_checkpoint import hold_env
 from tests.train_helpers import train_in_process
 from training.loop import complete_checkpoints, run_stage
 from training.request import StageRunRequest
@@ -89,29 +90,31 @@ def test_bad_stage_parameters_fail_fast_through_the_flow(curated_dir, tmp_path, 
 
 def test_sigkill_then_rerun_resumes_at_the_checkpointed_step(curated_dir, tmp_path, prefect_api):
     """`lvd train --stage 1 --checkpoint-every 5` killed with SIGKILL right after its first checkpoint; the
-    rerun continues from the newest checkpoint on disk and ends with the weights of an uninterrupted run."""
+    rerun continues from the newest checkpoint on disk and ends with the weights of an uninterrupted run. The
+    first run holds still when it seals its second checkpoint (`hold_env`), so the kill finds it alive with
+    exactly the step-5 checkpoint stored, however fast or slow the machine."""
     root = tmp_path / "train"
     command = [sys.executable, "-m", "flows.cli", "train", "--stage", "1", "--data", str(curated_dir),
                "--output-root", str(root), "--checkpoint-every", "5"]
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
-    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             env=hold_env(tmp_path / "hold", checkpoint=2))
     storage = root / "stage1" / "ray"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline and first.poll() is None:
-            if complete_checkpoints(storage):
-                break
-            time.sleep(0.02)  # a tiny step takes ~50 ms: poll faster than the run moves
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        while not complete_checkpoints(storage):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]  # it cannot end: it holds
+            assert time.monotonic() < deadline, "no checkpoint stored within 600 s"
+            time.sleep(0.1)
         # the driver, Ray and its workers at once, as a lost node would (each worker has a process group of its
         # own, so killing the group is not enough: a surviving worker writes one more checkpoint)
-        assert not kill_session(first.pid, timeout_s=30), "processes of the killed run survive"
+        assert not kill_session(first.pid, timeout_s=120), "processes of the killed run survive"
         first.wait()
     finally:
         log.close()
     assert not (root / "stage1" / "done.json").exists()
     on_disk = max(complete_checkpoints(storage).values())
-    assert 5 <= on_disk < 20, f"killed with checkpoints up to step {on_disk}: nothing left to resume"
+    assert on_disk == 5, f"killed with checkpoints up to step {on_disk}, not just after the first"
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

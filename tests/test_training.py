@@ -274,7 +274,8 @@ def test_checkpoint_round_trip_continues_identically(samples, tmp_path):
 
 def test_a_ray_snapshot_naming_missing_checkpoints_is_set_aside(tmp_path):
     """Ray Train refuses to start on a snapshot that names deleted checkpoints; our resume scan does not need it."""
-    from training.loop import RUN_NAME, drop_stale_ray_snapshot
+    from dataformat import RAY_RUN_NAME as RUN_NAME
+    from training.loop import drop_stale_ray_snapshot
 
     run = tmp_path / RUN_NAME
     (run / "checkpoint_a").mkdir(parents=True)
@@ -294,7 +295,8 @@ def test_a_checkpoint_torn_during_its_copy_is_skipped_for_the_one_before(tmp_pat
     """A kill while Ray copies a checkpoint into storage leaves state.json beside a short unet.safetensors."""
     from safetensors.torch import save_file
 
-    from training.loop import RUN_NAME, checkpoint_is_complete, latest_checkpoint, write_file_manifest
+    from dataformat import RAY_RUN_NAME as RUN_NAME
+    from training.loop import checkpoint_is_complete, latest_checkpoint, write_file_manifest
 
     directories = {}
     for step in (5, 10):
@@ -320,37 +322,57 @@ def test_progress_callbacks_run_in_the_callers_context(tmp_path):
     """The poller thread sees the caller's context variables (Prefect's API address and run live there);
     each new step is reported once, and the final step after the block ends."""
     import contextvars
-    import time
+    import threading
 
     from training.loop import follow_progress
+
+    changed = threading.Condition()
+    reads = 0
+
+    class CountedPath(type(tmp_path)):
+        """The progress file, counting the poller's reads: "several polls" is a number of reads, not a time."""
+
+        def read_text(self, *args, **kwargs) -> str:
+            nonlocal reads
+            try:
+                return super().read_text(*args, **kwargs)
+            finally:
+                with changed:
+                    reads += 1
+                    changed.notify_all()
 
     run_name = contextvars.ContextVar("run_name", default="no context")
     token = run_name.set("stage-2 run")
     seen: list[tuple[str, int]] = []
-    progress = tmp_path / "progress.json"
+    progress = CountedPath(tmp_path / "progress.json")
+
+    def report(update: dict) -> None:
+        with changed:
+            seen.append((run_name.get(), update["step"]))
+            changed.notify_all()
 
     def write(step: int) -> None:
         (tmp_path / "progress.tmp").write_text(json.dumps({"step": step, "total": 3}))
         (tmp_path / "progress.tmp").replace(progress)
 
-    def wait_for(step: int) -> None:
-        deadline = time.monotonic() + 10
-        while not any(s == step for _, s in seen) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def wait_until(condition, what: str) -> None:
+        with changed:
+            assert changed.wait_for(condition, timeout=120), f"no {what} within 120 s"
 
     try:
-        with follow_progress(progress, lambda p: seen.append((run_name.get(), p["step"])), interval_s=0.02):
+        with follow_progress(progress, report, interval_s=0.02):
             write(1)
-            wait_for(1)
-            time.sleep(0.1)  # several polls of an unchanged file report nothing new
+            wait_until(lambda: any(s == 1 for _, s in seen), "report of step 1")
+            polled = reads
+            wait_until(lambda: reads >= polled + 3, "three more polls")  # of an unchanged file: nothing new
             write(2)
-            wait_for(2)
+            wait_until(lambda: any(s == 2 for _, s in seen), "report of step 2")
             write(3)
     finally:
         run_name.reset(token)
     assert seen[:2] == [("stage-2 run", 1), ("stage-2 run", 2)]
-    assert seen[-1] == ("stage-2 run", 3) and {name for name, _ in seen} == {"stage-2 run"}
-    assert len(seen) <= 4  # step 3 at most twice: by the thread, then by the final poll
+    assert {name for name, _ in seen} == {"stage-2 run"}
+    assert 1 <= len(seen[2:]) <= 2 and {step for _, step in seen[2:]} == {3}  # by the thread and/or the last poll
 
 
 class _PicklePayload:

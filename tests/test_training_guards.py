@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dataformat import LOCK_NAME, OutputLocked
+from dataformat import LOCK_NAME
 from flows.cli import main
+from infra.output_lock import OutputLocked
 from training.loop import run_stage
 from training.request import StageRunRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD_LOCK = ("import sys; from dataformat import acquire_output_lock; acquire_output_lock(sys.argv[1]); "
+HOLD_LOCK = ("import sys; from infra.output_lock import acquire_output_lock; acquire_output_lock(sys.argv[1]); "
              "print('held', flush=True); sys.stdin.read()")
 
 

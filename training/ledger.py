@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dataformat import atomic_write_json
-
-LEDGER_DIR = ".pipeline"
+from dataformat import PipelineLayout, atomic_write_json
 
 
 def fingerprint(*parts: Any) -> str:
@@ -38,10 +36,11 @@ def listing_fingerprint(directory: str | Path) -> str:
 
 
 class Ledger:
-    """One JSON record per step under ROOT/.pipeline: the fingerprint of its inputs and, once done, its result."""
+    """One JSON record per step under ROOT/.pipeline (`PipelineLayout.ledger`): the fingerprint of its inputs
+    and, once done, its result."""
 
     def __init__(self, root: Path) -> None:
-        self.dir = Path(root) / LEDGER_DIR
+        self.dir = PipelineLayout(root).ledger
 
     def read(self, step: str) -> dict[str, Any] | None:
         try:

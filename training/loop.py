@@ -9,9 +9,8 @@ The last report carries the exported diffusers pipeline, which the driver moves 
 With `min_workers` the worker group is elastic: after losing a node it restarts from the newest checkpoint with the
 workers that still fit (the global batch is split over however many there are, so the result does not change).
 
-Stage directory (`stageN`, image-to-video `stageN-image`): pipeline/ (TextToVideoPipeline, or a diffusers SVD
-folder in image mode; loads with `lvd generate --checkpoint`), tensorboard/,
-samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), loss.png, lineage.json, done.json.
+The stage directory and a checkpoint's files are `dataformat.StageLayout` and `dataformat.CheckpointLayout`
+(dataformat/training.py); pipeline/ is a TextToVideoPipeline, or a diffusers SVD folder in image mode.
 """
 
 from __future__ import annotations
@@ -29,12 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dataformat import acquire_output_lock, atomic_write_json
+from dataformat import RAY_RUN_NAME, CheckpointLayout, StageLayout, atomic_write_json, ray_snapshot
+from infra.output_lock import acquire_output_lock
 from training.monitor import plot_losses, read_metrics
 from training.request import StageRunRequest
 from training.stages import StagePreset
 
-RUN_NAME = "train"
 logger = logging.getLogger(__name__)
 
 
@@ -128,8 +127,8 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
         directory = Path(scratch)
         trainer.save_state(directory, {"lineage": config.lineage}, gathered)
         if final:
-            _export_pipeline(trainer, gathered, directory / "pipeline")
-            shutil.copy(monitor.metrics_path, directory / "metrics.jsonl")
+            _export_pipeline(trainer, gathered, CheckpointLayout(directory).pipeline)
+            shutil.copy(monitor.metrics_path, CheckpointLayout(directory).metrics)
         write_file_manifest(directory)
         ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
@@ -187,20 +186,17 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
 # --- driver -----------------------------------------------------------------------------------------
 
 
-FILE_MANIFEST = "files.json"
-
-
 def write_file_manifest(directory: Path) -> None:
     """Record every file of a checkpoint with its size, written last: Ray copies a reported checkpoint into
     storage file by file, so a kill mid-copy leaves state.json beside a half-written unet.safetensors."""
     sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
-    (directory / FILE_MANIFEST).write_text(json.dumps(sizes, indent=1))
+    CheckpointLayout(directory).file_manifest.write_text(json.dumps(sizes, indent=1))
 
 
 def checkpoint_is_complete(directory: Path) -> bool:
     """True when the checkpoint's manifest exists and every file it lists is there at its full size."""
     try:
-        sizes = json.loads((directory / FILE_MANIFEST).read_text())
+        sizes = json.loads(CheckpointLayout(directory).file_manifest.read_text())
         return all((directory / name).stat().st_size == size for name, size in sizes.items())
     except (OSError, ValueError, AttributeError, TypeError):
         return False
@@ -210,12 +206,14 @@ def complete_checkpoints(storage: Path) -> dict[Path, int]:
     """Each complete Ray Train checkpoint under `storage` with its step; one torn by a kill (mid-copy, or
     its state.json unreadable) is left out."""
     found = {}
-    for state in storage.glob(f"{RUN_NAME}/checkpoint_*/state.json"):
-        if not checkpoint_is_complete(state.parent):
-            logger.warning("skipping incomplete checkpoint %s (torn by a kill during its copy)", state.parent)
+    for checkpoint in CheckpointLayout.all_in(storage):
+        if not checkpoint.state.exists():
+            continue
+        if not checkpoint_is_complete(checkpoint.root):
+            logger.warning("skipping incomplete checkpoint %s (torn by a kill during its copy)", checkpoint.root)
             continue
         try:
-            found[state.parent] = int(json.loads(state.read_text())["step"])
+            found[checkpoint.root] = int(json.loads(checkpoint.state.read_text())["step"])
         except (OSError, ValueError, KeyError):
             continue
     return found
@@ -232,7 +230,7 @@ def drop_stale_ray_snapshot(storage: Path) -> Path | None:
     """Set Ray Train's checkpoint snapshot aside when it names checkpoints that are gone (a kill during
     checkpoint rotation, a checkpoint deleted by hand): Ray refuses to start on it, while our resume point
     comes from `latest_checkpoint`. Returns where the stale snapshot went."""
-    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
+    snapshot = ray_snapshot(storage)
     try:
         names = {r.get("checkpoint_dir_name") for r in json.loads(snapshot.read_text())["checkpoint_results"]}
         if all(name and (snapshot.parent / name).is_dir() for name in names):
@@ -262,10 +260,10 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     data, num_workers = request.data, request.num_workers
     max_steps, strategy, use_gpu = request.max_steps, request.strategy, request.use_gpu
     conditioning, image_encoder, decoder_steps = request.conditioning, request.image_encoder, request.decoder_steps
-    directory = request.directory
+    layout = StageLayout(request.directory)
+    directory, done = layout.root, layout.done
     for leftover in directory.glob(".export-*"):  # a copy of the weights a run killed during its export left
         shutil.rmtree(leftover, ignore_errors=True)  # (safe: this process holds the root's writer lock)
-    done = directory / "done.json"
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
     if not resume and directory.exists():
@@ -275,16 +273,17 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
                "seed": seed, "num_workers": num_workers, "max_steps": max_steps, "strategy": strategy,
                "conditioning": conditioning, "image_encoder": image_encoder, "decoder_steps": decoder_steps,
                "stage_preset": stage_preset.to_dict()}
-    if stage > 1 and (Path(init).parent / "lineage.json").exists():
-        lineage["parent"] = json.loads((Path(init).parent / "lineage.json").read_text())
-    atomic_write_json(directory / "lineage.json", lineage, indent=None)
+    parent = StageLayout(Path(init).parent)  # stage N starts from stage N-1's pipeline/
+    if stage > 1 and parent.lineage.exists():
+        lineage["parent"] = json.loads(parent.lineage.read_text())
+    atomic_write_json(layout.lineage, lineage, indent=None)
 
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
         micro_batch_size=request.micro_batch_size or max(p.batch_size for p in stage_preset.phases),
         loader_workers=request.loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
     )
-    storage = directory / "ray"
+    storage = layout.ray
     resumed_from = latest_checkpoint(storage) if resume else None
     drop_stale_ray_snapshot(storage)
     config.resume_from = str(resumed_from) if resumed_from else None
@@ -294,23 +293,23 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     final = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
     try:
         result.checkpoint.to_directory(str(final))
-        if not (final / "pipeline" / "model_index.json").exists():
+        last = CheckpointLayout(final)
+        if not (last.pipeline / "model_index.json").exists():
             raise RuntimeError("the last checkpoint has no exported pipeline")
-        target = directory / "pipeline"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(final / "pipeline", target)
-        metrics = read_metrics(final / "metrics.jsonl")
+        if layout.pipeline.exists():
+            shutil.rmtree(layout.pipeline)
+        os.replace(last.pipeline, layout.pipeline)
+        metrics = read_metrics(last.metrics)
     finally:
         shutil.rmtree(final, ignore_errors=True)
-    plot_losses(metrics, directory / "loss.png")
-    decoder = _finetune_decoder(directory / "pipeline", shards, stage_preset, decoder_steps, seed, use_gpu)
+    plot_losses(metrics, layout.loss_plot)
+    decoder = _finetune_decoder(layout.pipeline, shards, stage_preset, decoder_steps, seed, use_gpu)
     summary = {
-        "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(directory / "pipeline"),
+        "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(layout.pipeline),
         "step": stage_preset.total_steps, "resumed_from_step": _step_of(resumed_from),
         "losses": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"]} if metrics else {},
-        "tensorboard": str(directory / "tensorboard"), "loss_plot": str(directory / "loss.png"),
-        "samples": sorted(str(p) for p in (directory / "samples").glob("*.gif")), "init": init,
+        "tensorboard": str(layout.tensorboard), "loss_plot": str(layout.loss_plot),
+        "samples": sorted(str(p) for p in layout.samples.glob("*.gif")), "init": init,
         "conditioning": conditioning, **({"decoder_finetune": decoder} if decoder else {}),
     }
     atomic_write_json(done, summary, indent=None)
@@ -333,7 +332,7 @@ def _finetune_decoder(pipeline: Path, shards: list[str], preset: StagePreset, st
 
 
 def _step_of(checkpoint: Path | None) -> int:
-    return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+    return json.loads(CheckpointLayout(checkpoint).state.read_text())["step"] if checkpoint else 0
 
 
 def _fit(config: StageRunConfig, num_workers: int | tuple[int, int], use_gpu: bool, storage: Path,
@@ -351,12 +350,12 @@ def _fit(config: StageRunConfig, num_workers: int | tuple[int, int], use_gpu: bo
         train_loop_config={"run": config},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    with follow_progress(Path(config.log_dir) / "progress.json", on_progress):
+    with follow_progress(StageLayout(config.log_dir).progress, on_progress):
         return trainer.fit()
 
 

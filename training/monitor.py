@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dataformat import atomic_write_json
+from dataformat import StageLayout, atomic_write_json
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -31,7 +31,8 @@ class TrainingMonitor:
     def __init__(self, log_dir: Path, total_steps: int, start_step: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.log_dir, self.total_steps = log_dir, total_steps
-        self.metrics_path, self.progress_path = log_dir / "metrics.jsonl", log_dir / "progress.json"
+        self.layout = StageLayout(log_dir)
+        self.metrics_path, self.progress_path = self.layout.metrics, self.layout.progress
         self._last_time, self._last_step = time.monotonic(), start_step
         if not enabled:
             return
@@ -41,7 +42,7 @@ class TrainingMonitor:
         # A resumed run forgets the steps logged after its checkpoint, so the log has each step once.
         kept = [m for m in read_metrics(self.metrics_path) if m["step"] <= start_step]
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        self.writer = SummaryWriter(str(log_dir / "tensorboard"), purge_step=start_step + 1)
+        self.writer = SummaryWriter(str(self.layout.tensorboard), purge_step=start_step + 1)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,7 +67,7 @@ class TrainingMonitor:
 
         from common.video import save_video
 
-        path = save_video(frames, self.log_dir / "samples" / f"step-{step:06d}.gif", SAMPLE_FPS)
+        path = save_video(frames, self.layout.sample(step), SAMPLE_FPS)
         image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
                               encoded_image_string=path.read_bytes())
         summary = Summary(value=[Summary.Value(tag="samples/video", image=image)])

@@ -8,21 +8,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.requests import Request, RequestError, setting
-from dataformat import DataError, acquire_output_lock, find_shards
+from dataformat import DataError, StageLayout, find_shards
 from infra.local import check_ray_connection
+from infra.output_lock import acquire_output_lock
 from training.stages import StagePreset, get_stage_preset
-
-
-def stage_dir(output_root: str | Path, stage: int, conditioning: str = "text") -> Path:
-    """`stageN` (text-to-video) or `stageN-image` (image-to-video), so both can share an output root."""
-    return Path(output_root).resolve() / (f"stage{stage}" if conditioning == "text" else f"stage{stage}-{conditioning}")
 
 
 def default_init(stage: int, preset: str, output_root: str | Path) -> str:
     """Stage I starts from SD 2.x (`svd`) or the tiny preset; stage N from stage N-1's exported pipeline."""
     if stage == 1:
         return get_stage_preset(1, preset).init or preset
-    previous = stage_dir(output_root, stage - 1) / "pipeline"
+    previous = StageLayout.of(output_root, stage - 1).pipeline
     if not (previous / "model_index.json").exists():
         raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}'s output, but {previous} does not "
                                 f"exist: run stage {stage - 1} first (or pass init=<pipeline dir>)")
@@ -87,7 +83,7 @@ class StageRunRequest(Request):
     @property
     def directory(self) -> Path:
         """Where this stage writes: OUTPUT_ROOT/stageN (or stageN-image)."""
-        return stage_dir(self.output_root, self.stage, self.conditioning)
+        return StageLayout.of(self.output_root, self.stage, self.conditioning).root
 
     def resolve(self) -> tuple[StagePreset, list[str], str]:
         """What reads the disk, before Ray starts, with messages that say what to do: the stage cut to

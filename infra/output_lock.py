@@ -1,8 +1,9 @@
 """One writer per output directory: a lock file naming the process that holds it.
 
-`OUT/.lvd-lock` holds {"pid", "host", "started"} of the process that writes OUT. A second run exits with an error
-naming the holder; a lock left by a process that no longer exists (killed, crashed) on this host is taken over.
-The lock belongs to the process: it is taken again at no cost by the same process and removed when it exits.
+`OUT/.lvd-lock` (`RunLayout(OUT).lock`: its name is the on-disk contract's) holds {"pid", "host", "started"} of
+the process that writes OUT. A second run exits with an error naming the holder; a lock left by a process that no
+longer exists (killed, crashed) on this host is taken over. The lock belongs to the process: it is taken again at
+no cost by the same process and removed when it exits. Whether the holder still runs is `infra.process`'s call.
 """
 
 from __future__ import annotations
@@ -15,25 +16,12 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_NAME = ".lvd-lock"
+from dataformat.layout import LOCK_NAME
+from infra.process import process_started
 
 
 class OutputLocked(RuntimeError):
     """Another live process writes this output directory."""
-
-
-def process_started(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch), or None if no such live process runs (zombies
-    count as gone). A process that exists but cannot be inspected raises psutil.AccessDenied."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return process.create_time()
-    except psutil.NoSuchProcess:
-        return None
 
 
 def _holder_alive(holder: dict) -> bool:

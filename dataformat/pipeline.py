@@ -1,0 +1,63 @@
+"""Where the whole DAG (`lvd pipeline`, flow `lvd-pipeline`) writes: the run, stage and evaluation layouts
+composed under one output root.
+
+    OUT/curate/              a curation run (`RunLayout`): shards/, manifest.parquet, hq/, summary.json, ...
+    OUT/train/stageN/        training stage N (`StageLayout`)
+    OUT/fvd-real-clips/      the curated clips as MP4 files, the smoke-test FVD reference (no `fvd_real_dir`)
+    OUT/evaluate/            the FVD run (`EvaluationLayout`): results.json, sample_grid.jpg, videos/, shards/
+    OUT/generate/            NNN.mp4, NNN.gif
+    OUT/pipeline.md          the run's summary (also the `lvd-pipeline-summary` artifact)
+    OUT/pipeline.json        the same as data (rewritten when the DAG finishes)
+    OUT/.pipeline/STEP.json  what each step last ran with (the incremental-build ledger)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dataformat.evaluation import EvaluationLayout
+from dataformat.layout import RunLayout
+from dataformat.training import StageLayout
+
+
+class PipelineLayout:
+    """Every path of a whole-DAG run under `root`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    @property
+    def curate(self) -> RunLayout:
+        return RunLayout(self.root / "curate")
+
+    @property
+    def train(self) -> Path:
+        """The training output root: stage N writes `train/stageN/`."""
+        return self.root / "train"
+
+    def stage(self, stage: int, conditioning: str = "text") -> StageLayout:
+        return StageLayout.of(self.train, stage, conditioning)
+
+    @property
+    def fvd_real(self) -> Path:
+        return self.root / "fvd-real-clips"
+
+    @property
+    def evaluate(self) -> EvaluationLayout:
+        return EvaluationLayout(self.root / "evaluate")
+
+    @property
+    def generate(self) -> Path:
+        return self.root / "generate"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "pipeline.md"
+
+    @property
+    def record(self) -> Path:
+        return self.root / "pipeline.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / ".pipeline"

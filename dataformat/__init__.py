@@ -17,6 +17,7 @@ from dataformat.atomic import (
 from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, training_caption
 from dataformat.layout import (
     SOURCE_ID_LENGTH,
+    TRAINING_METADATA_FILE,
     RunLayout,
     clip_id,
     native_source,
@@ -63,7 +64,7 @@ from dataformat.shards import (
 __all__ = [
     "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
     "CLIP_PART_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
-    "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH",
+    "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH", "TRAINING_METADATA_FILE",
     "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "OutputLocked", "acquire_output_lock", "release_output_lock",
     "Column", "DataError", "IndexedSample",
     "Member", "RunLayout", "SampleKey", "atomic_write", "atomic_write_json", "check_caption_mix", "find_shards",

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_ID_LENGTH = 64
+# In a train-stage's exported pipeline folder: how its weights were trained (export, EMA, how far they moved, the
+# motion-bucket mapping, noise, frames), for whoever generates with or finetunes it next. diffusers ignores it.
+TRAINING_METADATA_FILE = "lvd_training.json"
 
 
 def source_id(relative_path: str) -> str:

@@ -87,8 +87,9 @@ class StageRunRequest(Request):
                                                                "16 px short side) that maps to bucket 255")
     motion_reference_samples: int = setting(512, min=1, help="percentile mapping: training samples measured "
                                                              "before the run as its reference")
-    target_latents: Literal["sample", "mode"] = setting("sample", help="VAE posterior draw (as sgm trains) or its "
-                                                                       "mode as the diffusion targets")
+    target_latents: Literal["sample", "mode"] | None = setting(
+        None, help="the diffusion targets: sample (a VAE posterior draw, as sgm trains) or mode (its mean); default: "
+                   "the preset's (sample; tiny: mode)")
 
     def validate(self) -> None:
         stage_preset = self._stage_preset().with_max_steps(self.max_steps)
@@ -146,7 +147,8 @@ class StageRunRequest(Request):
             stage_preset = with_video_frames(stage_preset, self.num_frames)
         mapping = self.motion_buckets or stage_preset.motion.mapping
         motion = MotionBuckets(mapping, fixed_bucket=self.motion_bucket, scale=self.motion_scale)
-        return replace(stage_preset, export=self.export, target_latents=self.target_latents, motion=motion)
+        return replace(stage_preset, export=self.export, motion=motion,
+                       target_latents=self.target_latents or stage_preset.target_latents)
 
     def check_inputs(self) -> dict[str, Any]:
         """The plan of the run, once `resolve` found everything it needs."""

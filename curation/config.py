@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.flow import FarnebackParams
 from common.requests import Request, RequestError, build, check_ranges, setting
 from curation.scorers.config import ScorersConfig
 from dataformat import VIDEO_SUFFIXES
@@ -100,17 +101,10 @@ class ClipConfig:
 
 
 @dataclass
-class MotionConfig:
+class MotionConfig(FarnebackParams):
     """Farneback dense flow at 2 fps on frames whose short side is 16 px (docs/recipe.md §1)."""
 
     fps: float = 2.0
-    short_side: int = 16
-    pyr_scale: float = 0.5
-    levels: int = 3
-    winsize: int = 5
-    iterations: int = 3
-    poly_n: int = 5
-    poly_sigma: float = 1.1
 
     def __post_init__(self) -> None:
         check_ranges(self, "motion", {"fps": (1e-3, None), "short_side": (8, None), "pyr_scale": (0.05, 0.95),

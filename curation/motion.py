@@ -12,23 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from common.flow import downscale_short_side, farneback_magnitude
 from curation.config import MotionConfig
-
-
-def downscale_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    height, width = image.shape[:2]
-    scale = short_side / min(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def farneback_magnitude(previous: np.ndarray, current: np.ndarray, config: MotionConfig) -> float:
-    """Mean optical-flow magnitude (pixels at the downscaled size) between two grey frames."""
-    flow = cv2.calcOpticalFlowFarneback(
-        previous, current, None, config.pyr_scale, config.levels, config.winsize,
-        config.iterations, config.poly_n, config.poly_sigma, 0,
-    )
-    return float(np.linalg.norm(flow, axis=2).mean())
 
 
 @dataclass

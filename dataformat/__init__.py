@@ -18,6 +18,7 @@ from dataformat.captions import CAPTION_MIX, check_caption_mix, pick_caption, tr
 from dataformat.layout import (
     LOCK_NAME,
     SOURCE_ID_LENGTH,
+    TRAINING_METADATA_FILE,
     RunLayout,
     clip_file_name,
     clip_id,
@@ -66,7 +67,7 @@ from dataformat.training import RAY_RUN_NAME, CheckpointLayout, StageLayout, ray
 __all__ = [
     "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
     "CLIP_PART_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
-    "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH",
+    "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH", "TRAINING_METADATA_FILE",
     "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "RAY_RUN_NAME", "CheckpointLayout", "PipelineLayout",
     "StageLayout", "ray_snapshot", "stage_name",
     "Column", "DataError", "IndexedSample", "clip_file_name",

@@ -25,6 +25,9 @@ from pathlib import Path
 
 SOURCE_ID_LENGTH = 64
 LOCK_NAME = ".lvd-lock"
+# In a train-stage's exported pipeline folder: how its weights were trained (export, EMA, how far they moved, the
+# motion-bucket mapping, noise, frames), for whoever generates with or finetunes it next. diffusers ignores it.
+TRAINING_METADATA_FILE = "lvd_training.json"
 
 
 def source_id(relative_path: str) -> str:

@@ -50,13 +50,27 @@ def report_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
              f"| loss first -> last | {result['losses'].get('first', float('nan')):.4f} -> "
              f"{result['losses'].get('last', float('nan')):.4f} |",
              f"| TensorBoard | `tensorboard --logdir {result['tensorboard']}` |",
+             *moved_rows(result.get("weights_moved")),
              f"| skipped (already done) | {result['skipped']} |"]
     lines += [f"| {key} | {value} |" for key, value in sorted(settings.items()) if key not in ("data",)]
     lines.append(f"| data | `{settings['data']}` |")
-    for title, path in (("loss", result.get("loss_plot")), ("last sample", (result.get("samples") or [None])[-1])):
+    plots = (("loss", result.get("loss_plot")), ("motion buckets trained on", result.get("motion_bucket_plot")),
+             ("last sample", (result.get("samples") or [None])[-1]))
+    for title, path in plots:
         if path and Path(path).exists():
             lines += ["", f"**{title}**", "", inline_image(path, title)]
     return "\n".join(lines) + "\n"
+
+
+def moved_rows(moved: dict[str, Any] | None) -> list[str]:
+    """The export and how far it moved from the initial weights (relative L2 over the trained parameters)."""
+    if not moved:
+        return []
+    rows = [f"| exported weights | {moved['export']}: moved {100 * moved['exported']:.3g} % from the initial "
+            f"weights (||w - w0|| / ||w0|| over {moved['trained_parameters']:,} trained parameters) |"]
+    if moved["export"] == "ema":
+        rows.append(f"| raw weights (not exported) | moved {100 * moved['raw']:.3g} % |")
+    return rows
 
 
 @flow(name="train-stage", log_prints=True)

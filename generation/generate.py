@@ -7,7 +7,8 @@ Modes, chosen by the arguments:
 * text -> video: a prompt and a text-to-video checkpoint (or none: the tiny random preset). One constant
   guidance scale by default (`model.pipeline.DEFAULT_TEXT_GUIDANCE`).
 * image -> video: `image` (a file Pillow opens or an fsspec URL) and an SVD-layout checkpoint. SVD's defaults
-  (`model.image_to_video.SVD_DEFAULTS`; frames from the checkpoint's U-Net config).
+  (`model.image_to_video.sampling_defaults`: frames from the checkpoint's U-Net config, and for 14- and 25-frame
+  U-Nets, SVD and SVD-XT, sgm's steps and guidance: 25 steps 1.0 -> 2.5, 30 steps 1.5 -> 3.0).
 * text -> image -> video: a prompt, `image_model` (a local diffusers text-to-image folder, e.g. SD 2.1) and an
   SVD-layout checkpoint: the text-to-image pipeline draws the first frame at the video's size, then SVD
   animates it. Both stages get a fresh CPU generator seeded with `seed`, so the video equals what SVD makes
@@ -66,9 +67,10 @@ class GenerateRequest(Request):
     num_frames: int | None = setting(None, min=1, flag="--frames", help="default: the checkpoint's U-Net config")
     height: int | None = setting(None, min=1, help="default: 576 for image-to-video")
     width: int | None = setting(None, min=1, help="default: 1024 for image-to-video")
-    steps: int | None = setting(None, min=1, help="sampling steps (default 25)")
-    guidance: str | None = setting(None, help="'w' constant or 'min,max' rising over frames (default: 1.0,3.0 "
-                                              "image-to-video; 7 text-to-video)")
+    steps: int | None = setting(None, min=1, help="sampling steps (default 25; SVD-XT, a 25-frame U-Net: 30)")
+    guidance: str | None = setting(None, help="'w' constant or 'min,max' rising over frames (default: image-to-"
+                                              "video 1.0,2.5 for SVD, 1.5,3.0 for SVD-XT, else 1.0,3.0; 7 "
+                                              "text-to-video)")
     fps: int | None = setting(None, min=1, help="frame rate conditioning (default 7; model sees fps-1)")
     motion_bucket_id: int | None = setting(None, min=0, flag="--motion", help="motion bucket id (default 127)")
     noise_aug: float | None = setting(None, min=0, help="noise augmentation of the conditioning image "
@@ -262,19 +264,18 @@ def generate_videos(
     image_mode = image is not None or image_model is not None
     conditioning = load_image(image) if image is not None else None  # a bad image fails before any model loads
     pipe = load_pipeline(checkpoint, dtype=dtype, device="auto", cpu_offload=cpu_offload)
-    from model.image_to_video import SVD_DEFAULTS, ImageToVideoPipeline
+    from model.image_to_video import ImageToVideoPipeline, sampling_defaults
     from model.pipeline import DEFAULT_TEXT_GUIDANCE
 
     if image_mode != isinstance(pipe, ImageToVideoPipeline):
         kind = "an image-to-video (SVD layout)" if image_mode else "a text-to-video"
         raise ValueError(f"checkpoint {checkpoint or '(tiny preset)'}: {kind} checkpoint is needed for this request")
     if image_mode:
-        defaults = dict(height=SVD_DEFAULTS["height"], width=SVD_DEFAULTS["width"],
-                        steps=SVD_DEFAULTS["num_inference_steps"],
-                        guidance=(SVD_DEFAULTS["min_guidance_scale"], SVD_DEFAULTS["max_guidance_scale"]),
-                        fps=SVD_DEFAULTS["fps"], motion_bucket_id=SVD_DEFAULTS["motion_bucket_id"],
-                        noise_aug=SVD_DEFAULTS["noise_aug_strength"],
-                        decode_chunk_size=SVD_DEFAULTS["decode_chunk_size"])
+        svd = sampling_defaults(pipe.unet.config.num_frames)
+        defaults = dict(height=svd["height"], width=svd["width"], steps=svd["num_inference_steps"],
+                        guidance=(svd["min_guidance_scale"], svd["max_guidance_scale"]), fps=svd["fps"],
+                        motion_bucket_id=svd["motion_bucket_id"], noise_aug=svd["noise_aug_strength"],
+                        decode_chunk_size=svd["decode_chunk_size"])
     else:
         defaults = dict(height=None, width=None, guidance=DEFAULT_TEXT_GUIDANCE, **TEXT_TO_VIDEO_DEFAULTS)
     given = dict(height=height, width=width, steps=steps, guidance=guidance, fps=fps,

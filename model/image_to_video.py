@@ -52,6 +52,20 @@ SVD_DEFAULTS: dict[str, Any] = dict(
     height=576, width=1024, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7,
     motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14,
 )
+# sgm's sampling defaults for the released models, told apart by the U-Net's frame count
+# (scripts/sampling/simple_video_sample.py and configs/svd*.yaml): SVD 14 frames, 25 steps, guidance 1.0 -> 2.5;
+# SVD-XT 25 frames, 30 steps, 1.5 -> 3.0. `lvd generate` uses them; other frame counts keep SVD_DEFAULTS.
+SGM_SAMPLING_DEFAULTS: dict[int, dict[str, Any]] = {
+    14: dict(num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5),
+    25: dict(num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0),
+}
+
+
+def sampling_defaults(unet_frames: int) -> dict[str, Any]:
+    """SVD_DEFAULTS with sgm's steps and guidance for a U-Net built for `unet_frames` frames (14 SVD, 25 XT)."""
+    return {**SVD_DEFAULTS, **SGM_SAMPLING_DEFAULTS.get(unet_frames, {})}
+
+
 DIFFUSERS_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 DIFFUSERS_UNET_CLASS = "UNetSpatioTemporalConditionModel"
 

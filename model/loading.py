@@ -56,6 +56,19 @@ def saved_class_name(directory: str | Path) -> str | None:
     return str(data.get("_class_name"))
 
 
+def saved_unet_frames(directory: str | Path) -> int | None:
+    """The frame count a saved pipeline's U-Net was built for (`unet/config.json` num_frames: SVD 14, SVD-XT
+    25), or None when the folder has no such config."""
+    config = Path(directory) / "unet" / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        frames = json.loads(config.read_text()).get("num_frames")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config}: unreadable U-Net config ({error})") from None
+    return int(frames) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else None
+
+
 def load_pipeline(source: str | Path | None = TINY, *, dtype: str = "float32", device: str | None = None,
                   cpu_offload: bool = False, seed: int = 0, inflate_sd: bool = False) -> Any:
     """A pipeline from `source`:

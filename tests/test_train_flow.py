@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dataformat import TRAINING_METADATA_FILE
 from infra.local import kill_session
 from tests.tools.hold_at_checkpoint import hold_env
 from tests.train_helpers import train_in_process
@@ -159,6 +160,14 @@ def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_di
     difference = max((first[k] - second[k]).abs().max().item() for k in first)
     assert difference < 1e-6 * max(moved, 1.0) + 1e-7, f"2 DDP workers differ from 1 by {difference} (moved {moved})"
     assert one_losses == pytest.approx(two["losses"], rel=1e-4)
+    # The export says what it is and how far it moved (also in lineage.json), and the buckets it trained on: all
+    # 127, the released meaning, counted over both workers (2 steps x 2 samples).
+    metadata = json.loads((Path(two["pipeline"]) / TRAINING_METADATA_FILE).read_text())
+    assert metadata["export"] == "ema" and metadata["motion_buckets"]["mapping"] == "fixed"
+    assert metadata["weights_moved"] == two["weights_moved"]
+    assert json.loads((Path(two["output_dir"]) / "lineage.json").read_text())["weights_moved"] == two["weights_moved"]
+    assert 0 < two["weights_moved"]["exported"] == two["weights_moved"]["ema"] < two["weights_moved"]["raw"]
+    assert Path(two["motion_bucket_plot"]).is_file() and two["motion_buckets_trained"] == {"127": 4}
 
     pipe = StableVideoDiffusionPipeline.from_pretrained(two["pipeline"])
     frames = pipe(bikes_frame().resize((128, 96)), height=96, width=128, num_frames=6, num_inference_steps=2,

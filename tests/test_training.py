@@ -13,7 +13,7 @@ import torch
 from dataformat import DataError, find_shards, index_shards, training_caption
 from model.loading import load_pipeline
 from model.unet import is_temporal_parameter
-from training.data import TrainingStream, motion_bucket, plan_micro_batches
+from training.data import TrainingStream, plan_micro_batches
 from training.loop import group_steps
 from training.stages import Phase, get_stage_preset
 from training.trainer import StageTrainer, trainable_names
@@ -108,7 +108,7 @@ def test_clip_examples_follow_the_spec(samples, curated_dir):
         assert example["pixels"].min() >= -1.0 and example["pixels"].max() <= 1.0
         row = manifest[example["key"]]
         assert example["fps"] in {round(row["fps"] / s) for s in preset.frame_strides}
-        assert example["motion_bucket"] == motion_bucket(row["motion_score"])
+        assert example["motion"] is not None and example["motion_bucket"] == preset.motion.bucket(example["motion"])
         fps_seen.add(example["fps"])
     assert len(fps_seen) > 1, "fps conditioning must vary with the sampled stride, not be hard-coded"
     image = stream.example(0, get_stage_preset(1).phases[1])
@@ -131,7 +131,6 @@ def test_caption_mix_and_text_dropout():
     assert training_caption({"captions": {"coca": None, "video": "v"}}, None, rng, mix) == "v"
     assert training_caption({"caption": "fallback"}, "txt", rng, mix) == "fallback"
     assert training_caption({}, "from txt", rng, mix) == "from txt"
-    assert motion_bucket(0.0) == 0 and motion_bucket(100.0) == 255 and motion_bucket(None) == 127
 
 
 @pytest.fixture(scope="module")

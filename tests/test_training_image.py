@@ -15,6 +15,7 @@ from model.conditioning import augment_frame, clip_image_embedding, conditioning
 from model.loading import image_to_video_from_text, load_initial_pipeline
 from training.data import TrainingStream
 from training.loop import group_steps
+from training.motion import MotionBuckets
 from training.stages import get_stage_preset
 from training.trainer import StageTrainer, augmentation_for_positions
 
@@ -84,7 +85,7 @@ def test_inflating_a_text_checkpoint_keeps_its_output_until_the_new_channels_tra
 def test_conditioning_comes_from_each_samples_own_clip(samples, tiny_image_pipeline):
     """Two samples with different first frames, fps and motion get different conditioning, each equal to what
     the model's conditioning functions make of that sample's own first frame and strength."""
-    preset = replace(_image_preset(), image_drop_rate=0.0)
+    preset = replace(_image_preset(), image_drop_rate=0.0, motion=MotionBuckets("linear"))
     stream = TrainingStream(samples, preset, seed=0, micro_batch_size=2)
     batch = next(b for b in stream if b["fps"][0] != b["fps"][1] and b["motion_bucket"][0] != b["motion_bucket"][1])
     trainer = StageTrainer(tiny_image_pipeline, preset)

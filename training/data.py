@@ -10,7 +10,8 @@ read them (2 workers = 1 worker with the doubled batch), and resuming at step s 
 uninterrupted run would have read from step s on.
 
 Per sample (docs/recipe.md §1, §4): T frames at a stride (the resulting fps is the fps conditioning), resized to
-cover the phase resolution and centre-cropped, motion bucket from `motion_score`, caption drawn from the
+cover the phase resolution and centre-cropped, motion bucket from the sample's own motion at that stride through
+the preset's named mapping (`training/motion.py`; `fixed` 127 ignores it), caption drawn from the
 captioners' mix (CoCa 0.5, video 0.25, LLM summary 0.25 among those present), text dropped 15% for CFG.
 Image phases read image samples (jpg/png + txt) or one frame of a clip.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -28,17 +29,8 @@ import torch
 
 from common.video import decode_frames_at, resize_cover_crop
 from dataformat import Column, DataError, IndexedSample, training_caption
+from training.motion import sample_motion
 from training.stages import Phase, StagePreset
-
-MAX_MOTION_BUCKET = 255
-MOTION_SCORE_AT_MAX_BUCKET = 4.0  # [open] Farneback motion score that maps to the top bucket
-
-
-def motion_bucket(motion_score: float | None) -> int:
-    """Farneback motion score -> SVD's motion_bucket_id (0..255), linear up to MOTION_SCORE_AT_MAX_BUCKET."""
-    if motion_score is None or not np.isfinite(motion_score):
-        return 127  # SVD's default bucket when a clip has no score
-    return int(round(MAX_MOTION_BUCKET * min(max(motion_score, 0.0) / MOTION_SCORE_AT_MAX_BUCKET, 1.0)))
 
 
 def count_frames(meta: dict[str, Any], data: bytes) -> int:
@@ -65,6 +57,7 @@ class SampleReader:
             if image is None:
                 raise DataError(f"sample {sample.key}: undecodable {extension}")
             frames, fps = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)], source_fps
+            motion = None
         else:
             data = sample.members[sample.video_extension].read()
             available = count_frames(meta, data)
@@ -72,6 +65,7 @@ class SampleReader:
             frames, fps = decode_frames_at(data, indices, threaded=True), source_fps / stride
             if len(frames) != len(indices):
                 raise DataError(f"clip has fewer frames than its manifest says (wanted up to frame {max(indices)})")
+            motion = sample_motion(frames) if self.preset.motion.measures else None
         pixels = resize_cover_crop(np.stack(frames), phase.height, phase.width)
         caption = training_caption(meta, text, rng, self.preset.caption_mix)
         if rng.random() < self.preset.text_drop_rate:
@@ -80,7 +74,8 @@ class SampleReader:
             "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),  # (T, 3, H, W)
             "caption": caption,
             "fps": float(round(fps)),
-            "motion_bucket": float(motion_bucket(meta.get(Column.MOTION_SCORE))),
+            "motion_bucket": float(self.preset.motion.bucket(motion)),
+            "motion": motion,
             "key": sample.key,
         }
 
@@ -185,3 +180,19 @@ def training_loader(stream: TrainingStream, num_workers: int = 0) -> torch.utils
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None,
                                        multiprocessing_context="forkserver" if num_workers else None)
+
+
+def reference_motions(samples: list[IndexedSample], preset: StagePreset, seed: int, count: int) -> tuple[float, ...]:
+    """The motions of the stream's first `count` positions (at most one epoch) in its first video phase, read
+    exactly as training reads them (same clips, strides and start frames), sorted: the reference of the
+    `percentile` motion mapping."""
+    phase = next((p for p in preset.phases if not p.image_only), None)
+    if phase is None:
+        raise DataError("motion buckets from measured motion need a video phase")
+    measuring = replace(preset, motion=replace(preset.motion, mapping="linear"))  # measure; buckets unused here
+    stream = TrainingStream(samples, measuring, seed)
+    motions = [stream.example(position, phase)["motion"] for position in range(min(count, len(samples)))]
+    measured = sorted(m for m in motions if m is not None and np.isfinite(m))
+    if not measured:
+        raise DataError("no sample has a measurable motion (clips of at least two frames)")
+    return tuple(measured)

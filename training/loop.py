@@ -10,7 +10,10 @@ With `min_workers` the worker group is elastic: after losing a node it restarts 
 workers that still fit (the global batch is split over however many there are, so the result does not change).
 
 The stage directory and a checkpoint's files are `dataformat.StageLayout` and `dataformat.CheckpointLayout`
-(dataformat/training.py); pipeline/ is a TextToVideoPipeline, or a diffusers SVD folder in image mode.
+(dataformat/training.py); pipeline/ is a TextToVideoPipeline, or a diffusers SVD folder in image mode. The stage
+also writes motion_buckets.png (the buckets it trained on); the pipeline carries `lvd_training.json`
+(TRAINING_METADATA_FILE): what was exported (EMA with warm-up or raw weights), how far it moved from the initial
+weights, the motion-bucket mapping, noise and frames; lineage.json and done.json repeat the movement.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dataformat import RAY_RUN_NAME, CheckpointLayout, StageLayout, atomic_write_json, ray_snapshot
+from dataformat import (
+    RAY_RUN_NAME,
+    TRAINING_METADATA_FILE,
+    CheckpointLayout,
+    StageLayout,
+    atomic_write_json,
+    ray_snapshot,
+)
 from infra.output_lock import acquire_output_lock
-from training.monitor import plot_losses, read_metrics
+from training.monitor import plot_losses, plot_motion_buckets, read_metrics
 from training.request import StageRunRequest
 from training.stages import StagePreset
 
@@ -119,6 +129,7 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
     import ray.train
 
     scalars = {k: v for k, v in metrics.items() if k != "phase"}
+    trainer.gather_motion_buckets()  # collective: rank 0's checkpoint then holds every worker's count
     gathered = trainer.gather_state()  # collective under FSDP: every rank takes part
     if trainer.rank != 0:
         ray.train.report(scalars, checkpoint=None)
@@ -134,9 +145,23 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
 
 
 def _export_pipeline(trainer, gathered: dict[str, Any], target: Path) -> None:
-    """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder)."""
+    """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder); both with
+    the training metadata (TRAINING_METADATA_FILE)."""
     pipeline = _pipeline(trainer, trainer.export_unet(gathered))
     pipeline.save_pretrained(target, safe_serialization=True)
+    atomic_write_json(target / TRAINING_METADATA_FILE, training_metadata(trainer.preset))
+
+
+def training_metadata(preset: StagePreset) -> dict[str, Any]:
+    """What an exported pipeline says about its training (the driver adds `weights_moved`)."""
+    return {
+        "stage": preset.stage, "preset": preset.preset, "conditioning": preset.conditioning,
+        "export": "ema" if preset.export == "ema" and preset.ema_decay else "raw",
+        "ema": {"decay": preset.ema_decay, "warmup": "min(decay, (1 + n) / (10 + n))"} if preset.ema_decay else None,
+        "motion_buckets": preset.motion.to_dict(), "target_latents": preset.target_latents,
+        "phases": [{"name": p.name, "frames": p.num_frames, "height": p.height, "width": p.width,
+                    "p_mean": p.p_mean, "p_std": p.p_std, "steps": p.iterations} for p in preset.phases],
+    }
 
 
 def _pipeline(trainer, unet):
@@ -269,6 +294,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     if not resume and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    stage_preset = calibrate_motion_buckets(stage_preset, shards, seed, request.motion_reference_samples)
     lineage = {"stage": stage, "preset": preset, "init": init, "data": str(Path(data).resolve()), "shards": shards,
                "seed": seed, "num_workers": num_workers, "max_steps": max_steps, "strategy": strategy,
                "conditioning": conditioning, "image_encoder": image_encoder, "decoder_steps": decoder_steps,
@@ -300,9 +326,15 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
             shutil.rmtree(layout.pipeline)
         os.replace(last.pipeline, layout.pipeline)
         metrics = read_metrics(last.metrics)
+        moved = weights_moved(config, final)
+        buckets = json.loads(last.state.read_text()).get("motion_buckets_seen") or []
     finally:
         shutil.rmtree(final, ignore_errors=True)
     plot_losses(metrics, layout.loss_plot)
+    plot_motion_buckets(buckets, stage_preset.motion.mapping, directory / "motion_buckets.png")
+    metadata_path = layout.pipeline / TRAINING_METADATA_FILE
+    atomic_write_json(metadata_path, {**json.loads(metadata_path.read_text()), "weights_moved": moved})
+    atomic_write_json(layout.lineage, {**lineage, "weights_moved": moved}, indent=None)
     decoder = _finetune_decoder(layout.pipeline, shards, stage_preset, decoder_steps, seed, use_gpu)
     summary = {
         "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(layout.pipeline),
@@ -310,7 +342,10 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         "losses": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"]} if metrics else {},
         "tensorboard": str(layout.tensorboard), "loss_plot": str(layout.loss_plot),
         "samples": sorted(str(p) for p in layout.samples.glob("*.gif")), "init": init,
-        "conditioning": conditioning, **({"decoder_finetune": decoder} if decoder else {}),
+        "conditioning": conditioning, "weights_moved": moved, "motion_buckets": stage_preset.motion.mapping,
+        "motion_bucket_plot": str(directory / "motion_buckets.png"),
+        "motion_buckets_trained": {str(bucket): count for bucket, count in enumerate(buckets) if count},
+        **({"decoder_finetune": decoder} if decoder else {}),
     }
     atomic_write_json(done, summary, indent=None)
     return {**summary, "skipped": False}
@@ -329,6 +364,50 @@ def _finetune_decoder(pipeline: Path, shards: list[str], preset: StagePreset, st
     config = DecoderFinetuneConfig(steps=steps, height=last.height, width=last.width, num_frames=last.num_frames,
                                    batch_size=1, seed=seed)
     return finetune_decoder(pipeline, shards, config, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def calibrate_motion_buckets(preset: StagePreset, shards: list[str], seed: int, samples: int) -> StagePreset:
+    """A `percentile` mapping gets its reference: the motions of the stream's first `samples` training samples,
+    measured as training reads them (deterministic, so a resumed run measures the same)."""
+    if preset.motion.calibrated:
+        return preset
+    from dataformat import index_shards
+    from training.data import reference_motions
+
+    reference = reference_motions(index_shards(shards), preset, seed, samples)
+    return replace(preset, motion=replace(preset.motion, reference=reference))
+
+
+def weights_moved(config: StageRunConfig, checkpoint: Path) -> dict[str, Any]:
+    """How far the export moved from the initial weights, ||w - w0|| / ||w0|| over the parameters the stage
+    trains, for the exported weights and (when the export is the EMA) for the raw ones beside it. The initial
+    weights are rebuilt the way the workers start (`load_initial_pipeline`), in this process, on the CPU."""
+    import torch
+    from safetensors import safe_open
+
+    from model.loading import load_initial_pipeline
+    from training.trainer import relative_change, trainable_names
+
+    preset = config.preset
+    image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
+    with torch.no_grad():
+        unet = load_initial_pipeline(config.init, config.seed, preset.conditioning, image_encoder).unet
+        initial = {name: parameter.detach() for name, parameter in unet.named_parameters()}
+    names = sorted(set().union(*(trainable_names(list(initial), phase) for phase in preset.phases)))
+
+    def moved(file: Path) -> float:
+        with safe_open(str(file), framework="pt") as weights:
+            return relative_change(initial, {n: weights.get_tensor(n) for n in names}, names)
+
+    files = CheckpointLayout(checkpoint)
+    raw = moved(files.unet)
+    has_ema = files.ema.is_file()
+    result = {"export": "ema" if has_ema else "raw", "trained_parameters": sum(initial[n].numel() for n in names),
+              "raw": raw}
+    if has_ema:
+        result["ema"] = moved(files.ema)
+    result["exported"] = result["ema"] if has_ema else raw
+    return result
 
 
 def _step_of(checkpoint: Path | None) -> int:

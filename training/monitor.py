@@ -104,3 +104,24 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_motion_buckets(counts: list[int], mapping: str, path: Path) -> Path:
+    """Histogram of the motion_bucket_ids the stage trained on (one count per bucket 0..255) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = list(counts) or [0] * 256
+    figure, axis = plt.subplots(figsize=(6, 2.5), dpi=100)
+    axis.bar(range(len(counts)), counts, width=1.0)
+    axis.set_xlim(-1, len(counts))
+    axis.set_xlabel("motion_bucket_id")
+    axis.set_ylabel("training samples")
+    axis.set_title(f"motion buckets trained on ({mapping} mapping, {sum(counts)} samples)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

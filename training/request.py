@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +11,8 @@ from common.requests import Request, RequestError, setting
 from dataformat import DataError, StageLayout, find_shards
 from infra.local import check_ray_connection
 from infra.output_lock import acquire_output_lock
-from training.stages import StagePreset, get_stage_preset
+from training.motion import LINEAR_SCALE, RELEASED_SVD_BUCKET, MotionBuckets
+from training.stages import DEFAULT_IMAGE_TO_VIDEO_NOISE, StagePreset, get_stage_preset, with_video_frames
 
 
 def default_init(stage: int, preset: str, output_root: str | Path) -> str:
@@ -31,7 +32,8 @@ class StageRunRequest(Request):
 
     stage: int = setting(help="1, 2 or 3 (docs/recipe.md §4); stage N starts from OUTPUT_ROOT/stage{N-1}/pipeline "
                               "unless --init")
-    preset: str = setting("tiny", help="`tiny` (CPU, minutes) or `svd` (the paper's sizes, GPUs)")
+    preset: str = setting("tiny", help="`tiny` (CPU, minutes), `svd` (the paper's sizes, GPUs) or `svd-xt` (svd with "
+                                       "stage III on 25 frames)")
     data: str = setting("out/curate", path="dir",
                         help="a curate-lvd output directory (its shards/) or a folder of WebDataset .tar shards")
     output_root: str = setting("out/train", help="stage N writes OUTPUT_ROOT/stageN/ (pipeline/, tensorboard/, "
@@ -65,9 +67,30 @@ class StageRunRequest(Request):
                                                    "folder ('tiny' preset: random)", path="input")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
                                                 "this many steps")
+    num_frames: int | None = setting(None, min=2, flag="--frames", help="frames of every video phase (default: the "
+                                                                        "preset's; image-to-video stage III: the "
+                                                                        "init U-Net's, 14 SVD / 25 SVD-XT)")
+    image_noise: Literal["576x1024", "320x576"] = setting(
+        DEFAULT_IMAGE_TO_VIDEO_NOISE, help="image-to-video stage III training noise, the paper's (App. D.4): "
+                                           "576x1024 = (P_mean, P_std) (1.0, 1.6), its high-res finetune; 320x576 = "
+                                           "(0.7, 1.6), its base-resolution one (SVD_Xtend's)")
+    export: Literal["ema", "raw"] = setting("ema", help="exported weights: ema (sgm's warm-up EMA, where the stage "
+                                                        "keeps one: stage III) or raw (the trained weights)")
+    motion_buckets: Literal["fixed", "linear", "percentile"] | None = setting(
+        None, help="sample motion (measured at its stride) -> motion bucket: fixed (motion_bucket for all), linear "
+                   "(motion_scale -> 255) or percentile (rank in the training set); default: fixed for "
+                   "image-to-video (keeps released SVD's 127), linear for text-to-video")
+    motion_bucket: int = setting(RELEASED_SVD_BUCKET, min=0, max=255, help="the bucket of the fixed mapping")
+    motion_scale: float = setting(LINEAR_SCALE, min=1e-6, help="linear mapping: the motion (px per frame pair at a "
+                                                               "16 px short side) that maps to bucket 255")
+    motion_reference_samples: int = setting(512, min=1, help="percentile mapping: training samples measured "
+                                                             "before the run as its reference")
+    target_latents: Literal["sample", "mode"] | None = setting(
+        None, help="the diffusion targets: sample (a VAE posterior draw, as sgm trains) or mode (its mean); default: "
+                   "the preset's (sample; tiny: mode)")
 
     def validate(self) -> None:
-        stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
+        stage_preset = self._stage_preset().with_max_steps(self.max_steps)
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise RequestError(f"min_workers: {self.min_workers} is more than num_workers {self.num_workers}")
         for workers in range(self.min_workers or self.num_workers, self.num_workers + 1):
@@ -88,7 +111,7 @@ class StageRunRequest(Request):
     def resolve(self) -> tuple[StagePreset, list[str], str]:
         """What reads the disk, before Ray starts, with messages that say what to do: the stage cut to
         `max_steps`, the shards under `data`, the initialisation (FileNotFoundError naming what is missing)."""
-        stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
+        stage_preset = self._stage_preset().with_max_steps(self.max_steps)
         init, encoder = self.init, self.image_encoder
         if self.conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
             raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
@@ -106,7 +129,24 @@ class StageRunRequest(Request):
             shards = find_shards(self.data)
         except DataError as error:
             raise FileNotFoundError(str(error)) from error
-        return stage_preset, shards, init or default_init(self.stage, self.preset, self.output_root)
+        init = init or default_init(self.stage, self.preset, self.output_root)
+        if self.num_frames is None and self.conditioning == "image" and self.stage == 3 and init != "tiny":
+            from model.loading import saved_unet_frames
+
+            frames = saved_unet_frames(init)  # SVD 14, SVD-XT 25: train the frames the model generates
+            if frames is not None and frames > 1:
+                stage_preset = with_video_frames(stage_preset, frames)
+        return stage_preset, shards, init
+
+    def _stage_preset(self) -> StagePreset:
+        """The stage's preset with this request's settings (the init's frame count comes in `resolve`)."""
+        stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning, self.image_noise)
+        if self.num_frames is not None:
+            stage_preset = with_video_frames(stage_preset, self.num_frames)
+        mapping = self.motion_buckets or stage_preset.motion.mapping
+        motion = MotionBuckets(mapping, fixed_bucket=self.motion_bucket, scale=self.motion_scale)
+        return replace(stage_preset, export=self.export, motion=motion,
+                       target_latents=self.target_latents or stage_preset.target_latents)
 
     def check_inputs(self) -> dict[str, Any]:
         """The plan of the run, once `resolve` found everything it needs. Takes the output root's writer lock

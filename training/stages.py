@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dataformat import CAPTION_MIX, check_caption_mix
+from training.motion import MotionBuckets
 
 TRAINABLE_SETS = ("all", "time_embedding", "temporal")
 CONDITIONINGS = ("text", "image")
+EXPORTS = ("ema", "raw")  # the weights a stage exports: its EMA (where it keeps one) or the trained weights
+TARGET_LATENTS = ("sample", "mode")  # VAE posterior draw (sgm) or its mean, as the training targets
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,31 @@ class StagePreset:
     gradient_checkpointing: bool = True
     init: str | None = None  # stage I: an SD 2.x checkpoint (path or hub id); later stages: previous stage
     # Image-to-video (conditioning "image"): the sampled clip's first frame conditions the video (CLIP image
-    # embedding + VAE latent of the frame after noise augmentation). [open] per sample ln(aug) ~ N(-3.0, 0.5^2)
-    # as community SVD trainers draw it; [open] embedding and latent dropped together for 10 % of samples for
+    # embedding + VAE latent of the frame after noise augmentation). Per sample ln(aug) ~ N(-3.0, 0.5^2), the
+    # paper's (docs/recipe.md §2b); [open] embedding and latent dropped together for 10 % of samples for
     # classifier-free guidance (the paper drops text 15 %; 10 % is the common image-conditioning rate).
     conditioning: str = "text"
     image_drop_rate: float = 0.1
     noise_aug_log_mean: float = -3.0
     noise_aug_log_std: float = 0.5
+    # What the stage exports (docs/finetuning.md): "ema" = the EMA with sgm's warm-up where the stage keeps one
+    # (ema_decay), else the trained weights; "raw" = the trained weights always.
+    export: str = "ema"
+    # Sample motion -> motion_bucket_id (training/motion.py): text stages learn buckets from measured motion;
+    # image-to-video (finetuning released SVD weights) keeps the released meaning, fixed 127.
+    motion: MotionBuckets = field(default_factory=lambda: MotionBuckets("linear"))
+    # Target latents: a draw from the VAE posterior as sgm trains (its DiagonalGaussianRegularizer samples), or
+    # its mode; the image-to-video conditioning latent is always the mode (docs/recipe.md §2b). `tiny` trains on
+    # the mode: its random VAE's posterior is mostly noise (std 1.06 against a mean of magnitude 0.19, measured).
+    target_latents: str = "sample"
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"export must be one of {EXPORTS}, got {self.export!r}")
+        if self.target_latents not in TARGET_LATENTS:
+            raise ValueError(f"target_latents must be one of {TARGET_LATENTS}, got {self.target_latents!r}")
         if not 0.0 <= self.image_drop_rate < 1.0 or self.noise_aug_log_std <= 0:
             raise ValueError("image_drop_rate must be in [0, 1) and noise_aug_log_std positive")
         check_caption_mix(self.caption_mix)
@@ -140,28 +157,38 @@ _SVD_STAGES = {
 # Same structure, 64x64 pixels (8x8 latents), few frames and steps: CPU tests, the demo, CI.
 _TINY_STAGES = {
     1: StagePreset(
-        stage=1, preset="tiny", frame_strides=(1,), checkpoint_every=10, sample_every=20, log_every=1,
-        gradient_checkpointing=False,
+        stage=1, preset="tiny", target_latents="mode", frame_strides=(1,), checkpoint_every=10, sample_every=20,
+        log_every=1, gradient_checkpointing=False,
         phases=(
             Phase("time-embedding", 64, 64, 1, 4, 4, 1e-3, -1.2, 1.0, trainable="time_embedding", image_only=True),
             Phase("images", 64, 64, 1, 16, 4, 1e-3, -1.2, 1.0, image_only=True, warmup_steps=2),
         ),
     ),
     2: StagePreset(
-        stage=2, preset="tiny", checkpoint_every=10, sample_every=20, log_every=1, gradient_checkpointing=False,
+        stage=2, preset="tiny", target_latents="mode", checkpoint_every=10, sample_every=20, log_every=1,
+        gradient_checkpointing=False,
         phases=(
             Phase("video-low", 64, 64, 6, 12, 2, 1e-3, -1.2, 1.2, warmup_steps=2),
             Phase("video-high", 64, 96, 6, 8, 2, 1e-3, 0.0, 1.2),
         ),
     ),
     3: StagePreset(
-        stage=3, preset="tiny", ema_decay=0.9, checkpoint_every=10, sample_every=20, log_every=1,
+        stage=3, preset="tiny", target_latents="mode", ema_decay=0.9, checkpoint_every=10, sample_every=20, log_every=1,
         gradient_checkpointing=False,
         phases=(Phase("finetune", 96, 128, 6, 12, 2, 3e-4, 0.5, 1.4, warmup_steps=2),),
     ),
 }
 
-STAGE_PRESETS: dict[str, dict[int, StagePreset]] = {"svd": _SVD_STAGES, "tiny": _TINY_STAGES}
+# SVD-XT (docs/recipe.md §2b): SVD's stages with stage III on 25 frames, the frame count SVD-XT generates. An
+# image-to-video stage III takes its frame count from the init U-Net's config anyway (`StageRunRequest.resolve`).
+XT_FRAMES = 25
+_SVD_XT_STAGES = {
+    stage: replace(preset, preset="svd-xt", phases=tuple(
+        replace(phase, num_frames=XT_FRAMES) if stage == 3 else phase for phase in preset.phases))
+    for stage, preset in _SVD_STAGES.items()
+}
+
+STAGE_PRESETS: dict[str, dict[int, StagePreset]] = {"svd": _SVD_STAGES, "svd-xt": _SVD_XT_STAGES, "tiny": _TINY_STAGES}
 
 # What the whole DAG (lvd-pipeline) evaluates and generates after training with a preset: overrides of the
 # evaluate-fvd and generate-video defaults. `tiny` is a smoke test that fits a laptop: 4 FVD videos of 16
@@ -177,13 +204,20 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-IMAGE_TO_VIDEO_NOISE = (1.0, 1.6)  # stage III image-to-video (P_mean, P_std); text-to-video: (0.5, 1.4)
+# Image-to-video training noise (P_mean, P_std), both from the paper's App. D.4 (docs/recipe.md §4,
+# docs/finetuning.md "Noise"): (1.0, 1.6) for the 576x1024 finetunes of SVD and SVD-XT (stage III's default),
+# (0.7, 1.6) for its first image-to-video finetune at the base resolution 320x576 (what SVD_Xtend and
+# animate-anything use, at 320x512). Text-to-video stage III: (0.5, 1.4).
+IMAGE_TO_VIDEO_NOISE: dict[str, tuple[float, float]] = {"576x1024": (1.0, 1.6), "320x576": (0.7, 1.6)}
+DEFAULT_IMAGE_TO_VIDEO_NOISE = "576x1024"
 
 
-def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text") -> StagePreset:
+def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text",
+                     image_noise: str = DEFAULT_IMAGE_TO_VIDEO_NOISE) -> StagePreset:
     """The preset for `stage` (1, 2 or 3) and `conditioning` ("text" or "image"); a clear error for anything else.
 
-    Image-to-video trains on clips, so stages 2 and 3 only; stage 3's noise moves up to (1.0, 1.6)."""
+    Image-to-video trains on clips, so stages 2 and 3 only; stage 3's noise moves up to `image_noise`
+    (IMAGE_TO_VIDEO_NOISE), and its motion buckets stay at the released 127."""
     if preset not in STAGE_PRESETS:
         raise ValueError(f"unknown training preset {preset!r}; choose from {sorted(STAGE_PRESETS)}")
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGE_PRESETS[preset]:
@@ -197,8 +231,18 @@ def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text
     if stage == 1:
         raise ValueError("image-to-video training needs clips: use stage 2 or 3 with conditioning 'image' "
                          "(stage 1 is image pretraining)")
+    if image_noise not in IMAGE_TO_VIDEO_NOISE:
+        raise ValueError(f"image_noise must be one of {sorted(IMAGE_TO_VIDEO_NOISE)}, got {image_noise!r}")
     phases = chosen.phases
     if stage == 3:
-        p_mean, p_std = IMAGE_TO_VIDEO_NOISE
+        p_mean, p_std = IMAGE_TO_VIDEO_NOISE[image_noise]
         phases = tuple(replace(phase, p_mean=p_mean, p_std=p_std) for phase in phases)
-    return replace(chosen, phases=phases, conditioning="image")
+    return replace(chosen, phases=phases, conditioning="image", motion=MotionBuckets("fixed"))
+
+
+def with_video_frames(preset: StagePreset, num_frames: int) -> StagePreset:
+    """Every video phase of `preset` on `num_frames` frames (image phases keep their one frame)."""
+    if num_frames < 2:
+        raise ValueError(f"video phases need at least 2 frames, got {num_frames}")
+    return replace(preset, phases=tuple(phase if phase.image_only else replace(phase, num_frames=num_frames)
+                                        for phase in preset.phases))

@@ -142,34 +142,62 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 STRATEGIES = ("ddp", "fsdp")
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """sgm's LitEma warm-up: the decay of the `updates`-th update (1-based) is min(decay, (1 + n) / (10 + n)), so
+    an EMA follows the weights early on (0.18 at the first update, 0.9 at the 80th, 0.99 at the 890th) and reaches
+    `decay` only after (10 decay - 1) / (1 - decay) updates (89,990 for 0.9999)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 class ExponentialMovingAverage:
-    """EMA of the U-Net's weights (stage III: decay 0.9999), kept in float32."""
+    """EMA of the U-Net's weights (stage III: decay 0.9999) with sgm's warm-up (`ema_decay_at`), in float32.
+
+    Without the warm-up an EMA at 0.9999 started from the initial weights still holds 0.9999^n of them after n
+    updates (90 % after 1,000), so a short finetune would export mostly its initialisation."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay, self.updates = decay, 0
         self.shadow = {n: _local(p).detach().float().clone() for n, p in module.named_parameters()}
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param, on this rank's shard under FSDP."""
+    def update(self, module: torch.nn.Module) -> float:
+        """shadow <- d * shadow + (1 - d) * param with d = ema_decay_at(decay, n), on this rank's shard under FSDP;
+        returns d."""
+        self.updates += 1
+        decay = ema_decay_at(self.decay, self.updates)
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
         torch._foreach_lerp_([self.shadow[n] for n in names], [_local(params[n]).detach().float() for n in names],
-                             1.0 - self.decay)
+                             1.0 - decay)
+        return decay
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.shadow.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        """The shadow weights of a checkpoint and how many updates made them (one per optimizer step)."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA checkpoint lacks {sorted(missing)[:3]}")
         self.shadow = {n: state[n].float().clone() for n in self.shadow}
+        self.updates = updates
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
         for name, param in module.named_parameters():
             param.copy_(self.shadow[name].to(param.dtype))
+
+
+def relative_change(initial: dict[str, torch.Tensor], final: dict[str, torch.Tensor], names: list[str]) -> float:
+    """||w - w0|| / ||w0|| over the parameters `names` (the ones a stage trains): how far the weights moved."""
+    moved = sum((final[n].double() - initial[n].double()).square().sum().item() for n in names)
+    size = sum(initial[n].double().square().sum().item() for n in names)
+    return math.sqrt(moved / size) if size else 0.0
+
+
+MOTION_BUCKET_COUNT = 256
 
 
 class StageTrainer:
@@ -209,7 +237,9 @@ class StageTrainer:
             keep_ema = True  # every rank keeps the EMA of its own shard
         self.optimizer = torch.optim.AdamW(list(self.unet.parameters()), lr=preset.phases[0].learning_rate,
                                            weight_decay=preset.weight_decay)
-        self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if preset.ema_decay and keep_ema else None
+        keeps_ema = bool(preset.ema_decay) and preset.export == "ema"
+        self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if keeps_ema and keep_ema else None
+        self.motion_buckets_seen = torch.zeros(MOTION_BUCKET_COUNT, dtype=torch.int64)  # since the last gather
         self.loss_fn = EDMLoss(VPredictionPreconditioning(sigma_data=1.0), LogNormalNoise())
         self.step = 0
         self.model: torch.nn.Module = self.unet
@@ -236,11 +266,25 @@ class StageTrainer:
         return phase.learning_rate
 
     # --- loss --------------------------------------------------------------------------------------
+    def target_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clips' latents: the VAE posterior's mode, or (`target_latents="sample"`, as sgm) a draw from it
+        with each sample's own generator from (seed, position), so batching does not change the draws."""
+        pixels = batch["pixels"].to(self.device)
+        with torch.no_grad():
+            if self.preset.target_latents == "mode":
+                return encode_frames(self.vae, pixels, chunk_size=16).float()
+            latents = []
+            for index, position in enumerate(batch["positions"].tolist()):
+                state = np.random.SeedSequence([self.seed, 13, position]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(state))
+                latents.append(encode_frames(self.vae, pixels[index:index + 1], chunk_size=16, sample=True,
+                                             generator=generator))
+            return torch.cat(latents).float()
+
     def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            latents = encode_frames(self.vae, batch["pixels"].to(self.device), chunk_size=16)
             context = encode_prompts(self.tokenizer, self.text_encoder, list(batch["captions"])).to(self.device)
-        return latents.float(), context
+        return self.target_latents(batch), context
 
     def image_conditioning(self, batch: dict[str, Any]) -> tuple[ImageConditioning, torch.Tensor]:
         """The batch's own conditioning: each clip's first frame, augmented with its own strength and noise,
@@ -257,8 +301,7 @@ class StageTrainer:
     def per_sample_loss(self, batch: dict[str, Any], phase: Phase, sigma: float | None = None) -> torch.Tensor:
         """EDM loss per sample; `sigma` fixes the noise level (validation) instead of drawing it."""
         if self.image_mode:
-            with torch.no_grad():
-                latents = encode_frames(self.vae, batch["pixels"].to(self.device), chunk_size=16).float()
+            latents = self.target_latents(batch)
             conditioning, added_time_ids = self.image_conditioning(batch)
             context = conditioning.embedding.float()
         else:
@@ -305,19 +348,32 @@ class StageTrainer:
                 losses = self.per_sample_loss(batch, phase)
                 (losses.sum() / share).backward()
             loss_sum += losses.detach().sum().item()
+            self.motion_buckets_seen += torch.bincount(batch["motion_bucket"].long().clamp(0, MOTION_BUCKET_COUNT - 1),
+                                                       minlength=MOTION_BUCKET_COUNT)
         params = [p for p in self.unet.parameters() if p.requires_grad]
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, self.preset.grad_clip_norm)).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; check the data and learning rate")
         self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.unet)
+        ema_decay = self.ema.update(self.unet) if self.ema is not None else None
         self.step += 1
         mean_loss = torch.tensor([loss_sum, float(share)])
         if self.world_size > 1:
             torch.distributed.all_reduce(mean_loss)
         return {"step": self.step, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr, "grad_norm": grad_norm,
-                "phase": phase.name, "samples": int(mean_loss[1].item())}
+                "phase": phase.name, "samples": int(mean_loss[1].item()),
+                **({"ema_decay": ema_decay} if ema_decay is not None else {})}
+
+    def gather_motion_buckets(self) -> list[int]:
+        """The motion buckets trained on so far, counted over every worker (collective: every rank calls it);
+        rank 0 keeps the total, the others start counting afresh, so the next gather adds only new samples."""
+        counts = self.motion_buckets_seen
+        if self.world_size > 1:
+            counts = counts.to(self.device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        self.motion_buckets_seen = counts if self.rank == 0 else torch.zeros_like(counts)
+        return counts.tolist()
 
     # --- state -------------------------------------------------------------------------------------
     def gather_state(self, for_export: bool = False) -> dict[str, Any] | None:
@@ -369,7 +425,7 @@ class StageTrainer:
         (directory / RNG_STATE_FILE).write_text(json.dumps(rng_state()))
         state = {"step": self.step, "stage": self.preset.stage, "preset": self.preset.preset, "seed": self.seed,
                  "data_position": self.data_position(), "strategy": self.strategy,
-                 **(extra or {})}
+                 "motion_buckets_seen": self.motion_buckets_seen.tolist(), **(extra or {})}
         (directory / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_state(self, directory: Path) -> dict[str, Any]:
@@ -396,14 +452,17 @@ class StageTrainer:
             set_model_state_dict(self.unet, weights, options=options)
             set_optimizer_state_dict(self.unet, self.optimizer, optimizer, options=options)
             if self.ema is not None and ema is not None:
-                self.ema.load_state_dict({n: self._shard_like(p, ema[n]) for n, p in self.unet.named_parameters()})
+                self.ema.load_state_dict({n: self._shard_like(p, ema[n]) for n, p in self.unet.named_parameters()},
+                                         updates=int(state["step"]))
         else:
             self.unet.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
             self.optimizer.load_state_dict(optimizer)
             if self.ema is not None and ema is not None:
-                self.ema.load_state_dict(ema)
+                self.ema.load_state_dict(ema, updates=int(state["step"]))
         set_rng_state(rng)
         self.step = int(state["step"])
+        if self.rank == 0 and "motion_buckets_seen" in state:  # the others count only what they train next
+            self.motion_buckets_seen = torch.tensor(state["motion_buckets_seen"], dtype=torch.int64)
         return state
 
     @staticmethod

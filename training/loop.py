@@ -135,9 +135,16 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
 
 
 def _export_pipeline(trainer, gathered: dict[str, Any], target: Path) -> None:
-    """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder)."""
+    """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder). A LoRA
+    finetune's folder holds the merged U-Net, and the adapter alone in LORA_ADAPTER_DIR."""
+    from dataformat.layout import LORA_ADAPTER_DIR
+    from training.trainable import save_lora_adapter
+
     pipeline = _pipeline(trainer, trainer.export_unet(gathered))
     pipeline.save_pretrained(target, safe_serialization=True)
+    adapter = trainer.lora_state(gathered)
+    if adapter is not None:
+        save_lora_adapter(adapter, trainer.preset.lora_rank, trainer.preset.lora_alpha, target / LORA_ADAPTER_DIR)
 
 
 def _pipeline(trainer, unet):

@@ -146,7 +146,13 @@ class StageRunRequest(Request):
         return stage_preset, shards, init or default_init(self.stage, self.preset, self.output_root)
 
     def check_inputs(self) -> dict[str, Any]:
-        """The plan of the run, once `resolve` found everything it needs."""
+        """The plan of the run, once `resolve` found everything it needs. A `plan` request reads no shards
+        and needs no previous stage (it predicts memory from the architecture, see training/memory_plan.py)."""
+        if self.plan:
+            if self.init not in (None, "tiny") and not Path(self.init).exists():
+                raise FileNotFoundError(f"init {self.init!r} does not exist")
+            stage_preset = self.stage_preset()
+            return {"steps": stage_preset.total_steps, "phases": [phase.name for phase in stage_preset.phases]}
         stage_preset, shards, init = self.resolve()
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

@@ -112,6 +112,7 @@ class UNetPass:
 
     peak: int  # everything the pass allocated and still held at its peak
     gradients_at_peak: int  # of which parameter gradients
+    gradients: int  # parameter gradients at the end of the backward
     parameters: int  # U-Net parameters (with LoRA adapters)
     trainable: int  # parameters that train
     largest_block: int  # parameters of the largest down/mid/up block (an FSDP unit)
@@ -138,63 +139,74 @@ def _frozen_key(config: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=16)
 def measure_unet_pass(config_json: str, frames: int, height: int, width: int, trainable: str, lora_rank: int,
                       checkpointing: bool, bf16: bool, image_only: bool, context_tokens: int) -> UNetPass:
-    """One fake forward + backward of the U-Net built from `config_json` (a VideoUNet config) at micro-batch 1,
-    under LiveMemory. Cached: the plan asks for the same pass more than once."""
+    """One fake forward + backward of the U-Net built from `config_json` (a VideoUNet config) at micro-batch 1.
+    Cached: the plan asks for the same pass more than once."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
     from model.unet import VideoUNet
-    from training.stages import Phase
-    from training.trainable import add_lora, trainable_names
+    from training.trainable import add_lora
 
     config = json.loads(config_json)
-    latent_h, latent_w = height // 8, width // 8
     with torch.device("meta"):  # built (and LoRA'd) on meta, then made fake CPU tensors: nothing is allocated
         unet = VideoUNet(**{**config, "num_frames": frames})
         if trainable == "lora":
             add_lora(unet, lora_rank, float(lora_rank))
     fake_mode = FakeTensorMode()
     _to_fake_cpu(unet, fake_mode)
-    norms_in_float32(unet)
     with fake_mode:
-        phase = Phase("plan", height, width, frames, 1, 1, 1e-4, 0.0, 1.0, trainable=trainable,
-                      image_only=image_only)
-        chosen = trainable_names([n for n, _ in unet.named_parameters()], phase)
-        for name, parameter in unet.named_parameters():
-            parameter.requires_grad_(name in chosen)
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-        largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
-        noisy_channels = config["out_channels"]
-        extra_channels = config["in_channels"] - noisy_channels  # image mode: the conditioning latent
-        latents = torch.randn(1, frames, noisy_channels, latent_h, latent_w)
-        condition = torch.randn(1, frames, extra_channels, latent_h, latent_w) if extra_channels else None
-        context = torch.randn(1, context_tokens, config["cross_attention_dim"])
-        added_time_ids = torch.randn(1, 3)
-        image_only_indicator = torch.full((1, frames), float(image_only))
-        loss_fn = EDMLoss(VPredictionPreconditioning(sigma_data=1.0), LogNormalNoise())
+        return unet_step_memory(unet, frames, height, width, trainable, checkpointing, bf16, image_only,
+                                context_tokens)
 
-        def network(x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-            model_input = torch.cat([x, condition], dim=2) if condition is not None else x
-            return unet(model_input, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
-                        image_only_indicator=image_only_indicator).sample.float()
 
-        memory = LiveMemory()
-        hooks = [p.register_post_accumulate_grad_hook(memory.count_gradient)
-                 for p in unet.parameters() if p.requires_grad]
+def unet_step_memory(unet: torch.nn.Module, frames: int, height: int, width: int, trainable: str,
+                     checkpointing: bool, bf16: bool, image_only: bool, context_tokens: int) -> UNetPass:
+    """The training step's U-Net forward (EDM loss, as `StageTrainer.per_sample_loss` computes it) and backward
+    on `unet` at micro-batch 1, under LiveMemory: fake tensors for the plan, real ones to check the plan."""
+    from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
+    from training.stages import Phase
+    from training.trainable import trainable_names
+
+    config = unet.config
+    norms_in_float32(unet)
+    phase = Phase("plan", height, width, frames, 1, 1, 1e-4, 0.0, 1.0, trainable=trainable, image_only=image_only)
+    chosen = trainable_names([n for n, _ in unet.named_parameters()], phase)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(name in chosen)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    latent_h, latent_w = height // 8, width // 8
+    noisy_channels = config.out_channels
+    extra_channels = config.in_channels - noisy_channels  # image mode: the conditioning latent
+    latents = torch.randn(1, frames, noisy_channels, latent_h, latent_w)
+    condition = torch.randn(1, frames, extra_channels, latent_h, latent_w) if extra_channels else None
+    context = torch.randn(1, context_tokens, config.cross_attention_dim)
+    added_time_ids = torch.randn(1, 3)
+    image_only_indicator = torch.full((1, frames), float(image_only))
+    loss_fn = EDMLoss(VPredictionPreconditioning(sigma_data=1.0), LogNormalNoise())
+
+    def network(x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        model_input = torch.cat([x, condition], dim=2) if condition is not None else x
+        return unet(model_input, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
+                    image_only_indicator=image_only_indicator).sample.float()
+
+    memory = LiveMemory()
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    hooks = [p.register_post_accumulate_grad_hook(memory.count_gradient) for p in trained]
+    try:
         with memory:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(network, latents, sigma=torch.ones(1), noise=torch.randn_like(latents)).sum()
             loss.backward()
             del loss
+    finally:
         for hook in hooks:
             hook.remove()
-        return UNetPass(peak=memory.peak, gradients_at_peak=memory.grads_at_peak,
-                        parameters=sum(p.numel() for p in unet.parameters()),
-                        trainable=sum(p.numel() for p in unet.parameters() if p.requires_grad),
-                        largest_block=largest)
+    return UNetPass(peak=memory.peak, gradients_at_peak=memory.grads_at_peak, gradients=memory.grads,
+                    parameters=sum(p.numel() for p in unet.parameters()),
+                    trainable=sum(p.numel() for p in trained), largest_block=largest)
 
 
 @functools.lru_cache(maxsize=8)
@@ -295,7 +307,8 @@ def estimate(unet_config: dict[str, Any], setup: TrainingSetup, vae_config: dict
              encoder_config: dict[str, Any], conditioning: str) -> MemoryEstimate:
     """The predicted peak of one worker for `setup` (see the module docstring for what is counted how)."""
     context_tokens = 1 if conditioning == "image" else TEXT_TOKENS
-    measured = measure_unet_pass(_frozen_key(unet_config), setup.frames, setup.height, setup.width,
+    architecture_only = {k: v for k, v in unet_config.items() if k != "num_frames"}  # the pass sets the frames
+    measured = measure_unet_pass(_frozen_key(architecture_only), setup.frames, setup.height, setup.width,
                                  setup.trainable, setup.lora_rank, setup.checkpointing, setup.bf16,
                                  setup.image_only, context_tokens)
     shards = setup.fsdp_workers

@@ -97,7 +97,7 @@ def test_plan_of_the_tiny_stage_through_the_cli(tmp_path, capsys):
     assert not (tmp_path / "out").exists(), "a plan trains nothing and writes nothing"
 
 
-@pytest.mark.slow  # the real 1.5 B-parameter U-Net through two fake passes: ~20 s on an idle 2-core machine
+@pytest.mark.slow  # the real 1.5 B-parameter U-Net through two fake passes: 14 s idle, minutes when loaded
 def test_plan_of_the_real_svd_and_svd_xt_sizes(tmp_path):
     """svd stage III image-to-video at 576x1024 with LoRA and micro-batch 1, from the published architecture;
     then the same at SVD-XT's 25 frames (from a config-only SVD-XT folder: no weights needed)."""

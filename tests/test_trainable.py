@@ -93,7 +93,6 @@ def _batches(num_frames: int = 4, size: int = 64) -> list[list[dict]]:
     return steps
 
 
-@pytest.mark.slow  # a finetune, an export and a generation: ~20 s
 def test_lora_finetune_moves_only_adapters_and_exports_merged_and_as_a_peft_adapter(tmp_path):
     from diffusers import StableVideoDiffusionPipeline
     from peft import PeftModel

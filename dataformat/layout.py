@@ -183,3 +183,8 @@ class RunLayout:
     @property
     def report_figures(self) -> Path:
         return self.out / "report"
+
+
+# Inside a training stage's exported pipeline folder (stageN/pipeline/): a LoRA finetune's adapter alone, in
+# peft's format (adapter_config.json, adapter_model.safetensors); diffusers' pipeline loader ignores it.
+LORA_ADAPTER_DIR = "unet_lora"

@@ -19,12 +19,18 @@ from common.requests import flat_parameters
 from flows.cli import add_request_command
 from flows.markdown import inline_image
 from training.loop import run_stage
+from training.memory_plan import plan_stage
 from training.request import StageRunRequest
 
 
 @task(name="validate-stage")
 def validate_task(request: StageRunRequest) -> dict[str, Any]:
     return request.check_inputs()
+
+
+@task(name="plan-stage")
+def plan_task(request: StageRunRequest) -> dict[str, Any]:
+    return plan_stage(request)
 
 
 @task(name="run-stage", retries=1, retry_delay_seconds=5, task_run_name="train stage {request.stage}")
@@ -79,6 +85,11 @@ def train_stage(request: StageRunRequest) -> dict[str, Any]:
     """Train SVD stage `stage` (1 images, 2 low-res video, 3 high-res finetune) with Ray Train."""
     request = request.with_overrides(data=str(Path(request.data).resolve()),
                                      output_root=str(Path(request.output_root).resolve()))
+    if request.plan:  # the resolved stage and its predicted GPU memory, no training
+        memory_plan = plan_task(request)
+        create_markdown_artifact(f"```\n{memory_plan['text']}\n```\n", key=f"train-stage-{request.stage}-plan",
+                                 description=f"train-stage {request.stage}: plan and predicted GPU memory")
+        return memory_plan
     plan = validate_task(request)
     logger = get_run_logger()
     logger.info("stage %d (%s): %d steps in phases %s from %s, %d shard(s)", request.stage, request.preset,
@@ -98,6 +109,9 @@ def deployments() -> list:
 
 
 def _run(request: StageRunRequest) -> int:
+    if request.plan:  # no Prefect server for a printout: the same library call the flow's plan task makes
+        print(plan_stage(request)["text"])
+        return 0
     print(json.dumps(train_stage(**request.to_dict())))
     return 0
 

@@ -146,10 +146,17 @@ def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[s
 
 def _export_pipeline(trainer, gathered: dict[str, Any], target: Path) -> None:
     """Text mode: a TextToVideoPipeline folder; image mode: a diffusers SVD folder (temporal decoder); both with
-    the training metadata (TRAINING_METADATA_FILE)."""
+    the training metadata (TRAINING_METADATA_FILE). A LoRA finetune's folder holds the merged U-Net, and the
+    adapter alone in LORA_ADAPTER_DIR."""
+    from dataformat.layout import LORA_ADAPTER_DIR
+    from training.trainable import save_lora_adapter
+
     pipeline = _pipeline(trainer, trainer.export_unet(gathered))
     pipeline.save_pretrained(target, safe_serialization=True)
     atomic_write_json(target / TRAINING_METADATA_FILE, training_metadata(trainer.preset))
+    adapter = trainer.lora_state(gathered)
+    if adapter is not None:
+        save_lora_adapter(adapter, trainer.preset.lora_rank, trainer.preset.lora_alpha, target / LORA_ADAPTER_DIR)
 
 
 def training_metadata(preset: StagePreset) -> dict[str, Any]:
@@ -159,6 +166,8 @@ def training_metadata(preset: StagePreset) -> dict[str, Any]:
         "export": "ema" if preset.export == "ema" and preset.ema_decay else "raw",
         "ema": {"decay": preset.ema_decay, "warmup": "min(decay, (1 + n) / (10 + n))"} if preset.ema_decay else None,
         "motion_buckets": preset.motion.to_dict(), "target_latents": preset.target_latents,
+        "trainable": sorted({p.trainable for p in preset.phases}), "precision": preset.precision,
+        "optimizer": preset.optimizer,
         "phases": [{"name": p.name, "frames": p.num_frames, "height": p.height, "width": p.width,
                     "p_mean": p.p_mean, "p_std": p.p_std, "steps": p.iterations} for p in preset.phases],
     }

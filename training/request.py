@@ -89,8 +89,44 @@ class StageRunRequest(Request):
         None, help="the diffusion targets: sample (a VAE posterior draw, as sgm trains) or mode (its mean); default: "
                    "the preset's (sample; tiny: mode)")
 
+    trainable: Literal["all", "temporal", "lora", "time_embedding"] | None = setting(
+        None, help="what trains in every phase (default: each phase's own set): all, temporal (the layers SVD "
+                   "added to the image U-Net), lora (adapters on the attention projections), time_embedding")
+    lora_rank: int = setting(16, min=1, max=1024, help="trainable lora: adapter rank")
+    lora_alpha: float = setting(16.0, min=1e-6, help="trainable lora: adapter scale is lora_alpha / lora_rank")
+    precision: Literal["auto", "bf16", "fp32"] = setting("auto", help="autocast: auto = bf16 on CUDA, float32 on "
+                                                                      "a CPU; bf16 anywhere; fp32 off")
+    optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", help="adamw (torch, fp32 states) or adamw8bit "
+                                                                     "(bitsandbytes, CUDA only)")
+    gradient_checkpointing: bool | None = setting(None, help="recompute activations in the backward pass "
+                                                             "(default: the stage preset's)")
+    plan: bool = setting(False, help="print the resolved stage and an estimate of peak GPU memory per worker "
+                                     "(computed on the CPU, without weights), then stop")
+
+    def stage_preset(self) -> StagePreset:
+        """The stage as this run trains it: the preset cut to `max_steps`, with the request's trainable set,
+        precision, optimizer, LoRA size and checkpointing. The trainer and `--plan` both take this one."""
+        chosen = self._stage_preset().with_max_steps(self.max_steps)
+        phases = chosen.phases
+        if self.trainable is not None:
+            phases = tuple(replace(phase, trainable=self.trainable) for phase in phases)
+        checkpointing = chosen.gradient_checkpointing if self.gradient_checkpointing is None \
+            else self.gradient_checkpointing
+        return replace(chosen, phases=phases, precision=self.precision, optimizer=self.optimizer,
+                       lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, gradient_checkpointing=checkpointing)
+
     def validate(self) -> None:
-        stage_preset = self._stage_preset().with_max_steps(self.max_steps)
+        stage_preset = self.stage_preset()
+        for phase in stage_preset.phases:
+            if phase.image_only and phase.trainable == "temporal":
+                raise RequestError(f"trainable: 'temporal' trains nothing in phase {phase.name} (an image phase "
+                                   "bypasses the temporal layers); choose all or lora")
+        if self.optimizer == "adamw8bit" and not (self.use_gpu or self.plan):
+            raise RequestError("optimizer: 'adamw8bit' (bitsandbytes) needs CUDA: pass use_gpu, or use 'adamw' "
+                               "on a CPU")
+        if self.optimizer == "adamw8bit" and self.strategy == "fsdp":
+            raise RequestError("optimizer: 'adamw8bit' keeps bitsandbytes states of whole tensors; use strategy "
+                               "'ddp' with it (or 'adamw' with fsdp)")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise RequestError(f"min_workers: {self.min_workers} is more than num_workers {self.num_workers}")
         for workers in range(self.min_workers or self.num_workers, self.num_workers + 1):
@@ -111,7 +147,7 @@ class StageRunRequest(Request):
     def resolve(self) -> tuple[StagePreset, list[str], str]:
         """What reads the disk, before Ray starts, with messages that say what to do: the stage cut to
         `max_steps`, the shards under `data`, the initialisation (FileNotFoundError naming what is missing)."""
-        stage_preset = self._stage_preset().with_max_steps(self.max_steps)
+        stage_preset = self.stage_preset()
         init, encoder = self.init, self.image_encoder
         if self.conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
             raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
@@ -149,9 +185,16 @@ class StageRunRequest(Request):
                        target_latents=self.target_latents or stage_preset.target_latents)
 
     def check_inputs(self) -> dict[str, Any]:
-        """The plan of the run, once `resolve` found everything it needs. Takes the output root's writer lock
-        for this process first (`lvd train` in its own process, a served flow run in its own), so a second run
-        into the same root is refused in one line before it deletes or overwrites anything."""
+        """The plan of the run, once `resolve` found everything it needs. A `plan` request reads no shards and
+        needs no previous stage (it predicts memory from the architecture, see training/memory_plan.py). A run takes
+        the output root's writer lock for this process first (`lvd train` in its own process, a served flow run in
+        its own), so a second run into the same root is refused in one line before it deletes or overwrites
+        anything."""
+        if self.plan:
+            if self.init not in (None, "tiny") and not Path(self.init).exists():
+                raise FileNotFoundError(f"init {self.init!r} does not exist")
+            stage_preset = self.stage_preset()
+            return {"steps": stage_preset.total_steps, "phases": [phase.name for phase in stage_preset.phases]}
         acquire_output_lock(self.output_root)
         try:
             check_ray_connection(self.ray_address)

@@ -15,7 +15,9 @@ from typing import Any
 from dataformat import CAPTION_MIX, check_caption_mix
 from training.motion import MotionBuckets
 
-TRAINABLE_SETS = ("all", "time_embedding", "temporal")
+TRAINABLE_SETS = ("all", "time_embedding", "temporal", "lora")  # training/trainable.py says what each holds
+PRECISIONS = ("auto", "bf16", "fp32")  # autocast: auto = bf16 on CUDA, float32 on a CPU
+OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes, CUDA only
 CONDITIONINGS = ("text", "image")
 EXPORTS = ("ema", "raw")  # the weights a stage exports: its EMA (where it keeps one) or the trained weights
 TARGET_LATENTS = ("sample", "mode")  # VAE posterior draw (sgm) or its mean, as the training targets
@@ -86,8 +88,19 @@ class StagePreset:
     # its mode; the image-to-video conditioning latent is always the mode (docs/recipe.md §2b). `tiny` trains on
     # the mode: its random VAE's posterior is mostly noise (std 1.06 against a mean of magnitude 0.19, measured).
     target_latents: str = "sample"
+    # How the trainable parameters train (training/trainable.py): autocast precision, optimizer, LoRA size.
+    precision: str = "auto"
+    optimizer: str = "adamw"
+    lora_rank: int = 16  # [open] a common choice for video LoRA finetunes
+    lora_alpha: float = 16.0  # adapter scale = lora_alpha / lora_rank
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS or self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"precision must be one of {PRECISIONS} and optimizer one of {OPTIMIZERS}, "
+                             f"got {self.precision!r} / {self.optimizer!r}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha positive, got {self.lora_rank} / "
+                             f"{self.lora_alpha}")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.export not in EXPORTS:

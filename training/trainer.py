@@ -28,25 +28,19 @@ from safetensors.torch import load_file, save_file
 from model.conditioning import ImageConditioning, encode_image_conditioning, micro_conditioning
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
 from model.text import encode_prompts
-from model.unet import is_temporal_parameter
 from model.vae import encode_frames
 from training.stages import Phase, StagePreset
+from training.trainable import (
+    add_lora,
+    autocast_dtype,
+    is_lora_parameter,
+    make_optimizer,
+    merged_state_dict,
+    trainable_names,
+    uses_lora,
+)
 
-TIME_EMBEDDING_PREFIXES = ("time_embedding.", "add_embedding.", "time_proj.", "add_time_proj.")
-
-
-def trainable_names(names: list[str], phase: Phase) -> set[str]:
-    """Parameter names that train in `phase` (image phases never train temporal layers)."""
-    if phase.trainable == "time_embedding":
-        chosen = {n for n in names if n.startswith(TIME_EMBEDDING_PREFIXES)}
-    elif phase.trainable == "temporal":
-        chosen = {n for n in names if is_temporal_parameter(n)}
-    else:
-        chosen = set(names)
-    if phase.image_only:
-        chosen = {n for n in chosen if not is_temporal_parameter(n)}
-    return chosen
-
+__all__ = ["StageTrainer", "trainable_names"]  # trainable_names lives in training/trainable.py
 
 def noise_for_positions(positions: torch.Tensor, shape: tuple[int, ...], seed: int, phase: Phase
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,9 +219,12 @@ class StageTrainer:
         else:
             self.text_encoder = pipeline.text_encoder.to(self.device).eval().requires_grad_(False)
             self.tokenizer = pipeline.tokenizer
+        self.lora = uses_lora(preset)
+        if self.lora:  # adapters first: FSDP, the optimizer and the EMA see the U-Net as it trains
+            add_lora(self.unet, preset.lora_rank, preset.lora_alpha)
         if preset.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None  # bf16 autocast on GPUs
+        self.autocast_dtype = autocast_dtype(preset.precision, self.device)
         if self.sharded:  # FSDP2: each U-Net block is one all-gather unit, the root holds the rest
             from torch.distributed.fsdp import fully_shard
 
@@ -235,8 +232,8 @@ class StageTrainer:
                 fully_shard(block)
             fully_shard(self.unet)
             keep_ema = True  # every rank keeps the EMA of its own shard
-        self.optimizer = torch.optim.AdamW(list(self.unet.parameters()), lr=preset.phases[0].learning_rate,
-                                           weight_decay=preset.weight_decay)
+        self.optimizer = make_optimizer(list(self.unet.parameters()), preset.optimizer, preset.phases[0].learning_rate,
+                                        preset.weight_decay, self.device)
         keeps_ema = bool(preset.ema_decay) and preset.export == "ema"
         self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if keeps_ema and keep_ema else None
         self.motion_buckets_seen = torch.zeros(MOTION_BUCKET_COUNT, dtype=torch.int64)  # since the last gather
@@ -495,10 +492,35 @@ class StageTrainer:
             from model.unet import VideoUNet
 
             exported = VideoUNet.from_config(self.unet.config)
-            exported.load_state_dict(gathered["ema"] if gathered["ema"] is not None else gathered["unet"])
+            state = gathered["ema"] if gathered["ema"] is not None else gathered["unet"]
+            if self.lora:
+                state = merged_state_dict(state, self.preset.lora_alpha / self.preset.lora_rank)
+            exported.load_state_dict(state)
             return exported.to(self.device)
-        if self.ema is None:
+        if self.ema is None and not self.lora:
             return self.unet
         exported = copy.deepcopy(self.unet)
-        self.ema.copy_to(exported)
-        return exported
+        if self.ema is not None:
+            self.ema.copy_to(exported)
+        return self._merged(exported) if self.lora else exported
+
+    def _merged(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The plain U-Net (diffusers' class, no peft layers) with the LoRA adapters folded into its weights."""
+        from model.unet import VideoUNet
+
+        plain = VideoUNet.from_config(unet.config)
+        plain.load_state_dict(merged_state_dict(unet.state_dict(), self.preset.lora_alpha / self.preset.lora_rank))
+        return plain.to(self.device)
+
+    def lora_state(self, gathered: dict[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
+        """The adapter weights to export (EMA when kept) on rank 0, None without LoRA or elsewhere; from
+        `gathered` (`gather_state`'s, a collective under FSDP) when given."""
+        if not self.lora or self.rank != 0:
+            return None
+        if gathered is not None:
+            state = gathered["ema"] if gathered["ema"] is not None else gathered["unet"]
+        elif self.ema is not None:
+            state = self.ema.state_dict()
+        else:
+            state = {n: p.detach() for n, p in self.unet.named_parameters()}
+        return {n: t for n, t in state.items() if is_lora_parameter(n)}

@@ -11,7 +11,8 @@ workers that still fit (the global batch is split over however many there are, s
 
 Stage directory (`stageN`, image-to-video `stageN-image`): pipeline/ (TextToVideoPipeline, or a diffusers SVD
 folder in image mode; loads with `lvd generate --checkpoint`), tensorboard/,
-samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), loss.png, lineage.json, done.json.
+samples/ (GIFs), metrics.jsonl, progress.json, ray/ (Ray Train checkpoints), loss.png, lineage.json, done.json;
+with `decoder_steps`, decoder/ (the decoder finetune's report, dataformat/decoder_finetune.py).
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     finally:
         shutil.rmtree(final, ignore_errors=True)
     plot_losses(metrics, directory / "loss.png")
-    decoder = _finetune_decoder(directory / "pipeline", shards, stage_preset, decoder_steps, seed, use_gpu)
+    decoder = _finetune_decoder(request, directory / "pipeline", shards, stage_preset)
     summary = {
         "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(directory / "pipeline"),
         "step": stage_preset.total_steps, "resumed_from_step": _step_of(resumed_from),
@@ -313,19 +314,20 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     return {**summary, "skipped": False}
 
 
-def _finetune_decoder(pipeline: Path, shards: list[str], preset: StagePreset, steps: int, seed: int,
-                      use_gpu: bool) -> dict[str, Any] | None:
+def _finetune_decoder(request: StageRunRequest, pipeline: Path, shards: list[str], preset: StagePreset
+                      ) -> dict[str, Any] | None:
     """The optional temporal-decoder finetune of an image-to-video export, at the stage's last phase's size."""
-    if not steps:
+    if not request.decoder_steps:
         return None
     import torch
 
     from training.decoder import DecoderFinetuneConfig, finetune_decoder
 
     last = preset.phases[-1]
-    config = DecoderFinetuneConfig(steps=steps, height=last.height, width=last.width, num_frames=last.num_frames,
-                                   batch_size=1, seed=seed)
-    return finetune_decoder(pipeline, shards, config, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    config = DecoderFinetuneConfig(steps=request.decoder_steps, height=last.height, width=last.width,
+                                   num_frames=last.num_frames, seed=request.seed, settings=request.decoder)
+    device = "cuda" if request.use_gpu and torch.cuda.is_available() else "cpu"
+    return finetune_decoder(pipeline, shards, config, device=device)
 
 
 def _step_of(checkpoint: Path | None) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from common.requests import Request, RequestError, setting
 from dataformat import DataError, find_shards
+from training.decoder_settings import DecoderFinetuneSettings, check_decoder_geometry
 from training.stages import StagePreset, get_stage_preset
 
 
@@ -67,6 +68,9 @@ class StageRunRequest(Request):
                                                    "folder ('tiny' preset: random)")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
                                                 "this many steps")
+    decoder: DecoderFinetuneSettings = setting(default_factory=DecoderFinetuneSettings,
+                                               help="the decoder finetune's losses and optimiser (--set "
+                                                    "decoder.KEY=VALUE; docs/decoder-finetune.md)")
 
     def validate(self) -> None:
         stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
@@ -81,6 +85,13 @@ class StageRunRequest(Request):
         if self.decoder_steps and self.conditioning != "image":
             raise RequestError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports "
                                "carry: use it with conditioning 'image'")
+        if self.decoder_steps:
+            last = stage_preset.phases[-1]
+            check_decoder_geometry(self.decoder, last.height, last.width)
+            if self.decoder.perceptual_weight > 0 and self.decoder.lpips_backbone is None and self.preset != "tiny":
+                raise RequestError("decoder.lpips_backbone: LPIPS needs its ImageNet backbone from a local file "
+                                   "(torchvision's vgg16-397923af.pth for lpips_net vgg); pass it, or set "
+                                   "decoder.perceptual_weight=0")
 
     @property
     def directory(self) -> Path:

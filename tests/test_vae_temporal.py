@@ -148,11 +148,14 @@ def test_decoder_loss_sees_flicker_that_a_per_frame_loss_does_not():
 def test_a_few_decoder_finetune_steps_lower_the_loss_on_real_clips(curated_dir, tmp_path):
     from dataformat import find_shards
     from training.decoder import DecoderFinetuneConfig, DecoderFinetuner, clip_batches, finetune_decoder
+    from training.decoder_settings import DecoderFinetuneSettings
 
     torch.manual_seed(0)
     shards = find_shards(str(curated_dir))
-    config = DecoderFinetuneConfig(steps=4, height=64, width=64, num_frames=3, batch_size=2, learning_rate=3e-3)
-    held_out = next(iter(clip_batches(shards, DecoderFinetuneConfig(steps=1, num_frames=3, batch_size=2, seed=9))))
+    # The pixel terms only (L1 + frame differences); LPIPS and the discriminator: tests/test_decoder_finetune.py
+    pixels_only = DecoderFinetuneSettings(batch_size=2, learning_rate=3e-3, perceptual_weight=0.0, disc_weight=0.0)
+    config = DecoderFinetuneConfig(steps=4, height=64, width=64, num_frames=3, settings=pixels_only)
+    held_out = next(iter(clip_batches(shards, DecoderFinetuneConfig(steps=1, num_frames=3, seed=9), batch_size=2)))
     temporal = temporal_decoder_from_sd(tiny_vae(0))
     encoder_before = {k: v.clone() for k, v in temporal.encoder.state_dict().items()}
     spatial_before = temporal.decoder.conv_out.weight.clone()

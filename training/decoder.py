@@ -43,6 +43,7 @@ from training.decoder_losses import (
     adaptive_weight,
     generator_loss,
     hinge_discriminator_loss,
+    last_layer_gradient,
     load_lpips,
     perceptual_distance,
 )
@@ -164,10 +165,12 @@ class DecoderFinetuner:
         log = {name: value.item() for name, value in terms.items()}
         log["reconstruction"] = reconstruction.item()
         if adversarial:
+            reconstruction_grad = last_layer_gradient(reconstruction, self.last_layer)  # once for every discriminator
             for name, discriminator in self.discriminators.items():
                 discriminator.requires_grad_(False)
                 fake = generator_loss(discriminator(self.discriminator_input(name, decoded)))
-                weight = adaptive_weight(reconstruction, fake, self.last_layer, self.settings.disc_weight)
+                weight = adaptive_weight(reconstruction_grad, last_layer_gradient(fake, self.last_layer),
+                                         self.settings.disc_weight)
                 total = total + weight * fake
                 log[f"generator_{name}"], log[f"adaptive_weight_{name}"] = fake.item(), weight.item()
         if not math.isfinite(total.item()):

@@ -21,6 +21,7 @@ ImageNet backbone comes from a local torchvision weights file, never from a down
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,13 +42,16 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(reconstruction: torch.Tensor, generator: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float) -> torch.Tensor:
-    """sgm's `calculate_adaptive_weight`: the GAN term is scaled so that its gradient at the decoder's last
-    layer is `disc_weight` times the reconstruction's, whatever the two losses' scales; detached (a weight,
-    not something to optimise)."""
-    reconstruction_grad = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)[0]
-    generator_grad = torch.autograd.grad(generator, last_layer, retain_graph=True)[0]
+def last_layer_gradient(loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """d loss / d last_layer, keeping the graph for the step's backward pass."""
+    return torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
+
+
+def adaptive_weight(reconstruction_grad: torch.Tensor, generator_grad: torch.Tensor, disc_weight: float
+                    ) -> torch.Tensor:
+    """sgm's `calculate_adaptive_weight` from the two losses' gradients at the decoder's last layer: the GAN
+    term is scaled so that its gradient there is `disc_weight` times the reconstruction's, whatever the two
+    losses' scales; detached (a weight, not something to optimise)."""
     ratio = reconstruction_grad.norm() / (generator_grad.norm() + GRADIENT_EPSILON)
     return ratio.clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach() * disc_weight
 
@@ -139,7 +143,8 @@ def load_lpips(net: str = "vgg", backbone: str | os.PathLike | None = None, seed
     unused by LPIPS) is never allocated and nothing is downloaded."""
     import lpips
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips passes `pretrained`
         model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
     linear_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     linear = torch.load(linear_file, map_location="cpu", weights_only=True)

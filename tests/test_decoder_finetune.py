@@ -160,6 +160,8 @@ def test_decoder_settings_reach_the_stage_request_checked(tmp_path):
     assert request.decoder.disc_weight == 0.5  # defaults kept beside the overrides
     with pytest.raises(RequestError, match="disc_start must be >= 0"):
         StageRunRequest.build({**image, "decoder": {"disc_start": -1}})
+    with pytest.raises(RequestError, match="num_frames must be >= 1"):
+        StageRunRequest.build({**image, "decoder": {"num_frames": 0}})
     with pytest.raises(RequestError, match="unknown setting decoder.disc_strat"):
         StageRunRequest.build({**image, "decoder": {"disc_strat": 3}})
     with pytest.raises(RequestError, match="decoder.disc_layers"):  # tiny stage 3 is 96x128: 6 layers need 192

@@ -21,6 +21,8 @@ class DecoderFinetuneSettings(Request):
     trainable: Literal["temporal", "decoder"] = setting(
         "temporal", help="temporal: only the layers SVD added to SD's decoder; decoder: the whole decoder")
     batch_size: int = setting(1, min=1, help="clips per step")
+    num_frames: int | None = setting(None, min=1, help="frames per clip (default: the stage's last phase's); "
+                                                       "fewer frames need less memory")
     learning_rate: float = setting(1e-4, min=1e-9, max=1.0, help="AdamW learning rate of the decoder")
     temporal_weight: float = setting(1.0, min=0.0, help="weight of the L1 on frame-to-frame differences")
     perceptual_weight: float = setting(1.0, min=0.0, help="weight of LPIPS (0: off); LDM's autoencoder loss "

@@ -325,7 +325,8 @@ def _finetune_decoder(request: StageRunRequest, pipeline: Path, shards: list[str
 
     last = preset.phases[-1]
     config = DecoderFinetuneConfig(steps=request.decoder_steps, height=last.height, width=last.width,
-                                   num_frames=last.num_frames, seed=request.seed, settings=request.decoder)
+                                   num_frames=request.decoder.num_frames or last.num_frames, seed=request.seed,
+                                   settings=request.decoder)
     device = "cuda" if request.use_gpu and torch.cuda.is_available() else "cpu"
     return finetune_decoder(pipeline, shards, config, device=device)
 

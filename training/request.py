@@ -89,9 +89,9 @@ class StageRunRequest(Request):
             last = stage_preset.phases[-1]
             check_decoder_geometry(self.decoder, last.height, last.width)
             if self.decoder.perceptual_weight > 0 and self.decoder.lpips_backbone is None and self.preset != "tiny":
-                raise RequestError("decoder.lpips_backbone: LPIPS needs its ImageNet backbone from a local file "
-                                   "(torchvision's vgg16-397923af.pth for lpips_net vgg); pass it, or set "
-                                   "decoder.perceptual_weight=0")
+                weights = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}[self.decoder.lpips_net]
+                raise RequestError(f"decoder.lpips_backbone: LPIPS needs its ImageNet backbone from a local file "
+                                   f"(torchvision's {weights}); pass it, or set decoder.perceptual_weight=0")
 
     @property
     def directory(self) -> Path:

@@ -65,6 +65,8 @@ def report_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
     for title, path in plots:
         if path and Path(path).exists():
             lines += ["", f"**{title}**", "", inline_image(path, title)]
+    if result.get("decoder_finetune"):
+        lines += decoder_report(result["decoder_finetune"])
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +79,24 @@ def moved_rows(moved: dict[str, Any] | None) -> list[str]:
     if moved["export"] == "ema":
         rows.append(f"| raw weights (not exported) | moved {100 * moved['raw']:.3g} % |")
     return rows
+
+
+def decoder_report(summary: dict[str, Any]) -> list[str]:
+    """The temporal decoder finetune's part of the report: its losses, the probe clip's errors before and after,
+    and the probe clip's frames (input, reconstruction before, after) with the loss plot."""
+    probe = summary.get("probe", {})
+    lines = ["", "## temporal decoder finetune", "", "| | |", "|---|---|",
+             f"| steps (with discriminator) | {summary['steps']} ({summary.get('discriminator_steps', 0)}) |",
+             f"| loss first -> last | {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} |"]
+    for term in ("l1", "temporal_l1", "lpips"):
+        if f"{term}_before" in probe:
+            lines.append(f"| probe clip {term} before -> after | {probe[f'{term}_before']:.4f} -> "
+                         f"{probe[f'{term}_after']:.4f} |")
+    for title, key in (("probe clip: input / before / after", "reconstructions"), ("decoder losses", "loss_plot")):
+        path = summary.get(key)
+        if path and Path(path).exists():
+            lines += ["", f"**{title}**", "", inline_image(path, title)]
+    return lines
 
 
 @flow(name="train-stage", log_prints=True)

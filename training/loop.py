@@ -14,6 +14,7 @@ The stage directory and a checkpoint's files are `dataformat.StageLayout` and `d
 also writes motion_buckets.png (the buckets it trained on); the pipeline carries `lvd_training.json`
 (TRAINING_METADATA_FILE): what was exported (EMA with warm-up or raw weights), how far it moved from the initial
 weights, the motion-bucket mapping, noise and frames; lineage.json and done.json repeat the movement.
+With `decoder_steps`, decoder/ holds the decoder finetune's report (dataformat/decoder_finetune.py).
 """
 
 from __future__ import annotations
@@ -344,7 +345,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     metadata_path = layout.pipeline / TRAINING_METADATA_FILE
     atomic_write_json(metadata_path, {**json.loads(metadata_path.read_text()), "weights_moved": moved})
     atomic_write_json(layout.lineage, {**lineage, "weights_moved": moved}, indent=None)
-    decoder = _finetune_decoder(layout.pipeline, shards, stage_preset, decoder_steps, seed, use_gpu)
+    decoder = _finetune_decoder(request, layout.pipeline, shards, stage_preset)
     summary = {
         "stage": stage, "preset": preset, "output_dir": str(directory), "pipeline": str(layout.pipeline),
         "step": stage_preset.total_steps, "resumed_from_step": _step_of(resumed_from),
@@ -360,19 +361,21 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     return {**summary, "skipped": False}
 
 
-def _finetune_decoder(pipeline: Path, shards: list[str], preset: StagePreset, steps: int, seed: int,
-                      use_gpu: bool) -> dict[str, Any] | None:
+def _finetune_decoder(request: StageRunRequest, pipeline: Path, shards: list[str], preset: StagePreset
+                      ) -> dict[str, Any] | None:
     """The optional temporal-decoder finetune of an image-to-video export, at the stage's last phase's size."""
-    if not steps:
+    if not request.decoder_steps:
         return None
     import torch
 
     from training.decoder import DecoderFinetuneConfig, finetune_decoder
 
     last = preset.phases[-1]
-    config = DecoderFinetuneConfig(steps=steps, height=last.height, width=last.width, num_frames=last.num_frames,
-                                   batch_size=1, seed=seed)
-    return finetune_decoder(pipeline, shards, config, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    config = DecoderFinetuneConfig(steps=request.decoder_steps, height=last.height, width=last.width,
+                                   num_frames=request.decoder.num_frames or last.num_frames, seed=request.seed,
+                                   settings=request.decoder)
+    device = "cuda" if request.use_gpu and torch.cuda.is_available() else "cpu"
+    return finetune_decoder(pipeline, shards, config, device=device)
 
 
 def calibrate_motion_buckets(preset: StagePreset, shards: list[str], seed: int, samples: int) -> StagePreset:

@@ -11,6 +11,7 @@ from common.requests import Request, RequestError, setting
 from dataformat import DataError, StageLayout, find_shards
 from infra.local import check_ray_connection
 from infra.output_lock import acquire_output_lock
+from training.decoder_settings import DecoderFinetuneSettings, check_decoder_geometry
 from training.motion import LINEAR_SCALE, RELEASED_SVD_BUCKET, MotionBuckets
 from training.stages import DEFAULT_IMAGE_TO_VIDEO_NOISE, StagePreset, get_stage_preset, with_video_frames
 
@@ -102,6 +103,9 @@ class StageRunRequest(Request):
                                                              "(default: the stage preset's)")
     plan: bool = setting(False, help="print the resolved stage and an estimate of peak GPU memory per worker "
                                      "(computed on the CPU, without weights), then stop")
+    decoder: DecoderFinetuneSettings = setting(default_factory=DecoderFinetuneSettings,
+                                               help="the decoder finetune's losses and optimiser (--set "
+                                                    "decoder.KEY=VALUE; docs/decoder-finetune.md)")
 
     def stage_preset(self) -> StagePreset:
         """The stage as this run trains it: the preset cut to `max_steps`, with the request's trainable set,
@@ -138,6 +142,13 @@ class StageRunRequest(Request):
         if self.decoder_steps and self.conditioning != "image":
             raise RequestError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports "
                                "carry: use it with conditioning 'image'")
+        if self.decoder_steps:
+            last = stage_preset.phases[-1]
+            check_decoder_geometry(self.decoder, last.height, last.width)
+            if self.decoder.perceptual_weight > 0 and self.decoder.lpips_backbone is None and self.preset != "tiny":
+                weights = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}[self.decoder.lpips_net]
+                raise RequestError(f"decoder.lpips_backbone: LPIPS needs its ImageNet backbone from a local file "
+                                   f"(torchvision's {weights}); pass it, or set decoder.perceptual_weight=0")
 
     @property
     def directory(self) -> Path:

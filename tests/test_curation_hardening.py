@@ -504,12 +504,12 @@ def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
     shown = [np.rot90(frame, -1) for frame in stored]  # a quarter turn clockwise
     sideways = [np.rot90(frame, 1) for frame in stored]  # the wrong way round, for contrast
     out = tmp_path / "out"
-    config = CurationConfig.from_overrides({"scorers": {"text": {"enabled": False}}})
+    config = CurationConfig.from_overrides({"scorers": {"text": {"enabled": False}}, "clips": {"method": "keyframe"}})
     prepare_output(out, config)
     row = curate_source(videos, "portrait.mp4", out, config)
     assert (row["status"], row["width"], row["height"]) == ("ok", height, width)
     clips = read_parquet_rows(out / "work" / "clip_rows")
-    assert {clip["clip_method"] for clip in clips} == {"copy", "reencode"}
+    assert {clip["clip_method"] for clip in clips} == {"keyframe", "reencode"}
 
     def distance(image, references) -> float:
         size = image.shape[1::-1]

@@ -143,8 +143,8 @@ def _set_duration(data: bytearray, box: Box, offset_v0: int, offset_v1: int, dur
 def set_presentation(path: Path, duration: Fraction) -> Edit:
     """Show the video track of `path` for `duration` seconds from where its edit list starts (time 0 when it
     has none), and make the movie and track headers say that long. The track's one shown edit keeps the
-    muxer's `media_time` (an empty edit before it stays). Returns the edit written (`duration` rounded down to the movie's time scale, so
-    the last frame of the shot starts before it ends and the first frame after the shot does not)."""
+    muxer's `media_time` (an empty edit before it stays). Returns the edit written (`duration` rounded down to
+    the movie's time scale, so the shot's last frame starts before it ends and the frame after the shot does not)."""
     data = bytearray(Path(path).read_bytes())
     moov = _moov(data)
     if any(box.kind == b"mdat" and box.start > moov.start for box in parse_boxes(data)):

@@ -96,6 +96,6 @@ def decode_source(path: Path) -> DecodedSource:
                         for packet in container.demux(stream))
     with av.open(str(path)) as container:
         frames = list(container.decode(video=0))
-    return DecodedSource([f.pts for f in frames], [float(f.time) for f in frames],
-                         [i for i, f in enumerate(frames) if f.key_frame], [f.to_ndarray(format="rgb24") for f in frames],
-                         frames[0].rotation, reordered)
+    keyframes = [i for i, f in enumerate(frames) if f.key_frame]
+    return DecodedSource([f.pts for f in frames], [float(f.time) for f in frames], keyframes,
+                         [f.to_ndarray(format="rgb24") for f in frames], frames[0].rotation, reordered)

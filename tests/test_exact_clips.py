@@ -120,7 +120,8 @@ def test_sample_footage_is_cut_exactly_without_reencoding(sample_clips):
 
 
 def test_edit_list_is_added_or_rewritten_and_read_back(tmp_path):
-    """A file muxed without an edit list gets one; with one there, only its duration changes. Headers say the edit's length; a file that is not an MP4 is refused by name."""
+    """A file muxed without an edit list gets one; with one there, only its duration changes. Headers say the
+    edit's length; a file that is not an MP4 is refused by name."""
     path = tmp_path / "plain.mp4"
     with av.open(str(path), mode="w", options={"use_editlist": "0"}) as container:
         stream = container.add_stream("libx264", rate=25)

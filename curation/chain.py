@@ -3,8 +3,9 @@
 For each decoded frame the chain makes one small BGR copy (`decode.analysis_width` wide) that the cut
 cascade and the motion meter share, and every half second one RGB copy (long side
 `decode.sample_long_side`) spooled to disk as JPEG for the learned scorers. After the stream ends it
-knows the cuts, plans clips, writes them (stream copy or re-encode), and returns the source row, one row
-per clip and the first/middle/last frames of each clip (plus, while the video captioner is active, its
+knows the cuts, plans clips, writes them (`clips.method`: an exact stream copy with an edit list, a
+keyframe-snapped copy or a re-encode), and returns the source row, one row per clip and the
+first/middle/last frames of each clip (plus, while the video captioner is active, its
 `scorers.video_caption.num_frames` frames spread over the clip, taken from the same samples: nothing is
 decoded twice). Any failure becomes an error row.
 

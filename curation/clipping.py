@@ -1,16 +1,22 @@
-"""Turn shots into clip files: stream copy between keyframes when possible, re-encode otherwise.
+"""Turn shots into clip files, by `clips.method` (docs/exact-clips.md).
 
-A stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
+`exact-copy` (the default): the packets from the keyframe at or before a shot's first frame through the last
+packet its last frame needs are stream-copied, and an MP4 edit list shows exactly the shot
+(`write_exact_clips`, `curation.mp4_edit`): nothing is re-encoded and no frame is lost. Shots a copy cannot
+show exactly (see `write_exact_clips` and the chain) are re-encoded and marked `reencode`.
+
+`keyframe`: a stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
 last keyframe <= e) (or e itself at the end of the source): the cut is snapped to keyframes that do not
 cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (docs/recipe.md §1). When that
 leaves less than `min_clip_s` of a long-enough shot (sparse keyframes), the exact shot is re-encoded
 instead and the clip is marked `reencode`.
 
-Re-encoded clips are written while the source decodes (`LiveReencoder`): the chain holds each decoded
-frame back until the cut cascade has settled whether a cut falls on it, then feeds it to the encoder of
-its shot; a shot that turns out to hold enough keyframes to be copied drops its encoder. `plan_clips`
-stays the one truth: a planned clip the live pass did not produce exactly (a cut that settled late) is
-re-encoded by `write_reencoded_clips` in one more decode pass.
+Re-encoded clips are written while the source decodes (`LiveReencoder`, for the `keyframe` and `reencode`
+methods): the chain holds each decoded frame back until the cut cascade has settled whether a cut falls on
+it, then feeds it to the encoder of its shot; a shot that turns out to hold enough keyframes to be copied
+drops its encoder. `plan_clips` stays the one truth: a planned clip the live pass did not produce exactly (a
+cut that settled late, or an exact copy's exception) is re-encoded by `write_reencoded_clips` in one more
+decode pass.
 """
 
 from __future__ import annotations

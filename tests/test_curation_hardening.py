@@ -48,6 +48,9 @@ def test_clips_with_frames_the_decoder_concealed_are_dropped_with_a_reason(sampl
     # bikes.mp4: keyframes at 0, 30, 76, 137, 187, 242; the flipped bytes fall in frame 124's data
     assert broken and all(start >= 76 and end <= 137 for start, end in broken), broken
     assert all(not damaged[span]["keep"] and damaged[span]["shard"] is None for span in broken)
+    # an exact copy would carry the damage for another decoder to conceal its own way: re-encoded as ours saw it
+    assert all(damaged[span]["clip_method"] == "reencode" for span in broken)
+    assert all(damaged[span]["clip_method"] == "exact-copy" for span in damaged.keys() - broken)
     assert all(damaged[span]["drop_reasons"] == clean[span]["drop_reasons"] for span in damaged.keys() - broken)
     assert not any("decode_errors" in row["drop_reasons"] for row in clean.values())
     outcome = next(rule for rule in summary["rules"] if rule["name"] == "decode_errors")
@@ -487,7 +490,8 @@ def _rotated_copy(source: Path, target: Path, count: int, gop: int) -> list:
 def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
     """Rotation metadata used to be ignored: sideways size in the manifest, sideways frames for the scorers, and
     re-encoded clips without it (sideways in training). Now rows carry the displayed size, the scorers' frames
-    and the frames training decodes are upright, and copied and re-encoded clips both keep the rotation."""
+    and the frames training decodes are upright, and copied and re-encoded clips both keep the rotation
+    (exact copies: tests/test_exact_clips.py)."""
     import av
     import cv2
     import numpy as np

@@ -13,6 +13,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from common.video import decode_frames_at, frame_rgb
 from curation.chain import clip_method, process_source
@@ -117,6 +118,31 @@ def test_sample_footage_is_cut_exactly_without_reencoding(sample_clips):
             assert all(np.array_equal(a, b) for a, b in zip(frames, opencv_source[start:end], strict=True))
     assert methods and set(methods) == {"exact-copy"}
     assert rolled > 0  # the cuts fall between keyframes: the edit lists hide frames
+
+
+def test_the_trainers_sample_reader_reads_exactly_the_shot(curated_dir, sample_dir):
+    """training/data.py's SampleReader on the curated sample shards (exact copies, edit lists and all): the frames
+    it returns are the source's frames at the clip's start + the indices it drew, to the last bit (the phase is
+    the clips' own size, so resizing is a copy)."""
+    from dataformat import Column, find_shards, index_shards
+    from training.data import SampleReader, sample_rng
+    from training.stages import Phase, get_stage_preset
+
+    samples = [s for s in index_shards(find_shards(str(curated_dir))) if s.is_video]
+    rolled = [s for s in samples if s.meta()[Column.PRE_ROLL_FRAMES] or s.meta()[Column.POST_ROLL_FRAMES]]
+    assert rolled, "some kept sample clip hides frames behind its edit list"
+    reader = SampleReader(get_stage_preset(2, "tiny"))
+    for position, sample in enumerate(rolled[:3]):
+        meta = sample.meta()
+        assert meta[Column.CLIP_METHOD] == "exact-copy"
+        phase = Phase("check", meta[Column.HEIGHT], meta[Column.WIDTH], 4, 1, 1, 1e-4, 0.0, 1.0)
+        pixels = reader.read(sample, phase, sample_rng(0, position))["pixels"]
+        available = meta[Column.END_FRAME] - meta[Column.START_FRAME]
+        indices, _ = reader.frame_indices(available, 4, sample_rng(0, position))
+        wanted = [meta[Column.START_FRAME] + index for index in indices]
+        source = np.stack(decode_frames_at(sample_dir / "videos" / meta[Column.SOURCE], wanted))
+        read = pixels.add(1.0).mul(127.5).round().to(dtype=torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(read, source)
 
 
 def test_edit_list_is_added_or_rewritten_and_read_back(tmp_path):

@@ -546,16 +546,12 @@ def _count_frames(path: Path) -> int:
 
 def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) -> dict:
     """Clip writing on upload-like files whose keyframes rarely fall on cuts (benchmarks/curation.py's short-clip
-    set), where most clips must be re-encoded: the sample footage above is nearly all stream copies."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_curation", Path(__file__).with_name("curation.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    files, _ = bench.build_short_clip_set(bench.CACHE / "short_clips")
+    set) with clips.method `keyframe`, where most clips must then be re-encoded (exact copies re-encode none:
+    `_clip_method_costs` measures both methods)."""
+    config = replace(config, clips=replace(config.clips, method="keyframe"))
     frames = clips = reencoded = 0
     pixels = clip_write = 0.0
-    for path in files[:count]:
+    for path in _short_clip_files(count):
         seconds, result = _best_source(1, path, scratch / "short", config)
         clip_write += max(seconds - _best(1, _analyse_only, path, config, scratch / "short-analyse")[0], 0.0)
         row = result.source_row
@@ -824,8 +820,8 @@ def main() -> int:
         cpu = tuple(replace(item, core_s=core_s, source="measured, re-encode-heavy set")
                     if item.name == "clip writing" else item for item in inputs[0].cpu)
         sensitivity = estimate(replace(inputs[0], cpu=cpu))
-        print(f"Sensitivity: with clip writing as on upload-like files where {heavy['reencoded']} of {heavy['clips']} "
-              f"clips must be re-encoded ({core_s * 1e3:.2f} instead of "
+        print(f"Sensitivity: with clip writing as on upload-like files cut with clips.method keyframe, where "
+              f"{heavy['reencoded']} of {heavy['clips']} clips must be re-encoded ({core_s * 1e3:.2f} instead of "
               f"{estimates[0].cpu_core_hours['clip writing'] * 3600 / estimates[0].frames * 1e3:.2f} CPU ms per frame "
               f"at {args.width}x{args.height}), {DATASETS[0].name} needs {_fmt(sensitivity.total_cpu_core_hours)} "
               f"CPU core-hours and {sensitivity.wall_hours / 24:,.1f} days on this shape ({sensitivity.bottleneck} "

@@ -835,10 +835,11 @@ def main() -> int:
             copy, encode = by_method[(set_name, "exact-copy")], by_method[(set_name, "reencode")]
             saved = encode.total_cpu_core_hours - copy.total_cpu_core_hours
             extra = copy.read_core_hours_per_epoch - encode.read_core_hours_per_epoch
-            epochs = f"{saved / extra:,.0f} epochs" if extra > 0 else "never"
+            epochs = f"{saved / extra:,.1f} epochs" if extra > 0 else "never"
+            storage = copy.shard_bytes - encode.shard_bytes
             print(f"- {set_name}: exact copies save {_fmt(saved)} CPU core-hours of curation and cost "
                   f"{_fmt(extra)} more core-hours of decoding per training epoch over the kept clips (break-even "
-                  f"after {epochs}) and {_bytes(copy.shard_bytes - encode.shard_bytes)} more shard storage.")
+                  f"after {epochs}); their shards take {_bytes(abs(storage))} {'more' if storage > 0 else 'less'}.")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -1,6 +1,7 @@
 """Sources for the exact-clip tests, encoded here with PyAV so each has one property a stream copy must survive:
 B-frames (decode order differs from display order), open GOPs (frames after a keyframe that refer to the GOP
-before it), a variable frame rate, a display rotation, an audio track, and codecs other than H.264."""
+before it), a variable frame rate, a display rotation, an audio track, codecs other than H.264 and containers
+other than MP4."""
 
 from __future__ import annotations
 
@@ -21,19 +22,24 @@ class GeneratedSource:
     frame_times_ms: tuple[int, ...] | None = None  # None: 25 fps
     rotation: int = 0  # display rotation (degrees counter-clockwise)
     audio: bool = False
+    suffix: str = ".mp4"  # the container
+    leading_pictures: int = 0  # open GOPs: pictures after a keyframe in decode order, shown before it
 
 
 X264_BFRAMES = "keyint=24:min-keyint=24:scenecut=0:bframes=3:b-adapt=0:b-pyramid=normal"
 SOURCES = {
     "h264_bframes_audio": GeneratedSource("libx264", {"x264-params": X264_BFRAMES}, audio=True),
-    "h264_open_gop": GeneratedSource("libx264", {"x264-params": X264_BFRAMES + ":open-gop=1"}),
+    "h264_open_gop": GeneratedSource("libx264", {"x264-params": X264_BFRAMES + ":open-gop=1"}, leading_pictures=3),
     "h264_vfr": GeneratedSource("libx264", {"x264-params": X264_BFRAMES},
                                 frame_times_ms=tuple(int(t) for t in np.cumsum([0] + [30, 45, 60] * 20)[:FRAMES])),
     "h264_rotated": GeneratedSource("libx264", {"x264-params": X264_BFRAMES}, rotation=-90),
     "hevc_bframes": GeneratedSource("libx265", {"x265-params": "keyint=24:min-keyint=24:scenecut=0:bframes=3:"
-                                                               "b-adapt=0:log-level=error"}),
+                                                               "b-adapt=0:log-level=error"}, leading_pictures=3),
     "vp9": GeneratedSource("libvpx-vp9", {"g": "24", "deadline": "realtime", "cpu-used": "8", "crf": "30",
                                           "b": "0"}),
+    "h264_matroska": GeneratedSource("libx264", {"x264-params": X264_BFRAMES}, suffix=".mkv"),
+    "mpeg4_avi": GeneratedSource("mpeg4", {"g": "24", "bf": "2", "qscale": "4"}, suffix=".avi", leading_pictures=2),
+    "mpeg2_ts": GeneratedSource("mpeg2video", {"g": "24", "bf": "2", "qscale": "4"}, suffix=".ts", leading_pictures=2),
 }
 
 

@@ -300,7 +300,7 @@ def clip_method(info: SourceInfo, config: CurationConfig, frame_pts: list[int] |
     """The method that cuts this source's clips: `clips.method`, or `reencode` where a copy cannot be right (a
     codec an MP4 cannot carry; packets without timestamps to route them by)."""
     method = config.clips.method
-    if method == "exact-copy" and info.codec not in MP4_COPYABLE_CODECS:
+    if info.codec not in MP4_COPYABLE_CODECS:  # either copy would fail to mux
         return "reencode"
     if frame_pts is not None and -1 in frame_pts:
         return "reencode"

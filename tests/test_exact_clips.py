@@ -190,6 +190,28 @@ def test_exact_copy_plans_are_the_shots_and_reencode_only_what_cannot_be_copied(
         CurationConfig.from_overrides({"clips": {"method": "copy"}})
 
 
+def test_a_codec_mp4_cannot_carry_is_reencoded_exactly(tmp_path):
+    """FFV1 in Matroska (lossless): no MP4 can carry it, so every clip is re-encoded, frame for frame."""
+    source = tmp_path / "lossless.mkv"
+    texture = synthetic_frame(0, 160, 64)
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for index in range(60):  # a slow pan: one shot
+            frame = np.ascontiguousarray(texture[:, index : index + 96])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    result = process_source(source, "lossless.mkv", tmp_path / "clips", CurationConfig())
+    assert result.source_row["status"] == "ok", result.source_row["error"]
+    decoded = decode_source(source)
+    assert result.clip_rows and all(row["clip_method"] == "reencode" for row in result.clip_rows)
+    for row in result.clip_rows:
+        clip = decode_source(Path(row["clip_path"]))
+        assert len(clip.rgb) == row["end_frame"] - row["start_frame"] and row["pre_roll_frames"] == 0
+        error = np.abs(clip.rgb[0].astype(int) - decoded.rgb[row["start_frame"]]).mean()
+        assert error < 3  # x264 at crf 18, against the shot's own first frame
+
+
 def test_decord_ignores_the_edit_list_and_the_manifest_says_how_to_read_it(sample_clips):
     """decord2 (not a dependency: skipped unless installed) decodes the shot's frames first but counts every
     copied packet and shifts timestamps by the pre-roll: read `end_frame - start_frame` frames from index 0

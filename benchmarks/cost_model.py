@@ -110,6 +110,11 @@ class CostInputs:
     sample_overhead_bytes: float  # per shard sample: tar headers, the JSON row, the caption
     clips_per_source: float  # clips one source video yields
     sources_per_task_run: int  # sources one Prefect task run curates
+    # How clips are cut (docs/exact-clips.md): clip file bytes per byte of the shot at the source's bitrate
+    # (exact copies carry their pre-/post-roll, re-encodes their own bitrate), and the CPU seconds a training
+    # read decodes per shown frame of a kept clip (exact copies decode their roll too).
+    clip_bytes_factor: float = 1.0
+    read_core_s_per_frame: float = 0.0
 
 
 @dataclass
@@ -139,6 +144,7 @@ class CostEstimate:
     input_bytes: float
     shard_bytes: float
     sources: int
+    read_core_hours_per_epoch: float  # decoding every kept clip once at training time
     task_runs: int
     task_runs_unbatched: int
     cpu_workers_balanced: int  # cpu-decode replicas for the curate phase's CPU work to keep pace with the GPUs
@@ -176,6 +182,8 @@ def estimate(inputs: CostInputs) -> CostEstimate:
         raise ValueError(f"dataset {data.name!r}: need clips > 0, 0 <= kept_clips <= clips, mean_clip_s > 0, fps > 0")
     if inputs.clips_per_source <= 0 or inputs.sources_per_task_run < 1:
         raise ValueError("need clips_per_source > 0 and sources_per_task_run >= 1")
+    if inputs.clip_bytes_factor <= 0 or inputs.read_core_s_per_frame < 0:
+        raise ValueError("need clip_bytes_factor > 0 and read_core_s_per_frame >= 0")
     frames_per_clip = data.mean_clip_s * data.fps
     units = {
         "frame": data.clips * frames_per_clip,
@@ -222,8 +230,10 @@ def estimate(inputs: CostInputs) -> CostEstimate:
         wall_hours=sum(phase.wall_hours for phase in phases.values()),
         bottleneck=longest.bottleneck,
         input_bytes=data.clips * data.mean_clip_s * inputs.video_bytes_per_s,
-        shard_bytes=data.kept_clips * (data.mean_clip_s * inputs.video_bytes_per_s + inputs.sample_overhead_bytes),
+        shard_bytes=data.kept_clips * (data.mean_clip_s * inputs.video_bytes_per_s * inputs.clip_bytes_factor
+                                       + inputs.sample_overhead_bytes),
         sources=sources,
+        read_core_hours_per_epoch=units["kept_frame"] * inputs.read_core_s_per_frame / 3600,
         task_runs=math.ceil(sources / inputs.sources_per_task_run),
         task_runs_unbatched=sources,
         cpu_workers_balanced=math.ceil(max(balanced_cores, 0.0) / cluster.cores_per_cpu_worker)
@@ -418,7 +428,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, threads: int = 1, lo
             seconds, result = _best_source(repeats, path, Path(scratch), config)
             totals["process_source"] += seconds
             clips += len(result.clip_rows)
-            copied += sum(row["clip_method"] == "copy" for row in result.clip_rows)
+            copied += sum(row["clip_method"] != "reencode" for row in result.clip_rows)
             results.append(result)
         per_frame = {
             "decode": totals["decode"] / frames,
@@ -445,6 +455,10 @@ def measure(repeats: int, clip_model: str, coca_model: str, threads: int = 1, lo
                          "clips.reencode_crf": config.clips.reencode_crf},
         }
         measured["clip_writing_reencode_heavy"] = _reencode_heavy_clip_writing(Path(scratch), config, log)
+        measured["clip_methods"] = {
+            "sample footage": _clip_method_costs(files, Path(scratch) / "methods", config, log),
+            "short shots": _clip_method_costs(_short_clip_files(12), Path(scratch) / "methods-short", config, log),
+        }
         measured.update(_measure_scorers(scored, clip_files, clip_model, coca_model, Path(scratch), log))
     return measured
 
@@ -470,18 +484,75 @@ def _best_source(repeats: int, path: Path, scratch: Path, config):
     return best
 
 
-def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) -> dict:
-    """Clip writing on upload-like files whose keyframes rarely fall on cuts (benchmarks/curation.py's short-clip
-    set), where most clips must be re-encoded: the sample footage above is nearly all stream copies."""
+def _short_clip_files(count: int) -> list[Path]:
+    """The first `count` files of benchmarks/curation.py's short-clip set (upload-like GOPs, 1-4 s shots)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_curation", Path(__file__).with_name("curation.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     files, _ = bench.build_short_clip_set(bench.CACHE / "short_clips")
+    return files[:count]
+
+
+def _clip_method_costs(files: list[Path], scratch: Path, config, log) -> dict:
+    """Both clip methods on the same files: clip-writing CPU per source frame (process_source minus the decode
+    pass without clip writing), clip bytes per byte of the shots at the source's bitrate, the roll (frames
+    decoded but not shown), and the CPU to decode every clip file once per shown frame (a training read)."""
+    import av
+
+    from curation.chain import process_source
+
+    analyse = sum(_best(1, _analyse_only, path, config, scratch / "analyse")[0] for path in files)
+    frames = sum(_count_frames(path) for path in files)
+    out = {}
+    for method in ("exact-copy", "reencode"):
+        method_config = replace(config, clips=replace(config.clips, method=method))
+        seconds = clip_bytes = shot_bytes = shown = rolled = 0.0
+        rows = []
+        for path in files:
+            started = _cpu_time()
+            result = process_source(path, path.name, scratch / method / path.stem, method_config)
+            seconds += _cpu_time() - started
+            source_frames = result.source_row["num_frames"] or 1
+            for row in result.clip_rows:
+                length = row["end_frame"] - row["start_frame"]
+                clip_bytes += Path(row["clip_path"]).stat().st_size
+                shot_bytes += path.stat().st_size * length / source_frames
+                shown += length
+                rolled += (row.get("pre_roll_frames") or 0) + (row.get("post_roll_frames") or 0)
+                rows.append(row)
+        started = _cpu_time()
+        for row in rows:
+            with av.open(row["clip_path"]) as container:
+                for _ in container.decode(video=0):
+                    pass
+        read = _cpu_time() - started
+        out[method] = {"clip_write_core_s_per_frame": max(seconds - analyse, 0.0) / frames,
+                       "clip_bytes_factor": clip_bytes / shot_bytes, "roll_frames_per_shown_frame": rolled / shown,
+                       "read_core_s_per_frame": read / shown, "clips": len(rows),
+                       "reencoded_clips": sum(row["clip_method"] == "reencode" for row in rows)}
+        log(f"{method} on {len(files)} files: clip writing {out[method]['clip_write_core_s_per_frame'] * 1e3:.3f} CPU "
+            f"ms per source frame, clip bytes x{out[method]['clip_bytes_factor']:.2f} of the shot at the source "
+            f"bitrate, roll {rolled / shown:.1%} of shown frames, read {read / shown * 1e3:.2f} CPU ms per frame")
+    return out
+
+
+def _count_frames(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.demux(video=0) if _.size)
+
+
+def _reencode_heavy_clip_writing(scratch: Path, config, log, count: int = 12) -> dict:
+    """Clip writing on upload-like files whose keyframes rarely fall on cuts (benchmarks/curation.py's short-clip
+    set) with clips.method `keyframe`, where most clips must then be re-encoded (exact copies re-encode none:
+    `_clip_method_costs` measures both methods)."""
+    config = replace(config, clips=replace(config.clips, method="keyframe"))
     frames = clips = reencoded = 0
     pixels = clip_write = 0.0
-    for path in files[:count]:
+    for path in _short_clip_files(count):
         seconds, result = _best_source(1, path, scratch / "short", config)
         clip_write += max(seconds - _best(1, _analyse_only, path, config, scratch / "short-analyse")[0], 0.0)
         row = result.source_row
@@ -627,6 +698,31 @@ def report_table(estimates: list[CostEstimate], inputs: list[CostInputs]) -> str
     return "\n".join(lines)
 
 
+def method_estimates(measured: Mapping, base: CostInputs, pixels: int) -> dict[tuple[str, str], CostEstimate]:
+    """The estimate once per (footage set, clip method) measured: clip writing, clip bytes and the training-time
+    decode of that method in place of the base's (CPU scaled by pixels, as the base's are)."""
+    scale = pixels / measured["pixels_per_frame"]
+    out = {}
+    for set_name, methods in measured.get("clip_methods", {}).items():
+        for method, costs in methods.items():
+            cpu = tuple(replace(item, core_s=costs["clip_write_core_s_per_frame"] * scale,
+                                source=f"measured, {set_name}, {method}")
+                        if item.name == "clip writing" else item for item in base.cpu)
+            out[(set_name, method)] = estimate(replace(base, cpu=cpu, clip_bytes_factor=costs["clip_bytes_factor"],
+                                                       read_core_s_per_frame=costs["read_core_s_per_frame"] * scale))
+    return out
+
+
+def method_table(estimates: Mapping[tuple[str, str], CostEstimate]) -> str:
+    lines = ["| footage / method | clip writing CPU core-h | CPU core-h, total | shard storage | "
+             "training decode, core-h per epoch |", "|---|---|---|---|---|"]
+    for (set_name, method), item in estimates.items():
+        lines.append(f"| {set_name} / {method} | {_fmt(item.cpu_core_hours['clip writing'])} | "
+                     f"{_fmt(item.total_cpu_core_hours)} | {_bytes(item.shard_bytes)} | "
+                     f"{_fmt(item.read_core_hours_per_epoch)} |")
+    return "\n".join(lines)
+
+
 def assumptions_table(measured: Mapping, inputs: CostInputs) -> str:
     cluster = inputs.cluster
     lines = ["| input | value | source |", "|---|---|---|"]
@@ -725,12 +821,26 @@ def main() -> int:
         cpu = tuple(replace(item, core_s=core_s, source="measured, re-encode-heavy set")
                     if item.name == "clip writing" else item for item in inputs[0].cpu)
         sensitivity = estimate(replace(inputs[0], cpu=cpu))
-        print(f"Sensitivity: with clip writing as on upload-like files where {heavy['reencoded']} of {heavy['clips']} "
-              f"clips must be re-encoded ({core_s * 1e3:.2f} instead of "
+        print(f"Sensitivity: with clip writing as on upload-like files cut with clips.method keyframe, where "
+              f"{heavy['reencoded']} of {heavy['clips']} clips must be re-encoded ({core_s * 1e3:.2f} instead of "
               f"{estimates[0].cpu_core_hours['clip writing'] * 3600 / estimates[0].frames * 1e3:.2f} CPU ms per frame "
               f"at {args.width}x{args.height}), {DATASETS[0].name} needs {_fmt(sensitivity.total_cpu_core_hours)} "
               f"CPU core-hours and {sensitivity.wall_hours / 24:,.1f} days on this shape ({sensitivity.bottleneck} "
               f"bound; {sensitivity.cpu_workers_balanced:,} cpu-decode replicas to balance).")
+    by_method = method_estimates(measured, inputs[0], args.width * args.height)
+    if by_method:
+        print(f"\nClip methods ({DATASETS[0].name}; clip writing, clip bytes and training-time decode measured on each "
+              "set with each method):\n")
+        print(method_table(by_method))
+        for set_name in {key[0] for key in by_method}:
+            copy, encode = by_method[(set_name, "exact-copy")], by_method[(set_name, "reencode")]
+            saved = encode.total_cpu_core_hours - copy.total_cpu_core_hours
+            extra = copy.read_core_hours_per_epoch - encode.read_core_hours_per_epoch
+            epochs = f"{saved / extra:,.1f} epochs" if extra > 0 else "never"
+            storage = copy.shard_bytes - encode.shard_bytes
+            print(f"- {set_name}: exact copies save {_fmt(saved)} CPU core-hours of curation and cost "
+                  f"{_fmt(extra)} more core-hours of decoding per training epoch over the kept clips (break-even "
+                  f"after {epochs}); their shards take {_bytes(abs(storage))} {'more' if storage > 0 else 'less'}.")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -739,6 +849,7 @@ def main() -> int:
         "inputs": [asdict(item) for item in inputs],
         "estimates": [asdict(item) for item in estimates],
         "sensitivity_reencode_heavy": asdict(sensitivity) if sensitivity else None,
+        "clip_methods": {f"{set_name} / {method}": asdict(item) for (set_name, method), item in by_method.items()},
     }, indent=1, default=str))
     print(f"\nwritten: {out}")
     return 0

@@ -3,8 +3,9 @@
 For each decoded frame the chain makes one small BGR copy (`decode.analysis_width` wide) that the cut
 cascade and the motion meter share, and every half second one RGB copy (long side
 `decode.sample_long_side`) spooled to disk as JPEG for the learned scorers. After the stream ends it
-knows the cuts, plans clips, writes them (stream copy or re-encode), and returns the source row, one row
-per clip and the first/middle/last frames of each clip (plus, while the video captioner is active, its
+knows the cuts, plans clips, writes them (`clips.method`: an exact stream copy with an edit list, a
+keyframe-snapped copy or a re-encode), and returns the source row, one row per clip and the
+first/middle/last frames of each clip (plus, while the video captioner is active, its
 `scorers.video_caption.num_frames` frames spread over the clip, taken from the same samples: nothing is
 decoded twice). Any failure becomes an error row.
 
@@ -17,6 +18,7 @@ work on the stored orientation, which does not change what they measure.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,15 +32,18 @@ import numpy as np
 from common.background import SerialWorker
 from common.video import quarter_turns, upright
 from curation.clipping import (
+    MP4_COPYABLE_CODECS,
+    CopiedRoll,
     DecodedSoFar,
     HeldFrames,
     LiveReencoder,
     plan_clips,
     shots_from_cuts,
     write_copied_clips,
+    write_exact_clips,
     write_reencoded_clips,
 )
-from curation.config import CurationConfig
+from curation.config import ClipConfig, CurationConfig
 from curation.cuts import CutCascade
 from curation.decode import (
     SourceError,
@@ -291,14 +296,30 @@ def _decode_and_analyse(path: Path, container: av.container.InputContainer, info
     return analysis
 
 
+def clip_method(info: SourceInfo, config: CurationConfig, frame_pts: list[int] | None = None) -> str:
+    """The method that cuts this source's clips: `clips.method`, or `reencode` where a copy cannot be right (a
+    codec an MP4 cannot carry; packets without timestamps to route them by)."""
+    method = config.clips.method
+    if info.codec not in MP4_COPYABLE_CODECS:  # either copy would fail to mux
+        return "reencode"
+    if frame_pts is not None and -1 in frame_pts:
+        return "reencode"
+    return method
+
+
 def _live_reencoder(info: SourceInfo, clips_dir: Path, config: CurationConfig, ahead: DecodedSoFar,
                     settle_frames: int) -> LiveReencoder | None:
-    """A live re-encoder, or None when holding `settle_frames` decoded frames back would take more than
+    """A live re-encoder, or None when no shot will be re-encoded but by exception (exact copies: the few are
+    written by a second pass) or when holding `settle_frames` decoded frames back would take more than
     `clips.lookahead_mb` (then re-encoded clips come from a second decode pass)."""
+    method = clip_method(info, config)
+    if method == "exact-copy":
+        return None
     held_bytes = settle_frames * info.width * info.height * 1.5  # 4:2:0
     if held_bytes > config.clips.lookahead_mb * 2**20:
         return None
-    return LiveReencoder(clips_dir, info.width, info.height, info.fps, config.clips, ahead,
+    clip_config = ClipConfig(**{**dataclasses.asdict(config.clips), "method": method})
+    return LiveReencoder(clips_dir, info.width, info.height, info.fps, clip_config, ahead,
                          thread_budget(config.decode.threads))
 
 
@@ -322,15 +343,20 @@ def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_di
         timings["decode_and_analyse"] = time.perf_counter() - started  # with live re-encoding, when it runs
 
         shots = shots_from_cuts(cuts, num_frames)
-        clip_config = config.clips
-        if -1 in frame_pts:  # no timestamps to route packets by: only re-encoding is safe
-            clip_config = type(config.clips)(**{**config.clips.__dict__, "stream_copy": False})
-        plans = plan_clips(shots, keyframes, num_frames, info.fps, clip_config)
+        damaged = damaged_ranges(analysis.corrupt, keyframes, num_frames)
+        plans = plan_clips(shots, keyframes, num_frames, info.fps, config.clips, clip_method(info, config, frame_pts))
+        for plan in plans:
+            if plan.method == "exact-copy" and any(a < plan.end_frame and plan.start_frame < b for a, b in damaged):
+                plan.method = "reencode"  # another decoder may conceal the damage differently: keep what ours saw
         sid = source_id(relative_path)
         named = [(plan, clips_dir / clip_file_name(clip_id(sid, i))) for i, plan in enumerate(plans)]
 
         started = time.perf_counter()
-        write_copied_clips(path, [(p, f) for p, f in named if p.method == "copy"], frame_pts)
+        write_copied_clips(path, [(p, f) for p, f in named if p.method == "keyframe"], frame_pts)
+        rolls, not_exact = write_exact_clips(path, [(p, f) for p, f in named if p.method == "exact-copy"], frame_pts,
+                                             keyframes)
+        for plan, _ in not_exact:
+            plan.method = "reencode"
         second_pass = []
         for plan, file in named:
             if plan.method != "reencode":
@@ -361,7 +387,6 @@ def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_di
             timings=timings,
             second_pass_clips=len(second_pass),
         )
-        damaged = damaged_ranges(analysis.corrupt, keyframes, num_frames)
         video_frame_count = config.scorers.spooled_video_frames()
         for plan, file in named:
             clip = file.stem
@@ -379,6 +404,7 @@ def _clips_and_rows(analysis: Analysis, path: Path, relative_path: str, clips_di
                     "width": width,
                     "height": height,
                     "clip_method": plan.method,
+                    **dataclasses.asdict(rolls.get(file, CopiedRoll())),
                     "clip_path": str(file),
                     "motion_score": motion.score(plan.start_frame, plan.end_frame),
                     "drop_reasons": [DECODE_ERRORS] if broken else [],

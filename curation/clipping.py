@@ -1,16 +1,22 @@
-"""Turn shots into clip files: stream copy between keyframes when possible, re-encode otherwise.
+"""Turn shots into clip files, by `clips.method` (docs/exact-clips.md).
 
-A stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
+`exact-copy` (the default): the packets from the keyframe at or before a shot's first frame through the last
+packet its last frame needs are stream-copied, and an MP4 edit list shows exactly the shot
+(`write_exact_clips`, `curation.mp4_edit`): nothing is re-encoded and no frame is lost. Shots a copy cannot
+show exactly (see `write_exact_clips` and the chain) are re-encoded and marked `reencode`.
+
+`keyframe`: a stream-copied clip must start on a keyframe, so a shot [s, e) becomes [first keyframe >= s,
 last keyframe <= e) (or e itself at the end of the source): the cut is snapped to keyframes that do not
 cross it, nothing is re-encoded, and no frame of the neighbouring shot leaks in (docs/recipe.md §1). When that
 leaves less than `min_clip_s` of a long-enough shot (sparse keyframes), the exact shot is re-encoded
 instead and the clip is marked `reencode`.
 
-Re-encoded clips are written while the source decodes (`LiveReencoder`): the chain holds each decoded
-frame back until the cut cascade has settled whether a cut falls on it, then feeds it to the encoder of
-its shot; a shot that turns out to hold enough keyframes to be copied drops its encoder. `plan_clips`
-stays the one truth: a planned clip the live pass did not produce exactly (a cut that settled late) is
-re-encoded by `write_reencoded_clips` in one more decode pass.
+Re-encoded clips are written while the source decodes (`LiveReencoder`, for the `keyframe` and `reencode`
+methods): the chain holds each decoded frame back until the cut cascade has settled whether a cut falls on
+it, then feeds it to the encoder of its shot; a shot that turns out to hold enough keyframes to be copied
+drops its encoder. `plan_clips` stays the one truth: a planned clip the live pass did not produce exactly (a
+cut that settled late, or an exact copy's exception) is re-encoded by `write_reencoded_clips` in one more
+decode pass.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from common.background import SerialWorker
 from common.video import display_matrix
 from curation.config import ClipConfig
 from curation.decode import decoder_threads
+from curation.mp4_edit import set_presentation
 
 
 @dataclass
 class ClipPlan:
     start_frame: int
     end_frame: int  # exclusive
-    method: str  # 'copy' | 'reencode'
+    method: str  # 'exact-copy' | 'keyframe' | 'reencode'
     shot_index: int
 
 
@@ -71,9 +78,32 @@ def _split_at_keyframes(start: int, end: int, keyframes: list[int], max_frames: 
     return pieces
 
 
+def _split_for_exact_copy(start: int, end: int, keyframes: list[int], min_frames: int,
+                          max_frames: int) -> list[tuple[int, int]]:
+    """Pieces of at most max_frames, each ending on a keyframe where one leaves both sides min_frames long (the
+    next piece then needs no pre-roll), evenly otherwise."""
+    pieces, position = [], start
+    while end - position > max_frames:
+        lo = bisect.bisect_left(keyframes, position + min_frames)
+        hi = bisect.bisect_right(keyframes, min(position + max_frames, end - min_frames))
+        if hi <= lo:
+            return pieces + _split_evenly(position, end, max_frames)
+        pieces.append((position, keyframes[hi - 1]))
+        position = keyframes[hi - 1]
+    return [*pieces, (position, end)]
+
+
 def plan_clips(
-    shots: list[tuple[int, int]], keyframes: list[int], num_frames: int, fps: float, config: ClipConfig
+    shots: list[tuple[int, int]], keyframes: list[int], num_frames: int, fps: float, config: ClipConfig,
+    method: str | None = None,
 ) -> list[ClipPlan]:
+    """The clips of a source's shots, cut by `method` (default: `config.method`).
+
+    `exact-copy`: the exact shot, split at keyframes (or evenly) when longer than `max_clip_s`; a piece
+    before the source's first keyframe has nothing to copy from and is re-encoded. `keyframe`: the shot
+    snapped inwards to keyframes; when that leaves less than `min_clip_s` the exact shot is re-encoded.
+    `reencode`: the exact shot, split evenly."""
+    method = method or config.method
     min_frames = max(1, round(config.min_clip_s * fps))
     max_frames = max(min_frames, round(config.max_clip_s * fps))
     keyframes = sorted(keyframes)
@@ -81,8 +111,14 @@ def plan_clips(
     for shot_index, (start, end) in enumerate(shots):
         if end - start < min_frames:
             continue
+        if method == "exact-copy":
+            for a, b in _split_for_exact_copy(start, end, keyframes, min_frames, max_frames):
+                copyable = bool(keyframes) and keyframes[0] <= a
+                if b - a >= min_frames:
+                    plans.append(ClipPlan(a, b, "exact-copy" if copyable else "reencode", shot_index))
+            continue
         copy_range = None
-        if config.stream_copy:
+        if method == "keyframe":
             first = bisect.bisect_left(keyframes, start)
             snapped_start = keyframes[first] if first < len(keyframes) else None
             if end == num_frames:
@@ -95,7 +131,7 @@ def plan_clips(
         if copy_range:
             for a, b in _split_at_keyframes(*copy_range, keyframes, max_frames):
                 if b - a >= min_frames:
-                    plans.append(ClipPlan(a, b, "copy", shot_index))
+                    plans.append(ClipPlan(a, b, "keyframe", shot_index))
         else:
             for a, b in _split_evenly(start, end, max_frames):
                 if b - a >= min_frames:
@@ -104,7 +140,7 @@ def plan_clips(
 
 
 def write_copied_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_pts: list[int]) -> None:
-    """One demux pass (no decoding) routes whole GOPs to each copy clip's file."""
+    """One demux pass (no decoding) routes whole GOPs to each keyframe-snapped clip's file."""
     if not plans:
         return
     by_start = {frame_pts[plan.start_frame]: (plan, path) for plan, path in plans}
@@ -135,6 +171,132 @@ def write_copied_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_p
         finally:
             if current is not None:
                 current[1].close()
+
+
+# Codecs an MP4 file carries (ISO/IEC 14496-12/-14/-15 and the AV1 and VP9 bindings) and libavformat muxes:
+# a stream of one of these is copied into exact clips; any other is re-encoded.
+MP4_COPYABLE_CODECS = frozenset({"h264", "hevc", "av1", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "vvc"})
+
+
+@dataclass
+class CopiedRoll:
+    """What an exact copy holds beyond its shot: frames decoded but not shown, before it and after it."""
+
+    pre_roll_frames: int = 0
+    post_roll_frames: int = 0
+    pre_roll_bytes: int = 0
+    post_roll_bytes: int = 0
+
+
+@dataclass
+class _ExactCopy:
+    plan: ClipPlan
+    path: Path
+    start_pts: int  # the shot's first frame
+    end_pts: int  # where the shot's last frame ends
+    missing: set[int]  # the shot's frames whose packets have not been copied yet
+    roll: CopiedRoll
+    output: av.container.OutputContainer | None = None
+    out_stream: av.VideoStream | None = None
+
+
+def write_exact_clips(source: Path, plans: list[tuple[ClipPlan, Path]], frame_pts: list[int],
+                      keyframes: list[int]) -> tuple[dict[Path, CopiedRoll], list[tuple[ClipPlan, Path]]]:
+    """Stream-copy each shot exactly, all clips of the source in one demux pass (no decoding).
+
+    A clip holds the packets, in decode order, from the keyframe at or before the shot's first frame up to
+    the last packet one of the shot's frames needs (with B-frames, frames shown after the shot may come
+    before it in decode order: the post-roll). The timestamps are shifted so that the shot's first frame is
+    at 0: the pre-roll's are negative, and libavformat's MP4 muxer writes an edit list that starts the
+    presentation there; `mp4_edit.set_presentation` ends it where the shot's last frame ends. Readers that
+    apply edit lists (libavformat: PyAV, OpenCV, ffmpeg, Chromium) then decode exactly the shot.
+
+    Returns the pre-/post-roll of each clip written, and the plans that cannot be copied exactly (a packet
+    shown inside the shot that the source's decode did not produce, or the source ending early): the
+    caller re-encodes those."""
+    if not plans:
+        return {}, []
+    keyframes = sorted(keyframes)
+    last_duration = frame_pts[-1] - frame_pts[-2] if len(frame_pts) > 1 else 1
+    waiting: dict[int, list[_ExactCopy]] = {}  # keyframe pts -> the copies that start there
+    for plan, path in plans:
+        key = keyframes[bisect.bisect_right(keyframes, plan.start_frame) - 1]
+        end_pts = frame_pts[plan.end_frame] if plan.end_frame < len(frame_pts) else frame_pts[-1] + last_duration
+        copy = _ExactCopy(plan, path, frame_pts[plan.start_frame], end_pts,
+                          set(frame_pts[plan.start_frame : plan.end_frame]), CopiedRoll())
+        waiting.setdefault(frame_pts[key], []).append(copy)
+    written: dict[Path, CopiedRoll] = {}
+    failed: list[tuple[ClipPlan, Path]] = []
+    active: list[_ExactCopy] = []
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        time_base = stream.time_base
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is None:
+                    continue
+                if packet.is_keyframe and packet.pts in waiting:
+                    for copy in waiting.pop(packet.pts):
+                        copy.path.parent.mkdir(parents=True, exist_ok=True)
+                        copy.output = av.open(str(copy.path), mode="w", format="mp4")
+                        copy.out_stream = copy.output.add_stream_from_template(stream)
+                        active.append(copy)
+                if not active:
+                    if not waiting:
+                        break
+                    continue
+                if packet.duration == 0 and last_duration:  # a muxer guesses the last sample's length from it
+                    packet.duration = last_duration
+                data = bytes(packet)
+                for copy in list(active):
+                    if packet.pts in copy.missing:
+                        copy.missing.discard(packet.pts)
+                    elif copy.start_pts <= packet.pts < copy.end_pts:  # shown in the shot, yet never decoded
+                        _abandon(copy)
+                        active.remove(copy)
+                        failed.append((copy.plan, copy.path))
+                        continue
+                    elif packet.pts < copy.start_pts:
+                        copy.roll.pre_roll_frames += 1
+                        copy.roll.pre_roll_bytes += len(data)
+                    else:
+                        copy.roll.post_roll_frames += 1
+                        copy.roll.post_roll_bytes += len(data)
+                    _mux_shifted(copy, packet, data, time_base)
+                    if not copy.missing:
+                        copy.output.close()
+                        copy.output = None
+                        set_presentation(copy.path, Fraction(copy.end_pts - copy.start_pts) * time_base)
+                        written[copy.path] = copy.roll
+                        active.remove(copy)
+        except BaseException:
+            for copy in active:
+                _abandon(copy)
+            raise
+    for copy in active + [copy for copies in waiting.values() for copy in copies]:  # the source ended early
+        _abandon(copy)
+        failed.append((copy.plan, copy.path))
+    return written, failed
+
+
+def _mux_shifted(copy: _ExactCopy, packet: av.Packet, data: bytes, time_base: Fraction) -> None:
+    """A copy of `packet` into the clip, its timestamps shifted so the shot's first frame is at 0."""
+    out = av.Packet(data)
+    out.pts = packet.pts - copy.start_pts
+    out.dts = None if packet.dts is None else packet.dts - copy.start_pts
+    out.duration = packet.duration
+    out.is_keyframe = packet.is_keyframe
+    out.time_base = time_base
+    out.stream = copy.out_stream
+    copy.output.mux(out)
+
+
+def _abandon(copy: _ExactCopy) -> None:
+    if copy.output is not None:
+        with contextlib.suppress(av.FFmpegError, OSError):
+            copy.output.close()
+        copy.output = None
+    copy.path.unlink(missing_ok=True)
 
 
 QUEUED_FRAMES = 16  # decoded frames waiting for the encoder thread (at 4K, ~200 MB)
@@ -399,7 +561,7 @@ class LiveReencoder:
         end = next_cut if next_cut is not None else (ahead.frames if ahead.ended else None)
         if end is not None and end - start < self.min_frames:
             return False
-        if not self.config.stream_copy:
+        if self.config.method == "reencode":
             return True
         first = bisect.bisect_left(keyframes, start)
         if first == len(keyframes):

@@ -76,16 +76,21 @@ class CutConfig:
                                     "dissolve_lengths": (2, None)})
 
 
+CLIP_METHODS = ("exact-copy", "keyframe", "reencode")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
 @dataclass
 class ClipConfig:
-    """Clips are shots (between cuts), trimmed to keyframes so they can be stream-copied."""
+    """Clips are shots (between cuts), written by one of `CLIP_METHODS` (docs/exact-clips.md).
+
+    `exact-copy` stream-copies whole groups of pictures and shows exactly the shot through an MP4 edit list;
+    `keyframe` stream-copies the shot snapped inwards to keyframes (re-encoding it when too little is left);
+    `reencode` re-encodes every clip with x264."""
 
     min_clip_s: float = 1.0
     max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
-    stream_copy: bool = True  # False forces re-encoding every clip
+    method: str = "exact-copy"
     reencode_crf: int = 18
     reencode_preset: str = "ultrafast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
     # Re-encoded clips are written while decoding from frames held back until their cuts settle (a few
@@ -95,6 +100,8 @@ class ClipConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),
                                      "reencode_crf": (0, 51), "lookahead_mb": (0, None)})
+        if self.method not in CLIP_METHODS:
+            raise ValueError(f"clips.method must be one of {', '.join(CLIP_METHODS)}, got {self.method!r}")
         if self.reencode_preset not in X264_PRESETS:
             raise ValueError(f"clips.reencode_preset must be one of {', '.join(X264_PRESETS)}, "
                              f"got {self.reencode_preset!r}")

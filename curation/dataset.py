@@ -25,7 +25,7 @@ import numpy as np
 
 from common.requests import RequestError
 from curation.chain import SourceResult, error_result, process_source, storage_fault
-from curation.config import CurationConfig
+from curation.config import CLIP_METHODS, CurationConfig
 from curation.decode import StorageFault, is_storage_fault
 from curation.filtering import apply_filters
 from curation.listing import is_remote, iter_sources, pending_sources
@@ -312,7 +312,7 @@ def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, d
             {**asdict(o.rule), "scored": o.scored, "dropped": o.dropped, "threshold": o.threshold, "skipped": o.skipped}
             for o in summary.outcomes
         ],
-        "clip_methods": {m: sum(r.get("clip_method") == m for r in rows) for m in ("copy", "reencode")},
+        "clip_methods": {m: sum(r.get("clip_method") == m for r in rows) for m in CLIP_METHODS},
     }
     atomic_write_json(layout.summary, report)
     return report

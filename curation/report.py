@@ -180,7 +180,8 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
         f"{summary.get('sources_error', 0)} could not be read)",
         f"- clips: **{total}**, kept: **{kept}** ({kept / total:.1%} kept)" if total else "- clips: **0**",
         f"- dropped: {total - kept}; a clip can be dropped by several rules (see the overlap table)",
-        f"- clip files: {methods.get('copy', 0)} stream-copied, {methods.get('reencode', 0)} re-encoded",
+        f"- clip files: {methods.get('exact-copy', 0)} exact copies (edit lists), {methods.get('keyframe', 0)} "
+        f"copied between keyframes, {methods.get('reencode', 0)} re-encoded",
         f"- shards: {', '.join(summary.get('shards', [])) or 'none'}",
         "",
         "## What each rule removed",

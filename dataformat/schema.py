@@ -30,6 +30,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("keep", pa.bool_()), ("drop_reasons", pa.list_(pa.string())), ("shard", pa.string()), ("key", pa.string()),
         ("clip_method", pa.string()), ("captions", CAPTIONS_TYPE), ("scorer_errors", pa.list_(pa.string())),
         ("raft_motion", pa.float64()), ("hq", pa.bool_()),
+        # exact-copy clips: frames decoded but not shown before/after the shot (an edit list hides them)
+        ("pre_roll_frames", pa.int64()), ("post_roll_frames", pa.int64()),
+        ("pre_roll_bytes", pa.int64()), ("post_roll_bytes", pa.int64()),
     ]
 )
 # Per-source staging rows (work/clip_rows/): the manifest row plus where the clip file and its frames live.
@@ -75,6 +78,10 @@ class Column:
     SHARD = "shard"
     KEY = "key"
     CLIP_METHOD = "clip_method"
+    PRE_ROLL_FRAMES = "pre_roll_frames"
+    POST_ROLL_FRAMES = "post_roll_frames"
+    PRE_ROLL_BYTES = "pre_roll_bytes"
+    POST_ROLL_BYTES = "post_roll_bytes"
     SCORER_ERRORS = "scorer_errors"
     HQ = "hq"
     CLIP_PATH = "clip_path"

@@ -103,3 +103,31 @@ def test_lvd_figures_follow_the_recipe():
     lvd, lvd10m = cm.DATASETS
     assert (lvd.clips, lvd.kept_clips, lvd10m.clips, lvd10m.kept_clips) == (577e6, 152e6, 9.8e6, 2.3e6)
     assert lvd.mean_clip_s * lvd.fps == pytest.approx(300)
+
+
+def test_clip_methods_change_storage_and_training_decode_only_where_measured():
+    """Exact copies: clip bytes x1.2 of the shot (pre-/post-roll) and 1.5 ms of decode per shown frame read;
+    250 kept clips x 300 frames = 75k frames read per epoch."""
+    base = cm.estimate(hand_case())
+    assert base.read_core_hours_per_epoch == 0
+    copied = cm.estimate(hand_case(clip_bytes_factor=1.2, read_core_s_per_frame=0.0015))
+    assert copied.shard_bytes == pytest.approx(250 * (10 * 1e5 * 1.2 + 1000))
+    assert copied.read_core_hours_per_epoch == pytest.approx(75_000 * 0.0015 / 3600)
+    assert copied.total_cpu_core_hours == base.total_cpu_core_hours  # reading is training's cost, not curation's
+    with pytest.raises(ValueError, match="clip_bytes_factor > 0"):
+        cm.estimate(hand_case(clip_bytes_factor=0))
+
+
+def test_method_estimates_swap_in_each_methods_measured_costs():
+    measured = {"pixels_per_frame": 100.0, "clip_methods": {"set": {
+        "exact-copy": {"clip_write_core_s_per_frame": 0.0001, "clip_bytes_factor": 1.3, "read_core_s_per_frame": 0.002},
+        "reencode": {"clip_write_core_s_per_frame": 0.004, "clip_bytes_factor": 2.0, "read_core_s_per_frame": 0.001},
+    }}}
+    base = hand_case(cpu=(cm.CpuCost("decode", 0.001, "frame"), cm.CpuCost("clip writing", 0.5, "frame")))
+    result = cm.method_estimates(measured, base, pixels=200)  # sources of twice the pixels: CPU costs x2
+    copy, encode = result[("set", "exact-copy")], result[("set", "reencode")]
+    assert copy.cpu_core_hours["clip writing"] == pytest.approx(300_000 * 0.0002 / 3600)
+    assert encode.cpu_core_hours["clip writing"] == pytest.approx(300_000 * 0.008 / 3600)
+    assert copy.read_core_hours_per_epoch == pytest.approx(75_000 * 0.004 / 3600)
+    assert encode.shard_bytes == pytest.approx(250 * (10 * 1e5 * 2.0 + 1000))
+    assert "| set / exact-copy |" in cm.method_table(result)

@@ -48,6 +48,9 @@ def test_clips_with_frames_the_decoder_concealed_are_dropped_with_a_reason(sampl
     # bikes.mp4: keyframes at 0, 30, 76, 137, 187, 242; the flipped bytes fall in frame 124's data
     assert broken and all(start >= 76 and end <= 137 for start, end in broken), broken
     assert all(not damaged[span]["keep"] and damaged[span]["shard"] is None for span in broken)
+    # an exact copy would carry the damage for another decoder to conceal its own way: re-encoded as ours saw it
+    assert all(damaged[span]["clip_method"] == "reencode" for span in broken)
+    assert all(damaged[span]["clip_method"] == "exact-copy" for span in damaged.keys() - broken)
     assert all(damaged[span]["drop_reasons"] == clean[span]["drop_reasons"] for span in damaged.keys() - broken)
     assert not any("decode_errors" in row["drop_reasons"] for row in clean.values())
     outcome = next(rule for rule in summary["rules"] if rule["name"] == "decode_errors")
@@ -488,7 +491,8 @@ def _rotated_copy(source: Path, target: Path, count: int, gop: int) -> list:
 def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
     """Rotation metadata used to be ignored: sideways size in the manifest, sideways frames for the scorers, and
     re-encoded clips without it (sideways in training). Now rows carry the displayed size, the scorers' frames
-    and the frames training decodes are upright, and copied and re-encoded clips both keep the rotation."""
+    and the frames training decodes are upright, and copied and re-encoded clips both keep the rotation
+    (exact copies: tests/test_exact_clips.py)."""
     import av
     import cv2
     import numpy as np
@@ -505,12 +509,12 @@ def test_a_rotated_source_is_curated_as_it_is_displayed(sample_dir, tmp_path):
     shown = [np.rot90(frame, -1) for frame in stored]  # a quarter turn clockwise
     sideways = [np.rot90(frame, 1) for frame in stored]  # the wrong way round, for contrast
     out = tmp_path / "out"
-    config = CurationConfig.from_overrides({"scorers": {"text": {"enabled": False}}})
+    config = CurationConfig.from_overrides({"scorers": {"text": {"enabled": False}}, "clips": {"method": "keyframe"}})
     prepare_output(out, config)
     row = curate_source(videos, "portrait.mp4", out, config)
     assert (row["status"], row["width"], row["height"]) == ("ok", height, width)
     clips = read_parquet_rows(out / "work" / "clip_rows")
-    assert {clip["clip_method"] for clip in clips} == {"copy", "reencode"}
+    assert {clip["clip_method"] for clip in clips} == {"keyframe", "reencode"}
 
     def distance(image, references) -> float:
         size = image.shape[1::-1]

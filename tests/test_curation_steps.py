@@ -33,21 +33,21 @@ def test_static_shot_scores_far_below_moving_footage(processed):
 def test_keyframe_snapping_never_crosses_a_cut():
     keyframes = [0, 25, 50, 75, 100, 125]
     shots = shots_from_cuts([45, 77, 121], 150)
-    plans = plan_clips(shots, keyframes, 150, 25.0, ClipConfig(min_clip_s=0.8, max_clip_s=30))
+    plans = plan_clips(shots, keyframes, 150, 25.0, ClipConfig(min_clip_s=0.8, max_clip_s=30, method="keyframe"))
     for plan in plans:
         shot = shots[plan.shot_index]
         assert shot[0] <= plan.start_frame < plan.end_frame <= shot[1]
-        if plan.method == "copy":
+        if plan.method == "keyframe":
             assert plan.start_frame in keyframes
             assert plan.end_frame in keyframes or plan.end_frame == 150
     # shot [77, 121) holds only keyframe 100: too little to copy, so it is re-encoded exactly.
     assert ClipPlan(77, 121, "reencode", 2) in plans
-    assert ClipPlan(0, 25, "copy", 0) in plans
+    assert ClipPlan(0, 25, "keyframe", 0) in plans
 
 
 def test_long_shots_split_at_keyframes_within_max_length():
     keyframes = list(range(0, 1000, 25))
-    plans = plan_clips([(0, 1000)], keyframes, 1000, 25.0, ClipConfig(min_clip_s=1, max_clip_s=10))
+    plans = plan_clips([(0, 1000)], keyframes, 1000, 25.0, ClipConfig(min_clip_s=1, max_clip_s=10, method="keyframe"))
     assert [p.end_frame - p.start_frame for p in plans] == [250, 250, 250, 250]
     assert all(p.start_frame in keyframes for p in plans)
 
@@ -55,15 +55,17 @@ def test_long_shots_split_at_keyframes_within_max_length():
 def test_copied_clip_is_the_exact_source_frames(processed, sample_dir):
     source = decode_rgb(sample_dir / "videos" / "bikes.mp4")
     for row in processed["bikes.mp4"].clip_rows:
-        assert row["clip_method"] == "copy"
+        assert row["clip_method"] == "exact-copy"
         clip = decode_rgb(Path(row["clip_path"]))
         assert len(clip) == row["end_frame"] - row["start_frame"]
         assert psnr(clip[0], source[row["start_frame"]]) > 60  # bit-exact: no re-encode
         assert psnr(clip[-1], source[row["end_frame"] - 1]) > 60
 
 
-def test_reencode_fallback_is_recorded_and_frame_exact(processed, sample_dir):
-    rows = processed["cuts_hard.mp4"].clip_rows
+def test_reencode_fallback_is_recorded_and_frame_exact(sample_dir, tmp_path):
+    """clips.method keyframe: a shot with too few keyframes inside it is re-encoded instead."""
+    config = CurationConfig.from_overrides({"clips": {"method": "keyframe"}})
+    rows = process_source(sample_dir / "videos" / "cuts_hard.mp4", "cuts_hard.mp4", tmp_path, config).clip_rows
     reencoded = [r for r in rows if r["clip_method"] == "reencode"]
     assert reencoded, "the sparse-keyframe shot should fall back to re-encoding"
     source = decode_rgb(sample_dir / "videos" / "cuts_hard.mp4")
@@ -113,7 +115,7 @@ def test_config_overrides_are_checked_by_name():
                          ids=["while-decoding", "second-pass", "cuts-settled-late"])
 def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sample_dir, tmp_path, monkeypatch,
                                                                               lookahead_mb, late_cuts):
-    """stream_copy off: bikes.mp4's shots are all re-encoded, each clip exactly its source frames with its own
+    """clips.method reencode: bikes.mp4's shots are all re-encoded, each clip exactly its source frames with its own
     timestamps; written from the chain's own decode (or, when the frames held back would not fit in
     clips.lookahead_mb or the cascade settled the cuts only at the end, from one more pass for them all)."""
     if late_cuts:  # the live pass then sees one shot, which matches none of the planned clips
@@ -127,7 +129,7 @@ def test_every_reencoded_clip_of_a_source_is_frame_exact_from_one_decode_pass(sa
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(av, "open", counting_open)
-    config = CurationConfig.from_overrides({"clips": {"stream_copy": False, "lookahead_mb": lookahead_mb}})
+    config = CurationConfig.from_overrides({"clips": {"method": "reencode", "lookahead_mb": lookahead_mb}})
     source = sample_dir / "videos" / "bikes.mp4"
     result = process_source(source, "bikes.mp4", tmp_path / "clips", config)
     rows = result.clip_rows
@@ -219,14 +221,15 @@ def test_no_frame_is_encoded_for_a_shot_that_is_copied_or_too_short(sample_dir, 
     real_add = ClipEncoder.add
     monkeypatch.setattr(ClipEncoder, "add", lambda self, frame: (encoded.append(1), real_add(self, frame)))
     needed = 0
+    config = CurationConfig.from_overrides({"clips": {"method": "keyframe"}})
     for name in ["bikes.mp4", "cuts_hard.mp4", "dissolves.mp4", "fade_black.mp4"]:
-        result = process_source(sample_dir / "videos" / name, name, tmp_path / name, CurationConfig())
+        result = process_source(sample_dir / "videos" / name, name, tmp_path / name, config)
         assert result.source_row["status"] == "ok" and result.second_pass_clips == 0
         needed += sum(r["end_frame"] - r["start_frame"] for r in result.clip_rows if r["clip_method"] == "reencode")
     assert needed > 0 and len(encoded) == needed
     encoded.clear()  # one 132-frame shot, copied from its only keyframe to the end
-    result = process_source(sample_dir / "videos" / "bigbuckbunny.mp4", "b.mp4", tmp_path / "b", CurationConfig())
-    assert [r["clip_method"] for r in result.clip_rows] == ["copy"]
+    result = process_source(sample_dir / "videos" / "bigbuckbunny.mp4", "b.mp4", tmp_path / "b", config)
+    assert [r["clip_method"] for r in result.clip_rows] == ["keyframe"]
     settle = CutCascade(CurationConfig().cuts, result.source_row["fps"]).settle_frames
     assert 0 < len(encoded) <= result.source_row["num_frames"] - settle + 1
 

@@ -55,7 +55,9 @@ def test_every_shard_sample_json_is_exactly_its_manifest_row(curated_dir):
         assert list(payload) == sorted(MANIFEST_COLUMNS), f"{key}: KEY.json columns differ from the manifest's"
         different = [name for name in MANIFEST_COLUMNS if not _same(payload[name], row[name])]
         assert not different, f"{key}: KEY.json differs from its manifest row in {different}"
-        assert payload[Column.CLIP_METHOD] in ("copy", "reencode")
+        assert payload[Column.CLIP_METHOD] in ("exact-copy", "reencode")
+        rolls = (Column.PRE_ROLL_FRAMES, Column.POST_ROLL_FRAMES, Column.PRE_ROLL_BYTES, Column.POST_ROLL_BYTES)
+        assert all(payload[name] >= 0 for name in rolls)
         assert row[Column.SHARD].startswith("shards/") and row[Column.SHARD].endswith(".tar")
 
 

@@ -86,7 +86,7 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 
 
 # Settings `finalize` applies afresh on every run (from the committed sources), so a rerun may change them.
-RECOMPUTED_SETTINGS = ("filters", "shards")
+RECOMPUTED_SETTINGS = ("filters", "shards", "dedup")
 # Settings that change how fast work runs, never what it produces.
 THROUGHPUT_SETTINGS = ("pool", "threads", "use_ray", "frames_per_forward", "clips_per_forward",
                        "pairs_per_forward", "lookahead_mb")

@@ -131,6 +131,25 @@ class RunLayout:
         return self.annotations / _part(sid)
 
     @property
+    def dedup(self) -> Path:
+        """Near-duplicate removal (docs/dedup.md): groups.parquet, state.json and the scratch vector file."""
+        return self.work / "dedup"
+
+    @property
+    def duplicate_groups(self) -> Path:
+        return self.dedup / "groups.parquet"
+
+    @property
+    def dedup_state(self) -> Path:
+        """What the groups were computed from (settings, method, clips): a rerun with the same recomputes nothing."""
+        return self.dedup / "state.json"
+
+    @property
+    def dedup_vectors(self) -> Path:
+        """Scratch: every clip's signature, one row each, read through a memory map (deleted when done)."""
+        return self.dedup / "vectors.bin"
+
+    @property
     def downloads(self) -> Path:
         return self.work / "downloads"
 

@@ -156,6 +156,7 @@ def default_filter_rules() -> list[FilterRule]:
 
 DEDUP_METHODS = ("auto", "clip", "phash")
 CLIP_LENGTH = "length"  # `DedupConfig.keep_best`'s name for a clip's duration (end_s - start_s)
+CLIP_PIXELS = "pixels"  # and for its resolution (width x height): of two copies, the sharper
 
 
 @dataclass
@@ -173,9 +174,10 @@ class DedupConfig:
     phash_max_bits: int = setting(28, min=0, max=96,
                                   help="two clips are duplicates when their 192-bit perceptual hashes (or one's and "
                                        "the other's 90 percent centre crop's) differ in at most this many bits [open]")
-    keep_best: tuple[str, ...] = setting(("aesthetic_score", "motion_score", CLIP_LENGTH),
+    keep_best: tuple[str, ...] = setting(("aesthetic_score", CLIP_PIXELS, CLIP_LENGTH, "motion_score"),
                                          help="the clip kept of a group: the best by the first column, ties and "
-                                              "missing scores decided by the next ('length': the clip's duration)")
+                                              "missing scores decided by the next ('pixels': width x height, "
+                                              "'length': the clip's duration)")
     cell_size: int = setting(2048, min=16, max=1_000_000,
                              help="clips per cell of the approximate-neighbour index (k-means cells); runs of at "
                                   "most twice this many clips are compared exhaustively")
@@ -189,7 +191,7 @@ class DedupConfig:
             raise RequestError(f"setting dedup.{error}") from None
         if self.method not in DEDUP_METHODS:
             raise RequestError(f"setting dedup.method must be one of {', '.join(DEDUP_METHODS)}, got {self.method!r}")
-        known = (*SCORE_COLUMNS, CLIP_LENGTH)
+        known = (*SCORE_COLUMNS, CLIP_PIXELS, CLIP_LENGTH)
         unknown = [name for name in self.keep_best if name not in known]
         if unknown or not self.keep_best:
             raise RequestError(f"setting dedup.keep_best names columns from {', '.join(known)}; "

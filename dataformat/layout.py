@@ -100,6 +100,10 @@ class RunLayout:
         streams its listing through this instead of loading every committed id)."""
         return os.path.exists(os.path.join(self.sources, _part(source_id(relative_path))))
 
+    def committed_source_ids(self) -> set[str]:
+        """Ids of the committed sources (their source row is in place)."""
+        return {part.stem.removeprefix("part-") for part in self.sources.glob("part-*.parquet")}
+
     @property
     def work(self) -> Path:
         return self.out / "work"

@@ -29,8 +29,8 @@ from curation.config import CurationConfig
 from curation.decode import StorageFault, is_storage_fault
 from curation.dedup import find_duplicates, read_duplicate_groups
 from curation.filtering import apply_filters
-from curation.phash import clip_signature
 from curation.listing import is_remote, iter_sources, pending_sources
+from curation.phash import clip_signature
 from curation.types import ClipFrames
 from dataformat import (
     CLIP_PART_SCHEMA,

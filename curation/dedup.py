@@ -322,7 +322,8 @@ def find_duplicates(out: str | Path, config: CurationConfig) -> dict[str, Any]:
     state = {
         "fingerprint": fingerprint, "method": method, "min_cosine": signatures.min_cosine,
         "clips": len(signatures.clip_ids) + signatures.unsigned, "unsigned": signatures.unsigned,
-        "groups": int((sizes > 1).sum()), "in_groups": len(members), "duplicates": len(members) - int((sizes > 1).sum()),
+        "groups": int((sizes > 1).sum()), "in_groups": len(members),
+        "duplicates": len(members) - int((sizes > 1).sum()),
         "index": {"items": stats.items, "cells": stats.cells, "largest_cell": stats.largest_cell,
                   "compared_pairs": stats.compared_pairs, "linked_pairs": stats.linked_pairs},
         "seconds": round(time.perf_counter() - started, 3),

@@ -27,13 +27,13 @@ from dataformat.layout import (
 )
 from dataformat.lock import LOCK_NAME, OutputLocked, acquire_output_lock, release_output_lock
 from dataformat.schema import (
-    DUPLICATE_GROUPS_SCHEMA,
     ANNOTATED_COLUMNS,
     ANNOTATION_COLUMNS,
     ANNOTATION_SCHEMA,
     CAPTION_SOURCES,
     CAPTIONS_TYPE,
     CLIP_PART_SCHEMA,
+    DUPLICATE_GROUPS_SCHEMA,
     MANIFEST_COLUMNS,
     MANIFEST_SCHEMA,
     SCORE_COLUMNS,
@@ -63,7 +63,8 @@ from dataformat.shards import (
 
 __all__ = [
     "ANNOTATED_COLUMNS", "ANNOTATION_COLUMNS", "ANNOTATION_SCHEMA", "CAPTIONS_TYPE", "CAPTION_MIX", "CAPTION_SOURCES",
-    "CLIP_PART_SCHEMA", "DUPLICATE_GROUPS_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "SCORE_COLUMNS",
+    "CLIP_PART_SCHEMA", "DUPLICATE_GROUPS_SCHEMA", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES", "MANIFEST_COLUMNS",
+    "MANIFEST_SCHEMA", "SCORE_COLUMNS",
     "SOURCES_SCHEMA", "SOURCE_COLUMNS", "SOURCE_ID_LENGTH",
     "VIDEO_EXTENSIONS", "VIDEO_SUFFIXES", "LOCK_NAME", "OutputLocked", "acquire_output_lock", "release_output_lock",
     "Column", "DataError", "IndexedSample",

@@ -96,7 +96,8 @@ class Column:
 # Score columns a report plots (all float64 in the manifest).
 SCORE_COLUMNS = (Column.MOTION_SCORE, Column.TEXT_AREA, Column.AESTHETIC_SCORE, Column.CLIP_SCORE, Column.RAFT_MOTION)
 
-_KNOWN = set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS) | set(DUPLICATE_GROUPS_SCHEMA.names)
+_KNOWN = (set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS)
+          | set(DUPLICATE_GROUPS_SCHEMA.names))
 _UNKNOWN = sorted(value for name, value in vars(Column).items() if name.isupper() and value not in _KNOWN)
 if _UNKNOWN:  # pragma: no cover - a typo here must stop every import, not read as a null column later
     raise ImportError(f"dataformat.Column names columns no schema has: {_UNKNOWN}")

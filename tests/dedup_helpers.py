@@ -8,9 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.video import write_video
+from common.video import resize_cover_crop, write_video
 from curation.phash import centre_crop
-from common.video import resize_cover_crop
 from curation.sample_data import FPS, _decode_all, footage_paths
 
 WIDTH, HEIGHT = 320, 180  # small frames keep the test quick; the pHash sees 32 x 32 of them anyway

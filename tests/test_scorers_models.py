@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from curation.scorers import build_scorer
 from common.openclip import resize_for_model
+from curation.scorers import build_scorer
 from curation.scorers.base import MissingWeightsError
 from curation.scorers.captions import CocaCaptioner
 from curation.scorers.clip_scores import ClipScorer

@@ -13,6 +13,7 @@ from curation.phash import centre_crop
 from curation.sample_data import FPS, _decode_all, footage_paths
 
 WIDTH, HEIGHT = 320, 180  # small frames keep the test quick; the pHash sees 32 x 32 of them anyway
+MAX_FRAMES = 36  # frames per shot written (the shortest is 30: clips must last 1 s)
 
 # Distinct shots (frame ranges of the footage): bikes' five shots between its real cuts, two stretches of Big Buck
 # Bunny's one long shot and two of the carphone talking head (the same scene, different moments: hard negatives).
@@ -41,7 +42,7 @@ def write_planted_set(videos: Path) -> dict[str, str]:
                for name, path in footage_paths().items()}
     truth = {}
     for name, (clip, start, end) in ORIGINALS.items():
-        frames = footage[clip][start:end]
+        frames = footage[clip][start:min(end, start + MAX_FRAMES)]
         write_video(videos / f"{name}.mp4", frames, FPS)
         truth[f"{name}.mp4"] = name
         for kind, (transform, crf) in COPIES.items():

@@ -178,11 +178,14 @@ class DedupConfig:
                                          help="the clip kept of a group: the best by the first column, ties and "
                                               "missing scores decided by the next ('pixels': width x height, "
                                               "'length': the clip's duration)")
-    cell_size: int = setting(2048, min=16, max=1_000_000,
-                             help="clips per cell of the approximate-neighbour index (k-means cells); runs of at "
-                                  "most twice this many clips are compared exhaustively")
-    probes: int = setting(2, min=1, max=8, help="cells each clip is placed in (more finds more pairs that lie near "
-                                                "a cell boundary, at proportionally more work)")
+    cell_size: int | None = setting(None, min=16, max=1_000_000,
+                                    help="clips per cell of the approximate-neighbour index (k-means cells); runs of "
+                                         "at most twice this many are compared exhaustively; None: about "
+                                         "sqrt(clips) / probes, at least 256")
+    probes: int | None = setting(None, min=1, max=8,
+                                 help="cells each clip is placed in (more finds more pairs that lie near a cell "
+                                      "boundary, at more work); None: 2 for CLIP embeddings, 4 for hashes "
+                                      "(benchmarks/dedup.py)")
 
     def __post_init__(self) -> None:
         try:
@@ -225,6 +228,10 @@ class CurationConfig:
             why = self.scorers.unavailable().get("clip", "off: scorers.clip.enabled is false")
             raise RequestError(f"setting dedup.method='clip' needs the CLIP scorer, which is {why}; "
                                "use dedup.method='auto' or 'phash'")
+
+    def dedup_probes(self, method: str) -> int:
+        """Cells per item: the setting, or what benchmarks/dedup.py found keeps recall >= 0.97 for the method."""
+        return self.dedup.probes or (2 if method == "clip" else 4)
 
     def dedup_method(self) -> str | None:
         """The signature near-duplicate removal uses in this run ('clip' or 'phash'), None when it is off."""

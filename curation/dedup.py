@@ -307,8 +307,8 @@ def find_duplicates(out: str | Path, config: CurationConfig) -> dict[str, Any]:
     if method == "phash":  # a clip's two items (its hash and its crop's) are one clip
         connect(parent, np.arange(0, items, 2), np.arange(1, items, 2))
     try:
-        roots, stats = group_vectors(items, read, signatures.min_cosine, config.dedup.cell_size, config.dedup.probes,
-                                     parent)
+        roots, stats = group_vectors(items, read, signatures.min_cosine, config.dedup.cell_size,
+                                     config.dedup_probes(method), parent)
     finally:
         layout.dedup_vectors.unlink(missing_ok=True)
     clip_roots = np.full(len(signatures.clip_ids), -1, dtype=np.int64)

@@ -104,7 +104,6 @@ def run(kind: str, items: int, exact: int, probes: int, scratch: Path) -> None:
     started = time.perf_counter()
     _, exhaustive = group_vectors(subset, lambda rows: vectors[rows], min_cosine, cell_size=subset, probes=1)
     exact_s = time.perf_counter() - started
-    per_million = seconds * 1e6 / items
     exact_per_million = exact_s * (1e6 / subset) ** 2
     print(f"\n{kind}: {items:,} items ({made:.0f} s to generate), cell size {auto_cell_size(items, probes)}, "
           f"{probes} probes")
@@ -116,8 +115,10 @@ def run(kind: str, items: int, exact: int, probes: int, scratch: Path) -> None:
           f"(signatures on disk: {path.stat().st_size / 2**20:.0f} MiB)")
     print(f"  exhaustive: {exact_s:8.1f} s for {subset:,} items ({exhaustive.compared_pairs:.3g} pairs)")
     # the auto cell size grows as sqrt(n), so the index's work grows as n^1.5
-    print(f"  per million items: index ~{per_million * math.sqrt(1e6 / items) / 60:.1f} min (n^1.5 from this run), "
-          f"exhaustive ~{exact_per_million / 3600:.1f} h (n^2 from its subset)")
+    scale = 1e6 / items * math.sqrt(1e6 / items)
+    print(f"  per million items: index ~{seconds * scale / 60:.1f} min wall, ~{cpu * scale / 60:.1f} CPU-min "
+          f"(n^1.5 from this run), exhaustive ~{exact_per_million / 3600:.1f} h wall (n^2 from its subset); "
+          f"exhaustive / index per item {exact_per_million / (seconds * scale):.0f}x")
     path.unlink()
 
 
@@ -126,11 +127,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--kind", choices=("clip", "phash", "both"), default="both")
     parser.add_argument("--exact", type=int, default=20_000, help="items compared exhaustively for the ratio")
-    parser.add_argument("--probes", type=int, default=2, help="cells per item (dedup.probes)")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="cells per item (dedup.probes; default as in a run: 2 for clip, 4 for phash)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lvd-dedup-bench-") as scratch:
         for kind in ("clip", "phash") if args.kind == "both" else (args.kind,):
-            run(kind, args.items, args.exact, args.probes, Path(scratch))
+            run(kind, args.items, args.exact, args.probes or (2 if kind == "clip" else 4), Path(scratch))
 
 
 if __name__ == "__main__":

@@ -199,31 +199,20 @@ class Signatures:
     unsigned: int  # clips without a signature (the CLIP scorer failed on them, or an older run): never grouped
 
 
-def _phash_records(layout: RunLayout, sid: str) -> Iterator[tuple[str, bytes | None]]:
-    part = layout.clip_rows_part(sid)
+def _records(part: Path, column: str) -> Iterator[tuple[str, bytes | None]]:
+    """(clip id, signature) of one part, reading only those two columns; a part written by a version that kept
+    no signatures gives None for each of its clips (never grouped)."""
     if not part.exists():
         return
-    table = pq.read_table(part)
+    columns = pq.ParquetFile(part).schema_arrow.names
+    table = pq.read_table(part, columns=[Column.CLIP_ID, *([column] if column in columns else [])])
     clip_ids = table.column(Column.CLIP_ID).to_pylist()
-    if Column.FRAME_HASH not in table.column_names:  # committed by a version that kept no hashes: not grouped
-        yield from ((clip_id, None) for clip_id in clip_ids)
-        return
-    yield from zip(clip_ids, table.column(Column.FRAME_HASH).to_pylist(), strict=True)
-
-
-def _clip_records(layout: RunLayout, sid: str) -> Iterator[tuple[str, bytes | None]]:
-    part = layout.annotations_part(sid)
-    if not part.exists():
-        return
-    table = pq.read_table(part)
-    clip_ids = table.column(Column.CLIP_ID).to_pylist()
-    if Column.CLIP_EMBEDDING not in table.column_names:  # annotated by a version that kept no embeddings
-        yield from ((clip_id, None) for clip_id in clip_ids)
-        return
-    yield from zip(clip_ids, table.column(Column.CLIP_EMBEDDING).to_pylist(), strict=True)
+    signatures = table.column(column).to_pylist() if column in columns else [None] * len(clip_ids)
+    yield from zip(clip_ids, signatures, strict=True)
 
 
 def _parts(layout: RunLayout, method: str) -> list[tuple[str, Path]]:
+    """(source id, part holding its clips' signatures) of every committed source, in source-id order."""
     sids = sorted(layout.committed_source_ids())
     if method == "clip":
         return [(sid, layout.annotations_part(sid)) for sid in sids]
@@ -232,31 +221,29 @@ def _parts(layout: RunLayout, method: str) -> list[tuple[str, Path]]:
 
 def write_signatures(layout: RunLayout, method: str, config: CurationConfig) -> Signatures:
     """Stream every committed clip's signature into `work/dedup/vectors.bin` (one fixed-size record per item)."""
-    records = _clip_records if method == "clip" else _phash_records
+    column = Column.CLIP_EMBEDDING if method == "clip" else Column.FRAME_HASH
+    items_per_clip = 1 if method == "clip" else 2  # a hash and its crop's hash
     clip_ids: list[str] = []
-    items: list[int] = []
-    unsigned, record_size = 0, None
+    unsigned, expected = 0, None if method == "clip" else SIGNATURE_BYTES
     layout.dedup.mkdir(parents=True, exist_ok=True)
     with open(layout.dedup_vectors, "wb") as handle:
-        for sid, _ in _parts(layout, method):
-            for clip_id, signature in records(layout, sid):
+        for _, part in _parts(layout, method):
+            for clip_id, signature in _records(part, column):
                 if signature is None:
                     unsigned += 1
                     continue
-                if record_size is None:
-                    record_size = len(signature) if method == "clip" else SIGNATURE_BYTES // 2
-                if len(signature) != (record_size if method == "clip" else SIGNATURE_BYTES):
-                    raise ValueError(f"{clip_id}: its {method} signature has {len(signature)} bytes, the run's "
-                                     f"others {record_size}: the run mixes CLIP models; curate into a new directory")
+                expected = expected or len(signature)
+                if len(signature) != expected:
+                    raise ValueError(f"{clip_id}: its {column} has {len(signature)} bytes where the run's others have "
+                                     f"{expected} (clips scored by different CLIP models); curate into a new directory")
                 handle.write(signature)
-                items.extend([len(clip_ids)] * (1 if method == "clip" else 2))
                 clip_ids.append(clip_id)
+    items = np.repeat(np.arange(len(clip_ids), dtype=np.int64), items_per_clip)
     if method == "clip":
-        dim, min_cosine = (record_size or 2) // 2, config.dedup.clip_min_cosine
+        dim, min_cosine = (expected or 2) // 2, config.dedup.clip_min_cosine
     else:
         dim, min_cosine = SIGNATURE_BYTES // 2 * 8, cosine_for_bits(config.dedup.phash_max_bits)
-    return Signatures(method, pa.array(clip_ids, pa.string()), np.asarray(items, dtype=np.int64), dim, min_cosine,
-                      unsigned)
+    return Signatures(method, pa.array(clip_ids, pa.string()), items, dim, min_cosine, unsigned)
 
 
 def signature_reader(path: Path, method: str, dim: int) -> tuple[int, Reader]:

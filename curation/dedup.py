@@ -91,7 +91,7 @@ def spherical_kmeans(points: np.ndarray, cells: int, rng: np.random.Generator,
     """`cells` unit centroids of unit `points` (cosine k-means); an emptied cell restarts at a random point."""
     centroids = points[rng.choice(len(points), size=cells, replace=False)].copy()
     for _ in range(iterations):
-        labels = np.argmax(points @ centroids.T, axis=1)
+        labels = np.concatenate([np.argmax(block @ centroids.T, axis=1) for block in _row_blocks(points, cells)])
         order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels, minlength=cells)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -102,6 +102,12 @@ def spherical_kmeans(points: np.ndarray, cells: int, rng: np.random.Generator,
         if empty.size:
             centroids[empty] = points[rng.choice(len(points), size=empty.size, replace=False)]
     return centroids
+
+
+def _row_blocks(points: np.ndarray, cells: int) -> list[np.ndarray]:
+    """`points` in row blocks whose similarities to `cells` centroids hold at most BLOCK_ENTRIES values."""
+    rows = max(1, BLOCK_ENTRIES // cells)
+    return [points[start : start + rows] for start in range(0, len(points), rows)]
 
 
 @dataclass
@@ -153,8 +159,9 @@ def _cells(count: int, read: Reader, cell_size: int, probes: int, stats: Groupin
     stats.seconds["train"] = time.perf_counter() - started
     probes = min(probes, cells)
     assignment = np.empty((count, probes), dtype=np.int32)
-    for start in range(0, count, READ_ROWS):
-        similarity = read(np.arange(start, min(count, start + READ_ROWS))) @ centroids.T
+    rows = max(1, min(READ_ROWS, BLOCK_ENTRIES // cells))  # bounds the similarity block whatever the cell count
+    for start in range(0, count, rows):
+        similarity = read(np.arange(start, min(count, start + rows))) @ centroids.T
         nearest = np.argpartition(-similarity, probes - 1, axis=1)[:, :probes] if probes < cells else \
             np.broadcast_to(np.arange(cells), similarity.shape)
         assignment[start : start + len(similarity)] = nearest

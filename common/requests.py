@@ -151,6 +151,8 @@ def check_fields(instance: Any) -> None:
         for item in items:
             if not isinstance(item, int | float) or isinstance(item, bool):
                 continue
+            if item != item and (low is not None or high is not None):  # NaN compares as inside every range
+                raise RequestError(f"{f.name} must be a number in range, got {value!r}")
             if low is not None and item < low:
                 raise RequestError(f"{f.name} must be >= {low}, got {value!r}")
             if high is not None and item > high:

@@ -26,6 +26,7 @@ from dataformat import (
     ANNOTATION_SCHEMA,
     Column,
     RunLayout,
+    parquet_dataset,
     read_parquet_rows,
     source_id,
     write_parquet_atomic,
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 def read_annotations(out: str | Path) -> dict[str, dict[str, Any]]:
     """{clip_id: {text_area, aesthetic_score, clip_score, caption, captions, scorer_errors}} of a run."""
-    rows = read_parquet_rows(RunLayout(out).annotations)
+    columns = [Column.CLIP_ID, *ANNOTATED_COLUMNS]  # not the CLIP embeddings: the dedup step streams those
+    rows = parquet_dataset(RunLayout(out).annotations, ANNOTATION_SCHEMA).to_table(columns=columns).to_pylist()
     return {row[Column.CLIP_ID]: {name: row.get(name) for name in ANNOTATED_COLUMNS} for row in rows}
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.flow import FarnebackParams
-from common.requests import Request, RequestError, build, check_ranges, setting
+from common.requests import Request, RequestError, build, check_fields, check_ranges, setting
 from curation.scorers.config import ScorersConfig
-from dataformat import VIDEO_SUFFIXES
+from dataformat import SCORE_COLUMNS, VIDEO_SUFFIXES
 
 # 8K UHD: larger frames cost gigabytes per decoded frame batch and are refused up front (decode.max_pixels).
 MAX_PIXELS_8K = 7680 * 4320
@@ -155,6 +155,53 @@ def default_filter_rules() -> list[FilterRule]:
     ]
 
 
+DEDUP_METHODS = ("auto", "clip", "phash")
+CLIP_LENGTH = "length"  # `DedupConfig.keep_best`'s name for a clip's duration (end_s - start_s)
+CLIP_PIXELS = "pixels"  # and for its resolution (width x height): of two copies, the sharper
+
+
+@dataclass
+class DedupConfig:
+    """Near-duplicate removal after scoring (docs/dedup.md): clips whose signatures are this close form a group,
+    the best of each group is kept and the others are dropped by the `duplicate` rule."""
+
+    enabled: bool = setting(True, help="group near-identical clips and keep one per group")
+    method: str = setting("auto", help="signature: 'clip' (the CLIP scorer's image embeddings), 'phash' (a "
+                                       "perceptual hash of first/middle/last frame), 'auto' (clip when the CLIP "
+                                       "scorer runs, else phash)")
+    clip_min_cosine: float = setting(0.95, min=0.5, max=1.0,
+                                     help="two clips are duplicates when their mean CLIP image embeddings have at "
+                                          "least this cosine similarity [open]")
+    phash_max_bits: int = setting(28, min=0, max=96,
+                                  help="two clips are duplicates when their 192-bit perceptual hashes (or one's and "
+                                       "the other's 90 percent centre crop's) differ in at most this many bits [open]")
+    keep_best: tuple[str, ...] = setting(("aesthetic_score", CLIP_PIXELS, CLIP_LENGTH, "motion_score"),
+                                         help="the clip kept of a group: the best by the first column, ties and "
+                                              "missing scores decided by the next ('pixels': width x height, "
+                                              "'length': the clip's duration)")
+    cell_size: int | None = setting(None, min=16, max=1_000_000,
+                                    help="clips per cell of the approximate-neighbour index (k-means cells); runs of "
+                                         "at most twice this many are compared exhaustively; None: about "
+                                         "sqrt(clips) / probes, at least 256")
+    probes: int | None = setting(None, min=1, max=8,
+                                 help="cells each clip is placed in (more finds more pairs that lie near a cell "
+                                      "boundary, at more work); None: 2 for CLIP embeddings, 4 for hashes "
+                                      "(benchmarks/dedup.py)")
+
+    def __post_init__(self) -> None:
+        try:
+            check_fields(self)
+        except RequestError as error:
+            raise RequestError(f"setting dedup.{error}") from None
+        if self.method not in DEDUP_METHODS:
+            raise RequestError(f"setting dedup.method must be one of {', '.join(DEDUP_METHODS)}, got {self.method!r}")
+        known = (*SCORE_COLUMNS, CLIP_PIXELS, CLIP_LENGTH)
+        unknown = [name for name in self.keep_best if name not in known]
+        if unknown or not self.keep_best:
+            raise RequestError(f"setting dedup.keep_best names columns from {', '.join(known)}; "
+                               f"got {list(self.keep_best)!r}")
+
+
 @dataclass
 class ShardConfig:
     max_samples: int = 256
@@ -173,10 +220,27 @@ class CurationConfig:
     filters: list[FilterRule] = field(default_factory=default_filter_rules)
     shards: ShardConfig = field(default_factory=ShardConfig)
     scorers: ScorersConfig = field(default_factory=ScorersConfig)  # learned scorers + actor pools (issue 4)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     video_extensions: tuple[str, ...] = VIDEO_SUFFIXES
 
     def __post_init__(self) -> None:
         self.scorers.validate()  # the other sections check their own ranges; the scorers' names need their path
+        if self.dedup.enabled and self.dedup.method == "clip" and "clip" not in self.scorers.active():
+            why = self.scorers.unavailable().get("clip", "off: scorers.clip.enabled is false")
+            raise RequestError(f"setting dedup.method='clip' needs the CLIP scorer, which is {why}; "
+                               "use dedup.method='auto' or 'phash'")
+
+    def dedup_probes(self, method: str) -> int:
+        """Cells per item: the setting, or what benchmarks/dedup.py found keeps recall >= 0.97 for the method."""
+        return self.dedup.probes or (2 if method == "clip" else 4)
+
+    def dedup_method(self) -> str | None:
+        """The signature near-duplicate removal uses in this run ('clip' or 'phash'), None when it is off."""
+        if not self.dedup.enabled:
+            return None
+        if self.dedup.method == "auto":
+            return "clip" if "clip" in self.scorers.active() else "phash"
+        return self.dedup.method
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None = None) -> CurationConfig:

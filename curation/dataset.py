@@ -27,8 +27,10 @@ from common.requests import RequestError
 from curation.chain import SourceResult, error_result, process_source, storage_fault
 from curation.config import CLIP_METHODS, CurationConfig
 from curation.decode import StorageFault, is_storage_fault
+from curation.dedup import find_duplicates, read_duplicate_groups
 from curation.filtering import apply_filters
 from curation.listing import is_remote, iter_sources, pending_sources
+from curation.phash import clip_signature
 from curation.types import ClipFrames
 from dataformat import (
     CLIP_PART_SCHEMA,
@@ -86,7 +88,7 @@ def local_copy(input_root: str | Path, relative_path: str, scratch: Path) -> Ite
 
 
 # Settings `finalize` applies afresh on every run (from the committed sources), so a rerun may change them.
-RECOMPUTED_SETTINGS = ("filters", "shards")
+RECOMPUTED_SETTINGS = ("filters", "shards", "dedup")
 # Settings that change how fast work runs, never what it produces.
 THROUGHPUT_SETTINGS = ("pool", "threads", "use_ray", "frames_per_forward", "clips_per_forward",
                        "pairs_per_forward", "lookahead_mb")
@@ -169,7 +171,7 @@ def completed_sources(layout: RunLayout) -> set[str]:
 
 def completed_source_ids(layout: RunLayout) -> set[str]:
     """Ids of the committed sources (their source row is in place)."""
-    return {part.stem.removeprefix("part-") for part in layout.sources.glob("part-*.parquet")}
+    return layout.committed_source_ids()
 
 
 def uncommitted(layout: RunLayout, sources: Iterable[str]) -> Iterator[str]:
@@ -273,6 +275,7 @@ def _stage(layout: RunLayout, sid: str, result: SourceResult) -> dict:
     for row, clip_frames in zip(result.clip_rows, result.clip_frames, strict=True):
         row["frames_path"] = str(layout.clip_frames(sid, row["clip_id"]))
         save_clip_frames(Path(row["frames_path"]), clip_frames.frames)
+        row[Column.FRAME_HASH] = clip_signature(clip_frames.frames)  # near-duplicate removal's signature without CLIP
         if clip_frames.video_frames is not None:
             save_clip_frames(video_frames_path(row["frames_path"]), clip_frames.video_frames)
     write_parquet_atomic(result.clip_rows, CLIP_PART_SCHEMA, layout.clip_rows_part(sid))
@@ -291,12 +294,15 @@ def pending_clip_rows(layout: RunLayout) -> list[dict[str, Any]]:
 
 
 def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, dict] | None = None) -> dict:
-    """Filter all clips of the run, write shards of the kept ones and the manifest; return the summary."""
+    """Group near-duplicates (unless already done for these inputs), filter all clips of the run, write shards of
+    the kept ones and the manifest; return the summary."""
+    duplicates = find_duplicates(layout.out, config)
     rows = pending_clip_rows(layout)
     for row in rows:
         row.update((annotations or {}).get(row["clip_id"], {}))
         row["shard"], row["key"] = None, None
-    summary = apply_filters(rows, config.filters)
+    summary = apply_filters(rows, config.filters, read_duplicate_groups(layout.out), config.dedup,
+                            config.dedup_method())
     write_shards([r for r in rows if r["keep"]], layout.shards, config.shards.max_samples, config.shards.max_bytes)
     write_parquet_atomic(rows, MANIFEST_SCHEMA, layout.manifest)
     sources = read_parquet_rows(layout.sources)
@@ -313,6 +319,7 @@ def finalize(layout: RunLayout, config: CurationConfig, annotations: dict[str, d
             for o in summary.outcomes
         ],
         "clip_methods": {m: sum(r.get("clip_method") == m for r in rows) for m in CLIP_METHODS},
+        "duplicates": {key: value for key, value in duplicates.items() if key != "fingerprint"},
     }
     atomic_write_json(layout.summary, report)
     return report

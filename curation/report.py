@@ -8,6 +8,7 @@ clip, hq/summary.json) and writes OUT/report.md with:
 - the overlap between rules (clips dropped by both);
 - PNG histograms per score, kept and dropped stacked, with each rule's threshold drawn in;
 - one contact sheet per rule: first/middle/last frame of the clips it dropped, most extreme first;
+- near-duplicates: the signature used, groups found, clips removed, and the largest groups side by side (kept first);
 - which learned scorers ran (and which setting switches the others on), captions, the hq subset.
 `build_report` returns the same text for the Prefect markdown artifact (`lvd-f-report`) with every figure
 embedded as a base64 data URI (the Prefect UI cannot load the run's local files), downscaled so that all
@@ -28,9 +29,12 @@ import numpy as np
 
 from curation.config import CurationConfig
 from curation.dataset import pending_clip_rows
+from curation.filtering import DUPLICATE
 from dataformat import SCORE_COLUMNS, Column, RunLayout, atomic_write, read_parquet_rows
 
 SHEET_CLIPS = 6
+GROUP_EXAMPLES = 4  # near-duplicate groups shown, largest first
+GROUP_MEMBERS_SHOWN = 6  # middle frames per group row
 SHEET_FRAME_HEIGHT = 96
 ARTIFACT_IMAGE_BYTES = 900_000  # base64 text of all figures embedded in the Prefect artifact together
 ARTIFACT_MAX_WIDTH = 640  # px; wider figures are scaled down before embedding
@@ -135,6 +139,71 @@ def contact_sheet(rows: list[dict[str, Any]], column: str, path: Path) -> bool:
     return True
 
 
+def _thumbnail(row: dict[str, Any], label: str, colour: tuple[int, int, int]) -> np.ndarray:
+    """The clip's middle frame at the sheet height, with a coloured label bar."""
+    height = SHEET_FRAME_HEIGHT
+    image = cv2.imread(str(row.get("frames_path") or ""), cv2.IMREAD_COLOR)
+    if image is None:
+        frame = np.full((height, height * 16 // 9, 3), 60, np.uint8)
+    else:
+        third = image.shape[0] // 3
+        frame = image[third : 2 * third]
+        frame = cv2.resize(frame, (max(1, round(frame.shape[1] * height / frame.shape[0])), height))
+    bar = np.full((20, frame.shape[1], 3), colour, np.uint8)
+    cv2.putText(bar, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.pad(np.concatenate([frame, bar], axis=0), ((0, 0), (0, 6), (0, 0)), constant_values=255)
+
+
+def duplicate_groups_sheet(groups: list[list[dict[str, Any]]], path: Path) -> bool:
+    """One row per near-duplicate group: the kept clip's middle frame, then its duplicates'; False if none."""
+    if not groups:
+        return False
+    rows = []
+    for members in groups:
+        cells = [_thumbnail(row, "kept" if row.get(Column.DUPLICATE_OF) is None else "duplicate",
+                            (43, 138, 62) if row.get(Column.DUPLICATE_OF) is None else (42, 42, 201))
+                 for row in members[:GROUP_MEMBERS_SHOWN]]
+        rows.append(np.concatenate(cells, axis=1))
+    width = max(row.shape[1] for row in rows)
+    padded = [np.pad(row, ((0, 8), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    ok, encoded = cv2.imencode(".png", np.concatenate(padded, axis=0))
+    if not ok:
+        raise ValueError(f"cannot encode the duplicate-groups sheet {path.name} as PNG")
+    atomic_write(path, encoded.tobytes())
+    return True
+
+
+def _duplicates_section(rows: list[dict[str, Any]], summary: dict[str, Any], figures: Path,
+                        out: Path) -> list[str]:
+    """Near-duplicate removal: method, counts, and the largest groups (kept clip first)."""
+    result = summary.get("duplicates") or {}
+    lines = ["", "## Near-duplicates", ""]
+    if not result.get("method"):
+        return [*lines, "- off (dedup.enabled=false)" if result else "- not run"]
+    signature = ("mean CLIP image embedding, cosine >= " f"{result['min_cosine']:.3g}" if result["method"] == "clip"
+                 else f"perceptual hash of first/middle/last frame, cosine >= {result['min_cosine']:.3g} of +-1 bits")
+    lines += [f"- signature: {result['method']} ({signature})",
+              f"- clips compared: {result['clips'] - result['unsigned']} of {result['clips']}"
+              + (f" ({result['unsigned']} without a signature are never grouped)" if result["unsigned"] else ""),
+              f"- groups: **{result['groups']}** holding {result['in_groups']} clips; removed as duplicates: "
+              f"**{result['duplicates']}** (one clip kept per group)"]
+    kept_of = {r[Column.CLIP_ID]: r for r in rows}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get(Column.DUPLICATE_OF):
+            groups.setdefault(row[Column.DUPLICATE_OF], []).append(row)
+    examples = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:GROUP_EXAMPLES]
+    members = [[kept_of[kept], *duplicates] for kept, duplicates in examples if kept in kept_of]
+    sheet = figures / "duplicate_groups.png"
+    if duplicate_groups_sheet(members, sheet):
+        lines += ["", "Largest groups (middle frames; the kept clip first):", "",
+                  f"![duplicate groups]({sheet.relative_to(out)})", ""]
+        for group in members:
+            lines.append(f"- kept `{group[0][Column.CLIP_ID]}` ({group[0][Column.SOURCE]}); duplicates: "
+                         + ", ".join(f"`{r[Column.CLIP_ID]}` ({r[Column.SOURCE]})" for r in group[1:]))
+    return lines
+
+
 def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     """(scorer, status, clips with an error from it)."""
     scorers = config.scorers
@@ -201,6 +270,8 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
             sheets[name] = str(sheet.relative_to(layout.out))
         threshold = "-" if rule.get("threshold") is None else f"{rule['threshold']:.4g}"
         kind = f"{rule['mode']} {rule['value']:g}{'%' if rule['mode'] == 'percentile' else ''} ({rule['drop']})"
+        if name == DUPLICATE:
+            kind = f"near-duplicate ({(summary.get('duplicates') or {}).get('method')}, {rule['value']:g})"
         dropped = rule["skipped"] if rule.get("skipped") else str(rule["dropped"])
         example = f"[sheet]({sheets[name]})" if name in sheets else "-"
         lines.append(f"| {name} | {rule['column']} | {kind} | {threshold} | {rule['scored']} | {dropped} "
@@ -228,6 +299,7 @@ def build_report(out: str | Path, config: CurationConfig) -> tuple[str, str]:
         lines += ["", "## Dropped examples (first | middle | last frame; most extreme first)"]
         for name, sheet in sheets.items():
             lines += ["", f"### {name}", "", f"![{name}]({sheet})"]
+    lines += _duplicates_section(rows, summary, figures, layout.out)
     lines += ["", "## Learned scorers", "", "| scorer | status | clips with errors |", "|---|---|---|"]
     lines += [f"| {name} | {status} | {errors} |" for name, status, errors in _scorer_status(config, rows)]
     captioned = [r for r in rows if r.get("caption")]

@@ -114,6 +114,10 @@ class RunLayout:
         streams its listing through this instead of loading every committed id)."""
         return os.path.exists(os.path.join(self.sources, _part(source_id(relative_path))))
 
+    def committed_source_ids(self) -> set[str]:
+        """Ids of the committed sources (their source row is in place)."""
+        return {part.stem.removeprefix("part-") for part in self.sources.glob("part-*.parquet")}
+
     @property
     def work(self) -> Path:
         return self.out / "work"
@@ -146,6 +150,25 @@ class RunLayout:
 
     def annotations_part(self, sid: str) -> Path:
         return self.annotations / _part(sid)
+
+    @property
+    def dedup(self) -> Path:
+        """Near-duplicate removal (docs/dedup.md): groups.parquet, state.json and the scratch vector file."""
+        return self.work / "dedup"
+
+    @property
+    def duplicate_groups(self) -> Path:
+        return self.dedup / "groups.parquet"
+
+    @property
+    def dedup_state(self) -> Path:
+        """What the groups were computed from (settings, method, clips): a rerun with the same recomputes nothing."""
+        return self.dedup / "state.json"
+
+    @property
+    def dedup_vectors(self) -> Path:
+        """Scratch: every clip's signature, one row each, read through a memory map (deleted when done)."""
+        return self.dedup / "vectors.bin"
 
     @property
     def downloads(self) -> Path:

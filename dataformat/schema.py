@@ -33,12 +33,14 @@ MANIFEST_SCHEMA = pa.schema(
         # exact-copy clips: frames decoded but not shown before/after the shot (an edit list hides them)
         ("pre_roll_frames", pa.int64()), ("post_roll_frames", pa.int64()),
         ("pre_roll_bytes", pa.int64()), ("post_roll_bytes", pa.int64()),
+        # near-duplicate removal (docs/dedup.md): the clip id of the clip kept in this clip's group, null otherwise
+        ("duplicate_of", pa.string()),
     ]
 )
 # Per-source staging rows (work/clip_rows/): the manifest row plus where the clip file and its frames live.
 CLIP_PART_SCHEMA = MANIFEST_SCHEMA.append(pa.field("clip_path", pa.string())).append(
     pa.field("frames_path", pa.string())
-)
+).append(pa.field("frame_hash", pa.binary()))  # curation/phash.py: pHash of first/middle/last frame and their crops
 # Scored columns that the learned scorers add to a clip, as merged into the manifest by `finalize`.
 ANNOTATED_COLUMNS = ("text_area", "aesthetic_score", "clip_score", "caption", "captions", "scorer_errors")
 # work/annotations/ rows: the clip id, the scored columns, and which scorers produced them (for resuming).
@@ -46,7 +48,12 @@ ANNOTATION_SCHEMA = pa.schema(
     [pa.field("clip_id", pa.string())]
     + [MANIFEST_SCHEMA.field(name) for name in ANNOTATED_COLUMNS]
     + [pa.field("annotated_by", pa.list_(pa.string()))]
+    # the clip's mean CLIP image embedding (L2-normalised, float16 bytes) for near-duplicate removal; null without CLIP
+    + [pa.field("clip_embedding", pa.binary())]
 )
+# work/dedup/groups.parquet: one row per clip in a group of near-duplicates (singletons have none); `group` is the
+# smallest clip id of the group.
+DUPLICATE_GROUPS_SCHEMA = pa.schema([("clip_id", pa.string()), ("group", pa.string())])
 
 SOURCE_COLUMNS = tuple(SOURCES_SCHEMA.names)
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
@@ -87,12 +94,17 @@ class Column:
     CLIP_PATH = "clip_path"
     FRAMES_PATH = "frames_path"
     ANNOTATED_BY = "annotated_by"
+    DUPLICATE_OF = "duplicate_of"
+    FRAME_HASH = "frame_hash"
+    CLIP_EMBEDDING = "clip_embedding"
+    GROUP = "group"
 
 
 # Score columns a report plots (all float64 in the manifest).
 SCORE_COLUMNS = (Column.MOTION_SCORE, Column.TEXT_AREA, Column.AESTHETIC_SCORE, Column.CLIP_SCORE, Column.RAFT_MOTION)
 
-_KNOWN = set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS)
+_KNOWN = (set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS)
+          | set(DUPLICATE_GROUPS_SCHEMA.names))
 _UNKNOWN = sorted(value for name, value in vars(Column).items() if name.isupper() and value not in _KNOWN)
 if _UNKNOWN:  # pragma: no cover - a typo here must stop every import, not read as a null column later
     raise ImportError(f"dataformat.Column names columns no schema has: {_UNKNOWN}")

@@ -5,8 +5,9 @@ task each on Ray, at most `batches_in_flight` batches at once (local Ray by defa
 retried on infrastructure failure, a bad source is an error row, never a failed task; a source that kills its
 worker process on every try is an error row too; the task stages its sources, the driver commits each, and
 workers exit when the driver is gone) ->
-`finalize` (filters over the whole run, shards, manifest) -> markdown summary artifact. `lvd curate IN OUT`
-runs the same flow from the shell with a progress bar.
+`find-duplicates` (near-duplicate groups across every source; reused when its inputs are unchanged) ->
+`finalize` (filters over the whole run, duplicates included, shards, manifest) -> markdown summary artifact.
+`lvd curate IN OUT` runs the same flow from the shell with a progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from curation.dataset import (
     prepare_output,
     stage_sources,
 )
+from curation.dedup import find_duplicates
 from curation.hq import hq_pass, hq_uses_ray
 from curation.listing import batch_size, pending_sources, source_batches
 from curation.report import write_report
@@ -79,6 +81,17 @@ def curate_batch_task(input_path: str, relative_paths: list[str], label: str, ou
     stop_with_driver(DriverProcess.from_dict(driver))
     return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path,
                          CurationConfig.from_overrides(config))
+
+
+@task(name="find-duplicates")
+def duplicates_task(output_path: str, config: dict[str, Any]) -> dict:
+    """Global across sources, so after every source is scored (docs/dedup.md); a rerun reuses its groups."""
+    result = find_duplicates(output_path, CurationConfig.from_overrides(config))
+    if result.get("method"):
+        get_run_logger().info("near-duplicates (%s): %d groups, %d duplicate clips of %d%s", result["method"],
+                              result["groups"], result["duplicates"], result["clips"],
+                              " (reused)" if result["reused"] else "")
+    return result
 
 
 @task(name="finalize")
@@ -205,6 +218,7 @@ def curate_lvd(request: CurateRequest) -> dict:
     curate_sources.with_options(task_runner=runner)(input_path, output_path, config, pending, request.progress,
                                                     request.sources_per_task, request.batches_in_flight,
                                                     local_ray=request.ray_address is None)
+    duplicates_task(output_path, config)
     report = finalize_task(output_path, config)
     if hq_uses_ray(request.config):
         hq = select_hq.with_options(task_runner=RayTaskRunner(**_runner_args(request.ray_address)))(output_path,

@@ -14,9 +14,10 @@ from curation import report as report_module
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurationConfig
 from curation.dataset import curate_source, finalize, prepare_output
+from curation.dedup import read_duplicate_groups
 from curation.hq import hq_pass
 from curation.report import ARTIFACT_IMAGE_BYTES, ARTIFACT_MAX_WIDTH, build_report, rule_overlap, write_report
-from dataformat import read_parquet_rows
+from dataformat import RunLayout, read_parquet_rows
 from tests.scorer_helpers import tiny_models, tiny_scorer_overrides
 
 SOURCES = ("bikes.mp4", "text_big.mp4", "text_small.mp4", "static_shot.mp4", "dissolves.mp4", "empty.mp4")
@@ -143,3 +144,31 @@ def test_annotations_resume_only_what_is_missing(run):
     for new, old in zip(redone, one, strict=True):  # same models, same scores (batch size may differ)
         assert new["caption"] == old["caption"] and new["text_area"] == pytest.approx(old["text_area"], abs=1e-6)
         assert new["aesthetic_score"] == pytest.approx(old["aesthetic_score"], abs=1e-5)
+
+
+def test_near_duplicates_group_by_the_embeddings_the_clip_scorer_kept(run):
+    """With the CLIP scorer on, dedup reads its stored embeddings (no second CLIP pass) and groups exactly the
+    clips whose mean embeddings reach dedup.clip_min_cosine, as comparing every pair does."""
+    out, config, summary, *_ = run
+    rows = read_parquet_rows(RunLayout(out).annotations)
+    assert summary["duplicates"]["method"] == "clip"
+    assert summary["duplicates"]["clips"] == len(rows) and summary["duplicates"]["unsigned"] == 0
+    vectors = np.stack([np.frombuffer(r["clip_embedding"], "<f2").astype(np.float32) for r in rows])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(vectors @ vectors.T >= config.dedup.clip_min_cosine, k=1)), strict=True):
+        a, b = root(int(i)), root(int(j))
+        parent[max(a, b)] = min(a, b)
+    expected: dict[int, set[str]] = {}
+    for i, row in enumerate(rows):
+        expected.setdefault(root(i), set()).add(row["clip_id"])
+    found: dict[str, set[str]] = {}
+    for clip_id, group in read_duplicate_groups(out).items():
+        found.setdefault(group, set()).add(clip_id)
+    assert sorted(map(sorted, found.values())) == sorted(sorted(g) for g in expected.values() if len(g) > 1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.openclip import resize_for_model
 from curation.scorers import build_scorer
 from curation.scorers.base import MissingWeightsError
 from curation.scorers.captions import CocaCaptioner
@@ -37,7 +38,13 @@ def captioned_clips() -> list[ClipFrames]:
 
 def test_clip_scores_shapes_ranges_and_determinism(models, clip_scorer, captioned_clips):
     rows = clip_scorer.score(captioned_clips)
-    assert [set(row) for row in rows] == [{"aesthetic_score", "clip_score"}] * 5
+    assert [set(row) for row in rows] == [{"aesthetic_score", "clip_score", "clip_embedding"}] * 5
+    # the dedup signature is the frames' mean unit embedding, normalised, as float16: what CLIP computed, no 2nd pass
+    expected = clip_scorer.embed_frames(resize_for_model(captioned_clips[0].frames, clip_scorer.preprocess_cfg))
+    expected = torch.nn.functional.normalize(expected.mean(dim=0), dim=-1).numpy()
+    stored = np.frombuffer(rows[0]["clip_embedding"], dtype="<f2").astype(np.float32)
+    np.testing.assert_allclose(stored, expected, atol=2e-3)
+    assert abs(float(np.linalg.norm(stored)) - 1.0) < 2e-3
     assert all(np.isfinite(row["aesthetic_score"]) for row in rows)
     assert len({round(row["aesthetic_score"], 6) for row in rows}) == 5  # different footage, different scores
     for clip, row in zip(captioned_clips, rows, strict=True):

@@ -5,6 +5,8 @@
 - `clip_score`: cosine similarity between the clip's caption (CoCa's, or the source's own) and each
   frame's embedding, averaged over the frames. Raw cosine in [-1, 1] (CLIPScore's x100/x2.5 scalings
   change nothing for a percentile rule). A clip without a caption gets None.
+- `clip_embedding`: the mean of the frames' L2-normalised image embeddings, normalised again, as float16 bytes:
+  the signature near-duplicate removal groups clips by (docs/dedup.md), kept here so nothing runs CLIP twice.
 """
 
 from __future__ import annotations
@@ -74,11 +76,20 @@ def load_aesthetic_predictor(path: str, device: str):
     return head.to(device), input_dim
 
 
+def clip_embedding_bytes(frame_embeddings) -> bytes:
+    """A clip's signature for near-duplicate removal: its frames' unit embeddings averaged and normalised,
+    stored as little-endian float16 (D x 2 bytes; `curation.dedup` reads it back)."""
+    import torch
+
+    mean = torch.nn.functional.normalize(frame_embeddings.float().mean(dim=0), dim=-1)
+    return mean.cpu().numpy().astype("<f2").tobytes()
+
+
 class ClipScorer:
     """`aesthetic_score` and `clip_score` per clip; one CLIP forward covers many clips' frames."""
 
     name = "clip"
-    columns = ("aesthetic_score", "clip_score")
+    columns = ("aesthetic_score", "clip_score", "clip_embedding")
 
     def __init__(self, config: ClipScoreConfig | None = None, device: str = "auto", threads: int = 1) -> None:
         import open_clip
@@ -157,6 +168,7 @@ class ClipScorer:
             {
                 "aesthetic_score": float(aesthetic[i].mean()) if aesthetic is not None else None,
                 "clip_score": text_sims.get(i),
+                "clip_embedding": clip_embedding_bytes(per_clip[i]),
             }
             for i in range(len(batch))
         ]

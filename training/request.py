@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,16 +60,26 @@ class StageRunRequest(Request):
                                                            "gradients and optimizer state sharded")
     checkpoint_every: int | None = setting(None, min=1, help="optimizer steps between checkpoints (default: the "
                                                              "stage preset's)")
-    conditioning: Literal["text", "image"] = setting(
+    conditioning: Literal["text", "image", "multiview"] = setting(
         "text", help="text: text-to-video; image: image-to-video, stages 2-3 (finetunes --init, a diffusers SVD "
-                     "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/)")
+                     "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/); multiview: stage 3 "
+                     "on `lvd orbits` data, view 0 conditions the orbit (writes OUTPUT_ROOT/stage3-multiview/)")
+    camera_embedding: bool = setting(False, help="multiview: add SV3D-style per-frame camera embeddings (new "
+                                                 "layers: the export then loads with this project only)")
     image_encoder: str | None = setting(None, help="image mode from a text-to-video export: an SVD or CLIP vision "
                                                    "folder ('tiny' preset: random)")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
                                                 "this many steps")
 
+    def stage_preset(self) -> StagePreset:
+        """The stage's preset for this conditioning (with the camera embedding), cut to `max_steps`."""
+        chosen = get_stage_preset(self.stage, self.preset, self.conditioning)
+        return replace(chosen, camera_embedding=self.camera_embedding).with_max_steps(self.max_steps)
+
     def validate(self) -> None:
-        stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
+        if self.camera_embedding and self.conditioning != "multiview":
+            raise RequestError("camera_embedding is a multi-view option: use it with conditioning 'multiview'")
+        stage_preset = self.stage_preset()
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise RequestError(f"min_workers: {self.min_workers} is more than num_workers {self.num_workers}")
         for workers in range(self.min_workers or self.num_workers, self.num_workers + 1):
@@ -78,7 +88,7 @@ class StageRunRequest(Request):
                     raise RequestError(f"{'num_workers' if workers == self.num_workers else 'min_workers'}: phase "
                                        f"{phase.name}'s global batch {phase.batch_size} is not divisible by "
                                        f"{workers} workers")
-        if self.decoder_steps and self.conditioning != "image":
+        if self.decoder_steps and self.conditioning == "text":
             raise RequestError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports "
                                "carry: use it with conditioning 'image'")
 
@@ -90,12 +100,12 @@ class StageRunRequest(Request):
     def resolve(self) -> tuple[StagePreset, list[str], str]:
         """What reads the disk, before Ray starts, with messages that say what to do: the stage cut to
         `max_steps`, the shards under `data`, the initialisation (FileNotFoundError naming what is missing)."""
-        stage_preset = get_stage_preset(self.stage, self.preset, self.conditioning).with_max_steps(self.max_steps)
+        stage_preset = self.stage_preset()
         init, encoder = self.init, self.image_encoder
-        if self.conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
+        if self.conditioning != "text" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
             raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
                                     "SVD folder or a text-to-video stage export")
-        if self.conditioning == "image" and encoder is None and self.preset != "tiny":
+        if self.conditioning != "text" and encoder is None and self.preset != "tiny":
             from model.image_to_video import is_image_to_video_folder  # diffusers: only image requests import it
 
             if not (init and is_image_to_video_folder(init)):

@@ -15,7 +15,7 @@ from typing import Any
 from dataformat import CAPTION_MIX, check_caption_mix
 
 TRAINABLE_SETS = ("all", "time_embedding", "temporal")
-CONDITIONINGS = ("text", "image")
+CONDITIONINGS = ("text", "image", "multiview")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class StagePreset:
     image_drop_rate: float = 0.1
     noise_aug_log_mean: float = -3.0
     noise_aug_log_std: float = 0.5
+    camera_embedding: bool = False  # multiview: SV3D-style per-frame camera embeddings (model/multiview.py)
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -179,6 +180,13 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
 
 IMAGE_TO_VIDEO_NOISE = (1.0, 1.6)  # stage III image-to-video (P_mean, P_std); text-to-video: (0.5, 1.4)
 
+# Multi-view finetune (docs/multiview.md): SVD-MV's orbits of 21 views at 576x576, the image-to-video noise; steps,
+# batch and learning rate are [open]. The conditioning frame is view 0, so every frame is read at stride 1.
+MULTIVIEW_PHASES = {
+    "svd": Phase("multiview-576x576", 576, 576, 21, 12_000, 16, 1e-5, *IMAGE_TO_VIDEO_NOISE, warmup_steps=100),
+    "tiny": Phase("multiview", 64, 64, 6, 4, 2, 3e-4, *IMAGE_TO_VIDEO_NOISE),
+}
+
 
 def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text") -> StagePreset:
     """The preset for `stage` (1, 2 or 3) and `conditioning` ("text" or "image"); a clear error for anything else.
@@ -194,6 +202,10 @@ def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text
     chosen = STAGE_PRESETS[preset][stage]
     if conditioning == "text":
         return chosen
+    if conditioning == "multiview":
+        if stage != 3:
+            raise ValueError("the multi-view finetune is stage 3 (it finetunes an image-to-video model)")
+        return replace(chosen, phases=(MULTIVIEW_PHASES[preset],), conditioning="multiview", frame_strides=(1,))
     if stage == 1:
         raise ValueError("image-to-video training needs clips: use stage 2 or 3 with conditioning 'image' "
                          "(stage 1 is image pretraining)")

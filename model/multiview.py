@@ -1,0 +1,81 @@
+"""Multi-view generation with an image-to-video model (docs/multiview.md, docs/recipe.md §6): how the camera reaches
+the U-Net, for training (training/data.py, training/trainer.py) and sampling (generation/multiview.py) alike.
+
+Two ways, both on SVD's image-to-video path (the conditioning image is view 0, the frames are the orbit):
+
+* SVD-MV (the SVD paper's multi-view finetune): no new layers. The orbit's elevation is one of SVD's
+  micro-conditions: it takes the place of the motion bucket id (`ELEVATION_MICRO_CONDITION`), and the fps
+  micro-condition is a constant (`MULTIVIEW_FPS`), since an orbit of N views has no frame rate of its own.
+  [open] which micro-condition the paper uses could not be quoted from its text here (docs/multiview.md); the
+  choice is one constant in this module. The export is a plain diffusers SVD folder.
+* SV3D-style camera embeddings (`camera_embedding=True` on the U-Net): per frame, sinusoidal embeddings of
+  the elevation and the azimuth relative to view 0 (radians), through a two-layer MLP, added to the U-Net's
+  time embedding of that frame. The MLP's output layer starts at zero, so a finetune starts from SVD exactly.
+  These are new layers: diffusers' `StableVideoDiffusionPipeline` cannot run them, so such exports keep this
+  project's class names and load with `lvd generate` / `model.loading.load_pipeline` only.
+
+`camera` tensors are (B, T, 2): [elevation_deg, azimuth_deg] per frame.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import Timesteps
+
+MULTIVIEW_FPS = 7  # [open] the fps micro-condition of every orbit (SVD's default frame rate)
+ELEVATION_MICRO_CONDITION = "motion_bucket_id"  # [open] the micro-condition that carries the elevation (degrees)
+CAMERA_FEATURES = 256  # sinusoidal features per angle (SVD's micro-conditions use 256 each)
+
+
+def camera_micro_conditioning(elevation_deg: float | torch.Tensor) -> dict[str, Any]:
+    """The `fps` and `motion_bucket_id` arguments that carry an orbit's elevation (SVD-MV style)."""
+    return {"fps": MULTIVIEW_FPS, ELEVATION_MICRO_CONDITION: elevation_deg}
+
+
+def relative_azimuths(azimuths_deg: list[float] | tuple[float, ...]) -> list[float]:
+    """Azimuths relative to the first view (the conditioning image), in [0, 360)."""
+    return [float((azimuth - azimuths_deg[0]) % 360.0) for azimuth in azimuths_deg]
+
+
+def orbit_camera(elevation_deg: float, views: int) -> torch.Tensor:
+    """(views, 2) cameras of an evenly spaced orbit at one elevation, azimuths relative to view 0."""
+    azimuths = torch.arange(views, dtype=torch.float32) * (360.0 / views)
+    return torch.stack([torch.full((views,), float(elevation_deg)), azimuths], dim=1)
+
+
+class CameraEmbedding(torch.nn.Module):
+    """SV3D-style per-frame camera embedding: sin/cos features of elevation and azimuth (radians) -> MLP ->
+    a vector added to each frame's time embedding."""
+
+    def __init__(self, time_embed_dim: int, features: int = CAMERA_FEATURES) -> None:
+        super().__init__()
+        self.project = Timesteps(features, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.linear_1 = torch.nn.Linear(2 * features, time_embed_dim)
+        self.act = torch.nn.SiLU()
+        self.linear_2 = torch.nn.Linear(time_embed_dim, time_embed_dim)
+        torch.nn.init.zeros_(self.linear_2.weight)  # starts as "no camera": the finetune starts from SVD exactly
+        torch.nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, camera: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2) degrees -> (B * T, time_embed_dim)."""
+        radians = camera.flatten(0, 1).float() * (math.pi / 180.0)
+        features = torch.cat([self.project(radians[:, 0]), self.project(radians[:, 1])], dim=1)
+        features = features.to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def with_camera_embedding(unet):
+    """A copy of `unet` (a VideoUNet) with a fresh, zero-output camera embedding; every other weight kept."""
+    from model.unet import VideoUNet
+
+    if getattr(unet.config, "camera_embedding", False):
+        return unet
+    config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
+    extended = VideoUNet.from_config({**config, "camera_embedding": True})
+    missing, unexpected = extended.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("camera_embedding.") for name in missing):
+        raise ValueError(f"camera embedding: unexpected weights {unexpected[:3]}, missing {missing[:3]}")
+    return extended.to(device=unet.device, dtype=unet.dtype)

@@ -76,6 +76,6 @@ def with_camera_embedding(unet):
     config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
     extended = VideoUNet.from_config({**config, "camera_embedding": True})
     missing, unexpected = extended.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("camera_embedding.") for name in missing):
+    if unexpected or any(not name.startswith("camera_mlp.") for name in missing):
         raise ValueError(f"camera embedding: unexpected weights {unexpected[:3]}, missing {missing[:3]}")
-    return extended.to(device=unet.device, dtype=unet.dtype)
+    return extended.to(device=unet.device, dtype=unet.dtype).train(unet.training)

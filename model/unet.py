@@ -114,7 +114,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         if camera_embedding:  # SV3D-style per-frame camera (model/multiview.py): new layers diffusers does not have
             from model.multiview import CameraEmbedding
 
-            self.camera_embedding = CameraEmbedding(block_out_channels[0] * 4)
+            self.camera_mlp = CameraEmbedding(block_out_channels[0] * 4)
         install_shared_context(self)
 
     @classmethod
@@ -232,7 +232,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         if camera is not None:
             if tuple(camera.shape) != (batch_size, num_frames, 2):
                 raise ValueError(f"camera must be ({batch_size}, {num_frames}, 2), got {tuple(camera.shape)}")
-            emb = emb + self.camera_embedding(camera.to(sample.device)).to(emb.dtype)
+            emb = emb + self.camera_mlp(camera.to(sample.device)).to(emb.dtype)
         if encoder_hidden_states.ndim == 4:  # one context per frame (B, T, L, D), e.g. an interpolation walk
             if encoder_hidden_states.shape[:2] != (batch_size, num_frames):
                 raise ValueError(f"per-frame encoder_hidden_states must start with ({batch_size}, {num_frames}), "

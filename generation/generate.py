@@ -104,8 +104,8 @@ class GenerateRequest(Request):
 
     def generation_settings(self) -> dict[str, Any]:
         """The keyword arguments of `generate_videos` (everything but prompts, checkpoint and outputs)."""
-        names = ("image", "image_model", "num_frames", "views", "elevation", "height", "width", "steps", "guidance", "fps",
-                 "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
+        names = ("image", "image_model", "num_frames", "views", "elevation", "height", "width", "steps", "guidance",
+                 "fps", "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
                  "dtype", "cpu_offload")
         return {name: getattr(self, name) for name in names}
 

@@ -36,6 +36,10 @@ import numpy as np
 # Importer per file suffix, inside Blender (the child process).
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl")
 RESULT_FILE = "result.json"
+# Orbit defaults shared by `lvd orbits`, `lvd generate --views` and `lvd evaluate-views` (docs/multiview.md); [open].
+DEFAULT_ELEVATION = 10.0  # degrees above the horizon
+DEFAULT_RADIUS = 2.0  # camera distance; the asset's bounding box has longest side 1
+DEFAULT_FOV = 40.0  # degrees
 VIEW_PATTERN = "view_{:03d}.png"
 
 

@@ -24,7 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from common.orbits import MESH_SUFFIXES, OrbitCameras, RenderJob, RenderSettings, orbit_cameras, render_orbits
+from common.orbits import (
+    DEFAULT_ELEVATION,
+    DEFAULT_FOV,
+    DEFAULT_RADIUS,
+    MESH_SUFFIXES,
+    OrbitCameras,
+    RenderJob,
+    RenderSettings,
+    orbit_cameras,
+    render_orbits,
+)
 from common.requests import Request, RequestError, setting
 from curation.dataset import changed_settings, check_output_dir, commit_source, local_copy
 from curation.listing import iter_sources, pending_sources
@@ -69,13 +79,14 @@ class OrbitRequest(Request):
                                                      "shards/, sources.parquet/ with one row per asset)")
     views: int = setting(21, min=1, max=1000, help="views per orbit, evenly spaced in azimuth (SVD-MV: 21)")
     size: int = setting(576, min=8, max=4096, help="square image size in pixels, a multiple of 8 (SVD-MV: 576)")
-    elevation: float = setting(10.0, min=-89.0, max=89.0, help="camera elevation in degrees above the horizon [open]")
+    elevation: float = setting(DEFAULT_ELEVATION, min=-89.0, max=89.0,
+                               help="camera elevation in degrees above the horizon [open]")
     random_elevation: str | None = setting(None, flag="--random-elevation",
                                            help="'LO,HI': draw each asset's elevation uniformly in [LO, HI] degrees "
                                                 "instead (write --random-elevation=-5,30 for a negative LO)")
-    radius: float = setting(2.0, min=0.6, max=100.0, help="camera distance from the centre; the asset's bounding "
-                                                          "box has longest side 1 [open]")
-    fov: float = setting(40.0, min=1.0, max=170.0, help="field of view in degrees [open]")
+    radius: float = setting(DEFAULT_RADIUS, min=0.6, max=100.0,
+                            help="camera distance from the centre; the asset's bounding box has longest side 1 [open]")
+    fov: float = setting(DEFAULT_FOV, min=1.0, max=170.0, help="field of view in degrees [open]")
     samples: int = setting(32, min=1, max=4096, help="Cycles samples per pixel")
     fps: float = setting(7.0, min=1.0, max=120.0, help="frame rate written into each orbit clip [open]")
     seed: int = setting(0, help="seed of the random elevations")

@@ -286,7 +286,8 @@ def generate_videos(
     warnings: list[str] = []
     camera: dict[str, Any] = {}
     if image_mode and (views is not None or elevation is not None):
-        from generation.multiview import DEFAULT_ELEVATION, multiview_arguments, white_background_warning
+        from generation.multiview import DEFAULT_ELEVATION, white_background_warning
+        from model.multiview import multiview_arguments
 
         elevation = DEFAULT_ELEVATION if elevation is None else float(elevation)
         orbit = multiview_arguments(pipe, views or settings["num_frames"], elevation)

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_ELEVATION = 10.0  # degrees; the `lvd orbits` default
+from common.orbits import DEFAULT_ELEVATION
+
+__all__ = ["DEFAULT_ELEVATION", "white_background_warning", "white_border_fraction"]
+
 WHITE_LEVEL = 240  # a pixel whose three channels are all >= this counts as white background
 WHITE_BORDER_FRACTION = 0.9  # below this share of white border pixels the input gets a warning
 BORDER = 0.05  # the border is the outer 5 % of the image on each side
@@ -36,14 +39,3 @@ def white_background_warning(image: Any, source: str) -> str | None:
         return None
     return (f"image {source}: only {100 * fraction:.0f}% of its border is white; multi-view models expect one object "
             "on a white background: remove the background (and composite on white) first")
-
-
-def multiview_arguments(pipe, views: int, elevation_deg: float) -> dict[str, Any]:
-    """The pipeline arguments of an orbit of `views` views at `elevation_deg`: frames, the micro-conditions that
-    carry the elevation, and per-frame cameras when the U-Net has a camera embedding."""
-    from model.multiview import camera_micro_conditioning, orbit_camera
-
-    arguments: dict[str, Any] = {"num_frames": views, **camera_micro_conditioning(elevation_deg)}
-    if getattr(pipe.unet.config, "camera_embedding", False):
-        arguments["camera"] = orbit_camera(elevation_deg, views)[None]
-    return arguments

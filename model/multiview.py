@@ -79,3 +79,12 @@ def with_camera_embedding(unet):
     if unexpected or any(not name.startswith("camera_mlp.") for name in missing):
         raise ValueError(f"camera embedding: unexpected weights {unexpected[:3]}, missing {missing[:3]}")
     return extended.to(device=unet.device, dtype=unet.dtype).train(unet.training)
+
+
+def multiview_arguments(pipe, views: int, elevation_deg: float) -> dict[str, Any]:
+    """The image-to-video pipeline arguments of an orbit of `views` views at `elevation_deg`: frames, the
+    micro-conditions that carry the elevation, and per-frame cameras when the U-Net has a camera embedding."""
+    arguments: dict[str, Any] = {"num_frames": views, **camera_micro_conditioning(elevation_deg)}
+    if getattr(pipe.unet.config, "camera_embedding", False):
+        arguments["camera"] = orbit_camera(elevation_deg, views)[None]
+    return arguments

@@ -81,7 +81,7 @@ class LpipsDistance:
         import torch
 
         def tensor(images: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
+            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
 
         with torch.inference_mode():
             return self.model(tensor(generated), tensor(truth)).flatten().double().cpu().numpy()

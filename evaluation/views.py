@@ -81,7 +81,8 @@ class LpipsDistance:
         import torch
 
         def tensor(images: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
+            pixels = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: inputs may be read-only
+            return pixels.permute(0, 3, 1, 2).div(127.5).sub(1.0).to(self.device)
 
         with torch.inference_mode():
             return self.model(tensor(generated), tensor(truth)).flatten().double().cpu().numpy()

@@ -19,15 +19,12 @@ Two ways, both on SVD's image-to-video path (the conditioning image is view 0, t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import Timesteps
 
 MULTIVIEW_FPS = 7  # [open] the fps micro-condition of every orbit (SVD's default frame rate)
 ELEVATION_MICRO_CONDITION = "motion_bucket_id"  # [open] the micro-condition that carries the elevation (degrees)
-CAMERA_FEATURES = 256  # sinusoidal features per angle (SVD's micro-conditions use 256 each)
 
 
 def camera_micro_conditioning(elevation_deg: float | torch.Tensor) -> dict[str, Any]:
@@ -44,27 +41,6 @@ def orbit_camera(elevation_deg: float, views: int) -> torch.Tensor:
     """(views, 2) cameras of an evenly spaced orbit at one elevation, azimuths relative to view 0."""
     azimuths = torch.arange(views, dtype=torch.float32) * (360.0 / views)
     return torch.stack([torch.full((views,), float(elevation_deg)), azimuths], dim=1)
-
-
-class CameraEmbedding(torch.nn.Module):
-    """SV3D-style per-frame camera embedding: sin/cos features of elevation and azimuth (radians) -> MLP ->
-    a vector added to each frame's time embedding."""
-
-    def __init__(self, time_embed_dim: int, features: int = CAMERA_FEATURES) -> None:
-        super().__init__()
-        self.project = Timesteps(features, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.linear_1 = torch.nn.Linear(2 * features, time_embed_dim)
-        self.act = torch.nn.SiLU()
-        self.linear_2 = torch.nn.Linear(time_embed_dim, time_embed_dim)
-        torch.nn.init.zeros_(self.linear_2.weight)  # starts as "no camera": the finetune starts from SVD exactly
-        torch.nn.init.zeros_(self.linear_2.bias)
-
-    def forward(self, camera: torch.Tensor) -> torch.Tensor:
-        """(B, T, 2) degrees -> (B * T, time_embed_dim)."""
-        radians = camera.flatten(0, 1).float() * (math.pi / 180.0)
-        features = torch.cat([self.project(radians[:, 0]), self.project(radians[:, 1])], dim=1)
-        features = features.to(self.linear_1.weight.dtype)
-        return self.linear_2(self.act(self.linear_1(features)))
 
 
 def with_camera_embedding(unet):

@@ -112,7 +112,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
                 module.spatial_res_block.norm1.eps = spatial_resnet_eps
                 module.spatial_res_block.norm2.eps = spatial_resnet_eps
         if camera_embedding:  # SV3D-style per-frame camera (model/multiview.py): new layers diffusers does not have
-            from model.multiview import CameraEmbedding
+            from model.camera import CameraEmbedding
 
             self.camera_mlp = CameraEmbedding(block_out_channels[0] * 4)
         install_shared_context(self)

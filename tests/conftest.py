@@ -151,7 +151,7 @@ SLOW_FIXTURES = frozenset({"prefect_api", "ray_local", "ray_cluster"})
 LONGEST_FIRST = ("test_train_flow.py", "test_pipeline_e2e.py", "test_multinode.py", "test_curation_resume.py",
                  "test_curate_flow_e2e.py", "test_fvd.py", "test_image_to_video.py", "test_curation_hardening.py",
                  "test_scorers_actors.py", "test_scorers_flow.py", "test_scorers_captions.py", "test_training.py",
-                 "test_walk.py", "test_infra.py")
+                 "test_walk.py", "test_infra.py", "test_multiview.py")
 
 
 def _start_rank(item) -> int:

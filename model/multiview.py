@@ -1,4 +1,4 @@
-"""Multi-view generation with an image-to-video model (docs/multiview.md, docs/recipe.md §6): how the camera reaches
+"""Multi-view generation with an image-to-video model (docs/multiview.md, docs/recipe.md §7): how the camera reaches
 the U-Net, for training (training/data.py, training/trainer.py) and sampling (generation/multiview.py) alike.
 
 Two ways, both on SVD's image-to-video path (the conditioning image is view 0, the frames are the orbit):

@@ -302,3 +302,27 @@ def test_bad_inputs_name_the_setting(tmp_path, mesh_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["orbits", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "no 3D assets" in capsys.readouterr().err
+
+
+def test_flows_render_orbits_on_ray_and_publish_the_metrics(prefect_api, svd_dir, tmp_path):
+    """render-orbits (batches on a local Ray, driver commits) and evaluate-views (strips inline) as Prefect flows."""
+    import httpx
+
+    from flows.multiview import evaluate_views_flow
+    from flows.orbits import render_orbits_flow
+
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    coloured_cube(meshes / "a.glb")
+    coloured_sphere(meshes / "b.ply")
+    summary = render_orbits_flow(mesh_dir=str(meshes), output_path=str(tmp_path / "orbits"), views=2, size=32,
+                                 samples=4, assets_per_task=1, threads=1)
+    assert (summary["assets"], summary["assets_error"], summary["orbits"]) == (2, 0, 2)
+    assert len(index_shards(find_shards(tmp_path / "orbits"))) == 2
+    results = evaluate_views_flow(checkpoint=str(svd_dir), meshes=str(meshes), out=str(tmp_path / "views.json"),
+                                  views=2, size=32, samples=4, steps=1, threads=1)
+    assert results["measured"] == 2
+    response = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["evaluate-views"]}}, "sort": "CREATED_DESC", "limit": 1})
+    artifact = response.json()[0]["data"]
+    assert "| mean, all views |" in artifact and artifact.count("data:image/png;base64,") == 2

@@ -9,6 +9,7 @@
   work/frames/<id>/<clip>.video.jpg    the video captioner's frames of the clip (only while it is active)
   work/annotations/part-<id>.parquet   learned-scorer columns of that source's clips
   work/downloads/                      local copies of remote sources while they are processed
+  work/renders/<id>/                   an orbit run's (`lvd orbits`) Blender views of an asset while it renders
   manifest.parquet, shards/*.tar, summary.json   written once every source is done
   hq/shards/hq-*.tar, hq/summary.json  the stage III high-quality subset
   report.md, report/*.png              the LVD-F report and its figures
@@ -150,6 +151,10 @@ class RunLayout:
 
     def annotations_part(self, sid: str) -> Path:
         return self.annotations / _part(sid)
+
+    def renders(self, sid: str) -> Path:
+        """Scratch folder of one asset's orbit views while Blender renders them (removed once encoded)."""
+        return self.work / "renders" / sid
 
     @property
     def dedup(self) -> Path:

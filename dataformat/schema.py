@@ -55,6 +55,17 @@ ANNOTATION_SCHEMA = pa.schema(
 # smallest clip id of the group.
 DUPLICATE_GROUPS_SCHEMA = pa.schema([("clip_id", pa.string()), ("group", pa.string())])
 
+# Orbit renders of 3D assets (`lvd orbits`): the manifest row plus the orbit's cameras (docs/multiview.md). The
+# source is the asset's path; each clip is one orbit, frame i the view at azimuth `azimuths_deg[i]`.
+CAMERA_FIELDS = (
+    pa.field("elevation_deg", pa.float64()), pa.field("azimuths_deg", pa.list_(pa.float64())),
+    pa.field("camera_radius", pa.float64()), pa.field("fov_deg", pa.float64()),
+)
+ORBIT_MANIFEST_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + list(CAMERA_FIELDS))
+ORBIT_PART_SCHEMA = ORBIT_MANIFEST_SCHEMA.append(pa.field("clip_path", pa.string())).append(
+    pa.field("frames_path", pa.string())
+)
+
 SOURCE_COLUMNS = tuple(SOURCES_SCHEMA.names)
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 ANNOTATION_COLUMNS = tuple(ANNOTATION_SCHEMA.names)
@@ -98,13 +109,17 @@ class Column:
     FRAME_HASH = "frame_hash"
     CLIP_EMBEDDING = "clip_embedding"
     GROUP = "group"
+    ELEVATION = "elevation_deg"
+    AZIMUTHS = "azimuths_deg"
+    CAMERA_RADIUS = "camera_radius"
+    FOV = "fov_deg"
 
 
 # Score columns a report plots (all float64 in the manifest).
 SCORE_COLUMNS = (Column.MOTION_SCORE, Column.TEXT_AREA, Column.AESTHETIC_SCORE, Column.CLIP_SCORE, Column.RAFT_MOTION)
 
 _KNOWN = (set(SOURCE_COLUMNS) | set(CLIP_PART_SCHEMA.names) | set(ANNOTATION_COLUMNS)
-          | set(DUPLICATE_GROUPS_SCHEMA.names))
+          | set(DUPLICATE_GROUPS_SCHEMA.names) | set(ORBIT_PART_SCHEMA.names))
 _UNKNOWN = sorted(value for name, value in vars(Column).items() if name.isupper() and value not in _KNOWN)
 if _UNKNOWN:  # pragma: no cover - a typo here must stop every import, not read as a null column later
     raise ImportError(f"dataformat.Column names columns no schema has: {_UNKNOWN}")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from dataformat.atomic import fsync_directory
 from dataformat.layout import RunLayout
 from dataformat.schema import MANIFEST_SCHEMA, Column, select_columns
@@ -31,16 +33,19 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------- writing
 
 
-def sample_json(row: dict[str, Any]) -> bytes:
-    """The `KEY.json` payload: the clip's manifest row, every manifest column and nothing else."""
-    return json.dumps(select_columns(row, MANIFEST_SCHEMA), sort_keys=True).encode()
+def sample_json(row: dict[str, Any], schema: pa.Schema = MANIFEST_SCHEMA) -> bytes:
+    """The `KEY.json` payload: the clip's manifest row, every column of `schema` (the manifest's, or the orbit
+    manifest's with its cameras) and nothing else."""
+    return json.dumps(select_columns(row, schema), sort_keys=True).encode()
 
 
 def write_shards(
-    rows: Iterable[dict[str, Any]], shard_dir: Path, max_samples: int, max_bytes: int, prefix: str = "shard"
+    rows: Iterable[dict[str, Any]], shard_dir: Path, max_samples: int, max_bytes: int, prefix: str = "shard",
+    schema: pa.Schema = MANIFEST_SCHEMA,
 ) -> list[dict[str, Any]]:
     """Write clips (`clip_path` must exist) as shards `PREFIX-NNNNNN.tar` into a staged directory that
-    atomically replaces `shard_dir`. Sets `shard` and `key` on each row; returns the rows written."""
+    atomically replaces `shard_dir`; each `KEY.json` holds the row's `schema` columns. Sets `shard` and `key`
+    on each row; returns the rows written."""
     import webdataset as wds
 
     shard_dir = Path(shard_dir)
@@ -74,7 +79,7 @@ def write_shards(
             key = sample_key(row[Column.CLIP_ID])
             row[Column.SHARD] = f"{shard_dir.name}/{prefix}-{shard_index:06d}.tar"
             row[Column.KEY] = key
-            sample = {"__key__": key, SampleKey.VIDEO: video, SampleKey.META: sample_json(row)}
+            sample = {"__key__": key, SampleKey.VIDEO: video, SampleKey.META: sample_json(row, schema)}
             if row.get(Column.CAPTION):
                 sample[SampleKey.TEXT] = row[Column.CAPTION].encode()
             writer.write(sample)

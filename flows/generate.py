@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ def _run(request: GenerateFileRequest) -> int:
 
     try:
         generated = generate_request(request)
+        for warning in generated.warnings:
+            print(f"lvd generate: warning: {warning}", file=sys.stderr)
         written = write_frames(generated.videos[0], request.out, request.out_fps)
     except ValueError as error:  # a bad input found while generating (an unreadable image, a wrong checkpoint)
         raise RequestError(str(error)) from error

@@ -19,6 +19,8 @@ DEPLOYMENT_MODULES = [
     "flows.walk",
     "flows.evaluate",
     "flows.pipeline",
+    "flows.orbits",
+    "flows.multiview",
 ]
 
 

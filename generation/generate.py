@@ -17,7 +17,7 @@ Modes, chosen by the arguments:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,10 @@ class GenerateRequest(Request):
     image_model: str | None = setting(None, help="diffusers text-to-image folder (e.g. SD 2.1) that draws the "
                                                  "first frame from the prompt", path="input")
     num_frames: int | None = setting(None, min=1, flag="--frames", help="default: the checkpoint's U-Net config")
+    views: int | None = setting(None, min=1, help="multi-view: an orbit of this many views around the object in "
+                                                  "--image (a `--conditioning multiview` checkpoint); frames = views")
+    elevation: float | None = setting(None, min=-89.0, max=89.0, help="multi-view: camera elevation in degrees "
+                                                                       "(default 10, the `lvd orbits` default)")
     height: int | None = setting(None, min=1, help="default: 576 for image-to-video")
     width: int | None = setting(None, min=1, help="default: 1024 for image-to-video")
     steps: int | None = setting(None, min=1, help="sampling steps (default 25; SVD-XT, a 25-frame U-Net: 30)")
@@ -89,6 +93,10 @@ class GenerateRequest(Request):
             raise RequestError(f"setting dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.image is not None and self.image_model is not None:
             raise RequestError("pass either image (animate it) or image_model (draw the first frame from the prompt)")
+        if (self.views is not None or self.elevation is not None) and self.image is None:
+            raise RequestError("views/elevation are multi-view settings: give the object's image with image")
+        if self.views is not None and self.num_frames is not None and self.views != self.num_frames:
+            raise RequestError(f"multi-view: frames are the views; num_frames {self.num_frames} != views {self.views}")
         if self.guidance is not None:
             try:
                 parse_guidance(self.guidance)
@@ -103,8 +111,8 @@ class GenerateRequest(Request):
 
     def generation_settings(self) -> dict[str, Any]:
         """The keyword arguments of `generate_videos` (everything but prompts, checkpoint and outputs)."""
-        names = ("image", "image_model", "num_frames", "height", "width", "steps", "guidance", "fps",
-                 "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
+        names = ("image", "image_model", "num_frames", "views", "elevation", "height", "width", "steps", "guidance",
+                 "fps", "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
                  "dtype", "cpu_offload")
         return {name: getattr(self, name) for name in names}
 
@@ -225,6 +233,7 @@ class GeneratedVideos:
     labels: list[str | None]
     settings: dict[str, Any]
     first_frame: Any = None
+    warnings: list[str] = field(default_factory=list)  # one line each (e.g. a multi-view input not on white)
 
 
 def generate_videos(
@@ -234,6 +243,8 @@ def generate_videos(
     image: str | None = None,
     image_model: str | None = None,
     num_frames: int | None = None,
+    views: int | None = None,
+    elevation: float | None = None,
     height: int | None = None,
     width: int | None = None,
     steps: int | None = None,
@@ -249,7 +260,8 @@ def generate_videos(
     cpu_offload: bool = False,
     progress: bool = True,
 ) -> GeneratedVideos:
-    """Run one request in the mode its arguments choose; None settings take that mode's defaults."""
+    """Run one request in the mode its arguments choose; None settings take that mode's defaults. `views` (and
+    `elevation`) with `image`: multi-view, an orbit of `views` frames (generation/multiview.py)."""
     import torch
 
     prompts = list(prompts or [])
@@ -283,6 +295,18 @@ def generate_videos(
     settings: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in given.items()}
     settings.update(num_frames=num_frames or pipe.unet.config.num_frames, seed=seed,
                     guidance=parse_guidance(settings["guidance"]))
+    warnings: list[str] = []
+    camera: dict[str, Any] = {}
+    if image_mode and (views is not None or elevation is not None):
+        from generation.multiview import DEFAULT_ELEVATION, white_background_warning
+        from model.multiview import multiview_arguments
+
+        elevation = DEFAULT_ELEVATION if elevation is None else float(elevation)
+        orbit = multiview_arguments(pipe, views or settings["num_frames"], elevation)
+        camera = {"camera": orbit.pop("camera")} if "camera" in orbit else {}
+        settings.update(views=orbit["num_frames"], elevation=elevation, **orbit)
+        warning = white_background_warning(conditioning, str(image))
+        warnings += [warning] if warning else []
 
     first_frame = None
     if image_model is not None:
@@ -302,12 +326,12 @@ def generate_videos(
                   decode_chunk_size=settings["decode_chunk_size"], generator=generator, progress=progress)
     if image_mode:
         low, high = scales if isinstance(scales, tuple) else (scales, scales)
-        videos = pipe(conditioning, min_guidance_scale=low, max_guidance_scale=high, **common).frames
+        videos = pipe(conditioning, min_guidance_scale=low, max_guidance_scale=high, **camera, **common).frames
         labels: list[str | None] = [prompts[0] if prompts else None]
     else:
         videos = pipe(prompts, guidance_scale=scales, **common).frames
         labels = list(prompts)
-    return GeneratedVideos(videos=videos, labels=labels, settings=settings, first_frame=first_frame)
+    return GeneratedVideos(videos=videos, labels=labels, settings=settings, first_frame=first_frame, warnings=warnings)
 
 
 def generate_video_files(output_dir: str | Path, prompts: list[str] | None = None, checkpoint: str | None = None,
@@ -330,6 +354,7 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
         record: dict[str, Any] = {
             "prompt": label, "image": request.get("image"), "frames": int(video.shape[0]),
             "height": int(video.shape[1]), "width": int(video.shape[2]), "settings": generated.settings,
+            "warnings": generated.warnings,
         }
         if first_frame_path is not None:
             record["first_frame"] = str(first_frame_path)

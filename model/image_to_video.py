@@ -103,6 +103,8 @@ class ImageToVideoPipeline(DiffusionPipeline):
         """diffusers' layout, with diffusers' class names where the project subclasses (the U-Net), so the
         folder is a plain `StableVideoDiffusionPipeline` to anyone without this project installed."""
         super().save_pretrained(save_directory, **kwargs)
+        if getattr(self.unet.config, "camera_embedding", False):
+            return  # new layers (model/multiview.py): diffusers' classes would drop them, so keep ours
         directory = Path(save_directory)
         index_path = directory / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -201,10 +203,12 @@ class ImageToVideoPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         progress: bool = True,
+        camera: torch.Tensor | None = None,
     ) -> ImageToVideoOutput:
         """Animate `image` (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]). `fps` is the frame rate the
         video should have (the model sees fps - 1); guidance rises linearly from the first to the last frame
-        and is skipped (one conditional pass) when `max_guidance_scale` <= 1, as in diffusers."""
+        and is skipped (one conditional pass) when `max_guidance_scale` <= 1, as in diffusers. `camera` (B, T, 2):
+        per-frame [elevation, azimuth] degrees for a U-Net with a camera embedding (model/multiview.py)."""
         # 1. inputs
         num_frames = num_frames or self.unet.config.num_frames
         self.check_inputs(image, height, width, num_frames, num_inference_steps, decode_chunk_size, output_type)
@@ -224,6 +228,11 @@ class ImageToVideoPipeline(DiffusionPipeline):
         ids = micro_conditioning(fps, motion_bucket_id, noise_aug_strength, batch_size=conditioning.latent.shape[0],
                                  device=device, dtype=dtype)
 
+        if camera is not None:  # per-frame cameras: the same for the unconditional half of guidance
+            camera = camera.to(device=device, dtype=torch.float32)
+            camera = torch.cat([camera, camera]) if guided else camera
+        unet_camera = {"camera": camera} if camera is not None else {}
+
         # 3. initial latents: the second draw
         x = self.prepare_latents(batch, num_frames, height, width, generator, latents).to(device)
 
@@ -231,7 +240,8 @@ class ImageToVideoPipeline(DiffusionPipeline):
         def network(x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
             # c_noise stays float32 (diffusers passes the timestep unrounded too)
             return self.unet(conditioning.model_input(x_in.to(dtype)), c_noise,
-                             encoder_hidden_states=conditioning.embedding, added_time_ids=ids).sample.float()
+                             encoder_hidden_states=conditioning.embedding, added_time_ids=ids,
+                             **unet_camera).sample.float()
 
         def denoiser(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.preconditioning.denoise(network, x_t, sigma)

@@ -96,6 +96,7 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         num_attention_heads: int | tuple[int, ...] = (5, 10, 20, 20),
         num_frames: int = 25,
         spatial_resnet_eps: float | None = None,
+        camera_embedding: bool = False,
     ) -> None:
         super().__init__(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
@@ -110,6 +111,10 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
             if isinstance(module, SpatioTemporalResBlock):
                 module.spatial_res_block.norm1.eps = spatial_resnet_eps
                 module.spatial_res_block.norm2.eps = spatial_resnet_eps
+        if camera_embedding:  # SV3D-style per-frame camera (model/multiview.py): new layers diffusers does not have
+            from model.camera import CameraEmbedding
+
+            self.camera_mlp = CameraEmbedding(block_out_channels[0] * 4)
         install_shared_context(self)
 
     @classmethod
@@ -192,8 +197,11 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
         added_time_ids: torch.Tensor,
         image_only_indicator: torch.Tensor | None = None,
         return_dict: bool = True,
+        camera: torch.Tensor | None = None,
     ) -> UNetSpatioTemporalConditionOutput | tuple:
-        """diffusers' forward with the caller's `image_only_indicator` (B, T): 1 = image sample, spatial only."""
+        """diffusers' forward with the caller's `image_only_indicator` (B, T): 1 = image sample, spatial only.
+        `camera` (B, T, 2) [elevation, azimuth] degrees: required by, and only accepted by, a U-Net built with
+        `camera_embedding=True` (its per-frame embedding is added to each frame's time embedding)."""
         if sample.ndim != 5:
             raise ValueError(f"sample must be (batch, frames, channels, height, width), got {tuple(sample.shape)}")
         batch_size, num_frames = sample.shape[:2]
@@ -217,6 +225,14 @@ class VideoUNet(UNetSpatioTemporalConditionModel):
 
         sample = self.conv_in(sample.flatten(0, 1))
         emb = emb.repeat_interleave(num_frames, dim=0)
+        has_camera = bool(getattr(self.config, "camera_embedding", False))
+        if has_camera != (camera is not None):
+            raise ValueError("this U-Net has a camera embedding: pass camera (B, T, 2)" if has_camera else
+                             "camera given, but this U-Net has no camera embedding (camera_embedding=False)")
+        if camera is not None:
+            if tuple(camera.shape) != (batch_size, num_frames, 2):
+                raise ValueError(f"camera must be ({batch_size}, {num_frames}, 2), got {tuple(camera.shape)}")
+            emb = emb + self.camera_mlp(camera.to(sample.device)).to(emb.dtype)
         if encoder_hidden_states.ndim == 4:  # one context per frame (B, T, L, D), e.g. an interpolation walk
             if encoder_hidden_states.shape[:2] != (batch_size, num_frames):
                 raise ValueError(f"per-frame encoder_hidden_states must start with ({batch_size}, {num_frames}), "

@@ -58,6 +58,8 @@ class SampleReader:
                 raise DataError(f"sample {sample.key}: undecodable {extension}")
             frames, fps = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)], source_fps
             motion = None
+        elif self.preset.conditioning == "multiview":
+            return self.read_orbit(sample, meta, phase)
         else:
             data = sample.members[sample.video_extension].read()
             available = count_frames(meta, data)
@@ -77,6 +79,33 @@ class SampleReader:
             "motion_bucket": float(self.preset.motion.bucket(motion)),
             "motion": motion,
             "key": sample.key,
+        }
+
+    def read_orbit(self, sample: IndexedSample, meta: dict[str, Any], phase: Phase) -> dict[str, Any]:
+        """Multi-view: T views evenly spaced around the orbit from view 0 (the conditioning image); the elevation
+        rides on a micro-condition (model/multiview.py) and `camera` holds each view's elevation and azimuth
+        relative to view 0."""
+        from model.multiview import camera_micro_conditioning, relative_azimuths
+
+        if meta.get(Column.ELEVATION) is None or not meta.get(Column.AZIMUTHS) or not sample.is_video:
+            raise DataError(f"sample {sample.key} is not an orbit (no cameras in its KEY.json): multi-view training "
+                            "reads `lvd orbits` output")
+        azimuths = list(meta[Column.AZIMUTHS])
+        if len(azimuths) < phase.num_frames:
+            raise DataError(f"orbit {sample.key} has {len(azimuths)} views, phase {phase.name} needs "
+                            f"{phase.num_frames}: render orbits with --views >= {phase.num_frames}")
+        indices = [index * len(azimuths) // phase.num_frames for index in range(phase.num_frames)]
+        frames = decode_frames_at(sample.members[sample.video_extension].read(), indices, threaded=True)
+        if len(frames) != len(indices):
+            raise DataError(f"orbit {sample.key} has fewer frames than its {len(azimuths)} cameras")
+        pixels = resize_cover_crop(np.stack(frames), phase.height, phase.width)
+        elevation = float(meta[Column.ELEVATION])
+        micro = camera_micro_conditioning(elevation)
+        camera = [[elevation, azimuth] for azimuth in relative_azimuths([azimuths[i] for i in indices])]
+        return {
+            "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),
+            "caption": "", "fps": float(micro["fps"]), "motion_bucket": float(micro["motion_bucket_id"]),
+            "camera": torch.tensor(camera, dtype=torch.float32), "key": sample.key,
         }
 
     def frame_indices(self, available: int, num_frames: int, rng: np.random.Generator) -> tuple[list[int], int]:
@@ -169,6 +198,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
                 "step": plan.step,
                 "image_only": plan.phase.image_only,
                 "keys": [e["key"] for e in examples],
+                **({"camera": torch.stack([e["camera"] for e in examples])} if "camera" in examples[0] else {}),
             }
 
 

@@ -97,7 +97,12 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     torch.manual_seed(config.seed)
     preset = config.preset
     image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
-    pipeline = load_initial_pipeline(config.init, config.seed, preset.conditioning, image_encoder)
+    mode = "text" if preset.conditioning == "text" else "image"  # multiview finetunes the image-to-video path
+    pipeline = load_initial_pipeline(config.init, config.seed, mode, image_encoder)
+    if preset.camera_embedding:
+        from model.multiview import with_camera_embedding
+
+        pipeline.unet = with_camera_embedding(pipeline.unet)
     trainer = StageTrainer(pipeline, preset, seed=config.seed, device=device,
                            rank=rank, world_size=world_size, micro_batch_size=config.micro_batch_size,
                            keep_ema=rank == 0, strategy=config.strategy)
@@ -210,7 +215,8 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
     try:
         if trainer.image_mode:  # animate the batch's first conditioning frame
             image = (batch["pixels"][:1, 0].float() + 1.0) / 2.0
-            frames = pipeline(image, decode_chunk_size=max(phase.num_frames, 1), **common).frames[0]
+            camera = {"camera": batch["camera"][:1]} if trainer.preset.camera_embedding else {}
+            frames = pipeline(image, decode_chunk_size=max(phase.num_frames, 1), **camera, **common).frames[0]
         else:
             frames = pipeline(config.sample_prompt, guidance_scale=(1.0, 2.5), **common).frames[0]
     finally:

@@ -61,9 +61,12 @@ class StageRunRequest(Request):
                                                            "gradients and optimizer state sharded")
     checkpoint_every: int | None = setting(None, min=1, help="optimizer steps between checkpoints (default: the "
                                                              "stage preset's)")
-    conditioning: Literal["text", "image"] = setting(
+    conditioning: Literal["text", "image", "multiview"] = setting(
         "text", help="text: text-to-video; image: image-to-video, stages 2-3 (finetunes --init, a diffusers SVD "
-                     "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/)")
+                     "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/); multiview: stage 3 "
+                     "on `lvd orbits` data, view 0 conditions the orbit (writes OUTPUT_ROOT/stage3-multiview/)")
+    camera_embedding: bool = setting(False, help="multiview: add SV3D-style per-frame camera embeddings (new "
+                                                 "layers: the export then loads with this project only)")
     image_encoder: str | None = setting(None, help="image mode from a text-to-video export: an SVD or CLIP vision "
                                                    "folder ('tiny' preset: random)", path="input")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
@@ -120,6 +123,8 @@ class StageRunRequest(Request):
                        lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, gradient_checkpointing=checkpointing)
 
     def validate(self) -> None:
+        if self.camera_embedding and self.conditioning != "multiview":
+            raise RequestError("camera_embedding is a multi-view option: use it with conditioning 'multiview'")
         stage_preset = self.stage_preset()
         for phase in stage_preset.phases:
             if phase.image_only and phase.trainable == "temporal":
@@ -139,7 +144,7 @@ class StageRunRequest(Request):
                     raise RequestError(f"{'num_workers' if workers == self.num_workers else 'min_workers'}: phase "
                                        f"{phase.name}'s global batch {phase.batch_size} is not divisible by "
                                        f"{workers} workers")
-        if self.decoder_steps and self.conditioning != "image":
+        if self.decoder_steps and self.conditioning == "text":
             raise RequestError("decoder_steps finetunes the temporal VAE decoder, which image-to-video exports "
                                "carry: use it with conditioning 'image'")
         if self.decoder_steps:
@@ -160,10 +165,10 @@ class StageRunRequest(Request):
         `max_steps`, the shards under `data`, the initialisation (FileNotFoundError naming what is missing)."""
         stage_preset = self.stage_preset()
         init, encoder = self.init, self.image_encoder
-        if self.conditioning == "image" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
+        if self.conditioning != "text" and init and init != "tiny" and not (Path(init) / "model_index.json").is_file():
             raise FileNotFoundError(f"init {init!r} is not a pipeline folder (no model_index.json): pass a diffusers "
                                     "SVD folder or a text-to-video stage export")
-        if self.conditioning == "image" and encoder is None and self.preset != "tiny":
+        if self.conditioning != "text" and encoder is None and self.preset != "tiny":
             from model.image_to_video import is_image_to_video_folder  # diffusers: only image requests import it
 
             if not (init and is_image_to_video_folder(init)):
@@ -192,7 +197,7 @@ class StageRunRequest(Request):
             stage_preset = with_video_frames(stage_preset, self.num_frames)
         mapping = self.motion_buckets or stage_preset.motion.mapping
         motion = MotionBuckets(mapping, fixed_bucket=self.motion_bucket, scale=self.motion_scale)
-        return replace(stage_preset, export=self.export, motion=motion,
+        return replace(stage_preset, export=self.export, motion=motion, camera_embedding=self.camera_embedding,
                        target_latents=self.target_latents or stage_preset.target_latents)
 
     def check_inputs(self) -> dict[str, Any]:

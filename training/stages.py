@@ -18,7 +18,7 @@ from training.motion import MotionBuckets
 TRAINABLE_SETS = ("all", "time_embedding", "temporal", "lora")  # training/trainable.py says what each holds
 PRECISIONS = ("auto", "bf16", "fp32")  # autocast: auto = bf16 on CUDA, float32 on a CPU
 OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes, CUDA only
-CONDITIONINGS = ("text", "image")
+CONDITIONINGS = ("text", "image", "multiview")
 EXPORTS = ("ema", "raw")  # the weights a stage exports: its EMA (where it keeps one) or the trained weights
 TARGET_LATENTS = ("sample", "mode")  # VAE posterior draw (sgm) or its mean, as the training targets
 
@@ -93,6 +93,7 @@ class StagePreset:
     optimizer: str = "adamw"
     lora_rank: int = 16  # [open] a common choice for video LoRA finetunes
     lora_alpha: float = 16.0  # adapter scale = lora_alpha / lora_rank
+    camera_embedding: bool = False  # multiview: SV3D-style per-frame camera embeddings (model/multiview.py)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS or self.optimizer not in OPTIMIZERS:
@@ -224,6 +225,13 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
 IMAGE_TO_VIDEO_NOISE: dict[str, tuple[float, float]] = {"576x1024": (1.0, 1.6), "320x576": (0.7, 1.6)}
 DEFAULT_IMAGE_TO_VIDEO_NOISE = "576x1024"
 
+# Multi-view finetune (docs/multiview.md): SVD-MV's orbits of 21 views at 576x576, the image-to-video noise; steps,
+# batch and learning rate are [open]. The conditioning frame is view 0, so every frame is read at stride 1.
+MULTIVIEW_PHASES = {
+    "svd": Phase("multiview-576x576", 576, 576, 21, 12_000, 16, 1e-5, *IMAGE_TO_VIDEO_NOISE[DEFAULT_IMAGE_TO_VIDEO_NOISE], warmup_steps=100),
+    "tiny": Phase("multiview", 64, 64, 6, 4, 2, 3e-4, *IMAGE_TO_VIDEO_NOISE[DEFAULT_IMAGE_TO_VIDEO_NOISE]),
+}
+
 
 def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text",
                      image_noise: str = DEFAULT_IMAGE_TO_VIDEO_NOISE) -> StagePreset:
@@ -241,6 +249,10 @@ def get_stage_preset(stage: int, preset: str = "tiny", conditioning: str = "text
     chosen = STAGE_PRESETS[preset][stage]
     if conditioning == "text":
         return chosen
+    if conditioning == "multiview":
+        if stage != 3:
+            raise ValueError("the multi-view finetune is stage 3 (it finetunes an image-to-video model)")
+        return replace(chosen, phases=(MULTIVIEW_PHASES[preset],), conditioning="multiview", frame_strides=(1,))
     if stage == 1:
         raise ValueError("image-to-video training needs clips: use stage 2 or 3 with conditioning 'image' "
                          "(stage 1 is image pretraining)")

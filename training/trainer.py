@@ -209,7 +209,7 @@ class StageTrainer:
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.unet = pipeline.unet.to(self.device).train()
         self.vae = pipeline.vae.to(self.device).eval().requires_grad_(False)
-        self.image_mode = preset.conditioning == "image"
+        self.image_mode = preset.conditioning != "text"  # image-to-video, or its multi-view finetune
         if self.image_mode:  # image-to-video: CLIP image encoder instead of the text encoder
             self.image_encoder = pipeline.image_encoder.to(self.device).eval().requires_grad_(False)
             self.feature_extractor = pipeline.feature_extractor
@@ -310,11 +310,12 @@ class StageTrainer:
         drawn, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
         sigma = drawn if sigma is None else torch.full((batch_size,), float(sigma))
         image_only = torch.full((batch_size, frames), float(phase.image_only), device=self.device)
+        camera = {"camera": batch["camera"].to(self.device)} if self.preset.camera_embedding else {}
 
         def network(x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
             model_input = conditioning.model_input(x) if conditioning is not None else x
             return self.model(model_input, c_noise, encoder_hidden_states=context, added_time_ids=added_time_ids,
-                              image_only_indicator=image_only).sample.float()
+                              image_only_indicator=image_only, **camera).sample.float()
 
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())

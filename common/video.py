@@ -76,6 +76,47 @@ def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     return path
 
 
+def write_webm(path: str | Path, frames: Iterable[np.ndarray], fps: float | Fraction, *, crf: int = 24) -> int:
+    """Encode RGB uint8 frames (H, W, 3) to a VP9 WebM (constant quality `crf`, 0-63, lower is better); returns
+    the number of frames written. VP9 WebM plays in every current browser, which H.264 does not (Chromium builds
+    without proprietary codecs, Firefox on some Linux systems). Odd sizes lose their last row/column (4:2:0)."""
+    rate = Fraction(fps).limit_denominator(1001)
+    count = 0
+    with av.open(str(path), mode="w", format="webm") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                height, width = frame.shape[0] // 2 * 2, frame.shape[1] // 2 * 2
+                stream = container.add_stream("libvpx-vp9", rate=rate)
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.options = {"crf": str(crf), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+            even = np.ascontiguousarray(frame[:stream.height, :stream.width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(even, format="rgb24")):
+                container.mux(packet)
+            count += 1
+        if stream is None:
+            raise ValueError(f"no frames to write to {path}")
+        for packet in stream.encode():
+            container.mux(packet)
+    return count
+
+
+def read_frames(source: str | Path, max_frames: int | None = None) -> tuple[list[np.ndarray], float | None]:
+    """All RGB uint8 frames of a video (the first `max_frames` when given), upright, and its average frame rate
+    (None when the container does not say). A file without a video stream raises NoVideoStreamError."""
+    with av.open(str(source)) as container:
+        if not container.streams.video:
+            raise NoVideoStreamError(f"{source}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(frame_rgb(frame))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    return frames, float(rate) if rate else None
+
+
 def quarter_turns(frame: av.VideoFrame) -> int:
     """Counter-clockwise quarter turns (0-3) that show `frame` as intended: the rotation of the display matrix a
     phone stores with portrait video (FFmpeg's convention, as ffmpeg and players apply it). Mirror flags of the

@@ -52,8 +52,7 @@ class StudyCreateRequest(StudyRequest):
 
     systems: list[str] = setting(default_factory=list, flag="--system", repeat=True,
                                  help="NAME=DIR: one system's videos (give two or more)")
-    axes: list[str] = setting(default_factory=lambda: list(DEFAULT_AXES),
-                              help="what raters judge, one forced choice each (comma-separated)")
+    axes: str = setting(",".join(DEFAULT_AXES), help="what raters judge, comma-separated: one forced choice each")
     gold: int = setting(0, min=0, max=10_000, help="gold pairs (a video against its degraded copy) to screen raters")
     seed: int = setting(0, help="seed of the left/right sides and of the gold picks")
     crf: int = setting(24, min=0, max=63, help="VP9 constant quality of the study's copies (lower = better)")
@@ -61,10 +60,16 @@ class StudyCreateRequest(StudyRequest):
     def validate(self) -> None:
         super().validate()
         self.system_dirs()
-        if len(set(self.axes)) != len(self.axes) or not self.axes:
-            raise RequestError(f"axes must be distinct and at least one, got {self.axes!r}")
-        for axis in self.axes:
-            check_name("axis", axis)
+        self.axis_names()
+
+    def axis_names(self) -> list[str]:
+        """The axes, checked: at least one, distinct, plain names."""
+        names = [name.strip() for name in self.axes.split(",")]
+        if len(set(names)) != len(names):
+            raise RequestError(f"axes must be distinct, got {self.axes!r}")
+        for name in names:
+            check_name("axis", name)
+        return names
 
     def system_dirs(self) -> dict[str, Path]:
         """{name: folder} from the NAME=DIR items, checked: at least two, distinct names."""

@@ -17,9 +17,11 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from dataformat.preference import CHOICES, StudyLayout, StudyManifest, StudyPair, VoteLog, read_study, read_vote_log
+from evaluation.preference.request import PreferenceFlowRequest
 
 RATER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 VOTE_FIELDS = ("pair", "rater", "axis", "choice")
@@ -133,3 +135,24 @@ class VoteStore:
         axes = set(self.manifest.axes)
         done = sum(1 for pair in self.pairs if axes <= set(self._choices.get((rater, pair.id), {})))
         return {"done": done, "total": len(self.pairs)}
+
+
+def wait_for_votes(request: PreferenceFlowRequest, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Count the votes every `request.poll_seconds` until every pair other than gold ones has been judged on every
+    axis by `request.votes_per_pair` raters, or `request.max_wait_minutes` have passed. `on_progress(ready,
+    total)` hears each change. Returns {"complete", "ready_pairs", "pairs", "waited_s"}."""
+    started = time.monotonic()
+    _, pairs = read_study(request.layout)
+    counted = [pair.id for pair in pairs if pair.gold is None]
+    last = -1
+    while True:
+        complete = count_complete(request.layout)
+        ready = sum(1 for pair_id in counted if complete[pair_id] >= request.votes_per_pair)
+        if ready != last and on_progress is not None:
+            on_progress(ready, len(counted))
+        last = ready
+        waited = time.monotonic() - started
+        if ready == len(counted) or waited >= request.max_wait_minutes * 60:
+            return {"complete": ready == len(counted), "ready_pairs": ready, "pairs": len(counted),
+                    "waited_s": round(waited, 1)}
+        time.sleep(request.poll_seconds)

@@ -142,7 +142,7 @@ def create_study(request: StudyCreateRequest, progress: Callable[[str], None] | 
         pairs.append(StudyPair(id=f"g{gold_index + 1:05d}", item=items[index].key, label=items[index].label,
                                left=left, right=right, left_video=left_video, right_video=right_video,
                                gold="left" if original_left else "right"))
-    manifest = StudyManifest(systems=names, axes=list(request.axes), pairing=pairing, items=len(keys),
+    manifest = StudyManifest(systems=names, axes=request.axis_names(), pairing=pairing, items=len(keys),
                              seed=request.seed, sources={name: str(folder.resolve()) for name, folder in systems.items()},
                              unmatched={name: files for name, files in unmatched.items() if files},
                              gold=len(gold_picks))

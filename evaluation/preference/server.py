@@ -14,6 +14,7 @@ the URL, which the page passes on, or an `X-Study-Token` header): the printed UR
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
@@ -231,7 +232,5 @@ def serve_study(request: StudyServeRequest, announce: Any = print) -> None:
     """Serve until interrupted (Ctrl-C); `announce` gets the URL to open (with the token when there is one)."""
     server = StudyServer(request)
     announce(f"rating page: {server.url}")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass

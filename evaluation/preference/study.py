@@ -142,9 +142,9 @@ def create_study(request: StudyCreateRequest, progress: Callable[[str], None] | 
         pairs.append(StudyPair(id=f"g{gold_index + 1:05d}", item=items[index].key, label=items[index].label,
                                left=left, right=right, left_video=left_video, right_video=right_video,
                                gold="left" if original_left else "right"))
+    sources = {name: str(folder.resolve()) for name, folder in systems.items()}
     manifest = StudyManifest(systems=names, axes=request.axis_names(), pairing=pairing, items=len(keys),
-                             seed=request.seed, sources={name: str(folder.resolve()) for name, folder in systems.items()},
-                             unmatched={name: files for name, files in unmatched.items() if files},
-                             gold=len(gold_picks))
+                             seed=request.seed, sources=sources, gold=len(gold_picks),
+                             unmatched={name: files for name, files in unmatched.items() if files})
     write_study(layout, manifest, pairs)
     return manifest

@@ -3,10 +3,10 @@
 Two players play, pause, loop and seek together: the left one leads, the right one follows its every
 play/pause/seek and is pulled back whenever it drifts more than DRIFT_S from the leader. Each axis is one forced
 choice (left, no preference, right); a choice is sent at once, so a closed tab loses nothing, and the page moves
-to the next axis, then to the next pair. Keys: A or Left arrow = left, S or Down arrow = no preference, D or
-Right arrow = right, W or Up arrow = back to the previous axis, Space = play/pause, L = loop on/off, R = restart.
-The rater id comes from `?rater=` or the last one used in this browser, and the token (when the study has one)
-from `?token=`.
+to the next axis, then to the next pair; keys pressed while a vote is on its way wait their turn. Keys: A or
+Left arrow = left, S or Down arrow = no preference, D or Right arrow = right, W or Up arrow = back to the
+previous axis, Space = play/pause, L = loop on/off, R = restart. The rater id comes from `?rater=` or the last
+one used in this browser, and the token (when the study has one) from `?token=`.
 '''
 
 PAGE_HTML = """<!doctype html>
@@ -69,7 +69,7 @@ const left = document.getElementById("left"), right = document.getElementById("r
 const scrub = document.getElementById("scrub"), loopBox = document.getElementById("loop");
 const raterInput = document.getElementById("rater"), message = document.getElementById("message");
 let rater = params.get("rater") || localStorage.getItem("lvd-study-rater") || "";
-let current = null, axisIndex = 0, sending = false, scrubbing = false;
+let current = null, axisIndex = 0, scrubbing = false;
 raterInput.value = rater;
 
 function withToken(path) {
@@ -121,7 +121,7 @@ function buildAxes() {
       const button = document.createElement("button");
       button.textContent = text;
       button.dataset.choice = choice;
-      button.addEventListener("click", () => { axisIndex = index; choose(choice); });
+      button.addEventListener("click", () => enqueue(() => { axisIndex = index; return send(choice); }));
       row.appendChild(button);
     }
     box.appendChild(row);
@@ -136,27 +136,33 @@ function markAxes() {
   });
 }
 
-async function choose(choice) {
-  if (!current || sending) return;
-  sending = true;
+// Choices and axis moves run one after the other, in the order of the keys: a fast rater's next key waits
+// for the vote before it, so it applies to the axis (or pair) that vote led to.
+let queue = Promise.resolve();
+function enqueue(action) { queue = queue.then(action).catch(error => say(String(error))); }
+function choose(choice) { enqueue(() => send(choice)); }
+function previousAxis() { enqueue(() => { if (current) { axisIndex = Math.max(0, axisIndex - 1); markAxes(); } }); }
+
+async function send(choice) {
+  if (!current) return;
   const axis = current.axes[axisIndex];
+  let response, data;
   try {
-    const response = await fetch(withToken("/api/votes"), {
+    response = await fetch(withToken("/api/votes"), {
       method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({pair: current.pair, rater: rater, axis: axis, choice: choice}),
     });
-    const data = await response.json();
-    if (!response.ok) { say(data.error); return; }
-    say("");
-    current.voted[axis] = choice;
-    showProgress(data.progress);
-    const next = current.axes.findIndex(a => !(a in current.voted));
-    if (next < 0) { await loadNext(); } else { axisIndex = next; markAxes(); }
+    data = await response.json();
   } catch (error) {
     say("the vote was not sent (" + error + "): choose again");
-  } finally {
-    sending = false;
+    return;
   }
+  if (!response.ok) { say(data.error); return; }
+  say("");
+  current.voted[axis] = choice;
+  showProgress(data.progress);
+  const next = current.axes.findIndex(a => !(a in current.voted));
+  if (next < 0) { await loadNext(); } else { axisIndex = next; markAxes(); }
 }
 
 // ---- the two players move together: the left one leads
@@ -190,7 +196,7 @@ document.addEventListener("keydown", event => {
   const choices = {"a": "left", "arrowleft": "left", "s": "none", "arrowdown": "none", "d": "right",
                    "arrowright": "right"};
   if (key in choices) { choose(choices[key]); }
-  else if ((key === "w" || key === "arrowup") && current) { axisIndex = Math.max(0, axisIndex - 1); markAxes(); }
+  else if (key === "w" || key === "arrowup") { previousAxis(); }
   else if (key === " ") { togglePlay(); }
   else if (key === "l") { loopBox.checked = !loopBox.checked; loopBox.dispatchEvent(new Event("change")); }
   else if (key === "r") { left.currentTime = 0; right.currentTime = 0; }
@@ -206,6 +212,8 @@ function start() {
   }
   rater = value;
   localStorage.setItem("lvd-study-rater", rater);
+  document.getElementById("study").style.display = "";
+  document.getElementById("done").style.display = "none";
   raterInput.blur();
   say("");
   loadNext();

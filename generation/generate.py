@@ -16,6 +16,7 @@ Modes, chosen by the arguments:
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.requests import Request, RequestError, setting
+from dataformat.generation import write_generation_record
 from model.loading import DTYPES, load_pipeline, place_pipeline
 
 TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
@@ -129,19 +131,25 @@ def generate_request_files(request: GenerateRequest, *, progress: bool = True,
                                 outputs=outputs, progress=progress, **request.generation_settings())
 
 
-def load_image(source: str | Path):
-    """The conditioning image as RGB: a local file Pillow opens, or any fsspec URL (s3://, https://, memory://).
-    Anything else is a ValueError whose one-line message names the source."""
+def read_bytes(source: str | Path) -> bytes:
+    """The bytes of a local file or fsspec URL; a ValueError naming the source when it cannot be read."""
     import fsspec
-    import PIL.Image
 
     try:
         with fsspec.open(str(source), "rb") as handle:
-            data = handle.read()
+            return handle.read()
     except FileNotFoundError:
         raise ValueError(f"image {source}: no such file") from None
     except Exception as error:  # noqa: BLE001 - any transport failure is the same user error
         raise ValueError(f"image {source}: cannot read it ({_one_line(error)})") from None
+
+
+def load_image(source: str | Path):
+    """The conditioning image as RGB: a local file Pillow opens, or any fsspec URL (s3://, https://, memory://).
+    Anything else is a ValueError whose one-line message names the source."""
+    import PIL.Image
+
+    data = read_bytes(source)
     try:
         image = PIL.Image.open(io.BytesIO(data))
         image.load()
@@ -302,13 +310,15 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
                          *, out_fps: float = 8.0, outputs: tuple[str, ...] = (".mp4", ".gif"),
                          **request: Any) -> list[dict[str, Any]]:
     """`generate_videos`, then each video written into `output_dir` as `NNN<suffix>` per suffix in `outputs`
-    ('/' = a folder `NNN/` of PNG frames); returns one record per video (paths, size, settings)."""
+    ('/' = a folder `NNN/` of PNG frames) with `NNN.json`, its generation record (`dataformat.generation`: prompt,
+    image, seed, checkpoint, settings); returns one record per video (paths, size, settings)."""
     for suffix in outputs:
         if suffix != "/":
             check_output(f"NNN{suffix}")
     generated = generate_videos(prompts, checkpoint, **request)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    image_sha256 = None if request.get("image") is None else hashlib.sha256(read_bytes(request["image"])).hexdigest()
     first_frame_path = None
     if generated.first_frame is not None:
         first_frame_path = out / "000-first-frame.png"
@@ -326,6 +336,10 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
                 record["png"] = str(write_frames(video, f"{out / f'{index:03d}'}/", out_fps)[0].parent)
             else:
                 record[suffix.lstrip(".")] = str(write_frames(video, out / f"{index:03d}{suffix}", out_fps)[0])
+        write_generation_record(out / f"{index:03d}", {  # what made it, for comparisons across runs
+            "prompt": label, "image": request.get("image"), "image_sha256": image_sha256,
+            "seed": generated.settings["seed"], "checkpoint": None if checkpoint is None else str(checkpoint),
+            "settings": generated.settings})
         records.append(record)
     return records
 

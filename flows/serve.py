@@ -19,6 +19,7 @@ DEPLOYMENT_MODULES = [
     "flows.walk",
     "flows.evaluate",
     "flows.pipeline",
+    "flows.study",
 ]
 
 

@@ -36,7 +36,8 @@ def rate_everything(base: str, rater: str, gold_side: dict, errors: list) -> Non
             if pair["done"]:
                 return
             for axis in pair["axes"]:
-                vote = {"pair": pair["pair"], "rater": rater, "axis": axis, "choice": gold_side.get(pair["pair"], "left")}
+                choice = gold_side.get(pair["pair"], "left")
+                vote = {"pair": pair["pair"], "rater": rater, "axis": axis, "choice": choice}
                 assert http(f"{base}/api/votes", vote)[0] == 200
         errors.append("the rater ran out of time")
     except Exception as error:  # noqa: BLE001 - reported by the test

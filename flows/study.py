@@ -11,13 +11,14 @@ markdown artifact with the plot inline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from common.requests import flat_parameters
+from common.requests import RequestError, flat_parameters
 from dataformat.preference import read_study
 from evaluation.preference.request import (
     PreferenceFlowRequest,
@@ -130,11 +131,23 @@ def deployments() -> list:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@contextlib.contextmanager
+def _one_line_errors():
+    """A damaged study file or vote log ends the command with one line (exit 2), like any bad input."""
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error, RequestError):
+            raise
+        raise RequestError(str(error)) from None
+
+
 def _run_create(request: StudyCreateRequest) -> int:
     from evaluation.preference.study import create_study
 
-    manifest = create_study(request)
-    _, pairs = read_study(request.layout)
+    with _one_line_errors():
+        manifest = create_study(request)
+        _, pairs = read_study(request.layout)
     print(json.dumps({"study": request.output_dir, "systems": manifest.systems, "axes": manifest.axes,
                       "pairing": manifest.pairing, "items": manifest.items, "pairs": len(pairs), "gold": manifest.gold,
                       "unmatched": manifest.unmatched}))
@@ -144,14 +157,16 @@ def _run_create(request: StudyCreateRequest) -> int:
 def _run_serve(request: StudyServeRequest) -> int:
     from evaluation.preference.server import serve_study
 
-    serve_study(request, announce=lambda line: print(line, flush=True))
+    with _one_line_errors():
+        serve_study(request, announce=lambda line: print(line, flush=True))
     return 0
 
 
 def _run_results(request: StudyResultsCommand) -> int:
     from evaluation.preference.results import compute_results
 
-    summary = compute_results(request)
+    with _one_line_errors():
+        summary = compute_results(request)
     if request.print_json:
         print(json.dumps(summary))
         return 0

@@ -356,3 +356,13 @@ def test_cli_creates_a_study_and_prints_results_as_json(tmp_path, capsys):
     assert "not a study (no study.json" in capsys.readouterr().err
     assert main(["study", "serve", str(study), "--port", "70000"]) == 2
     assert "port must be <= 65535" in capsys.readouterr().err
+    server = StudyServer(StudyServeRequest.build(output_dir=str(study), port=0)).start()
+    try:  # the port is taken
+        assert main(["study", "serve", str(study), "--port", str(server.port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{server.port} (Address already in use)" in capsys.readouterr().err
+    finally:
+        server.stop()
+    with (study / "votes.jsonl").open("ab") as handle:
+        handle.write(b"garbage\n")
+    assert main(["study", "results", str(study)]) == 2
+    assert "votes.jsonl:8: not a vote line: b'garbage'" in capsys.readouterr().err

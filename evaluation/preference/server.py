@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from dataformat import acquire_output_lock, release_output_lock
+from common.requests import RequestError
+from dataformat import OutputLocked, acquire_output_lock, release_output_lock
 from evaluation.preference.page import PAGE_HTML
 from evaluation.preference.request import StudyServeRequest, is_loopback
 from evaluation.preference.store import VoteError, VoteStore
@@ -49,15 +50,22 @@ class StudyServer:
 
     def __init__(self, request: StudyServeRequest) -> None:
         self.layout = request.layout
-        acquire_output_lock(self.layout.root)
+        try:  # the port first: a taken port then leaves the study's lock alone
+            self.httpd = ThreadingHTTPServer((request.host, request.port), _Handler)
+        except OSError as error:  # port taken, address not on this machine
+            raise RequestError(f"cannot listen on {request.host}:{request.port} ({error.strerror or error})") from None
+        try:
+            acquire_output_lock(self.layout.root)
+        except OutputLocked as error:
+            self.httpd.server_close()
+            raise RequestError(f"another server has this study: {error}") from None
         try:
             self.store = VoteStore(self.layout)
-            loopback = is_loopback(request.host)
-            self.token = request.token or (None if loopback else secrets.token_urlsafe(24))
-            self.httpd = ThreadingHTTPServer((request.host, request.port), _Handler)
         except BaseException:
+            self.httpd.server_close()
             release_output_lock(self.layout.root)
             raise
+        self.token = request.token or (None if is_loopback(request.host) else secrets.token_urlsafe(24))
         self.httpd.daemon_threads = True
         self.httpd.study = self  # type: ignore[attr-defined]
         self.host = request.host

@@ -42,7 +42,8 @@ def results_markdown(summary: dict[str, Any], plot_path: str) -> str:
              f"{summary['votes']} votes counted · paired by {summary['pairing']}", ""]
     for axis, result in summary["by_axis"].items():
         agreement = result["agreement"]
-        lines += [f"## {axis}", "", f"| A | B | votes | A wins | B wins | ties | A's win rate | {percent} % interval |",
+        lines += [f"## {axis}", "", f"| first | second | votes | first wins | second wins | ties | first's win rate | "
+                  f"{percent} % interval |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {row['system_a']} | {row['system_b']} | {row['votes']} | {row['wins_a']} | {row['wins_b']} | "
                   f"{row['ties']} | {_fmt(row['win_rate'])} | {_fmt(row['low'])} - {_fmt(row['high'])} |"

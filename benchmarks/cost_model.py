@@ -255,7 +255,7 @@ UTILISATION_WHY = {
 }
 # Assumptions for the captioners that have no architecture to count here (real configs need the hub):
 GIT_FRAMES = 6  # scorers.video_caption.num_frames; GIT-large's image encoder is a CLIP ViT-L/14 (224 px)
-LLM_PARAMS = 1.54e9  # Qwen2.5-1.5B-Instruct, the README's example
+LLM_PARAMS = 1.54e9  # Qwen2.5-1.5B-Instruct, the example in docs/curation.md
 LLM_TOKENS = 110 + 60  # prompt with both captions + at most scorers.llm_summary.max_new_tokens
 DEFAULT_RESOLUTION = (1280, 720)  # LVD's resolution is not published: assumed 720p sources
 DEFAULT_VIDEO_MBIT_S = 2.0  # assumed bitrate of 720p H.264 web video; clip files are stream copies

@@ -37,12 +37,16 @@ class RequestError(ValueError):
 
 
 def setting(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING, min: float | None = None,
-            max: float | None = None, path: Literal["file", "dir", "exists"] | None = None, flag: str | None = None,
+            max: float | None = None, path: Literal["file", "dir", "exists", "input", "output"] | None = None,
+            flag: str | None = None,
             negate: str | None = None, positional: bool = False, repeat: bool = False, cli: bool = True) -> Any:
     """A request field with its documentation and checks.
 
     min / max: inclusive bounds (for numbers; for sequences, every element). path: the value (when not None
-    and not a URL) must be an existing file, directory, or either. CLI only: flag renames the option
+    and not a URL) must be an existing file, directory, or either; "input" (read by the job, checked where it
+    is read: a folder or a cached hub id) and "output" (written by the job) are paths that are not checked for
+    existence. Every path kind is confined to the allowed roots when they are set (`check_allowed_roots`).
+    CLI only: flag renames the option
     (`--frames` for `num_frames`), negate gives a bool field defaulting to True a switch that sets it to
     False (`--restart` for `resume`), positional makes it a positional argument, repeat makes a list
     option repeatable (`--prompt a --prompt b`) instead of taking several values, cli=False hides it.
@@ -156,10 +160,52 @@ def check_fields(instance: Any) -> None:
                 if not isinstance(item, str) or "://" in item:
                     continue
                 path = Path(item).expanduser()
+                if kind in ("input", "output"):
+                    continue
                 exists = {"file": path.is_file, "dir": path.is_dir, "exists": path.exists}[kind]()
                 if not exists:
                     what = {"file": "file", "dir": "directory", "exists": "file or directory"}[kind]
                     raise RequestError(f"{f.name}: no such {what}: {item}")
+
+
+ALLOWED_ROOTS_ENV = "LVD_ALLOWED_ROOTS"
+
+
+def allowed_roots() -> list[Path] | None:
+    """The folders a served job may read and write (LVD_ALLOWED_ROOTS, joined by os.pathsep; `lvd serve
+    --allow-root`), resolved; None when unset (no confinement: a user's own CLI run)."""
+    import os
+
+    value = os.environ.get(ALLOWED_ROOTS_ENV, "").strip()
+    if not value:
+        return None
+    return [Path(part).expanduser().resolve() for part in value.split(os.pathsep) if part.strip()]
+
+
+def check_allowed_roots(request: Any, roots: list[Path] | None = None, prefix: str = "") -> None:
+    """Raise a one-line RequestError when a path setting of `request` (any `setting(path=...)`, nested settings
+    included) resolves outside `roots` (default: `allowed_roots()`; nothing is checked when there are none).
+    Resolving follows symlinks and `..`, so neither leads out of a root; URLs (s3://, ...) are left alone."""
+    roots = allowed_roots() if roots is None else roots
+    if not roots:
+        return
+    for f in dataclasses.fields(request):
+        value = getattr(request, f.name)
+        name = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_allowed_roots(value, roots, name)
+            continue
+        if f.metadata.get("path") is None or value is None:
+            continue
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if not isinstance(item, str) or "://" in item:
+                continue
+            resolved = Path(item).expanduser().resolve()
+            if f.metadata["path"] == "input" and not resolved.exists():
+                continue  # nothing there to read: a preset name ('tiny') or a cached hub id, found elsewhere
+            if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+                allowed = ", ".join(str(root) for root in roots)
+                raise RequestError(f"{name}: {item} is outside the allowed roots ({allowed})")
 
 
 def check_ranges(section: Any, name: str, limits: Mapping[str, tuple[float | None, float | None]]) -> None:
@@ -364,7 +410,9 @@ def flat_parameters(request_type: type[Any]) -> Any:
             # None for a field that cannot be None (a settings tree, a list) means "the default"
             given = {name: value for name, value in bound.arguments.items()
                      if not (value is None and not _admits_none(hints[name]))}
-            return fn(build(request_type, given))
+            request = build(request_type, given)
+            check_allowed_roots(request)  # a served deployment's paths stay inside the roots it was given
+            return fn(request)
 
         wrapper.__signature__ = signature
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}

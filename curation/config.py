@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.requests import Request, build, check_ranges, setting
+from common.requests import Request, RequestError, build, check_ranges, setting
 from curation.scorers.config import ScorersConfig
 from dataformat import VIDEO_SUFFIXES
 
@@ -192,7 +192,7 @@ class CurateRequest(Request):
 
     input_path: str | None = setting(None, positional=True, path="exists",
                                      help="folder or file of raw videos (default: the bundled sample clips)")
-    output_path: str = setting("out/curate", positional=True,
+    output_path: str = setting("out/curate", positional=True, path="output",
                                help="run directory (sources.parquet, manifest.parquet, shards/); rerunning resumes")
     config: CurationConfig = setting(default_factory=CurationConfig,
                                      help="overrides of the CurationConfig defaults, checked by name, e.g. "
@@ -204,6 +204,15 @@ class CurateRequest(Request):
     batches_in_flight: int | None = setting(None, min=1, help="batches submitted to Ray at once; the next is "
                                                               "submitted as one finishes (default: 2 per Ray CPU)")
     progress: bool = setting(False, cli=False, help="show a console progress bar (used by `lvd curate`)")
+
+    def check_inputs(self) -> None:
+        """The Ray cluster named by `ray_address` accepts this driver (one line when it does not)."""
+        from infra.local import check_ray_connection
+
+        try:
+            check_ray_connection(self.ray_address)
+        except ConnectionError as error:
+            raise RequestError(str(error)) from None
 
     def validate(self) -> None:
         self.config.scorers.validate()  # configured weights that do not exist are named before any work starts

@@ -359,8 +359,8 @@ class FolderFvdRequest(Request):
     """FVD/KVD between two folders of videos (`lvd fvd`); the folders are checked when they are read, so a
     missing or empty one gets the message of `list_videos`."""
 
-    real_dir: str = setting(positional=True, help="folder of real videos")
-    fake_dir: str = setting(positional=True, help="folder of generated videos")
+    real_dir: str = setting(positional=True, path="input", help="folder of real videos")
+    fake_dir: str = setting(positional=True, path="input", help="folder of generated videos")
     num_frames: int = setting(DEFAULT_NUM_FRAMES, flag="--frames", help="frames per video (the first N)")
     fps: float | None = setting(None, help="resample videos to this frame rate first")
     batch_size: int = setting(8, min=1, help="videos per I3D batch")

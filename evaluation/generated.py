@@ -38,8 +38,9 @@ class FvdRequest(Request):
     `lvd evaluate-fvd` and the pipeline's evaluate step. Defaults are the paper's protocol (docs/recipe.md §5)."""
 
     real_dir: str = setting(path="dir", positional=True, help="folder with the real UCF-101 videos (any videos)")
-    checkpoint: str | None = setting(None, help="pipeline directory (default: tiny random preset)")
-    output_dir: str = setting("out/evaluate-fvd", flag="--out", help="videos/, shards/, results.json, sample grid")
+    checkpoint: str | None = setting(None, path="input", help="pipeline directory (default: tiny random preset)")
+    output_dir: str = setting("out/evaluate-fvd", flag="--out", path="output",
+                              help="videos/, shards/, results.json, sample grid")
     num_videos: int = setting(13_320, help="generated videos, in UCF-101's class distribution")
     batch_size: int = setting(4, min=1, help="videos per model call (and per I3D batch)")
     seed: int = setting(0, help="seed of the first video (video i uses seed + i)")

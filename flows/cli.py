@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.requests import RequestError, deep_merge, parse_set_options, type_hints
+from dataformat.lock import OutputLocked
 from infra.local import apply_quiet_env
 
 # Sub-command -> (module whose `register(subparsers)` defines it, one-line help for `lvd --help`). Only the
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         job = args.build_request(args) if hasattr(args, "build_request") else args
-    except (RequestError, ValueError, FileNotFoundError) as error:  # parsing and validation only
+    except (RequestError, ValueError, FileNotFoundError, OutputLocked) as error:  # parsing and validation only
         return _bad_input(_prog(argv), error)
     try:
         return int(args.func(job) or 0)

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from infra.local import local_prefect_server
+from infra.local import local_prefect_api
 
 DEMO_DEPLOYMENT = "lvd-pipeline/local"
 
@@ -77,14 +77,12 @@ def _wait_for_run(flow_run_id, stop: threading.Event):
 
 def run_demo(home: Path, output: Path, exit_after: bool) -> int:
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home.mkdir(parents=True, exist_ok=True)
     output = output.resolve()
     stop = threading.Event()
-    with local_prefect_server(home / "prefect") as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
-        os.environ["PREFECT_API_URL"] = api_url  # for the `lvd serve` child process
-        ui = api_url.removesuffix("/api")
+    with local_prefect_api(home / "prefect") as client:  # the `lvd serve` child process inherits the environment
+        ui = client["PREFECT_API_URL"].removesuffix("/api")
         print(f"Prefect UI: {ui}", flush=True)
         log = open(home / "serve.log", "ab")  # noqa: SIM115 - closed in finally
         server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], stdout=log,

@@ -47,7 +47,7 @@ class PipelineRequest(Request):
 
     input_path: str | None = setting(None, positional=True, path="exists",
                                      help="folder, file or fsspec URL of raw videos (default: the bundled samples)")
-    output_root: str = setting("out/pipeline", flag="--out", help="everything goes below it (curate/, "
+    output_root: str = setting("out/pipeline", flag="--out", path="output", help="everything goes below it (curate/, "
                                "train/stageN/, evaluate/, generate/); rerunning skips finished steps")
     preset: str = setting("tiny", help="training preset (tiny: CPU, svd: the paper's sizes); also picks the FVD "
                                        "and generation settings (training/stages.py FVD_PRESETS, GENERATE_PRESETS)")
@@ -59,7 +59,7 @@ class PipelineRequest(Request):
                                             'defaults, e.g. {"scorers": {"clip": {"pretrained": PATH}}}')
     max_steps: int | None = setting(None, min=1, help="cut every stage to this many optimizer steps")
     init: str | None = setting(None, help="stage I's initialisation (e.g. a local SD 2.1 directory); default: the "
-                                          "preset's")
+                                          "preset's", path="input")
     fvd_real_dir: str | None = setting(None, path="dir", help="the real UCF-101 videos; default: this run's curated"
                                        " clips, a smoke-test reference only (labelled as such in the report)")
     fvd: dict[str, Any] = setting(default_factory=dict, help="overrides of evaluate-fvd's parameters (on top of "

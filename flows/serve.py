@@ -43,14 +43,23 @@ def serve_all(limit: int | None = None, flow_names: list[str] | None = None) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.allow_root:
+        from common.requests import ALLOWED_ROOTS_ENV, RequestError
+
+        roots = [Path(root).expanduser().resolve() for root in args.allow_root]
+        missing = [str(root) for root in roots if not root.is_dir()]
+        if missing:
+            raise RequestError(f"--allow-root: no such directory: {missing[0]}")
+        os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(map(str, roots))  # the flow-run subprocesses check it
     if args.local:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from infra.local import CLIENT_ENV_FILE, local_prefect_api
 
-        from infra.local import local_prefect_server
-
-        with local_prefect_server(Path(args.home)) as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
-            os.environ["PREFECT_API_URL"] = api_url  # flow-run subprocesses read the environment
-            print(f"Prefect UI: {api_url.removesuffix('/api')}", flush=True)
+        home = Path(args.home)
+        with local_prefect_api(home, auth=args.auth) as client:  # flow-run subprocesses inherit the environment
+            print(f"Prefect UI: {client['PREFECT_API_URL'].removesuffix('/api')}", flush=True)
+            if args.auth:
+                print(f"API auth string (the UI asks for it): {home / 'api-auth'}", flush=True)
+            print(f"Prefect CLI in another shell: set -a; . {home / CLIENT_ENV_FILE}; set +a", flush=True)
             serve_all(args.limit, args.flow)
     else:
         serve_all(args.limit, args.flow)
@@ -61,6 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve all deployments (curate-lvd/..., train-stage/..., ...)")
     parser.add_argument("--local", action="store_true", help="start a Prefect server on 127.0.0.1 first")
     parser.add_argument("--home", default=".lvd/prefect", help="PREFECT_HOME for --local (SQLite lives here)")
+    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
+                        help="--local: the API needs the auth string kept in HOME/api-auth (mode 0600; default on)")
+    parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                        help="runs may only read and write paths inside DIR (repeatable; default: anywhere)")
     parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
     parser.add_argument("--flow", action="append", default=None, help="serve only this flow's deployments (repeatable)")
     parser.set_defaults(func=_run)

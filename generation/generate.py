@@ -17,7 +17,6 @@ Modes, chosen by the arguments:
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +60,11 @@ class GenerateRequest(Request):
 
     prompts: list[str] | None = setting(None, cli=False, help="text -> video: one video per prompt; with "
                                                               "image_model: the first frame's prompt (CLI: PROMPT)")
-    checkpoint: str | None = setting(None, help="pipeline folder (default: tiny random text-to-video)")
-    output_dir: str = setting("out/generate", cli=False, help="the flow writes NNN.mp4 and NNN.gif here")
-    image: str | None = setting(None, help="conditioning image: a file Pillow opens or an fsspec URL")
+    checkpoint: str | None = setting(None, path="input", help="pipeline folder (default: tiny random text-to-video)")
+    output_dir: str = setting("out/generate", cli=False, path="output", help="the flow writes NNN.mp4 and NNN.gif here")
+    image: str | None = setting(None, path="input", help="conditioning image: a file Pillow opens or an fsspec URL")
     image_model: str | None = setting(None, help="diffusers text-to-image folder (e.g. SD 2.1) that draws the "
-                                                 "first frame from the prompt")
+                                                 "first frame from the prompt", path="input")
     num_frames: int | None = setting(None, min=1, flag="--frames", help="default: the checkpoint's U-Net config")
     height: int | None = setting(None, min=1, help="default: 576 for image-to-video")
     width: int | None = setting(None, min=1, help="default: 1024 for image-to-video")
@@ -80,7 +79,7 @@ class GenerateRequest(Request):
                                                               "image-to-video, 8 text-to-video)")
     image_steps: int | None = setting(None, min=1, help="text-to-image steps (default 50)")
     image_guidance: float | None = setting(None, help="text-to-image guidance (default 7.5)")
-    seed: int = setting(0, help="seed of the noise (and of the text-to-image stage)")
+    seed: int = setting(0, min=0, max=2**63 - 1, help="seed of the noise (and of the text-to-image stage)")
     dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
     cpu_offload: bool = setting(False, help="keep weights on the CPU between uses")
     out_fps: float = setting(8.0, min=0.001, help="frame rate of the written .mp4/.gif")
@@ -109,7 +108,7 @@ class GenerateFileRequest(GenerateRequest):
     """`lvd generate`: one video written to `out`."""
 
     out: str = setting("generated.mp4", help="output .mp4, .gif, or a folder ending in '/' (one lossless PNG "
-                                             "per frame)")
+                                             "per frame)", path="output")
 
     def validate(self) -> None:
         super().validate()
@@ -117,6 +116,25 @@ class GenerateFileRequest(GenerateRequest):
             check_output(self.out)
         except ValueError as error:
             raise RequestError(str(error)) from None
+
+    def check_inputs(self) -> None:
+        """The output can be written (checked by writing a probe file beside it), before any model loads."""
+        check_writable_output(self.out)
+
+
+def check_writable_output(out: str | Path) -> None:
+    """Raise a one-line RequestError unless a file can be created where `out` goes (its folder, made if missing)."""
+    import tempfile
+
+    text = str(out)
+    folder = Path(text) if text.endswith(("/", "\\")) or Path(text).is_dir() else Path(text).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lvd-write-probe-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RequestError(f"out {text}: cannot write in {folder} ({reason})") from None
 
 
 def generate_request(request: GenerateRequest, *, progress: bool = True) -> GeneratedVideos:
@@ -131,33 +149,19 @@ def generate_request_files(request: GenerateRequest, *, progress: bool = True,
                                 outputs=outputs, progress=progress, **request.generation_settings())
 
 
-def read_bytes(source: str | Path) -> bytes:
-    """The bytes of a local file or fsspec URL; a ValueError naming the source when it cannot be read."""
-    import fsspec
-
-    try:
-        with fsspec.open(str(source), "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ValueError(f"image {source}: no such file") from None
-    except Exception as error:  # noqa: BLE001 - any transport failure is the same user error
-        raise ValueError(f"image {source}: cannot read it ({_one_line(error)})") from None
-
-
 def load_image(source: str | Path):
-    """The conditioning image as RGB: a local file Pillow opens, or any fsspec URL (s3://, https://, memory://).
-    Anything else is a ValueError whose one-line message names the source."""
-    import PIL.Image
+    """The conditioning image as displayed, 8-bit RGB (`common.images.read_image`: a local file or any fsspec URL;
+    EXIF orientation, 16-bit and alpha handled). A bad source is a ValueError whose one-line message names it."""
+    from common.images import read_image
 
-    data = read_bytes(source)
-    try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"image {source}: not an image Pillow can open (unknown or damaged format)") from None
-    except Exception as error:  # noqa: BLE001 - Pillow raises several types for bad files
-        raise ValueError(f"image {source}: not an image Pillow can open ({_one_line(error)})") from None
-    return image.convert("RGB")
+    return read_image(source)
+
+
+def image_digest(source: str | Path) -> str:
+    """SHA-256 of the conditioning image's pixels as displayed (with its size): the same picture gives the same
+    digest wherever it is stored and in whatever file format."""
+    image = load_image(source)
+    return hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
 
 
 def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
@@ -318,7 +322,7 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
     generated = generate_videos(prompts, checkpoint, **request)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image_sha256 = None if request.get("image") is None else hashlib.sha256(read_bytes(request["image"])).hexdigest()
+    image_sha256 = None if request.get("image") is None else image_digest(request["image"])
     first_frame_path = None
     if generated.first_frame is not None:
         first_frame_path = out / "000-first-frame.png"
@@ -346,7 +350,3 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

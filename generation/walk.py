@@ -206,13 +206,11 @@ def check_walk_inputs(waypoints: Sequence[Waypoint], segment_frames: Sequence[in
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file as (3, height, width) in [-1, 1]: resized to cover, then centre-cropped."""
-    import cv2
+    """An image file as displayed (`common.images.read_image`) as (3, height, width) in [-1, 1]: resized to
+    cover, then centre-cropped."""
+    from common.images import read_image
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image {path}")
-    image = resize_cover_crop(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), height, width)
+    image = resize_cover_crop(np.asarray(read_image(path)), height, width)
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 

@@ -79,18 +79,88 @@ def prefect_server_env(home: Path, port: int) -> dict[str, str]:
     }
 
 
+# The local server's credentials and the settings a Prefect client needs to reach it, both under the server's
+# home and readable by its owner only.
+API_AUTH_FILE = "api-auth"
+CLIENT_ENV_FILE = "client.env"
+
+
+def api_auth_string(home: Path) -> str:
+    """The local server's basic-auth string `lvd:TOKEN`: generated once (a random 256-bit token) into
+    HOME/api-auth with mode 0600, then read from there. A file others can read is refused, not used."""
+    import secrets
+
+    path = Path(home) / API_AUTH_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f"lvd:{secrets.token_urlsafe(32)}\n")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path} is readable by others (mode {mode:o}); run `chmod 600 {path}` or delete it")
+    text = path.read_text().strip()
+    if ":" not in text:
+        raise ValueError(f"{path} is not an auth string USER:TOKEN; delete it to make a new one")
+    return text
+
+
+def write_client_env(home: Path, client_env: dict[str, str]) -> Path:
+    """HOME/client.env (mode 0600): the Prefect client settings of the local server, for a shell of the same user:
+    `set -a; . HOME/client.env; set +a` then `prefect deployment run ...`."""
+    path = Path(home) / CLIENT_ENV_FILE
+    descriptor = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file keeps its mode through O_TRUNC
+    with os.fdopen(descriptor, "w") as handle:
+        handle.writelines(f"{name}={value}\n" for name, value in client_env.items())
+    return path
+
+
 @contextlib.contextmanager
-def local_prefect_server(home: Path, port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
+def local_prefect_api(home: Path, auth: bool = True) -> Iterator[dict[str, str]]:
+    """A local Prefect server (with the auth string of `api_auth_string` unless `auth` is False) that this process
+    and the processes it starts use: yields the client settings (PREFECT_API_URL, PREFECT_API_AUTH_STRING), which
+    are also in os.environ, Prefect's settings and HOME/client.env while it runs."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    home = Path(home)
+    auth_string = api_auth_string(home) if auth else None
+    with local_prefect_server(home, auth_string=auth_string) as api_url:
+        client_env = {"PREFECT_API_URL": api_url, **({"PREFECT_API_AUTH_STRING": auth_string} if auth_string else {})}
+        updates = {PREFECT_API_URL: api_url, **({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {})}
+        saved = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+        os.environ.update(client_env)
+        if not auth_string:
+            os.environ.pop("PREFECT_API_AUTH_STRING", None)
+        write_client_env(home, client_env)
+        try:
+            with temporary_settings(updates=updates):
+                yield client_env
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@contextlib.contextmanager
+def local_prefect_server(home: Path, port: int | None = None, log_path: Path | None = None,
+                         auth_string: str | None = None) -> Iterator[str]:
     """Start `prefect server start` on 127.0.0.1 with a SQLite database under `home`; yield its API URL.
 
-    The server is stopped (and its children with it) when the context exits, after this process has sent
-    the logs and events it still holds: sent later, to a stopped server, they hold up the interpreter's exit
-    by over a minute of connection retries.
+    With `auth_string` (USER:PASSWORD) every API call but the health check needs it (HTTP basic auth; Prefect
+    clients send PREFECT_API_AUTH_STRING). The server is stopped (and its children with it) when the context
+    exits, after this process has sent the logs and events it still holds: sent later, to a stopped server, they
+    hold up the interpreter's exit by over a minute of connection retries.
     """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {**os.environ, **prefect_server_env(home, port)}
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     log_path = log_path or home / "server.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -200,6 +270,7 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
     if address:
         # a cluster on this machine (`local_ray_cluster`) keeps 127.0.0.1: this driver must find its node there
         _ray_on_loopback(_is_loopback(address))
+        _default_to_token_auth()
         return {"address": address, "ignore_reinit_error": True}
     _ray_on_loopback(True)
     for key, value in LOCAL_RAY_ENV.items():  # the local Ray's processes inherit these
@@ -213,6 +284,68 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None) -> 
         "object_store_memory": 256 * 1024 * 1024,
         "log_to_driver": True,
     }
+
+
+class RayConnectionError(ConnectionError):
+    """This driver cannot join the Ray cluster at an address; the message is one line saying what to do."""
+
+
+_RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# Ray's GCS client in a child process, authenticated as `ray.init` would be in this environment.
+_GCS_PROBE = """
+import sys
+from ray._private.authentication import authentication_token_setup as auth
+auth.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+from ray._raylet import GcsClient
+GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+"""
+
+
+def _default_to_token_auth() -> None:
+    """A driver joining a cluster authenticates with its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) when it has one and RAY_AUTH_MODE is unset: `ray start` turns token authentication on by
+    default, and a token-mode driver also joins a cluster that has it off. Ray reads the mode when it is imported,
+    so it is switched through Ray's own call, which also updates the running process (and, through the
+    environment, the processes it starts)."""
+    if os.environ.get(_RAY_AUTH_MODE_ENV) is not None:
+        return
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    quiet = logging.getLogger(auth.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks of starting a cluster, which a driver does not
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
+    """Raise RayConnectionError (one line) unless the cluster at `address` (host:port of its GCS) accepts this
+    driver. Probed in a child process that keeps Ray's own output, so a refused token is one line instead of
+    twenty GCS retry warnings and a traceback. Ray Client addresses (ray://) and local runs are not probed."""
+    if not address or address.startswith("ray://") or address in ("local", "auto"):
+        return
+    _default_to_token_auth()
+    try:
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                               timeout=timeout_s, env={**os.environ, **QUIET_ENV})
+    except subprocess.TimeoutExpired:
+        raise RayConnectionError(f"no Ray cluster answered at {address} within {timeout_s:.0f} s") from None
+    if probe.returncode == 0:
+        return
+    output = probe.stderr + probe.stdout
+    if "InvalidAuthToken" in output or "AuthenticationError" in output or "auth token" in output.lower():
+        mode = os.environ.get(_RAY_AUTH_MODE_ENV)
+        hint = ("set RAY_AUTH_MODE=token" if mode != "token" else
+                "give this driver the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+        raise RayConnectionError(f"the Ray cluster at {address} refused this driver's authentication "
+                                 f"(RAY_AUTH_MODE={mode}): {hint}; the cluster's token is in ~/.ray/auth_token "
+                                 "on its head node")
+    last = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "no output")
+    raise RayConnectionError(f"cannot join the Ray cluster at {address}: {last.strip()[:300]}")
 
 
 # --- a multi-node Ray cluster on one machine ----------------------------------------------------------------------

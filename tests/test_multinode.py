@@ -5,7 +5,10 @@ survive losing one of them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from curation.config import CurationConfig
 from curation.dataset import run_sequential
 from curation.sample_data import VIDEO_DIR
 from dataformat import Column
+from flows.cli import main
 
 # Small real sources: 3 ok ones (cuts, a static shot, an odd size) and a bad one (an error row).
 SOURCES = ("bikes.mp4", "static_shot.mp4", "odd_161x97.mp4", "empty.mp4")
@@ -207,3 +211,22 @@ def test_each_node_runs_on_cores_of_its_own(cluster_driver):
     for node_id, node in cluster_driver.node_ids().items():
         placed = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         assert ray.get(placed.remote()) == (cluster_driver.node_cores(node.index), 1)
+
+
+def test_a_driver_joins_a_token_cluster_or_says_in_one_line_what_to_set(ray_cluster, tmp_path, monkeypatch, capsys):
+    """`ray start` turns Ray's token authentication on. A driver whose RAY_AUTH_MODE is unset joins it (token mode is
+    the default for a driver given an address); one that runs with authentication off gets one line saying to set
+    RAY_AUTH_MODE=token before any work, instead of twenty GCS retry warnings and a traceback."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
+    address = ray_cluster.address
+    code = (f"import ray; from infra.local import ray_init_kwargs; ray.init(**ray_init_kwargs({address!r})); "
+            "print('CONNECTED', int(ray.cluster_resources()['CPU'])); ray.shutdown()")
+    joined = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0 and "CONNECTED 2" in joined.stdout, joined.stderr[-3000:]
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    returncode = main(["curate", str(tmp_path), str(tmp_path / "out"), "--ray-address", ray_cluster.address])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("lvd curate: error: ") and "set RAY_AUTH_MODE=token" in lines[0]
+    assert not (tmp_path / "out").exists()

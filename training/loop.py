@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dataformat import atomic_write_json
+from dataformat import acquire_output_lock, atomic_write_json
 from training.monitor import plot_losses, read_metrics
 from training.request import StageRunRequest
 from training.stages import StagePreset
@@ -252,7 +252,9 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     """Train one stage to completion (or skip it when done.json says it already finished).
 
     `conditioning="image"` trains image-to-video (from `init`: an SVD folder, or a text-to-video export turned
-    into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder."""
+    into one with `image_encoder`); `decoder_steps` then finetunes the export's temporal VAE decoder.
+    One writer per output root: raises OutputLocked (one line) while another live process trains into it."""
+    acquire_output_lock(request.output_root)
     stage_preset, shards, init = request.resolve()
     if request.checkpoint_every is not None:
         stage_preset = replace(stage_preset, checkpoint_every=request.checkpoint_every)
@@ -261,6 +263,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     max_steps, strategy, use_gpu = request.max_steps, request.strategy, request.use_gpu
     conditioning, image_encoder, decoder_steps = request.conditioning, request.image_encoder, request.decoder_steps
     directory = request.directory
+    for leftover in directory.glob(".export-*"):  # a copy of the weights a run killed during its export left
+        shutil.rmtree(leftover, ignore_errors=True)  # (safe: this process holds the root's writer lock)
     done = directory / "done.json"
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.requests import Request, RequestError, setting
-from dataformat import DataError, find_shards
+from dataformat import DataError, acquire_output_lock, find_shards
+from infra.local import check_ray_connection
 from training.stages import StagePreset, get_stage_preset
 
 
@@ -38,7 +39,7 @@ class StageRunRequest(Request):
     data: str = setting("out/curate", path="dir",
                         help="a curate-lvd output directory (its shards/) or a folder of WebDataset .tar shards")
     output_root: str = setting("out/train", help="stage N writes OUTPUT_ROOT/stageN/ (pipeline/, tensorboard/, "
-                                                 "checkpoints under ray/)")
+                                                 "checkpoints under ray/)", path="output")
     num_workers: int = setting(1, min=1, help="Ray Train workers (gloo on CPU, NCCL on GPU)")
     min_workers: int | None = setting(None, min=1, help="elastic: after losing nodes, go on (from the last "
                                                         "checkpoint) with as few as this many workers; the global "
@@ -46,8 +47,9 @@ class StageRunRequest(Request):
     use_gpu: bool = setting(False, help="one GPU per worker")
     resume: bool = setting(True, negate="--restart", help="continue from the newest checkpoint, skip a finished stage "
                                                           "(CLI: --restart ignores checkpoints, starts over)")
-    init: str | None = setting(None, help="initialisation: a pipeline dir, an SD 2.x checkpoint path/hub id, or "
-                                          "'tiny' (default: the preset's / the previous stage's pipeline)")
+    init: str | None = setting(None, path="input",
+                               help="initialisation: a pipeline dir, an SD 2.x checkpoint path/hub id, or "
+                                    "'tiny' (default: the preset's / the previous stage's pipeline)")
     max_steps: int | None = setting(None, min=1, help="cut the stage to this many optimizer steps (every phase "
                                                       "keeps at least one)")
     ray_address: str | None = setting(None, help='Ray cluster, e.g. "ray://head:10001"; default: a local Ray')
@@ -64,7 +66,7 @@ class StageRunRequest(Request):
         "text", help="text: text-to-video; image: image-to-video, stages 2-3 (finetunes --init, a diffusers SVD "
                      "folder, or the text-to-video export; writes OUTPUT_ROOT/stageN-image/)")
     image_encoder: str | None = setting(None, help="image mode from a text-to-video export: an SVD or CLIP vision "
-                                                   "folder ('tiny' preset: random)")
+                                                   "folder ('tiny' preset: random)", path="input")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
                                                 "this many steps")
 
@@ -111,7 +113,14 @@ class StageRunRequest(Request):
         return stage_preset, shards, init or default_init(self.stage, self.preset, self.output_root)
 
     def check_inputs(self) -> dict[str, Any]:
-        """The plan of the run, once `resolve` found everything it needs."""
+        """The plan of the run, once `resolve` found everything it needs. Takes the output root's writer lock
+        for this process first (`lvd train` in its own process, a served flow run in its own), so a second run
+        into the same root is refused in one line before it deletes or overwrites anything."""
+        acquire_output_lock(self.output_root)
+        try:
+            check_ray_connection(self.ray_address)
+        except ConnectionError as error:
+            raise RequestError(str(error)) from None
         stage_preset, shards, init = self.resolve()
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

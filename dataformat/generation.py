@@ -5,7 +5,8 @@
 
 Whatever compares generations (a preference study pairs the videos two checkpoints made from the same prompt,
 image and seed) reads this record instead of guessing from file names. `image_sha256` is the hash of the
-conditioning image's bytes (null for text-to-video), so the same picture read from two places matches.
+conditioning image's pixels as displayed (null for text-to-video), so the same picture stored in two places or
+two formats matches.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.requests import RequestError
+from common.requests import ALLOWED_ROOTS_ENV, RequestError, check_allowed_roots
 from common.video import read_frames
 from dataformat.preference import StudyLayout, read_study, read_vote_log
 from evaluation.preference.request import StudyCreateRequest, StudyResultsRequest, StudyServeRequest
@@ -155,7 +155,7 @@ def test_study_pairs_by_generation_record_randomises_sides_and_plants_gold(tmp_p
         assert sum(step < 1.0 for step in steps) >= len(steps) // 2  # frames held: the copy stutters
 
 
-def test_study_pairs_by_file_stem_without_records_and_rejects_bad_input(tmp_path):
+def test_study_pairs_by_file_stem_without_records_and_rejects_bad_input(tmp_path, monkeypatch):
     layout = make_study(tmp_path, records=False)
     assert read_study(layout)[0].pairing == "stem"
     with pytest.raises(RequestError, match="already holds a study"):
@@ -174,6 +174,12 @@ def test_study_pairs_by_file_stem_without_records_and_rejects_bad_input(tmp_path
     with pytest.raises(RequestError, match=r"system X: .*000.mp4: cannot decode"):
         create_study(request)
     assert not (tmp_path / "s2" / "study.json").exists()
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "src"))  # a served run reads and writes only inside
+    with pytest.raises(RequestError, match=r"systems \(B\): /etc is outside the allowed roots"):
+        StudyCreateRequest.build(systems=[f"A={tmp_path}/src/A", "B=/etc"])
+    with pytest.raises(RequestError, match="output_dir: /tmp/elsewhere is outside the allowed roots"):
+        check_allowed_roots(StudyCreateRequest.build(output_dir="/tmp/elsewhere",
+                                                     systems=[f"A={tmp_path}/src/A", f"B={tmp_path}/src/B"]))
 
 
 # ---------------------------------------------------------------------------------------------- store + API

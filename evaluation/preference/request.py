@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.requests import Request, RequestError, setting
+from common.requests import Request, RequestError, allowed_roots, check_path_allowed, setting
 from dataformat import VIDEO_SUFFIXES
 from dataformat.preference import GOLD_DIR, StudyLayout
 
@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class StudyRequest(Request):
-    output_dir: str = setting("out/study", positional=True, help="the study folder")
+    output_dir: str = setting("out/study", positional=True, path="output", help="the study folder")
 
     @property
     def layout(self) -> StudyLayout:
@@ -83,6 +83,8 @@ class StudyCreateRequest(StudyRequest):
                 raise RequestError(f"system name {GOLD_DIR!r} is reserved for the degraded copies of gold pairs")
             if name in systems:
                 raise RequestError(f"system {name!r} given twice")
+            if roots := allowed_roots():  # a served run reads only inside the roots it was given
+                check_path_allowed(f"systems ({name})", folder, roots)
             systems[name] = Path(folder).expanduser()
         if len(systems) < 2:
             raise RequestError(f"a study compares at least two systems: give --system NAME=DIR twice or more "

@@ -19,7 +19,7 @@ from common.video import read_frames
 from dataformat.preference import StudyLayout, read_study, read_vote_log
 from evaluation.preference.request import StudyCreateRequest, StudyResultsRequest, StudyServeRequest
 from evaluation.preference.results import compute_results
-from evaluation.preference.server import StudyServer
+from evaluation.preference.server import StudyServer, access_token
 from evaluation.preference.stats import (
     bootstrap_bradley_terry,
     bradley_terry_from_wins,
@@ -247,6 +247,18 @@ def test_api_serves_pairs_votes_and_ranged_media_with_a_token(tmp_path):
         assert http(f"{base}/media/p99999/left", headers=headers)[0] == 404
     finally:
         server.stop()
+
+
+def test_a_token_is_required_off_loopback():
+    def token(**fields):
+        return access_token(StudyServeRequest.build(output_dir=".", **fields))
+
+    assert token(host="127.0.0.1") is None and token(host="localhost") is None and token(host="::1") is None
+    made = {token(host="0.0.0.0"), token(host="192.168.1.20"), token(host="::")}
+    assert len(made) == 3 and all(len(value) == 32 for value in made)  # random, 192 bits each
+    assert token(host="0.0.0.0", token="r" * 16) == "r" * 16 and token(token="r" * 16) == "r" * 16
+    with pytest.raises(RequestError, match="token must be 16-128"):
+        token(token="short")
 
 
 SERVE_SCRIPT = """

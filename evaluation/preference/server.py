@@ -19,6 +19,7 @@ import hmac
 import json
 import re
 import secrets
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +46,13 @@ SECURITY_HEADERS = {
 }
 
 
+def access_token(request: StudyServeRequest) -> str | None:
+    """The token raters need: the one given, else a fresh random one off loopback, else none."""
+    if request.token is not None:
+        return request.token
+    return None if is_loopback(request.host) else secrets.token_urlsafe(24)
+
+
 class StudyServer:
     """The server of one study; `start()` serves in a thread, `serve_forever()` in the caller, `stop()` ends it."""
 
@@ -65,7 +73,7 @@ class StudyServer:
             self.httpd.server_close()
             release_output_lock(self.layout.root)
             raise
-        self.token = request.token or (None if is_loopback(request.host) else secrets.token_urlsafe(24))
+        self.token = access_token(request)
         self.httpd.daemon_threads = True
         self.httpd.study = self  # type: ignore[attr-defined]
         self.host = request.host
@@ -78,8 +86,8 @@ class StudyServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.host in ("0.0.0.0", "::"):
-            host = "HOST"  # listening on every address: the rater needs this machine's name
+        if self.host in ("0.0.0.0", "::", ""):  # every address: raters reach it by this machine's name
+            host = socket.gethostname()
         return f"http://{host}:{self.port}/" + (f"?token={quote(self.token)}" if self.token else "")
 
     def token_ok(self, given: str | None) -> bool:

@@ -39,6 +39,8 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class StudyRequest(Request):
+    """What every study command names: the study folder."""
+
     output_dir: str = setting("out/study", positional=True, path="output", help="the study folder")
 
     @property

@@ -191,6 +191,7 @@ def test_store_continues_each_rater_where_they_were_and_refuses_bad_votes(tmp_pa
     first = store.next_pair("ann")
     store.cast({"pair": first["pair"], "rater": "ann", "axis": "quality", "choice": "left"})
     bad = [({"pair": "nope", "rater": "ann", "axis": "quality", "choice": "left"}, "no pair 'nope'"),
+           ({"pair": ["p00001"], "rater": "ann", "axis": "quality", "choice": "left"}, r"no pair \['p00001'\]"),
            ({"pair": first["pair"], "rater": "a b", "axis": "quality", "choice": "left"}, "rater must be"),
            ({"pair": first["pair"], "rater": "ann", "axis": "smell", "choice": "left"}, "axis must be one of"),
            ({"pair": first["pair"], "rater": "ann", "axis": "quality", "choice": "up"}, "choice must be one of"),

@@ -100,7 +100,7 @@ class VoteStore:
             raise VoteError(f"a vote has exactly the fields {', '.join(VOTE_FIELDS)}"
                             + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                             + (f"; missing: {', '.join(missing)}" if missing else ""))
-        if vote["pair"] not in self.pair_by_id:
+        if not isinstance(vote["pair"], str) or vote["pair"] not in self.pair_by_id:
             raise VoteError(f"no pair {vote['pair']!r} in this study")
         check_rater(vote["rater"])
         if vote["axis"] not in self.manifest.axes:

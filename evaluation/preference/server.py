@@ -149,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised(parse_qs(url.query)):
             return
         if url.path != "/api/votes":
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such resource: {url.path}"})
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such resource: {url.path}"}, close=True)
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -179,7 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
         given = query.get("token", [None])[0] or self.headers.get("X-Study-Token")
         if self.study.token_ok(given):
             return True
-        self._send(HTTPStatus.FORBIDDEN, b"this study needs the token from its URL\n", "text/plain; charset=utf-8")
+        # closes the connection: a refused POST's body is never read, so it must not be parsed as a next request
+        self._send(HTTPStatus.FORBIDDEN, b"this study needs the token from its URL\n", "text/plain; charset=utf-8",
+                   close=True)
         return False
 
     def _media(self, pair_id: str, side: str) -> None:

@@ -174,6 +174,11 @@ def test_study_pairs_by_file_stem_without_records_and_rejects_bad_input(tmp_path
     with pytest.raises(RequestError, match=r"system X: .*000.mp4: cannot decode"):
         create_study(request)
     assert not (tmp_path / "s2" / "study.json").exists()
+    (tmp_path / "src" / "B" / "001.json").write_text("{truncated")  # a damaged generation record
+    request = StudyCreateRequest.build(output_dir=str(tmp_path / "s3"),
+                                       systems=[f"A={tmp_path}/src/A", f"B={tmp_path}/src/B"])
+    with pytest.raises(RequestError, match=r"system B: .*001.json: unreadable generation record"):
+        create_study(request)
     monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "src"))  # a served run reads and writes only inside
     with pytest.raises(RequestError, match=r"systems \(B\): /etc is outside the allowed roots"):
         StudyCreateRequest.build(systems=[f"A={tmp_path}/src/A", "B=/etc"])

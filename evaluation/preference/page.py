@@ -79,8 +79,14 @@ function withToken(path) {
 function say(text) { message.textContent = text || ""; }
 
 async function loadNext() {
-  const response = await fetch(withToken("/api/next?rater=" + encodeURIComponent(rater)));
-  const data = await response.json();
+  let response, data;
+  try {
+    response = await fetch(withToken("/api/next?rater=" + encodeURIComponent(rater)));
+    data = await response.json();
+  } catch (error) {
+    say("the study server did not answer (" + error + "): reload the page to try again");
+    return;
+  }
   if (!response.ok) { say(data.error); return; }
   showProgress(data.progress);
   if (data.done) {
@@ -216,7 +222,7 @@ function start() {
   document.getElementById("done").style.display = "none";
   raterInput.blur();
   say("");
-  loadNext();
+  enqueue(loadNext);
 }
 document.getElementById("start").addEventListener("click", start);
 raterInput.addEventListener("keydown", event => { if (event.key === "Enter") start(); });

@@ -107,6 +107,15 @@ def test_bradley_terry_recovers_known_strengths_within_its_intervals():
         centred = true[:3] - true[:3].mean()
         covered += list((low <= centred) & (centred <= high))
     assert 0.88 <= np.mean(covered) <= 0.995, np.mean(covered)
+    # raters whose votes move together (each repeats one judgement per pair of systems 20 times): resampling
+    # raters widens the interval that resampling votes, as if they were independent, makes too narrow
+    rng = np.random.default_rng(7)
+    a, b = np.tile(np.repeat([0, 0, 1], 20), 12), np.tile(np.repeat([1, 2, 2], 20), 12)
+    judgements = (rng.random((12, 3)) < 1 / (1 + np.exp(-(true[[0, 0, 1]] - true[[1, 2, 2]])))).astype(float)
+    outcome, raters = np.repeat(judgements, 20, axis=1).ravel(), np.repeat(np.arange(12), 60)
+    _, low_votes, high_votes = bootstrap_bradley_terry(a, b, outcome, 3, rounds=200)
+    _, low_raters, high_raters = bootstrap_bradley_terry(a, b, outcome, 3, rounds=200, groups=raters)
+    assert np.all(high_raters - low_raters > 2 * (high_votes - low_votes))
     # the Newton fit is the optimum Zermelo's MM iteration converges to (a system that never won included)
     wins = np.random.default_rng(0).integers(0, 30, (5, 5)).astype(float) * (1 - np.eye(5))
     wins[0] = 0

@@ -10,6 +10,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from common.requests import Request, RequestError, allowed_roots, check_path_allowed, setting
 from dataformat import VIDEO_SUFFIXES
@@ -130,6 +131,9 @@ class StudyResultsRequest(StudyRequest):
     confidence: float = setting(0.95, min=0.5, max=0.999, help="level of the intervals")
     bootstrap_rounds: int = setting(1000, min=10, max=100_000, help="resamples for the Bradley-Terry intervals")
     bootstrap_seed: int = setting(0, help="seed of the bootstrap")
+    bootstrap_unit: Literal["vote", "rater"] = setting("vote", help="what the bootstrap resamples: votes, or "
+                                                                     "raters with all their votes (wider, honest "
+                                                                     "when raters differ in taste; needs many raters)")
 
     def check_inputs(self) -> None:
         _require_study(self.layout)

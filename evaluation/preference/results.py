@@ -8,7 +8,8 @@ preference" counts as wrong, since the degraded copy is worse in every respect.
 
 Per axis and pair of systems (A, B in the study's order): votes, A's wins, B's wins, ties, A's win rate (a tie
 counts half) with its Wilson interval. With three or more systems also the Bradley-Terry log-strength of each
-system with a bootstrap percentile interval (`evaluation.preference.stats`). Agreement: Krippendorff's alpha over
+system with a bootstrap percentile interval over votes or, with `bootstrap_unit` "rater", over raters
+(`evaluation.preference.stats`). Agreement: Krippendorff's alpha over
 the pairs that two or more raters judged, the choices (left / right / none) as nominal values.
 """
 
@@ -64,12 +65,13 @@ def axis_results(manifest: StudyManifest, pairs: dict[str, StudyPair], latest: d
                  axis: str, request: StudyResultsRequest) -> dict[str, Any]:
     """Pairwise rows, Bradley-Terry rows (three or more systems) and agreement of one axis (kept raters only)."""
     index = {system: position for position, system in enumerate(manifest.systems)}
-    a, b, outcome = [], [], []
+    a, b, outcome, raters = [], [], [], []
     units: dict[str, list[str]] = defaultdict(list)
-    for (_, pair_id, vote_axis), choice in latest.items():
+    for (rater, pair_id, vote_axis), choice in latest.items():
         pair = pairs[pair_id]
         if vote_axis != axis or pair.gold is not None:
             continue
+        raters.append(rater)
         a.append(index[pair.left])
         b.append(index[pair.right])
         outcome.append(OUTCOME[choice])
@@ -93,7 +95,9 @@ def axis_results(manifest: StudyManifest, pairs: dict[str, StudyPair], latest: d
     if len(manifest.systems) > 2:
         fitted, low, high = bootstrap_bradley_terry(a_array, b_array, outcome_array, len(manifest.systems),
                                                     rounds=request.bootstrap_rounds, confidence=request.confidence,
-                                                    seed=request.bootstrap_seed)
+                                                    seed=request.bootstrap_seed,
+                                                    groups=np.array(raters) if request.bootstrap_unit == "rater"
+                                                    else None)
         counts = np.bincount(np.concatenate([a_array, b_array]), minlength=len(manifest.systems))
         scores = [{"axis": axis, "system": system, "score": float(fitted[i]), "low": float(low[i]),
                    "high": float(high[i]), "votes": int(counts[i])} for i, system in enumerate(manifest.systems)]

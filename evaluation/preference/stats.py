@@ -11,7 +11,8 @@ needs no extra parameter.
   iteration of Zermelo / Hunter 2004 gives the same optimum, slower), with `prior` virtual tied comparisons per
   pair of systems so a system that never won still gets a finite score.
   Scores are log-strengths centred on their mean: a difference d means P(win) = 1 / (1 + exp(-d)).
-* `bootstrap_bradley_terry`: percentile intervals of those scores over votes resampled with replacement.
+* `bootstrap_bradley_terry`: percentile intervals of those scores over votes (or raters) resampled with
+  replacement.
 * `krippendorff_alpha_nominal`: agreement between raters beyond chance (1 = perfect, 0 = chance, < 0 = worse),
   from the coincidence matrix (Krippendorff 2011, "Computing Krippendorff's alpha-reliability"); any number of
   raters per unit, missing ratings allowed.
@@ -99,16 +100,24 @@ def bradley_terry(a: np.ndarray, b: np.ndarray, outcome: np.ndarray, systems: in
 
 
 def bootstrap_bradley_terry(a: np.ndarray, b: np.ndarray, outcome: np.ndarray, systems: int, *, rounds: int = 1000,
-                            confidence: float = 0.95, prior: float = 1.0, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """(scores, low, high): the fit on all votes and the percentile interval over `rounds` resamples of the votes."""
+                            confidence: float = 0.95, prior: float = 1.0, seed: int = 0,
+                            groups: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(scores, low, high): the fit on all votes and the percentile interval over `rounds` resamples.
+
+    Without `groups` the votes are resampled one by one; with `groups` (e.g. each vote's rater) whole groups
+    are, so votes that move together (one rater's taste) widen the interval as they should."""
     a, b, outcome = np.asarray(a), np.asarray(b), np.asarray(outcome, float)
     scores = bradley_terry(a, b, outcome, systems, prior)
     if len(a) == 0:
         return scores, scores.copy(), scores.copy()
     rng = np.random.default_rng(seed)
+    members = [np.arange(len(a))] if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
     samples = np.empty((rounds, systems))
     for round_index in range(rounds):
-        chosen = rng.integers(0, len(a), len(a))
+        if groups is None:
+            chosen = rng.integers(0, len(a), len(a))
+        else:
+            chosen = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
         samples[round_index] = bradley_terry(a[chosen], b[chosen], outcome[chosen], systems, prior)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail], axis=0)

@@ -200,14 +200,21 @@ def check_allowed_roots(request: Any, roots: list[Path] | None = None, prefix: s
         if f.metadata.get("path") is None or value is None:
             continue
         for item in value if isinstance(value, list | tuple) else (value,):
-            if not isinstance(item, str) or "://" in item:
-                continue
-            resolved = Path(item).expanduser().resolve()
-            if f.metadata["path"] == "input" and not resolved.exists():
-                continue  # nothing there to read: a preset name ('tiny') or a cached hub id, found elsewhere
-            if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-                allowed = ", ".join(str(root) for root in roots)
-                raise RequestError(f"{name}: {item} is outside the allowed roots ({allowed})")
+            if isinstance(item, str):
+                check_path_allowed(name, item, roots, optional=f.metadata["path"] == "input")
+
+
+def check_path_allowed(name: str, item: str, roots: list[Path], optional: bool = False) -> None:
+    """One path of setting `name` inside `roots` (URLs are left alone; with `optional`, a path that does not
+    exist is too: a preset name or a cached hub id, found elsewhere); a one-line RequestError otherwise."""
+    if "://" in item:
+        return
+    resolved = Path(item).expanduser().resolve()
+    if optional and not resolved.exists():
+        return
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise RequestError(f"{name}: {item} is outside the allowed roots ({allowed})")
 
 
 def check_ranges(section: Any, name: str, limits: Mapping[str, tuple[float | None, float | None]]) -> None:

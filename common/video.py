@@ -34,20 +34,30 @@ def write_video(
     what makes keyframe snapping in the clipper matter. Odd sizes use 4:4:4 chroma (4:2:0 needs even).
     x264's `veryfast` preset: these are sample, test and preview videos, not training clips.
     """
+
+    def configure(stream: av.VideoStream, height: int, width: int) -> None:
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        x264_params = f"keyint={gop}:min-keyint={gop}" + ("" if scene_cut_keyframes else ":scenecut=0")
+        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": x264_params}
+
+    return _encode(path, frames, fps, "libx264", configure)
+
+
+def _encode(path: str | Path, frames: Iterable[np.ndarray], fps: float | Fraction, codec: str,
+            configure: Callable[[av.VideoStream, int, int], None], container_format: str | None = None) -> int:
+    """Frames through `codec` into `path`; `configure(stream, height, width)` sets the stream up from the first
+    frame's size (frames are cropped to the size it sets). Returns the number of frames written."""
     rate = Fraction(fps).limit_denominator(1001)
     count = 0
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", format=container_format) as container:
         stream = None
         for frame in frames:
             if stream is None:
-                height, width = frame.shape[:2]
-                stream = container.add_stream("libx264", rate=rate)
-                stream.width, stream.height = width, height
-                stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-                x264_params = f"keyint={gop}:min-keyint={gop}" + ("" if scene_cut_keyframes else ":scenecut=0")
-                stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": x264_params}
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in stream.encode(video_frame):
+                stream = container.add_stream(codec, rate=rate)
+                configure(stream, frame.shape[0], frame.shape[1])
+            picture = np.ascontiguousarray(frame[:stream.height, :stream.width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                 container.mux(packet)
             count += 1
         if stream is None:
@@ -74,6 +84,34 @@ def save_video(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     else:
         raise ValueError(f"unsupported video extension {path.suffix!r}: use .mp4 or .gif")
     return path
+
+
+def write_webm(path: str | Path, frames: Iterable[np.ndarray], fps: float | Fraction, *, crf: int = 24) -> int:
+    """Encode RGB uint8 frames (H, W, 3) to a VP9 WebM (constant quality `crf`, 0-63, lower is better); returns
+    the number of frames written. VP9 WebM plays in every current browser, which H.264 does not (Chromium builds
+    without proprietary codecs, Firefox on some Linux systems). Odd sizes lose their last row/column (4:2:0)."""
+
+    def configure(stream: av.VideoStream, height: int, width: int) -> None:
+        stream.width, stream.height, stream.pix_fmt = width // 2 * 2, height // 2 * 2, "yuv420p"
+        stream.options = {"crf": str(crf), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+
+    return _encode(path, frames, fps, "libvpx-vp9", configure, container_format="webm")
+
+
+def read_frames(source: str | Path, max_frames: int | None = None) -> tuple[list[np.ndarray], float | None]:
+    """All RGB uint8 frames of a video (the first `max_frames` when given), upright, and its average frame rate
+    (None when the container does not say). A file without a video stream raises NoVideoStreamError."""
+    with av.open(str(source)) as container:
+        if not container.streams.video:
+            raise NoVideoStreamError(f"{source}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(frame_rgb(frame))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    return frames, float(rate) if rate else None
 
 
 def quarter_turns(frame: av.VideoFrame) -> int:

@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-views": ("flows.multiview", "multi-view metrics (PSNR, SSIM, LPIPS, CLIP-S) of a checkpoint against "
                                           "ground-truth orbits of held-out meshes"),
     "pipeline": ("flows.pipeline", "the whole DAG: curate -> train stages 1-3 -> FVD -> generate"),
+    "study": ("flows.study", "human preference studies: create, serve, results"),
+    "evaluate-preference": ("flows.study", "create, serve and report a human preference study (the flow)"),
 }
 
 
@@ -110,6 +112,13 @@ def _bad_input(prog: str, error: Exception) -> int:
 
 
 # ------------------------------------------------------------------------------- requests -> argparse
+
+
+def add_command_group(subparsers: argparse._SubParsersAction, name: str, *, help: str) -> argparse._SubParsersAction:
+    """Sub-command `name` whose own sub-commands (`lvd NAME ACTION ...`) are added to the returned object, e.g.
+    with `add_request_command`; errors in them reach `main`'s handler like any other."""
+    parser = subparsers.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
 
 
 def add_request_command(subparsers: argparse._SubParsersAction, name: str, request_type: type,

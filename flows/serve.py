@@ -21,6 +21,7 @@ DEPLOYMENT_MODULES = [
     "flows.pipeline",
     "flows.orbits",
     "flows.multiview",
+    "flows.study",
 ]
 
 

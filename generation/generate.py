@@ -17,6 +17,7 @@ Modes, chosen by the arguments:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.requests import Request, RequestError, setting
+from dataformat.generation import write_generation_record
 from model.loading import DTYPES, load_pipeline, place_pipeline
 
 TEXT_TO_VIDEO_DEFAULTS: dict[str, Any] = dict(steps=25, fps=7, motion_bucket_id=127, noise_aug=0.0,
@@ -171,6 +173,13 @@ def load_image(source: str | Path):
     from common.images import read_image
 
     return read_image(source)
+
+
+def image_digest(source: str | Path) -> str:
+    """SHA-256 of the conditioning image's pixels as displayed (with its size): the same picture gives the same
+    digest wherever it is stored and in whatever file format."""
+    image = load_image(source)
+    return hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
 
 
 def write_frames(frames: np.ndarray, out: str | Path, fps: float) -> list[Path]:
@@ -338,13 +347,15 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
                          *, out_fps: float = 8.0, outputs: tuple[str, ...] = (".mp4", ".gif"),
                          **request: Any) -> list[dict[str, Any]]:
     """`generate_videos`, then each video written into `output_dir` as `NNN<suffix>` per suffix in `outputs`
-    ('/' = a folder `NNN/` of PNG frames); returns one record per video (paths, size, settings)."""
+    ('/' = a folder `NNN/` of PNG frames) with `NNN.json`, its generation record (`dataformat.generation`: prompt,
+    image, seed, checkpoint, settings); returns one record per video (paths, size, settings)."""
     for suffix in outputs:
         if suffix != "/":
             check_output(f"NNN{suffix}")
     generated = generate_videos(prompts, checkpoint, **request)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    image_sha256 = None if request.get("image") is None else image_digest(request["image"])
     first_frame_path = None
     if generated.first_frame is not None:
         first_frame_path = out / "000-first-frame.png"
@@ -363,6 +374,10 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
                 record["png"] = str(write_frames(video, f"{out / f'{index:03d}'}/", out_fps)[0].parent)
             else:
                 record[suffix.lstrip(".")] = str(write_frames(video, out / f"{index:03d}{suffix}", out_fps)[0])
+        write_generation_record(out / f"{index:03d}", {  # what made it, for comparisons across runs
+            "prompt": label, "image": request.get("image"), "image_sha256": image_sha256,
+            "seed": generated.settings["seed"], "checkpoint": None if checkpoint is None else str(checkpoint),
+            "settings": generated.settings})
         records.append(record)
     return records
 

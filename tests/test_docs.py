@@ -200,11 +200,19 @@ def test_every_lvd_command_and_option_in_the_docs_exists():
         if words[0] not in subcommands:
             unknown.append(f"{name}: lvd {words[0]} (no such command)")
             continue
-        options = {option for action in subcommands[words[0]]._actions for option in action.option_strings}
-        for word in words[1:]:
+        parser, rest, command = subcommands[words[0]], words[1:], words[0]
+        while nested := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None):
+            if not rest or rest[0].startswith("-"):  # `lvd study --help`
+                break
+            if rest[0] not in nested.choices:  # `lvd study ACTION`: a command group's actions
+                unknown.append(f"{name}: lvd {command} {rest[0]} (no such action)")
+                break
+            parser, rest, command = nested.choices[rest[0]], rest[1:], f"{command} {rest[0]}"
+        options = {option for action in parser._actions for option in action.option_strings}
+        for word in rest:
             option = word.split("=", 1)[0]
             if option.startswith("-") and option not in options and re.fullmatch(r"--?[a-z][a-z0-9-]*", option):
-                unknown.append(f"{name}: lvd {words[0]} {option} (no such option)")
+                unknown.append(f"{name}: lvd {command} {option} (no such option)")
     assert not unknown, "commands the CLI does not have:\n" + "\n".join(unknown)
 
 

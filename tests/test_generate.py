@@ -9,6 +9,7 @@ import av
 import httpx
 import pytest
 
+from dataformat.generation import read_generation_record
 from flows.generate import generate_video, parse_guidance
 from model.pipeline import TextToVideoPipeline
 
@@ -36,6 +37,9 @@ def test_flow_writes_videos_and_a_preview_artifact(prefect_api, tmp_path):
     for result in results:
         with av.open(result["mp4"]) as container:
             assert sum(1 for _ in container.decode(video=0)) == 6
+        record = read_generation_record(result["mp4"])  # what a preference study pairs videos by
+        assert (record["prompt"], record["seed"], record["image"]) == (result["prompt"], 0, None)
+        assert record["settings"]["num_frames"] == 6
     response = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={
         "artifacts": {"key": {"any_": ["generate-video-preview"]}}, "sort": "CREATED_DESC", "limit": 1})
     artifacts = response.json()

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"common"},
     "curation": {"dataformat", "common", "infra"},
     "training": {"model", "dataformat", "common", "infra"},
-    "evaluation": {"model", "dataformat", "common"},
+    "evaluation": {"model", "dataformat", "common", "infra"},
     "generation": {"model", "dataformat", "common"},
     "flows": {"dataformat", "common", "infra", "model", "curation", "training", "evaluation", "generation"},
 }

@@ -227,9 +227,10 @@ DEFAULT_IMAGE_TO_VIDEO_NOISE = "576x1024"
 
 # Multi-view finetune (docs/multiview.md): SVD-MV's orbits of 21 views at 576x576, the image-to-video noise; steps,
 # batch and learning rate are [open]. The conditioning frame is view 0, so every frame is read at stride 1.
+_I2V_NOISE = IMAGE_TO_VIDEO_NOISE[DEFAULT_IMAGE_TO_VIDEO_NOISE]
 MULTIVIEW_PHASES = {
-    "svd": Phase("multiview-576x576", 576, 576, 21, 12_000, 16, 1e-5, *IMAGE_TO_VIDEO_NOISE[DEFAULT_IMAGE_TO_VIDEO_NOISE], warmup_steps=100),
-    "tiny": Phase("multiview", 64, 64, 6, 4, 2, 3e-4, *IMAGE_TO_VIDEO_NOISE[DEFAULT_IMAGE_TO_VIDEO_NOISE]),
+    "svd": Phase("multiview-576x576", 576, 576, 21, 12_000, 16, 1e-5, *_I2V_NOISE, warmup_steps=100),
+    "tiny": Phase("multiview", 64, 64, 6, 4, 2, 3e-4, *_I2V_NOISE),
 }
 
 

@@ -28,10 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from common.requests import RequestError
-from infra.output_lock import OutputLocked, acquire_output_lock, release_output_lock
 from evaluation.preference.page import PAGE_HTML
 from evaluation.preference.request import StudyServeRequest, is_loopback
 from evaluation.preference.store import VoteError, VoteStore
+from infra.output_lock import OutputLocked, acquire_output_lock, release_output_lock
 
 MAX_BODY_BYTES = 4096
 CHUNK_BYTES = 1 << 16

@@ -75,8 +75,9 @@ class OrbitRequest(Request):
 
     mesh_dir: str = setting(positional=True, path="dir", help=f"folder of 3D assets ({', '.join(MESH_SUFFIXES)}), "
                                                                "searched recursively")
-    output_path: str = setting(positional=True, help="output folder (a curated-format run: manifest.parquet, "
-                                                     "shards/, sources.parquet/ with one row per asset)")
+    output_path: str = setting(positional=True, path="output",
+                               help="output folder (a curated-format run: manifest.parquet, shards/, "
+                                    "sources.parquet/ with one row per asset)")
     views: int = setting(21, min=1, max=1000, help="views per orbit, evenly spaced in azimuth (SVD-MV: 21)")
     size: int = setting(576, min=8, max=4096, help="square image size in pixels, a multiple of 8 (SVD-MV: 576)")
     elevation: float = setting(DEFAULT_ELEVATION, min=-89.0, max=89.0,

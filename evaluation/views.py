@@ -118,7 +118,7 @@ class EvaluateViewsRequest(Request):
     checkpoint: str = setting(path="dir", help="a multi-view finetune's pipeline (OUTPUT_ROOT/stage3-multiview/"
                                                "pipeline)")
     meshes: str = setting(path="dir", help=f"folder of held-out 3D assets ({', '.join(MESH_SUFFIXES)})")
-    out: str = setting("views.json", help="results JSON (a PNG strip per asset is written next to it)")
+    out: str = setting("views.json", path="output", help="results JSON (a PNG strip per asset is written next to it)")
     views: int = setting(21, min=2, max=1000, help="views per orbit (frames generated)")
     size: int = setting(576, min=8, max=4096, help="square render and generation size, a multiple of 8")
     elevation: float = setting(DEFAULT_ELEVATION, min=-89.0, max=89.0, help="camera elevation in degrees")

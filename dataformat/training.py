@@ -7,6 +7,7 @@
       metrics.jsonl               one JSON line per logged step
       progress.json               the last step and the total (the flow's progress artifact follows it)
       loss.png                    the loss curve
+      motion_buckets.png          the motion buckets the stage trained on
       lineage.json                what the stage started from and ran with (its parent stage's lineage inside)
       done.json                   written last: the finished stage's summary; a rerun skips the stage
       ray/train/checkpoint_*/     Ray Train's storage: the checkpoints (`CheckpointLayout`)
@@ -36,6 +37,10 @@ def stage_name(stage: int, conditioning: str = "text") -> str:
 class StageLayout:
     """Every path of one training stage under `OUTPUT_ROOT/stageN/`."""
 
+    # The final checkpoint is copied to `.export-XXXX/` before its pipeline moves into place; a run killed in
+    # between leaves that copy, which the next run of the stage removes.
+    EXPORT_STAGING_PREFIX = ".export-"
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -46,6 +51,10 @@ class StageLayout:
     @property
     def pipeline(self) -> Path:
         return self.root / "pipeline"
+
+    def export_leftovers(self) -> list[Path]:
+        """Export copies that killed runs left in the stage directory."""
+        return sorted(self.root.glob(self.EXPORT_STAGING_PREFIX + "*"))
 
     @property
     def tensorboard(self) -> Path:
@@ -69,6 +78,11 @@ class StageLayout:
     @property
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
+
+    @property
+    def motion_bucket_plot(self) -> Path:
+        """The histogram of the motion buckets the stage trained on."""
+        return self.root / "motion_buckets.png"
 
     @property
     def lineage(self) -> Path:

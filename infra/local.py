@@ -301,6 +301,9 @@ GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
 """
 
 
+_JOINED_ADDRESSES: set[str] = set()  # clusters that accepted this process's authentication
+
+
 def _default_to_token_auth() -> None:
     """A driver joining a cluster authenticates with its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token) when it has one and RAY_AUTH_MODE is unset: `ray start` turns token authentication on by
@@ -326,7 +329,7 @@ def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
     """Raise RayConnectionError (one line) unless the cluster at `address` (host:port of its GCS) accepts this
     driver. Probed in a child process that keeps Ray's own output, so a refused token is one line instead of
     twenty GCS retry warnings and a traceback. Ray Client addresses (ray://) and local runs are not probed."""
-    if not address or address.startswith("ray://") or address in ("local", "auto"):
+    if not address or address.startswith("ray://") or address in ("local", "auto") or address in _JOINED_ADDRESSES:
         return
     _default_to_token_auth()
     try:
@@ -335,6 +338,7 @@ def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
     except subprocess.TimeoutExpired:
         raise RayConnectionError(f"no Ray cluster answered at {address} within {timeout_s:.0f} s") from None
     if probe.returncode == 0:
+        _JOINED_ADDRESSES.add(address)  # `lvd train` checks before its flow starts, the flow's first task again
         return
     output = probe.stderr + probe.stdout
     if "InvalidAuthToken" in output or "AuthenticationError" in output or "auth token" in output.lower():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -55,16 +56,41 @@ class FolderSummary:
         return sum(self.parameters.values())
 
 
+# Folders that passed, keyed by path, settings and the state of their files (see `_folder_signature`).
+_PASSED: dict[tuple, FolderSummary] = {}
+
+
 def check_pipeline_folder(folder: str | Path, *, memory_bytes: int | None = None,
                           build_models: bool = True) -> FolderSummary:
     """Raise PipelineFolderError (one line) for the first problem found in `folder` (see the module docstring).
 
     `memory_bytes`: the memory the parameters must fit in (default: what this machine has available);
-    `build_models`: also compare every model's weights with the model its config describes (meta device)."""
+    `build_models`: also compare every model's weights with the model its config describes (meta device).
+    A folder that passed is not checked again in this process while its files are unchanged: `lvd generate`
+    checks before the job starts and `load_pipeline` checks again where it loads."""
     root = Path(folder)
     if not root.is_dir():
         raise PipelineFolderError(f"{folder}: not a directory")
     root = root.resolve()
+    key = (root, memory_bytes, build_models, _folder_signature(root))
+    if key not in _PASSED:
+        _PASSED[key] = _check_folder(root, memory_bytes, build_models)
+    return _PASSED[key]
+
+
+def _folder_signature(root: Path) -> tuple:
+    """Every entry under `root` with its kind, size, modification time and link target: a change to any file
+    (or to what a link points at) makes a new signature."""
+    entries = []
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        target = os.readlink(path) if path.is_symlink() else None
+        followed = path.stat() if target is not None and path.exists() else info
+        entries.append((str(path.relative_to(root)), info.st_mode, followed.st_size, followed.st_mtime_ns, target))
+    return tuple(entries)
+
+
+def _check_folder(root: Path, memory_bytes: int | None, build_models: bool) -> FolderSummary:
     index = _read_json_object(root / "model_index.json", root)
     class_name = index.get("_class_name")
     if not isinstance(class_name, str) or not class_name:
@@ -190,10 +216,7 @@ def _safe_class(library_class: tuple[str, str]) -> type | None:
     library, name = library_class
     if library.split(".")[0] not in SAFE_LIBRARIES or not name.isidentifier():
         return None
-    module = importlib.import_module(library)
-    model_class = getattr(module, name, None)
-    if model_class is None and library == "model":
-        return None
+    model_class = getattr(importlib.import_module(library), name, None)
     return model_class if isinstance(model_class, type) else None
 
 

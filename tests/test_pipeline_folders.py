@@ -16,28 +16,13 @@ from safetensors.torch import load_file, save_file
 from flows.cli import main
 from model.folder_check import PipelineFolderError, check_pipeline_folder
 from model.pipeline import NonFiniteOutputError, decode_output
-from tests.svd_helpers import bikes_frame, tiny_svd
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("svd") / "pipeline"
-    tiny_svd().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("image") / "bikes.png"
-    bikes_frame().save(path)
-    return path
-
-
-def _copy(svd_folder: Path, tmp_path: Path) -> Path:
+def _copy(svd_dir: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "checkpoint"
-    shutil.copytree(svd_folder, folder)
+    shutil.copytree(svd_dir, folder)
     return folder
 
 
@@ -98,11 +83,11 @@ CASES = {"pickle only": _pickle_only, "symlink to /dev/zero": _symlink_to_dev_ze
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_bad_checkpoint_is_refused_in_one_line(case, svd_folder, image, tmp_path, capsys):
-    folder = _copy(svd_folder, tmp_path)
+def test_a_bad_checkpoint_is_refused_in_one_line(case, svd_dir, image_path, tmp_path, capsys):
+    folder = _copy(svd_dir, tmp_path)
     expected = CASES[case](folder)
     out = tmp_path / "video.mp4"
-    returncode = main(["generate", "--image", str(image), "--checkpoint", str(folder), "--frames", "2",
+    returncode = main(["generate", "--image", str(image_path), "--checkpoint", str(folder), "--frames", "2",
                        "--height", "64", "--width", "64", "--steps", "1", "--out", str(out)])
     lines = capsys.readouterr().err.strip().splitlines()
     if case == "NaN weights":  # found once the weights are read: after diffusers' loading progress bars
@@ -112,18 +97,18 @@ def test_a_bad_checkpoint_is_refused_in_one_line(case, svd_folder, image, tmp_pa
     assert not out.exists()
 
 
-def test_a_good_folder_passes_and_its_size_is_checked_against_memory(svd_folder):
-    summary = check_pipeline_folder(svd_folder)
+def test_a_good_folder_passes_and_its_size_is_checked_against_memory(svd_dir):
+    summary = check_pipeline_folder(svd_dir)
     assert summary.class_name == "StableVideoDiffusionPipeline"
-    unet = load_file(svd_folder / UNET_WEIGHTS)
+    unet = load_file(svd_dir / UNET_WEIGHTS)
     assert summary.parameters["unet"] == sum(tensor.numel() for tensor in unet.values())
     with pytest.raises(PipelineFolderError, match=r"parameters \(.*unet .*\) need .* GiB as float32; 0.0 GiB"):
-        check_pipeline_folder(svd_folder, memory_bytes=1_000_000)
+        check_pipeline_folder(svd_dir, memory_bytes=1_000_000)
 
 
-def test_a_planted_pickle_beside_safetensors_is_never_read(svd_folder, tmp_path):
+def test_a_planted_pickle_beside_safetensors_is_never_read(svd_dir, tmp_path):
     """diffusers loads the safetensors; a pickle next to it is not opened (it would run code if it were)."""
-    folder = _copy(svd_folder, tmp_path)
+    folder = _copy(svd_dir, tmp_path)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -145,18 +130,18 @@ def test_non_finite_latents_are_an_error_not_a_black_video():
     assert np.isfinite(decode_output(None, torch.zeros(1, 1, 4, 2, 2), 1, "latent").numpy()).all()
 
 
-def test_a_hub_cache_snapshot_of_links_into_its_blobs_passes(svd_folder, tmp_path):
+def test_a_hub_cache_snapshot_of_links_into_its_blobs_passes(svd_dir, tmp_path):
     """The Hugging Face cache keeps a snapshot as symlinks into the repository's blobs/: that is not an escape."""
     repository = tmp_path / "hub" / "models--stabilityai--stable-video-diffusion-img2vid"
     snapshot = repository / "snapshots" / "0123abcd"
     (repository / "blobs").mkdir(parents=True)
-    for number, source in enumerate(sorted(p for p in svd_folder.rglob("*") if p.is_file())):
+    for number, source in enumerate(sorted(p for p in svd_dir.rglob("*") if p.is_file())):
         blob = repository / "blobs" / f"blob{number}"
         shutil.copy(source, blob)
-        link = snapshot / source.relative_to(svd_folder)
+        link = snapshot / source.relative_to(svd_dir)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(blob)
-    assert check_pipeline_folder(snapshot).parameters == check_pipeline_folder(svd_folder).parameters
+    assert check_pipeline_folder(snapshot).parameters == check_pipeline_folder(svd_dir).parameters
     elsewhere = tmp_path / "not-a-snapshot"
     shutil.copytree(snapshot, elsewhere, symlinks=True)
     with pytest.raises(PipelineFolderError, match="a symlink that leads out of the folder"):

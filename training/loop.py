@@ -11,7 +11,7 @@ workers that still fit (the global batch is split over however many there are, s
 
 The stage directory and a checkpoint's files are `dataformat.StageLayout` and `dataformat.CheckpointLayout`
 (dataformat/training.py); pipeline/ is a TextToVideoPipeline, or a diffusers SVD folder in image mode. The stage
-also writes motion_buckets.png (the buckets it trained on); the pipeline carries `lvd_training.json`
+also writes the histogram of the motion buckets it trained on; the pipeline carries `lvd_training.json`
 (TRAINING_METADATA_FILE): what was exported (EMA with warm-up or raw weights), how far it moved from the initial
 weights, the motion-bucket mapping, noise and frames; lineage.json and done.json repeat the movement.
 With `decoder_steps`, decoder/ holds the decoder finetune's report (dataformat/decoder_finetune.py).
@@ -303,8 +303,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     conditioning, image_encoder, decoder_steps = request.conditioning, request.image_encoder, request.decoder_steps
     layout = StageLayout(request.directory)
     directory, done = layout.root, layout.done
-    for leftover in directory.glob(".export-*"):  # a copy of the weights a run killed during its export left
-        shutil.rmtree(leftover, ignore_errors=True)  # (safe: this process holds the root's writer lock)
+    for leftover in layout.export_leftovers():  # safe: this process holds the root's writer lock
+        shutil.rmtree(leftover, ignore_errors=True)
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
     if not resume and directory.exists():
@@ -332,7 +332,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     workers = (request.min_workers, num_workers) if request.min_workers not in (None, num_workers) else num_workers
     result = _fit(config, workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
 
-    final = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
+    final = Path(tempfile.mkdtemp(prefix=StageLayout.EXPORT_STAGING_PREFIX, dir=directory))
     try:
         result.checkpoint.to_directory(str(final))
         last = CheckpointLayout(final)
@@ -347,7 +347,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     finally:
         shutil.rmtree(final, ignore_errors=True)
     plot_losses(metrics, layout.loss_plot)
-    plot_motion_buckets(buckets, stage_preset.motion.mapping, directory / "motion_buckets.png")
+    plot_motion_buckets(buckets, stage_preset.motion.mapping, layout.motion_bucket_plot)
     metadata_path = layout.pipeline / TRAINING_METADATA_FILE
     atomic_write_json(metadata_path, {**json.loads(metadata_path.read_text()), "weights_moved": moved})
     atomic_write_json(layout.lineage, {**lineage, "weights_moved": moved}, indent=None)
@@ -359,7 +359,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         "tensorboard": str(layout.tensorboard), "loss_plot": str(layout.loss_plot),
         "samples": sorted(str(p) for p in layout.samples.glob("*.gif")), "init": init,
         "conditioning": conditioning, "weights_moved": moved, "motion_buckets": stage_preset.motion.mapping,
-        "motion_bucket_plot": str(directory / "motion_buckets.png"),
+        "motion_bucket_plot": str(layout.motion_bucket_plot),
         "motion_buckets_trained": {str(bucket): count for bucket, count in enumerate(buckets) if count},
         **({"decoder_finetune": decoder} if decoder else {}),
     }

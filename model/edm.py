@@ -10,7 +10,7 @@ paper's table, in the style of NVlabs/edm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,7 +64,19 @@ class LogNormalNoise:
 
     def sample(self, count: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         normal = torch.randn(count, generator=generator, device=device)
-        return (self.p_mean + self.p_std * normal).exp()
+        return (self.p_mean + self.p_std * normal.double()).exp().float()
+
+    def sample_each(self, generators: Sequence[torch.Generator], shape: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sigma, then one Gaussian noise tensor of `shape`, from each sample's own generator: (B,), (B, *shape).
+
+        A sample's draw then depends on its generator alone, not on the batch it lands in (a trainer seeds
+        one generator per global sample position, so splitting a batch across workers changes nothing)."""
+        sigmas, noises = [], []
+        for generator in generators:
+            sigmas.append(self.sample(1, generator=generator))
+            noises.append(torch.randn(shape, generator=generator))
+        return torch.cat(sigmas), torch.stack(noises)
 
 
 class EDMLoss:
@@ -78,14 +90,20 @@ class EDMLoss:
         self,
         network: Callable[..., torch.Tensor],
         clean: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         **conditioning,
     ) -> torch.Tensor:
         """Per-sample loss (batch,); the caller reduces it (mean, or masked for padding).
 
-        `sigma` and `noise` may be given (e.g. drawn per sample so results do not depend on batching)."""
+        `generator`: one for the batch, or a sequence of one per sample (`LogNormalNoise.sample_each`: the draws
+        do not depend on batching). `sigma` and `noise` may be given instead of drawn (a fixed validation sigma
+        keeps the per-sample noise)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            drawn_sigma, drawn_noise = self.noise.sample_each(generator, tuple(clean.shape[1:]))
+            sigma = drawn_sigma.to(clean.device) if sigma is None else sigma
+            noise = drawn_noise if noise is None else noise
         if sigma is None:
             sigma = self.noise.sample(clean.shape[0], generator=generator).to(clean.device)
         if noise is None:

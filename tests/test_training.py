@@ -16,7 +16,8 @@ from model.unet import is_temporal_parameter
 from training.data import TrainingStream, plan_micro_batches
 from training.loop import group_steps
 from training.stages import Phase, get_stage_preset
-from training.trainer import StageTrainer, trainable_names
+from model.edm import LogNormalNoise
+from training.trainer import StageTrainer, position_generators, trainable_names
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,32 @@ def _fixed_noise_loss(trainer: StageTrainer, batches: list[dict], sigmas=(0.1, 0
     finally:
         trainer.unet.train()
     return float(np.mean(losses))
+
+
+@pytest.mark.parametrize(("p_mean", "p_std"), [(1.0, 1.6), (0.7, 1.6), (-1.2, 1.0)])
+def test_training_noise_levels_are_the_phases_log_normal_drawn_per_position(p_mean, p_std):
+    noise = LogNormalNoise(p_mean, p_std)
+    positions = torch.arange(20_000)
+    sigmas, _ = noise.sample_each(position_generators(3, 7, positions), (1,))
+    assert abs(sigmas.log().mean().item() - p_mean) < 0.05 and abs(sigmas.log().std().item() - p_std) < 0.05
+    # per (seed, position): two workers taking every other position draw exactly what one worker draws
+    whole_sigma, whole_noise = noise.sample_each(position_generators(3, 7, positions[:8]), (2, 3))
+    halves = [noise.sample_each(position_generators(3, 7, positions[start:8:2]), (2, 3)) for start in (0, 1)]
+    assert torch.equal(whole_sigma[0::2], halves[0][0]) and torch.equal(whole_sigma[1::2], halves[1][0])
+    assert torch.equal(whole_noise[1::2], halves[1][1])
+    assert not torch.equal(whole_sigma, noise.sample_each(position_generators(4, 7, positions[:8]), (2, 3))[0])
+
+
+def test_the_trainer_draws_each_samples_sigma_from_its_phases_noise(samples):
+    preset = replace(get_stage_preset(2), phases=(Phase("noise", 64, 64, 4, 2, 1, 1e-4, 0.7, 1.6),))
+    trainer = StageTrainer(load_pipeline("tiny"), preset, seed=5)
+    assert (trainer.losses["noise"].noise.p_mean, trainer.losses["noise"].noise.p_std) == (0.7, 1.6)
+    batch = list(group_steps(TrainingStream(samples, preset, seed=5, micro_batch_size=1)))[1][0]
+    (sigma,), _ = trainer.losses["noise"].noise.sample_each(position_generators(5, 7, batch["positions"]), (1,))
+    with torch.no_grad():
+        drawn = trainer.per_sample_loss(batch, preset.phases[0])
+        assert torch.equal(drawn, trainer.per_sample_loss(batch, preset.phases[0], sigma.item()))
+        assert not torch.equal(drawn, trainer.per_sample_loss(batch, preset.phases[0], 2 * sigma.item()))
 
 
 @pytest.mark.slow  # among the slowest of the suite (--durations); make test-fast skips it

@@ -42,15 +42,11 @@ from training.trainable import (
 
 __all__ = ["StageTrainer", "trainable_names"]  # trainable_names lives in training/trainable.py
 
-def noise_for_positions(positions: torch.Tensor, shape: tuple[int, ...], seed: int, phase: Phase
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample sigma (ln sigma ~ N(P_mean, P_std^2)) and Gaussian noise from (seed, position)."""
-    sigmas, noises = [], []
-    for position in positions.tolist():
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7, position]).generate_state(1)[0]))
-        sigmas.append(math.exp(phase.p_mean + phase.p_std * torch.randn((), generator=generator).item()))
-        noises.append(torch.randn(shape, generator=generator))
-    return torch.tensor(sigmas), torch.stack(noises)
+def position_generators(seed: int, stream: int, positions: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per global sample position, seeded by (seed, stream, position): each random stream
+    (7 noise level and noise, 11 image augmentation, 13 latent draws) is reproducible per sample."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, position]).generate_state(1)[0]))
+            for position in positions.tolist()]
 
 
 RNG_STATE_FILE = "rng.json"
@@ -113,9 +109,7 @@ def augmentation_for_positions(positions: torch.Tensor, frame_shape: tuple[int, 
     (ln aug ~ N(noise_aug_log_mean, noise_aug_log_std^2)), its Gaussian noise, and whether the image
     conditioning is kept (False with probability `image_drop_rate`: embedding and latent dropped together)."""
     strengths, noises, keep = [], [], []
-    for position in positions.tolist():
-        state = np.random.SeedSequence([seed, 11, position]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
+    for generator in position_generators(seed, 11, positions):
         normal = torch.randn((), generator=generator).item()
         strengths.append(math.exp(preset.noise_aug_log_mean + preset.noise_aug_log_std * normal))
         keep.append(torch.rand((), generator=generator).item() >= preset.image_drop_rate)
@@ -237,7 +231,9 @@ class StageTrainer:
         keeps_ema = bool(preset.ema_decay) and preset.export == "ema"
         self.ema = ExponentialMovingAverage(self.unet, preset.ema_decay) if keeps_ema and keep_ema else None
         self.motion_buckets_seen = torch.zeros(MOTION_BUCKET_COUNT, dtype=torch.int64)  # since the last gather
-        self.loss_fn = EDMLoss(VPredictionPreconditioning(sigma_data=1.0), LogNormalNoise())
+        # One loss per phase: each phase has its own training noise levels (ln sigma ~ N(P_mean, P_std^2)).
+        self.losses = {phase.name: EDMLoss(VPredictionPreconditioning(sigma_data=1.0),
+                                           LogNormalNoise(phase.p_mean, phase.p_std)) for phase in preset.phases}
         self.step = 0
         self.model: torch.nn.Module = self.unet
         self._configured_phase: str | None = None
@@ -271,9 +267,7 @@ class StageTrainer:
             if self.preset.target_latents == "mode":
                 return encode_frames(self.vae, pixels, chunk_size=16).float()
             latents = []
-            for index, position in enumerate(batch["positions"].tolist()):
-                state = np.random.SeedSequence([self.seed, 13, position]).generate_state(1)[0]
-                generator = torch.Generator().manual_seed(int(state))
+            for index, generator in enumerate(position_generators(self.seed, 13, batch["positions"])):
                 latents.append(encode_frames(self.vae, pixels[index:index + 1], chunk_size=16, sample=True,
                                              generator=generator))
             return torch.cat(latents).float()
@@ -307,8 +301,7 @@ class StageTrainer:
             added_time_ids = micro_conditioning(batch["fps"], batch["motion_bucket"], 0.0,
                                                 batch_size=latents.shape[0], device=self.device)
         batch_size, frames = latents.shape[:2]
-        drawn, noise = noise_for_positions(batch["positions"], tuple(latents.shape[1:]), self.seed, phase)
-        sigma = drawn if sigma is None else torch.full((batch_size,), float(sigma))
+        fixed_sigma = None if sigma is None else torch.full((batch_size,), float(sigma), device=self.device)
         image_only = torch.full((batch_size, frames), float(phase.image_only), device=self.device)
         camera = {"camera": batch["camera"].to(self.device)} if self.preset.camera_embedding else {}
 
@@ -320,7 +313,9 @@ class StageTrainer:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            return self.loss_fn(network, latents, sigma=sigma.to(self.device), noise=noise)
+            # sigma and noise per sample from (seed, position): the same draws however the batch is split
+            generators = position_generators(self.seed, 7, batch["positions"])
+            return self.losses[phase.name](network, latents, generator=generators, sigma=fixed_sigma)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches of the step (gradient accumulation)."""

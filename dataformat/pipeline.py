@@ -8,13 +8,18 @@ composed under one output root.
     OUT/generate/            NNN.mp4, NNN.gif
     OUT/pipeline.md          the run's summary (also the `lvd-pipeline-summary` artifact)
     OUT/pipeline.json        the same as data (rewritten when the DAG finishes)
-    OUT/.pipeline/STEP.json  what each step last ran with (the incremental-build ledger)
+    OUT/.pipeline/STEP.json  what each step last ran with (the incremental-build ledger, flows/ledger.py):
+                             {"state": "started" | "finished", "inputs": fingerprint, "result": ..., ...}
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+from dataformat.atomic import atomic_write_json
 from dataformat.evaluation import EvaluationLayout
 from dataformat.layout import RunLayout
 from dataformat.training import StageLayout
@@ -61,3 +66,31 @@ class PipelineLayout:
     @property
     def ledger(self) -> Path:
         return self.root / ".pipeline"
+
+    def step_record(self, step: str) -> Path:
+        return self.ledger / f"{step}.json"
+
+    # --- what the DAG writes itself ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Make the output root and drop the previous run's record: `pipeline.json` is rewritten when the DAG
+        finishes, so a reader never takes a stale record for this run's."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.record.unlink(missing_ok=True)
+
+    def read_step(self, step: str) -> dict[str, Any] | None:
+        """The ledger's record of `step`, or None when there is none (or it cannot be read)."""
+        try:
+            return json.loads(self.step_record(step).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_step(self, step: str, record: dict[str, Any]) -> None:
+        """Atomically: a reader sees the old record or the new one, never a torn file."""
+        atomic_write_json(self.step_record(step), record)
+
+    def drop_fvd_videos(self) -> None:
+        """Delete the FVD run's generated videos and feature shards: evaluate-fvd keys its shards by checkpoint
+        *path*, so a checkpoint retrained at the same path must not reuse them."""
+        for stale in (self.evaluate.shards, self.evaluate.videos):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from infra.local import local_prefect_api
+from infra.local import local_prefect_api, start_logged
 
 DEMO_DEPLOYMENT = "lvd-pipeline/local"
 
@@ -78,15 +78,12 @@ def _wait_for_run(flow_run_id, stop: threading.Event):
 def run_demo(home: Path, output: Path, exit_after: bool) -> int:
     from prefect.deployments import run_deployment
 
-    home.mkdir(parents=True, exist_ok=True)
     output = output.resolve()
     stop = threading.Event()
     with local_prefect_api(home / "prefect") as client:  # the `lvd serve` child process inherits the environment
         ui = client["PREFECT_API_URL"].removesuffix("/api")
         print(f"Prefect UI: {ui}", flush=True)
-        log = open(home / "serve.log", "ab")  # noqa: SIM115 - closed in finally
-        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = start_logged([sys.executable, "-m", "flows.cli", "serve"], home / "serve.log")
         # From here Ctrl-C only sets a flag that the waits check, so the demo always gets to stop the served
         # run (its process group) and say how to continue, wherever in Prefect's polling the signal lands.
         previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -114,7 +111,6 @@ def run_demo(home: Path, output: Path, exit_after: bool) -> int:
             signal.signal(signal.SIGINT, previous_handler)
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-            log.close()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ each stage's exported pipeline initialises the next, stage 3's pipeline is what 
 
 The DAG is the table `DAG` of steps; a `PipelineRequest` says what to run with. Rerunning skips finished
 steps. Each subflow resumes on its own (curation by source, training via its `done.json`, FVD by shard);
-on top of that the incremental-build ledger (training/ledger.py, `OUT/.pipeline/STEP.json`) records what
+on top of that the incremental-build ledger (flows/ledger.py, `OUT/.pipeline/STEP.json`) records what
 each step was run with, so that a step whose inputs are unchanged is skipped outright and a step whose
 upstream changed (new sources curated, a stage retrained) is redone instead of reusing stale results. A
 markdown artifact (`lvd-pipeline-summary`, also `OUT/pipeline.md`) lists every step, its outputs and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from common.requests import Request, RequestError, flat_parameters, setting
 from curation.config import CurateRequest, CurationConfig
 from dataformat import PipelineLayout, RunLayout, StageLayout, atomic_write, atomic_write_json
 from flows.cli import add_request_command
-from training.ledger import Ledger, file_fingerprint, fingerprint, listing_fingerprint
+from flows.ledger import Ledger, file_fingerprint, fingerprint, listing_fingerprint
 from training.request import StageRunRequest
 from training.stages import FVD_PRESETS, GENERATE_PRESETS, STAGE_PRESETS
 
@@ -263,9 +262,7 @@ def evaluate_step(run: DagRun) -> StepOutcome:
     def drop_stale_videos(previous: dict[str, Any] | None) -> None:
         # evaluate-fvd keys its shards by checkpoint *path*; a retrained checkpoint must not reuse them.
         if previous and previous.get("generation") != generation:
-            evaluation = PipelineLayout(paths["root"]).evaluate
-            for stale in (evaluation.shards, evaluation.videos):
-                shutil.rmtree(stale, ignore_errors=True)
+            PipelineLayout(paths["root"]).drop_fvd_videos()
 
     def evaluate() -> dict[str, Any]:
         summary = run.steps.evaluate(real_dir=real_dir, checkpoint=run.checkpoint,
@@ -316,8 +313,7 @@ def run_dag(steps: DagSteps, request: PipelineRequest, log: Callable[[str], None
     generate_settings = {**GENERATE_PRESETS.get(request.preset, {}), **check_overrides(
         "generate", request.generate, set(inspect.signature(steps.generate).parameters) - fixed - {"prompts"})}
     paths = output_layout(request.output_root)
-    paths["root"].mkdir(parents=True, exist_ok=True)
-    paths["record"].unlink(missing_ok=True)  # rewritten when the DAG finishes; never a stale record
+    PipelineLayout(request.output_root).prepare()
     run = DagRun(request, steps, paths, Ledger(paths["root"]), fvd_settings, generate_settings)
     record: dict[str, Any] = {"output_root": str(paths["root"]), "preset": request.preset, "steps": []}
     for name, step in DAG:

@@ -144,6 +144,15 @@ def local_prefect_api(home: Path, auth: bool = True) -> Iterator[dict[str, str]]
                     os.environ[name] = value
 
 
+def start_logged(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `command` in a session of its own (stopped with its children by `os.killpg(process.pid, ...)`), its
+    output appended to `log_path` (folder made): the child holds the log open, this process does not."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @contextlib.contextmanager
 def local_prefect_server(home: Path, port: int | None = None, log_path: Path | None = None,
                          auth_string: str | None = None) -> Iterator[str]:
@@ -161,15 +170,8 @@ def local_prefect_server(home: Path, port: int | None = None, log_path: Path | N
     env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     if auth_string:
         env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
-    log_path = log_path or home / "server.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                            str(port)], log_path or home / "server.log", env=env)
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for_http(f"{api_url}/health", process=process)

@@ -226,24 +226,51 @@ def test_the_cache_root_is_lvd_home_then_its_alias_then_the_default(monkeypatch,
     assert cache_root() == tmp_path / "lvd" and sample_cache() == tmp_path / "lvd" / "sample"
 
 
-def test_flows_load_no_models_and_write_files_only_atomically():
-    """Flows orchestrate: a model is loaded by the library a flow calls (model.loading behind generation,
-    evaluation and training), and what a flow itself writes goes through dataformat's atomic writes."""
-    loading = {"load_pipeline", "from_pretrained", "from_sd_checkpoint", "I3DFeatureExtractor", "ClipSimilarity"}
-    writing = {"write_text", "write_bytes", "save", "save_video", "write_video", "savez", "imwrite"}
+FLOW_LOADING = {"load_pipeline", "from_pretrained", "from_sd_checkpoint", "I3DFeatureExtractor", "ClipSimilarity"}
+# Calls that write, make or remove files and folders: a flow asks dataformat (a layout's methods, the atomic
+# writers) or the library doing the work for them.
+FLOW_WRITING = {"write_text", "write_bytes", "save", "save_video", "write_video", "savez", "imwrite", "mkdir",
+                "makedirs", "rmtree", "unlink", "touch", "rename", "symlink_to", "copyfile", "copytree"}
+
+
+def flow_offenders(package: Path) -> list[str]:
+    """'file:line: what' for each model load, file write, folder make/remove or open-for-writing in `package`."""
     offenders = []
-    for path in sorted((ROOT / "flows").rglob("*.py")):
-        relative = path.relative_to(ROOT)
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package.parent)
         for line, name in imported_names(path, "flows"):
-            if name == "model.loading" or name.rsplit(".", 1)[-1] in loading:
+            if name == "model.loading" or name.rsplit(".", 1)[-1] in FLOW_LOADING:
                 offenders.append(f"{relative}:{line}: imports {name}")
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.Call):
                 continue
             called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            if called in loading | writing:
+            if called in FLOW_LOADING | FLOW_WRITING:
                 offenders.append(f"{relative}:{node.lineno}: calls {called}")
             modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-            if called == "open" and relative != Path("flows/demo.py") and any(set(mode) & set("wax") for mode in modes):
+            modes += [k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)
+                      and isinstance(k.value.value, str)]
+            if called in ("open", "fdopen") and any(set(mode) & set("wax+") for mode in modes):
                 offenders.append(f"{relative}:{node.lineno}: opens a file for writing")
+    return offenders
+
+
+def test_flows_load_no_models_and_write_files_only_atomically():
+    """Flows orchestrate: a model is loaded by the library a flow calls (model.loading behind generation,
+    evaluation and training); what a flow writes, makes or removes on disk goes through dataformat (a layout's
+    methods, the atomic writers) or the library doing the work."""
+    offenders = flow_offenders(ROOT / "flows")
     assert not offenders, "model loading or direct file writing in flows/:\n" + "\n".join(offenders)
+
+
+def test_the_flow_checker_sees_writes_folders_and_loading(tmp_path):
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "bad.py").write_text(
+        "import shutil\nfrom model.loading import load_pipeline\n\ndef f(out, pipe):\n    out.mkdir(parents=True)\n"
+        "    shutil.rmtree(out)\n    (out / 'a').write_text('x')\n    open(out / 'b', mode='ab')\n"
+        "    pipe.from_pretrained(out)\n    open(out / 'c').read()\n")
+    assert flow_offenders(flows) == [
+        "flows/bad.py:2: imports model.loading.load_pipeline", "flows/bad.py:5: calls mkdir",
+        "flows/bad.py:6: calls rmtree", "flows/bad.py:7: calls write_text", "flows/bad.py:8: opens a file for writing",
+        "flows/bad.py:9: calls from_pretrained"]

@@ -17,8 +17,8 @@ import pytest
 
 from curation.config import CurateRequest
 from dataformat import RunLayout
+from flows.ledger import Ledger
 from flows.pipeline import DagSteps, PipelineRequest, check_overrides, output_layout, run_dag
-from training.ledger import Ledger
 from training.request import StageRunRequest
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dataformat import DataError, find_shards, index_shards, training_caption
+from model.edm import LogNormalNoise
 from model.loading import load_pipeline
 from model.unet import is_temporal_parameter
 from training.data import TrainingStream, plan_micro_batches
 from training.loop import group_steps
 from training.stages import Phase, get_stage_preset
-from model.edm import LogNormalNoise
 from training.trainer import StageTrainer, position_generators, trainable_names
 
 

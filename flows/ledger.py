@@ -1,10 +1,11 @@
 """Incremental builds for a chain of long steps (curate -> train stages -> FVD -> generate): redo only what changed.
 
 Each step has a fingerprint of everything it depends on (settings, the upstream step's outputs). The ledger
-keeps one JSON record per step under `ROOT/.pipeline/STEP.json`: the fingerprint it ran with and, once it
-finished, its result. A step whose fingerprint matches a finished record is reused; an interrupted step
-("started" record) or one whose inputs changed runs again. The steps' own resume logic (curation by source,
-training from checkpoints) works underneath; the ledger only decides whether to call them and how.
+keeps one JSON record per step under `ROOT/.pipeline/STEP.json` (its format, reads and writes are
+`dataformat.PipelineLayout`'s): the fingerprint it ran with and, once it finished, its result. A step whose
+fingerprint matches a finished record is reused; an interrupted step ("started" record) or one whose inputs
+changed runs again. The steps' own resume logic (curation by source, training from checkpoints) works
+underneath; the ledger only decides whether to call them and how.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dataformat import PipelineLayout, atomic_write_json
+from dataformat import PipelineLayout
 
 
 def fingerprint(*parts: Any) -> str:
@@ -39,18 +40,14 @@ class Ledger:
     """One JSON record per step under ROOT/.pipeline (`PipelineLayout.ledger`): the fingerprint of its inputs
     and, once done, its result."""
 
-    def __init__(self, root: Path) -> None:
-        self.dir = PipelineLayout(root).ledger
+    def __init__(self, root: str | Path) -> None:
+        self.layout = PipelineLayout(root)
 
     def read(self, step: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.dir / f"{step}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return self.layout.read_step(step)
 
     def write(self, step: str, record: dict[str, Any]) -> None:
-        """Atomically: a reader sees the old record or the new one, never a torn file."""
-        atomic_write_json(self.dir / f"{step}.json", record)
+        self.layout.write_step(step, record)
 
     def finished(self, step: str, inputs: str) -> dict[str, Any] | None:
         """The step's record when it finished with exactly these inputs."""

@@ -6,7 +6,8 @@ safetensors components (unet, vae, text_encoder, tokenizer, scheduler), and `ena
 carries SVD's noise range (sigma_min 0.002, sigma_max 700); sampling is `model.sampling.sample_euler`
 on the Karras schedule, which matches diffusers' EulerDiscreteScheduler configured like SVD (tested).
 
-API: `TextToVideoPipeline.from_preset("tiny", seed=0)`, `TextToVideoPipeline.from_components(unet=..., ...)`,
+API: `TextToVideoPipeline.from_preset("tiny", seed=0)`, `TextToVideoPipeline(unet=..., vae=..., text_encoder=...,
+tokenizer=..., scheduler=...)`,
 `pipe(prompt, num_frames=14, height=320, width=576, num_inference_steps=25, guidance_scale=7.0 or (1.0, 2.5),
 fps=7 (the model sees fps - 1), motion_bucket_id=127, generator=..., decode_chunk_size=8) ->
 TextToVideoOutput(frames)` with frames uint8 (B, T, H, W, 3); `common.video.save_video(frames, path, fps)` writes
@@ -81,12 +82,84 @@ class TextToVideoPipeline(DiffusionPipeline):
             scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
         )
 
+    # --- steps ----------------------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None,
+                     negative_prompt_embeds: torch.Tensor | None, height: int, width: int, num_frames: int,
+                     output_type: str, init_latents: torch.Tensor | None, init_sigma: float | None) -> None:
+        """Every argument error before any model runs (latent shapes are checked where they are made)."""
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            if prompt_embeds.ndim not in (3, 4) or prompt_embeds.shape[0] < 1:
+                raise ValueError(f"prompt_embeds must be (B, tokens, dim) or (B, frames, tokens, dim), "
+                                 f"got {tuple(prompt_embeds.shape)}")
+            if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
+                                 f"prompt_embeds {tuple(prompt_embeds.shape)}")
+            if prompt_embeds.ndim == 4 and prompt_embeds.shape[1] != num_frames:
+                raise ValueError(f"per-frame prompt_embeds have {prompt_embeds.shape[1]} frames, "
+                                 f"num_frames={num_frames}")
+        elif prompt is None:
+            raise ValueError("prompt (or prompt_embeds) is required")
+        elif not isinstance(prompt, str) and not list(prompt):
+            raise ValueError("prompt list is empty")
+        factor = scale_factor(self.vae)
+        if height % factor or width % factor or num_frames < 1:
+            raise ValueError(f"height and width must be multiples of {factor} and num_frames >= 1, "
+                             f"got {height}x{width}x{num_frames}")
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if init_latents is None and init_sigma is not None:
+            raise ValueError("init_sigma needs init_latents (the clean latents to re-noise)")
+        sigma_min, sigma_max = self.scheduler.config.sigma_min, self.scheduler.config.sigma_max
+        if init_latents is not None and (init_sigma is None or not sigma_min < init_sigma <= sigma_max):
+            raise ValueError(f"init_sigma must be in ({sigma_min}, {sigma_max}] with init_latents, got {init_sigma}")
+
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None) -> torch.Tensor:
         """(2B, 77, D): unconditional (negative or empty) contexts first, then the prompts."""
         negative = negative or [""] * len(prompts)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         return encode_prompts(self.tokenizer, self.text_encoder, list(negative) + list(prompts))
+
+    def prepare_context(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None,
+                        prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, int]:
+        """(2B, ...) text context, unconditional half first, and the batch size B: the prompts encoded, or
+        precomputed embeddings (per frame too) with the empty prompt's as their default negative."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+            return self.encode_prompt(prompts, negatives), len(prompts)
+        negative = negative_prompt_embeds
+        if negative is None:
+            empty = self.encode_prompt([""])[:1].to(prompt_embeds.device, prompt_embeds.dtype)
+            negative = empty.reshape(1, *([1] * (prompt_embeds.ndim - 3)), *empty.shape[1:]).expand_as(prompt_embeds)
+        return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
+
+    def prepare_latents(self, batch: int, num_frames: int, height: int, width: int, generator: torch.Generator | None,
+                        latents: torch.Tensor | None, init_latents: torch.Tensor | None, init_sigma: float | None
+                        ) -> tuple[torch.Tensor, float]:
+        """(x at the first noise level, that level): fresh noise times sqrt(1 + sigma_max^2), or with
+        `init_latents` (img2img) the clean latents plus `init_sigma` times the noise. Noise is `latents` or a
+        CPU draw from `generator` (the same videos on any device)."""
+        factor = scale_factor(self.vae)
+        shape = (batch, num_frames, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        device = self._execution_device
+        if init_latents is None:
+            sigma_max = self.scheduler.config.sigma_max
+            return latents.to(device, torch.float32) * initial_noise_scale(sigma_max), sigma_max
+        if tuple(init_latents.shape) != shape:
+            raise ValueError(f"init_latents must have shape {shape}, got {tuple(init_latents.shape)}")
+        sigma_max = float(init_sigma)
+        return init_latents.to(device, torch.float32) + sigma_max * latents.to(device, torch.float32), sigma_max
+
+    # --- call -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
@@ -120,58 +193,27 @@ class TextToVideoPipeline(DiffusionPipeline):
         (B, T, 77, D), so walks can interpolate them; `negative_prompt_embeds` (same shape) defaults to the
         empty prompt's. `init_latents` (B, T, C, h, w) with `init_sigma`: img2img, i.e. the clean latents
         re-noised to `init_sigma` with `latents` (or fresh) noise, then Euler from `init_sigma` to 0."""
-        if prompt_embeds is not None:
-            if prompt is not None:
-                raise ValueError("pass either prompt or prompt_embeds, not both")
-            context, batch = self._embeds_context(prompt_embeds, negative_prompt_embeds)
-            if context.ndim == 4 and num_frames is not None and context.shape[1] != num_frames:
-                raise ValueError(f"per-frame prompt_embeds have {context.shape[1]} frames, num_frames={num_frames}")
-            num_frames = num_frames or (context.shape[1] if context.ndim == 4 else None)
-        else:
-            if prompt is None:
-                raise ValueError("prompt (or prompt_embeds) is required")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts:
-                raise ValueError("prompt list is empty")
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-            context, batch = self.encode_prompt(prompts, negatives), len(prompts)
-        num_frames = num_frames or self.unet.config.num_frames
+        # 1. inputs: defaults from the U-Net's config (per-frame embeddings give the frame count)
+        per_frame = prompt_embeds is not None and prompt_embeds.ndim == 4
+        num_frames = num_frames or (prompt_embeds.shape[1] if per_frame else self.unet.config.num_frames)
         factor = scale_factor(self.vae)
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
-        if height % factor or width % factor or num_frames < 1:
-            raise ValueError(f"height and width must be multiples of {factor} and num_frames >= 1, "
-                             f"got {height}x{width}x{num_frames}")
-        if output_type not in ("np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        self.check_inputs(prompt, prompt_embeds, negative_prompt_embeds, height, width, num_frames, output_type,
+                          init_latents, init_sigma)
         device, dtype = self._execution_device, self.unet.dtype
+
+        # 2. text conditioning (unconditional half first) and micro-conditioning
+        context, batch = self.prepare_context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         context = context.to(device, dtype)
         ids = micro_conditioning(fps, motion_bucket_id, noise_aug_strength, batch_size=2 * batch, device=device,
                                  dtype=dtype)
-        if isinstance(guidance_scale, int | float):
-            scales = torch.full((num_frames,), float(guidance_scale))
-        else:
-            scales = linear_guidance_scales(num_frames, *guidance_scale)
 
-        sigma_min, sigma_max = self.scheduler.config.sigma_min, self.scheduler.config.sigma_max
-        shape = (batch, num_frames, self.unet.config.in_channels, height // factor, width // factor)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if init_latents is None:
-            if init_sigma is not None:
-                raise ValueError("init_sigma needs init_latents (the clean latents to re-noise)")
-            x = latents.to(device, torch.float32) * initial_noise_scale(sigma_max)
-        else:
-            if tuple(init_latents.shape) != shape:
-                raise ValueError(f"init_latents must have shape {shape}, got {tuple(init_latents.shape)}")
-            if init_sigma is None or not sigma_min < init_sigma <= sigma_max:
-                raise ValueError(f"init_sigma must be in ({sigma_min}, {sigma_max}] with init_latents, "
-                                 f"got {init_sigma}")
-            sigma_max = float(init_sigma)
-            x = init_latents.to(device, torch.float32) + sigma_max * latents.to(device, torch.float32)
+        # 3. initial latents: the generator's only draw
+        x, sigma_max = self.prepare_latents(batch, num_frames, height, width, generator, latents, init_latents,
+                                            init_sigma)
 
+        # 4. denoise: EDM preconditioning around the U-Net, frame-wise guidance, Euler on the Karras schedule
         def network(x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
             return self.unet(x_in.to(dtype), c_noise.to(dtype), encoder_hidden_states=context,
                              added_time_ids=ids).sample.float()
@@ -179,24 +221,17 @@ class TextToVideoPipeline(DiffusionPipeline):
         def denoiser(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.preconditioning.denoise(network, x_t, sigma)
 
+        if isinstance(guidance_scale, int | float):
+            scales = torch.full((num_frames,), float(guidance_scale))
+        else:
+            scales = linear_guidance_scales(num_frames, *guidance_scale)
         guided = ClassifierFreeGuidance(denoiser, scales)
-        sigmas = karras_sigmas(num_inference_steps, sigma_min, sigma_max).to(device)
-        latents = sample_euler(guided, x, sigmas, disable=not progress)
+        sigmas = karras_sigmas(num_inference_steps, self.scheduler.config.sigma_min, sigma_max).to(device)
+        x = sample_euler(guided, x, sigmas, disable=not progress)
         self.maybe_free_model_hooks()
-        return TextToVideoOutput(frames=decode_output(self.vae, latents, decode_chunk_size, output_type))
 
-    def _embeds_context(self, prompt_embeds: torch.Tensor, negative: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """(2B, ...) context from precomputed embeddings: unconditional first, as `encode_prompt` orders it."""
-        if prompt_embeds.ndim not in (3, 4) or prompt_embeds.shape[0] < 1:
-            raise ValueError(f"prompt_embeds must be (B, tokens, dim) or (B, frames, tokens, dim), "
-                             f"got {tuple(prompt_embeds.shape)}")
-        if negative is None:
-            empty = self.encode_prompt([""])[:1].to(prompt_embeds.device, prompt_embeds.dtype)
-            negative = empty.reshape(1, *([1] * (prompt_embeds.ndim - 3)), *empty.shape[1:]).expand_as(prompt_embeds)
-        elif negative.shape != prompt_embeds.shape:
-            raise ValueError(f"negative_prompt_embeds {tuple(negative.shape)} must match prompt_embeds "
-                             f"{tuple(prompt_embeds.shape)}")
-        return torch.cat([negative, prompt_embeds]), prompt_embeds.shape[0]
+        # 5. decode
+        return TextToVideoOutput(frames=decode_output(self.vae, x, decode_chunk_size, output_type))
 
 
 class NonFiniteOutputError(RequestError):

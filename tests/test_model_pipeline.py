@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import av
 import numpy as np
 import pytest
@@ -9,7 +11,11 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNet2DConditionModel
 
 from common.video import save_video
+from model.conditioning import micro_conditioning
+from model.edm import VPredictionPreconditioning, karras_sigmas
 from model.pipeline import TextToVideoPipeline
+from model.sampling import ClassifierFreeGuidance, linear_guidance_scales, sample_euler
+from model.text import encode_prompts
 from model.vae import decode_latents, encode_frames, tiny_vae
 
 STEPS = 3
@@ -103,3 +109,54 @@ def test_stage_one_initialisation_from_an_sd_checkpoint(pipe, tmp_path):
     assert frames.shape == (1, 8, 64, 64, 3)
     with pytest.raises(OSError):
         TextToVideoPipeline.from_sd_checkpoint(str(tmp_path / "missing"))
+
+
+def test_generation_is_the_edm_euler_sampler_written_out(pipe):
+    """The pipeline's steps (check_inputs, prepare_context, prepare_latents, sampling, decode) compute exactly
+    what the building blocks give when chained by hand: text context unconditional first, CPU noise times
+    sqrt(1 + sigma_max^2), EDM-preconditioned U-Net under frame-wise CFG, Euler on the Karras schedule."""
+    prompts, frames, steps = ["a cyclist", "a rabbit"], 4, 2
+    got = pipe(prompts, negative_prompt="blurry", num_frames=frames, num_inference_steps=steps,
+               guidance_scale=(1.0, 2.5), fps=12, generator=torch.Generator().manual_seed(3), progress=False,
+               output_type="latent").frames
+    context = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["blurry", "blurry", *prompts])
+    ids = micro_conditioning(12, 127, 0.0, batch_size=4)
+    config = pipe.scheduler.config
+    x = torch.randn((2, frames, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * math.sqrt(
+        1 + config.sigma_max**2)
+
+    def denoiser(x_t, sigma):
+        return VPredictionPreconditioning().denoise(
+            lambda x_in, c_noise: pipe.unet(x_in, c_noise, encoder_hidden_states=context, added_time_ids=ids).sample,
+            x_t, sigma)
+
+    with torch.no_grad():
+        expected = sample_euler(ClassifierFreeGuidance(denoiser, linear_guidance_scales(frames, 1.0, 2.5)), x,
+                                karras_sigmas(steps, config.sigma_min, config.sigma_max), disable=True)
+    assert torch.equal(got, expected)
+    # img2img from init_latents: the same sampler from init_sigma
+    clean = torch.randn((1, frames, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+    renoised = pipe("a cyclist", num_frames=frames, init_latents=clean, init_sigma=2.0, num_inference_steps=steps,
+                    generator=torch.Generator().manual_seed(5), progress=False, output_type="latent").frames
+    again = pipe("a cyclist", num_frames=frames, init_latents=clean, init_sigma=2.0, num_inference_steps=steps,
+                 latents=torch.randn((1, frames, 4, 8, 8), generator=torch.Generator().manual_seed(5)),
+                 progress=False, output_type="latent").frames
+    assert torch.equal(renoised, again) and not torch.equal(renoised, got[:1])
+
+
+def test_check_inputs_refuses_before_any_model_runs(pipe):
+    embeds = torch.zeros(1, 4, 77, 64)
+    for kwargs, message in [
+        (dict(prompt="x", prompt_embeds=embeds), "either prompt or prompt_embeds"),
+        (dict(prompt=None, prompt_embeds=None), "prompt .or prompt_embeds. is required"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(77, 64)), "prompt_embeds must be"),
+        (dict(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros(1, 77, 64)), "must match"),
+        (dict(prompt=None, prompt_embeds=embeds, num_frames=3), "per-frame prompt_embeds have 4 frames"),
+        (dict(prompt="x", output_type="gif"), "output_type must be"),
+        (dict(prompt="x", init_latents=torch.zeros(1, 4, 4, 8, 8), init_sigma=900.0), "init_sigma must be in"),
+    ]:
+        arguments = dict(prompt_embeds=None, negative_prompt_embeds=None, height=64, width=64, num_frames=4,
+                         output_type="np", init_latents=None, init_sigma=None) | kwargs
+        with pytest.raises(ValueError, match=message):
+            pipe.check_inputs(**arguments)
+    pipe.check_inputs("x", None, None, 64, 64, 4, "np", None, None)  # good inputs pass

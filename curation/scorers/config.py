@@ -283,32 +283,17 @@ class ScorersConfig:
         self.raft.validate()
 
     def unavailable(self) -> dict[str, str]:
-        """Enabled scorers that cannot run -> why and the setting to fill (no weights configured, or the LLM
-        summary without both captioners it summarises)."""
-        missing = {}
-        for name in ("clip", "caption", "video_caption", "llm_summary", "raft"):
-            cfg = getattr(self, name)
-            setting = cfg.missing_setting()
-            if cfg.enabled and setting:
-                missing[name] = f"off: no weights configured; set {setting}"
-        if self.llm_summary.enabled and "llm_summary" not in missing:
-            lacking = [name for name in ("caption", "video_caption")
-                       if not getattr(self, name).enabled or name in missing]
-            if lacking:
-                missing["llm_summary"] = ("off: it summarises the CoCa and the video caption; switch on "
-                                          + " and ".join(f"scorers.{name}" for name in lacking))
-        return missing
+        """Enabled scorers that cannot run -> why and the setting to fill (no weights configured, or a scorer
+        whose needs are off: the LLM summary without both captioners); derived from the scorer table."""
+        from curation.scorers.graph import unavailable_scorers
+
+        return unavailable_scorers(self)
 
     def active(self) -> list[str]:
-        """Per-clip scorers (not RAFT, which runs in the hq pass) that are enabled and have weights."""
-        names = []
-        if self.text.enabled:
-            names.append("text")
-        missing = self.unavailable()
-        for name in ("caption", "video_caption", "llm_summary", "clip"):
-            if getattr(self, name).enabled and name not in missing:
-                names.append(name)
-        return names
+        """Per-clip scorers (not RAFT, which runs in the hq pass) that are enabled and can run, in schedule order."""
+        from curation.scorers.graph import active_scorers
+
+        return active_scorers(self)
 
     def spooled_video_frames(self) -> int:
         """Frames per clip the decode stage keeps for the video captioner (0 while it cannot run)."""

@@ -32,7 +32,7 @@ class ScorerSpec:
     reads: str = ""  # what it does with its needs, for the one-line messages ("summarises ...")
     # a clip this returns True for is scored at once, without waiting for `uses` (a clip with its own caption)
     ready_without_uses: Callable[[ClipFrames], bool] | None = None
-    per_clip: bool = True  # False: run by a later pass (RAFT in the hq selection), never by `annotate`
+    per_clip: bool = True  # False: not active per clip; a later pass asks `annotate` for it (RAFT in hq)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -115,12 +115,10 @@ def active_scorers(config: Any) -> list[str]:
 
 def schedule(names: Iterable[str]) -> list[str]:
     """`names` in the order `annotate` feeds them (every scorer after the scorers it reads), checked: each is a
-    known per-clip scorer and every need of each is in the same call."""
+    known scorer and every need of each is in the same call (a later pass names its scorers, as hq does RAFT)."""
     names = list(dict.fromkeys(names))
     for name in names:
         spec = spec_of(name)
-        if not spec.per_clip:
-            raise ValueError(f"the {name} scorer runs in a later pass, not per clip")
         absent = [need for need in spec.needs if need not in names]
         if absent:
             what = spec.reads or f"reads the output of {' and '.join(spec.needs)}"

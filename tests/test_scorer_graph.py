@@ -3,7 +3,7 @@ activation, the "off" report and `annotate`'s scheduling follow from the table a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -32,19 +32,21 @@ def has_own_caption(clip: ClipFrames) -> bool:
 
 
 for _spec in (
-    ScorerSpec("text", "curation.scorers.text_area:TextAreaScorer", TextAreaConfig, (Column.TEXT_AREA,)),
+    ScorerSpec("text", "curation.scorers.text_area:TextAreaScorer", TextAreaConfig, (Column.TEXT_AREA,),
+               error_prefix="text_area"),
     ScorerSpec("caption", "curation.scorers.captions:CocaCaptioner", CaptionConfig,
-               (Column.CAPTION, Column.CAPTIONS)),
+               (Column.CAPTION, Column.CAPTIONS), shows="caption"),
     ScorerSpec("video_caption", "curation.scorers.video_captions:GitVideoCaptioner", VideoCaptionConfig,
-               (Column.CAPTIONS,)),
+               (Column.CAPTIONS,), shows="captions.video"),
     ScorerSpec("llm_summary", "curation.scorers.llm_summary:LlmCaptionSummarizer", LlmSummaryConfig,
                (Column.CAPTIONS,), needs=("caption", "video_caption"),
-               reads="summarises the CoCa and the video caption"),
+               reads="summarises the CoCa and the video caption", shows="captions.llm_summary"),
     ScorerSpec("clip", "curation.scorers.clip_scores:ClipScorer", ClipScoreConfig,
                (Column.AESTHETIC_SCORE, Column.CLIP_SCORE, Column.CLIP_EMBEDDING), uses=("caption",),
-               reads="scores the frames against the CoCa caption", ready_without_uses=has_own_caption),
+               reads="scores the frames against the CoCa caption", ready_without_uses=has_own_caption,
+               shows="aesthetic_score / clip_score"),
     ScorerSpec("raft", "curation.scorers.raft_motion:RaftMotionScorer", RaftConfig, (Column.RAFT_MOTION,),
-               per_clip=False),
+               per_clip=False, error_prefix="raft_motion"),
 ):
     register(_spec)
 

@@ -33,6 +33,16 @@ class ScorerSpec:
     # a clip this returns True for is scored at once, without waiting for `uses` (a clip with its own caption)
     ready_without_uses: Callable[[ClipFrames], bool] | None = None
     per_clip: bool = True  # False: not active per clip; a later pass asks `annotate` for it (RAFT in hq)
+    shows: str = ""  # what the run report says it fills; default: its columns
+    error_prefix: str = ""  # how its error rows begin (the name `score_isolated` gets); default: its name
+
+    @property
+    def report_label(self) -> str:
+        return self.shows or " / ".join(self.columns)
+
+    @property
+    def errors_start(self) -> str:
+        return f"{self.error_prefix or self.name}:"
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -33,11 +33,12 @@ from curation.scorers import build_scorer, pool_config
 from curation.scorers.base import error_row
 from curation.scorers.captions import merge_captions
 from curation.scorers.config import ActorPoolConfig, ScorersConfig
+from curation.scorers.graph import inputs_in_call, schedule, spec_of
 from curation.types import ClipFrames
+from dataformat.schema import Column
 
 logger = logging.getLogger(__name__)
 
-SUMMARISED = ("caption", "video_caption")  # the captioners whose captions the LLM summary reads
 ACTOR_START_TIMEOUT_S = 900.0  # model loading included; an actor that cannot be placed fails with a clear error
 
 
@@ -54,18 +55,10 @@ class ScorerWorker:
         return {"name": self.name, "load_s": self.load_seconds, "columns": list(self.scorer.columns),
                 **self.scorer.describe()}
 
-    def score(
-        self, items: list[Any], captions: list[str | None] | None = None, extras: list[dict | None] | None = None
-    ) -> tuple[list[dict], float]:
-        """Score a batch; items are ClipFrames or (in an actor) object refs to them. `captions` fill clips
-        without a caption, `extras` are merged into `ClipFrames.extra` (results of other scorers).
-        Returns rows, seconds."""
+    def score(self, items: list[Any], extras: list[dict | None] | None = None) -> tuple[list[dict], float]:
+        """Score a batch; items are ClipFrames or (in an actor) object refs to them. `extras` (the columns of
+        the scorers this one reads) are merged into `ClipFrames.extra`. Returns rows, seconds."""
         clips = _resolve(items)
-        if captions is not None:
-            clips = [
-                dataclasses.replace(clip, caption=caption) if caption and not clip.caption else clip
-                for clip, caption in zip(clips, captions, strict=True)
-            ]
         if extras is not None:
             clips = [
                 dataclasses.replace(clip, extra={**clip.extra, **extra}) if extra else clip
@@ -285,8 +278,8 @@ class ScorerPool:
         self._set_infos(infos)
 
     # -- producer side ---------------------------------------------------------------------------
-    def add(self, clip_id: str, item: Any, caption: str | None = None, extra: dict | None = None) -> None:
-        self.buffer.append((clip_id, item, caption, extra))
+    def add(self, clip_id: str, item: Any, extra: dict | None = None) -> None:
+        self.buffer.append((clip_id, item, extra))
         if len(self.buffer) >= self.config.batch_size:
             self.flush()
 
@@ -295,18 +288,17 @@ class ScorerPool:
             batch, self.buffer = self.buffer, []
             self._submit(batch)
 
-    def _submit(self, batch: list[tuple[str, Any, str | None, dict | None]]) -> None:
+    def _submit(self, batch: list[tuple[str, Any, dict | None]]) -> None:
         clip_ids = [entry[0] for entry in batch]
         items = [entry[1] for entry in batch]
-        captions = [entry[2] for entry in batch]
-        extras = [entry[3] for entry in batch] if any(entry[3] for entry in batch) else None
+        extras = [entry[2] for entry in batch] if any(entry[2] for entry in batch) else None
         now = time.perf_counter()
         if self.stats.first_submit is None:
             self.stats.first_submit = now
         self.stats.batches += 1
         self.stats.clips += len(batch)
         if not self.use_ray:
-            rows, seconds = self.workers[0].score(items, captions, extras)
+            rows, seconds = self.workers[0].score(items, extras)
             self.stats.busy_s += seconds
             self.stats.last_result = time.perf_counter()
             self.done.append((clip_ids, rows))
@@ -319,7 +311,7 @@ class ScorerPool:
             self.stats.blocked_submissions += 1
         actor = min(range(len(self.workers)), key=lambda i: self.per_actor[i])
         self._tick()
-        ref = self.workers[actor].score.remote(items, captions, extras)
+        ref = self.workers[actor].score.remote(items, extras)
         self.inflight[ref] = (actor, clip_ids)
         self.per_actor[actor] += 1
 
@@ -418,14 +410,13 @@ def annotate(
     is called as soon as every scorer has finished a clip (the flow persists results per source with it).
     """
     config.validate()
-    if names is not None and "llm_summary" in names and not {"caption", "video_caption"} <= set(names):
-        raise ValueError("the llm_summary scorer summarises the CoCa and the video caption: "
-                         "it needs the caption and video_caption scorers in the same call")
     report = report if report is not None else AnnotateReport()
-    report.unavailable = {n: why for n, why in config.unavailable().items() if n != "raft"} if names is None else {}
+    report.unavailable = ({n: why for n, why in config.unavailable().items() if spec_of(n).per_clip}
+                          if names is None else {})
     for name, why in report.unavailable.items():
         logger.warning("%s scorer %s", name, why)
-    names = list(names) if names is not None else config.active()
+    names = schedule(names if names is not None else config.active())  # every scorer after those it reads
+    inputs = {name: inputs_in_call(name, names) for name in names}
     started = time.perf_counter()
     own_pools = pools is None
     pools = pools if pools is not None else (start_pools(names, config) if names else {})
@@ -434,12 +425,17 @@ def annotate(
         for pool in pools.values():
             pool.reset_stats()
     results: dict[str, dict[str, Any]] = defaultdict(dict)
-    caption_pool, clip_pool, summary_pool = pools.get("caption"), pools.get("clip"), pools.get("llm_summary")
-    summarised = [pools[name] for name in SUMMARISED if name in pools] if summary_pool is not None else []
-    direct = [pool for name, pool in pools.items() if name not in ("clip", "llm_summary")]
-    awaiting_caption: dict[str, Any] = {}
-    awaiting_summary: dict[str, tuple[Any, set[str]]] = {}  # clip_id -> (item, captioners still to report)
+    # scorer -> clip_id -> (item, the scorers whose output it still waits for)
+    waiting: dict[str, dict[str, tuple[Any, set[str]]]] = {name: {} for name in names}
     outstanding: dict[str, int] = {}  # clip_id -> scorers still to report
+
+    def pending(name: str) -> bool:
+        return pools[name].busy or bool(waiting[name])
+
+    def handed_over(clip_id: str, name: str) -> dict[str, Any]:
+        """The columns of the scorers `name` reads, for its `ClipFrames.extra`."""
+        row = results[clip_id]
+        return {column: row.get(column) for need in inputs[name] for column in spec_of(need).columns}
 
     def finish_one(clip_id: str) -> None:
         outstanding[clip_id] -= 1
@@ -455,18 +451,17 @@ def annotate(
                 error = row.pop("error", None)
                 if error:
                     results[clip_id].setdefault("scorer_errors", []).append(error)
-                if "captions" in row:  # each captioner fills its own entry of the struct
-                    row["captions"] = merge_captions(results[clip_id].get("captions"), row["captions"])
+                if Column.CAPTIONS in row:  # each captioner fills its own entry of the struct
+                    row[Column.CAPTIONS] = merge_captions(results[clip_id].get(Column.CAPTIONS), row[Column.CAPTIONS])
                 results[clip_id].update(row)
                 finish_one(clip_id)
-                if pool is caption_pool and clip_pool is not None and clip_id in awaiting_caption:
-                    clip_pool.add(clip_id, awaiting_caption.pop(clip_id), row.get("caption"))
-                if pool.name in SUMMARISED and clip_id in awaiting_summary:
-                    item, pending = awaiting_summary[clip_id]
-                    pending.discard(pool.name)
-                    if not pending:
-                        del awaiting_summary[clip_id]
-                        summary_pool.add(clip_id, item, extra={"captions": results[clip_id].get("captions")})
+                for name in names:  # hand the clip on to the scorers that waited for this one
+                    if clip_id in waiting[name] and pool.name in waiting[name][clip_id][1]:
+                        item, still = waiting[name][clip_id]
+                        still.discard(pool.name)
+                        if not still:
+                            del waiting[name][clip_id]
+                            pools[name].add(clip_id, item, extra=handed_over(clip_id, name))
 
     def drain(block: bool) -> None:
         if block:
@@ -490,29 +485,23 @@ def annotate(
                 continue
             outstanding[clip.clip_id] = len(pools)
             item = _put(clip) if config.use_ray else clip
-            for pool in direct:
-                pool.add(clip.clip_id, item)
-            if clip_pool is not None:
-                if clip.caption or caption_pool is None:
-                    clip_pool.add(clip.clip_id, item, clip.caption)
+            for name in names:
+                ready = spec_of(name).ready_without_uses
+                if not inputs[name] or (not spec_of(name).needs and ready is not None and ready(clip)):
+                    pools[name].add(clip.clip_id, item)
                 else:
-                    awaiting_caption[clip.clip_id] = item
-            if summary_pool is not None:
-                awaiting_summary[clip.clip_id] = (item, set(SUMMARISED))
+                    waiting[name][clip.clip_id] = (item, set(inputs[name]))
             drain(block=False)
-        for pool in direct:
-            pool.flush()
-        while any(pool.busy for pool in pools.values()) or awaiting_caption or awaiting_summary:
+        for name in names:
+            if not inputs[name]:
+                pools[name].flush()
+        while any(pending(name) for name in names):
             drain(block=True)
-            if clip_pool is not None and (caption_pool is None or not caption_pool.busy):
-                clip_pool.flush()
-            captioners_busy = any(pool.busy for pool in summarised)
-            if summary_pool is not None and not captioners_busy:
-                summary_pool.flush()
-            if awaiting_caption and caption_pool is not None and not caption_pool.busy:
-                raise RuntimeError(f"{len(awaiting_caption)} clips never got a caption result")  # a bug, not data
-            if awaiting_summary and not captioners_busy:
-                raise RuntimeError(f"{len(awaiting_summary)} clips never got both captions")  # a bug, not data
+            for name in names:  # a pool's last partial batch goes once nothing it reads is still to come
+                if not any(pending(other) for other in inputs[name]):
+                    pools[name].flush()
+                    if waiting[name]:  # a bug, not data
+                        raise RuntimeError(f"{len(waiting[name])} clips never got the inputs of the {name} scorer")
     finally:
         if own_pools:
             for pool in pools.values():

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from curation.actors import AnnotateReport, annotate
 from curation.config import CurationConfig
 from curation.dataset import completed_source_ids, load_clip_frames
+from curation.scorers.graph import spec_of
 from curation.types import ClipFrames
 from dataformat import (
     ANNOTATED_COLUMNS,
@@ -111,7 +112,7 @@ def annotate_sources(
     scorers = config.scorers
     names = scorers.active()
     report = AnnotateReport()
-    report.unavailable = {n: why for n, why in scorers.unavailable().items() if n != "raft"}
+    report.unavailable = {n: why for n, why in scorers.unavailable().items() if spec_of(n).per_clip}
     have = _annotated_by(layout)
     backlog = sorted(
         sid for sid in completed_source_ids(layout)

@@ -30,6 +30,7 @@ import numpy as np
 from curation.config import CurationConfig
 from curation.dataset import pending_clip_rows
 from curation.filtering import DUPLICATE
+from curation.scorers.graph import SCORERS, settings_of
 from dataformat import SCORE_COLUMNS, Column, RunLayout, atomic_write, read_parquet_rows
 
 SHEET_CLIPS = 6
@@ -208,21 +209,18 @@ def _scorer_status(config: CurationConfig, rows: list[dict[str, Any]]) -> list[t
     """(scorer, status, clips with an error from it)."""
     scorers = config.scorers
     unavailable = scorers.unavailable()
-    columns = {"text": "text_area", "clip": "aesthetic_score / clip_score", "caption": "caption",
-               "video_caption": "captions.video", "llm_summary": "captions.llm_summary", "raft": "raft_motion"}
     out = []
-    for name in ("text", "clip", "caption", "video_caption", "llm_summary", "raft"):
-        cfg = getattr(scorers, name)
+    for spec in SCORERS.values():
+        name, cfg = spec.name, settings_of(scorers, spec.name)
         if not cfg.enabled:
             status = f"disabled (scorers.{name}.enabled=false)"
         elif name in unavailable:
             status = unavailable[name]
-        elif name == "text":
-            status = f"ran: {cfg.resolved_backend()} detector -> {columns[name]}"
+        elif hasattr(cfg, "resolved_backend"):  # a scorer with a choice of detectors says which one ran
+            status = f"ran: {cfg.resolved_backend()} detector -> {spec.report_label}"
         else:
-            status = f"ran -> {columns[name]}"
-        prefix = {"text": "text_area", "raft": "raft_motion"}.get(name, name)
-        errors = sum(any(str(e).startswith(f"{prefix}:") for e in (r.get("scorer_errors") or [])) for r in rows)
+            status = f"ran -> {spec.report_label}"
+        errors = sum(any(str(e).startswith(spec.errors_start) for e in (r.get("scorer_errors") or [])) for r in rows)
         out.append((name, status, errors))
     if scorers.clip.enabled and "clip" not in unavailable and not scorers.clip.aesthetic_weights:
         out.append(("aesthetics", "off: set scorers.clip.aesthetic_weights (LAION predictor .pth)", 0))

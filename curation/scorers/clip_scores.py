@@ -21,6 +21,7 @@ from common.openclip import frames_to_model_input, load_open_clip, model_input_s
 from curation.scorers.base import chunks, require_file, score_isolated, scorer_device
 from curation.scorers.config import ClipScoreConfig
 from curation.types import ClipFrames
+from dataformat.schema import Column
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +159,12 @@ class ClipScorer:
             with torch.inference_mode():
                 aesthetic = self.aesthetic_head(image).squeeze(-1).float().cpu()
             aesthetic = torch.split(aesthetic, counts)
-        captioned = [i for i, clip in enumerate(batch) if clip.caption]
+        # the source's own caption, else the CoCa caption `annotate` hands over from the caption scorer
+        texts = [clip.caption or clip.extra.get(Column.CAPTION) for clip in batch]
+        captioned = [i for i, text in enumerate(texts) if text]
         text_sims: dict[int, float] = {}
         if captioned:
-            text = self.embed_texts([batch[i].caption for i in captioned])
+            text = self.embed_texts([texts[i] for i in captioned])
             for row, i in enumerate(captioned):
                 text_sims[i] = float((per_clip[i] @ text[row]).mean())
         return [

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.requests import check_ranges
+from common.requests import RequestError, check_fields, setting
 
 TEXT_BACKENDS = ("auto", "ppocr", "craft")
 
@@ -29,18 +29,18 @@ class ActorPoolConfig:
     `num_actors=None` means: GPUs in the cluster x `actors_per_gpu`, or 1 on a CPU-only cluster.
     """
 
-    num_actors: int | None = None
-    num_gpus: float | None = None
-    actors_per_gpu: int = 2
-    num_cpus: float = 1.0
-    torch_threads: int = 1  # intra-op threads per actor; CPU actors should not oversubscribe their cores
-    batch_size: int = 16  # clips per actor call (amortises the object-store round trip)
-    max_batches_in_flight: int = 2  # per actor; bounds memory while keeping each actor's queue non-empty
+    num_actors: int | None = setting(None, min=1, help="actors of the pool; None: GPUs x actors_per_gpu, or 1")
+    num_gpus: float | None = setting(None, min=0, help="GPU share per actor; None: 1 / actors_per_gpu on GPUs")
+    actors_per_gpu: int = setting(2, min=1, help="actors sharing one GPU")
+    num_cpus: float = setting(1.0, min=0, help="CPUs Ray reserves per actor")
+    torch_threads: int = setting(1, min=1, help="intra-op threads per actor; CPU actors should not oversubscribe "
+                                                "their cores")
+    batch_size: int = setting(16, min=1, help="clips per actor call (amortises the object-store round trip)")
+    max_batches_in_flight: int = setting(2, min=1, help="per actor; bounds memory while keeping each actor's "
+                                                        "queue non-empty")
 
     def validate(self, name: str) -> None:
-        check_ranges(self, f"{name}.pool", {"num_actors": (1, None), "num_gpus": (0, None), "actors_per_gpu": (1, None),
-                                            "num_cpus": (0, None), "torch_threads": (1, None), "batch_size": (1, None),
-                                            "max_batches_in_flight": (1, None)})
+        check_settings(self, f"{name}.pool")
 
 
 def easyocr_model_dir() -> Path:
@@ -61,18 +61,17 @@ class TextAreaConfig:
     backend: str = "auto"
     craft_weights: str | None = None  # path to craft_mlt_25k.pth; None: look in EasyOCR's model dir
     ppocr_det_model: str | None = None  # path to a PP-OCR det .onnx; None: the one rapidocr ships
-    det_long_side: int = 640  # frames are resized so the long side is this (multiple of 32) for detection
-    # frames per detector forward; None = 1 on CPU (batching 640 px frames is slower there, see
-    # benchmarks/scorers.py) and 16 on a GPU
-    frames_per_forward: int | None = None
-    # PP-OCR DB post-processing (rapidocr's defaults)
-    ppocr_pixel_threshold: float = 0.3
-    ppocr_box_threshold: float = 0.5
-    ppocr_unclip_ratio: float = 1.6
-    # CRAFT post-processing (EasyOCR's defaults)
-    craft_text_threshold: float = 0.7
-    craft_link_threshold: float = 0.4
-    craft_low_text: float = 0.4
+    det_long_side: int = setting(640, min=32, help="frames are resized so the long side is this (multiple of 32) "
+                                                   "for detection")
+    frames_per_forward: int | None = setting(None, min=1, help="frames per detector forward; None = 1 on CPU "
+                                                               "(batching 640 px frames is slower there, see "
+                                                               "benchmarks/scorers.py) and 16 on a GPU")
+    ppocr_pixel_threshold: float = setting(0.3, min=0, max=1, help="PP-OCR DB pixel threshold (rapidocr's)")
+    ppocr_box_threshold: float = setting(0.5, min=0, max=1, help="PP-OCR DB box threshold (rapidocr's)")
+    ppocr_unclip_ratio: float = setting(1.6, min=0, help="PP-OCR DB unclip ratio (rapidocr's)")
+    craft_text_threshold: float = setting(0.7, min=0, max=1, help="CRAFT text threshold (EasyOCR's)")
+    craft_link_threshold: float = setting(0.4, min=0, max=1, help="CRAFT link threshold (EasyOCR's)")
+    craft_low_text: float = setting(0.4, min=0, max=1, help="CRAFT low-text bound (EasyOCR's)")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=4))
 
     def resolved_craft_weights(self) -> Path | None:
@@ -91,10 +90,7 @@ class TextAreaConfig:
 
     def validate(self) -> None:
         self.resolved_backend()
-        check_ranges(self, "scorers.text", {"frames_per_forward": (1, None), "det_long_side": (32, None),
-                                            "ppocr_pixel_threshold": (0, 1), "ppocr_box_threshold": (0, 1),
-                                            "ppocr_unclip_ratio": (0, None), "craft_text_threshold": (0, 1),
-                                            "craft_link_threshold": (0, 1), "craft_low_text": (0, 1)})
+        check_settings(self, "scorers.text")
         if self.det_long_side % 32:
             raise ValueError(f"scorers.text.det_long_side must be a multiple of 32, got {self.det_long_side}")
         self.pool.validate("scorers.text")
@@ -114,7 +110,7 @@ class ClipScoreConfig:
     model_name: str = "ViT-L-14"
     pretrained: str | None = None
     aesthetic_weights: str | None = None
-    frames_per_forward: int = 24
+    frames_per_forward: int = setting(24, min=1, help="frames per CLIP image forward")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
 
     def missing_setting(self) -> str | None:
@@ -123,7 +119,7 @@ class ClipScoreConfig:
         return "scorers.clip.pretrained (a local open_clip weights file) or scorers.clip.model_name='local-dir:...'"
 
     def validate(self) -> None:
-        check_ranges(self, "scorers.clip", {"frames_per_forward": (1, None)})
+        check_settings(self, "scorers.clip")
         self.pool.validate("scorers.clip")
 
 
@@ -140,10 +136,10 @@ class CaptionConfig:
     model_name: str = "coca_ViT-L-14"
     pretrained: str | None = None
     decoding: str = "beam_search"  # or "greedy"
-    num_beams: int = 3
-    max_tokens: int = 30  # including the start token
-    min_tokens: int = 5
-    frames_per_forward: int = 16
+    num_beams: int = setting(3, min=1, help="beams of the beam search")
+    max_tokens: int = setting(30, min=2, help="caption length limit, the start token included")
+    min_tokens: int = setting(5, min=1, help="shortest caption in tokens")
+    frames_per_forward: int = setting(16, min=1, help="frames per CoCa forward")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
 
     def missing_setting(self) -> str | None:
@@ -154,9 +150,10 @@ class CaptionConfig:
     def validate(self) -> None:
         if self.decoding not in ("beam_search", "greedy"):
             raise ValueError(f"scorers.caption.decoding must be 'beam_search' or 'greedy', got {self.decoding!r}")
-        check_ranges(self, "scorers.caption", {"num_beams": (1, None), "min_tokens": (1, None),
-                                               "max_tokens": (self.min_tokens + 1, None),
-                                               "frames_per_forward": (1, None)})
+        check_settings(self, "scorers.caption")
+        if self.max_tokens <= self.min_tokens:
+            raise RequestError(f"setting scorers.caption.max_tokens must be > min_tokens ({self.min_tokens}), "
+                               f"got {self.max_tokens}")
         self.pool.validate("scorers.caption")
 
 
@@ -179,18 +176,17 @@ class VideoCaptionConfig:
 
     enabled: bool = True
     model_path: str | None = None
-    num_frames: int = 6
-    num_beams: int = 1  # 1 = greedy
-    max_new_tokens: int = 30
-    clips_per_forward: int = 8
+    num_frames: int = setting(6, min=2, help="frames of each clip the captioner sees")
+    num_beams: int = setting(1, min=1, help="beams (1 = greedy)")
+    max_new_tokens: int = setting(30, min=1, help="caption length limit in tokens")
+    clips_per_forward: int = setting(8, min=1, help="clips per GIT forward")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=2))
 
     def missing_setting(self) -> str | None:
         return None if self.model_path else "scorers.video_caption.model_path (a local GIT video-captioner directory)"
 
     def validate(self) -> None:
-        check_ranges(self, "scorers.video_caption", {"num_frames": (2, None), "num_beams": (1, None),
-                                                     "max_new_tokens": (1, None), "clips_per_forward": (1, None)})
+        check_settings(self, "scorers.video_caption")
         self.pool.validate("scorers.video_caption")
 
 
@@ -206,8 +202,8 @@ class LlmSummaryConfig:
     enabled: bool = True
     model_path: str | None = None
     prompt: str = LLM_SUMMARY_PROMPT
-    max_new_tokens: int = 60
-    clips_per_forward: int = 16
+    max_new_tokens: int = setting(60, min=1, help="summary length limit in tokens")
+    clips_per_forward: int = setting(16, min=1, help="clips per LM forward")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=1))
 
     def missing_setting(self) -> str | None:
@@ -216,7 +212,7 @@ class LlmSummaryConfig:
     def validate(self) -> None:
         if "{coca}" not in self.prompt or "{video}" not in self.prompt:
             raise ValueError("scorers.llm_summary.prompt must contain the placeholders {coca} and {video}")
-        check_ranges(self, "scorers.llm_summary", {"max_new_tokens": (1, None), "clips_per_forward": (1, None)})
+        check_settings(self, "scorers.llm_summary")
         self.pool.validate("scorers.llm_summary")
 
 
@@ -233,17 +229,19 @@ class RaftConfig:
     enabled: bool = True
     architecture: str = "raft_large"  # or "raft_small" (torchvision)
     weights: str | None = None  # path to a torchvision RAFT state dict (e.g. raft_large_C_T_SKHT_V2)
-    width: int = 800
-    height: int = 450
-    sample_fps: float = 2.0
-    max_pairs: int = 16  # at most this many frame pairs per clip (evenly spread)
-    num_flow_updates: int = 12
-    pairs_per_forward: int = 4
-    # hq selection among clips kept by LVD-F
-    hq_drop_low_motion_percent: float | None = 50.0
-    hq_drop_low_aesthetic_percent: float | None = 50.0
-    hq_max_text_area: float | None = 0.01
-    hq_max_clips: int | None = None  # cap, best aesthetics first (paper scale: ~1M)
+    # RAFT's correlation pyramid needs >= 128 px per side
+    width: int = setting(800, min=128, help="frames are resized to this width for RAFT")
+    height: int = setting(450, min=128, help="and to this height")
+    sample_fps: float = setting(2.0, min=1e-3, help="frames per second sampled across the clip")
+    max_pairs: int = setting(16, min=1, help="at most this many frame pairs per clip (evenly spread)")
+    num_flow_updates: int = setting(12, min=1, help="RAFT's recurrent refinement steps")
+    pairs_per_forward: int = setting(4, min=1, help="frame pairs per RAFT forward")
+    hq_drop_low_motion_percent: float | None = setting(50.0, min=0, help="hq: drop this percentage of "
+                                                       "LVD-F clips with the least RAFT motion (None: keep all)")
+    hq_drop_low_aesthetic_percent: float | None = setting(50.0, min=0, help="hq: drop this percentage "
+                                                          "with the lowest aesthetics (None: keep all)")
+    hq_max_text_area: float | None = setting(0.01, min=0, max=1, help="hq: most text area a clip may have")
+    hq_max_clips: int | None = setting(None, min=1, help="hq: cap, best aesthetics first (paper scale: ~1M)")
     pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors_per_gpu=1, batch_size=4))
 
     def missing_setting(self) -> str | None:
@@ -252,11 +250,7 @@ class RaftConfig:
     def validate(self) -> None:
         if self.architecture not in ("raft_large", "raft_small"):
             raise ValueError(f"scorers.raft.architecture must be raft_large or raft_small, got {self.architecture!r}")
-        # RAFT's correlation pyramid needs >= 128 px per side
-        check_ranges(self, "scorers.raft", {"width": (128, None), "height": (128, None), "sample_fps": (1e-3, None),
-                                            "max_pairs": (1, None), "num_flow_updates": (1, None),
-                                            "pairs_per_forward": (1, None), "hq_max_text_area": (0, 1),
-                                            "hq_max_clips": (1, None)})
+        check_settings(self, "scorers.raft")
         for name in ("hq_drop_low_motion_percent", "hq_drop_low_aesthetic_percent"):
             _check_percent(f"scorers.raft.{name}", getattr(self, name))
         self.pool.validate("scorers.raft")
@@ -283,37 +277,30 @@ class ScorersConfig:
         self.raft.validate()
 
     def unavailable(self) -> dict[str, str]:
-        """Enabled scorers that cannot run -> why and the setting to fill (no weights configured, or the LLM
-        summary without both captioners it summarises)."""
-        missing = {}
-        for name in ("clip", "caption", "video_caption", "llm_summary", "raft"):
-            cfg = getattr(self, name)
-            setting = cfg.missing_setting()
-            if cfg.enabled and setting:
-                missing[name] = f"off: no weights configured; set {setting}"
-        if self.llm_summary.enabled and "llm_summary" not in missing:
-            lacking = [name for name in ("caption", "video_caption")
-                       if not getattr(self, name).enabled or name in missing]
-            if lacking:
-                missing["llm_summary"] = ("off: it summarises the CoCa and the video caption; switch on "
-                                          + " and ".join(f"scorers.{name}" for name in lacking))
-        return missing
+        """Enabled scorers that cannot run -> why and the setting to fill (no weights configured, or a scorer
+        whose needs are off: the LLM summary without both captioners); derived from the scorer table."""
+        from curation.scorers.graph import unavailable_scorers
+
+        return unavailable_scorers(self)
 
     def active(self) -> list[str]:
-        """Per-clip scorers (not RAFT, which runs in the hq pass) that are enabled and have weights."""
-        names = []
-        if self.text.enabled:
-            names.append("text")
-        missing = self.unavailable()
-        for name in ("caption", "video_caption", "llm_summary", "clip"):
-            if getattr(self, name).enabled and name not in missing:
-                names.append(name)
-        return names
+        """Per-clip scorers (not RAFT, which runs in the hq pass) that are enabled and can run, in schedule order."""
+        from curation.scorers.graph import active_scorers
+
+        return active_scorers(self)
 
     def spooled_video_frames(self) -> int:
         """Frames per clip the decode stage keeps for the video captioner (0 while it cannot run)."""
         active = self.video_caption.enabled and self.video_caption.missing_setting() is None
         return self.video_caption.num_frames if active else 0
+
+
+def check_settings(section: object, name: str) -> None:
+    """The `setting(min=..., max=...)` checks of one settings section, one line naming `name`.field."""
+    try:
+        check_fields(section)
+    except RequestError as error:
+        raise RequestError(f"setting {name}.{error}") from None
 
 
 def _check_percent(setting: str, value: float | None) -> None:

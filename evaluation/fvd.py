@@ -8,7 +8,7 @@ distance is computed in float64 with a symmetric-eigendecomposition square root 
 no NaN from a rank-deficient covariance). KVD is the unbiased polynomial-kernel MMD^2 (KID's
 estimator) on the same features, averaged over random subsets.
 
-Folder-level API: `compute_fvd(real_dir, fake_dir)`; features of the real set are cached on disk keyed
+Folder-level API: `compute_fvd(FolderFvdRequest(real_dir, fake_dir))`; features of the real set are cached on disk keyed
 by the content hash of its files and the preprocessing settings, so re-scoring new samples against
 UCF-101 only pays for the generated videos.
 """
@@ -376,19 +376,10 @@ class FolderFvdRequest(Request):
         ClipSettings(num_frames=self.num_frames, fps=self.fps).validate()
 
 
-def folder_fvd(request: FolderFvdRequest, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """`compute_fvd` with every setting from `request`."""
-    return compute_fvd(request.real_dir, request.fake_dir, num_frames=request.num_frames, fps=request.fps,
-                       batch_size=request.batch_size, device=request.device, weights=request.weights,
-                       cache_real=request.cache_real, limit=request.limit, threads=request.threads,
-                       progress=progress)
-
-
-def compute_fvd(real_dir: str | Path, fake_dir: str | Path, *, num_frames: int = DEFAULT_NUM_FRAMES,
-                fps: float | None = None, batch_size: int = 8, device: str = "auto", weights: str | Path | None = None,
-                cache_real: bool = True, limit: int | None = None, threads: int | None = None,
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def compute_fvd(request: FolderFvdRequest, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """FVD and KVD between two folders of videos (real features cached by content hash)."""
+    real_dir, fake_dir, limit = request.real_dir, request.fake_dir, request.limit
+    num_frames, fps = request.num_frames, request.fps
     settings = ClipSettings(num_frames=num_frames, fps=fps)
     settings.validate()
     real_paths, fake_paths = list_videos(real_dir)[:limit], list_videos(fake_dir)[:limit]
@@ -396,8 +387,9 @@ def compute_fvd(real_dir: str | Path, fake_dir: str | Path, *, num_frames: int =
         if len(paths) < 2:
             raise VideoSetError(f"{what} folder {real_dir if what == 'real' else fake_dir}: FVD needs at least "
                                 f"2 videos, found {len(paths)}")
-    extractor = I3DFeatureExtractor(weights, device=device, batch_size=batch_size, threads=threads)
-    if cache_real:
+    extractor = I3DFeatureExtractor(request.weights, device=request.device, batch_size=request.batch_size,
+                                    threads=request.threads)
+    if request.cache_real:
         real, _, hit = cached_folder_features(real_dir, extractor, settings, limit=limit, progress=progress)
     else:
         (real, _), hit = folder_features(real_dir, extractor, settings, limit=limit, progress=progress), False

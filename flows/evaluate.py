@@ -102,11 +102,11 @@ def deployments() -> list:
 
 
 def _run_fvd(request: FolderFvdRequest) -> int:
-    from evaluation.fvd import VideoSetError, folder_fvd
+    from evaluation.fvd import VideoSetError, compute_fvd
     from evaluation.i3d_checkpoint import I3DWeightsError
 
     try:
-        result = folder_fvd(request)
+        result = compute_fvd(request)
     except (VideoSetError, I3DWeightsError) as error:  # an unreadable folder or video, missing weights
         raise RequestError(str(error)) from error
     if request.print_json:

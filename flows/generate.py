@@ -22,24 +22,17 @@ from flows.markdown import inline_image, settings_table
 from generation.generate import (
     GenerateFileRequest,
     GenerateRequest,
-    generate_request_files,
     generate_video_files,
     parse_guidance,
 )
 from model.loading import DTYPES
 
-__all__ = ["DTYPES", "generate_files", "generate_video", "parse_guidance"]
-
-
-def generate_files(prompts: list[str] | None, output_dir: str, checkpoint: str | None = None,
-                   **request: Any) -> list[dict[str, Any]]:
-    """One MP4 and one GIF per video in `output_dir` (see `generation.generate.generate_videos`)."""
-    return generate_video_files(output_dir, prompts, checkpoint, **request)
+__all__ = ["DTYPES", "generate_video", "parse_guidance"]
 
 
 @task(name="generate", retries=1)
 def generate_task(request: GenerateRequest) -> list:
-    return generate_request_files(request, progress=False)
+    return generate_video_files(request, progress=False)
 
 
 def preview_markdown(results: list[dict[str, Any]], checkpoint: str | None) -> str:
@@ -81,10 +74,10 @@ def deployments() -> list:
 
 
 def _run(request: GenerateFileRequest) -> int:
-    from generation.generate import generate_request, write_frames
+    from generation.generate import generate_videos, write_frames
 
     try:
-        generated = generate_request(request)
+        generated = generate_videos(request)
         for warning in generated.warnings:
             print(f"lvd generate: warning: {warning}", file=sys.stderr)
         written = write_frames(generated.videos[0], request.out, request.out_fps)

@@ -56,7 +56,7 @@ def parse_guidance(value: str | float | list | tuple) -> float | tuple[float, fl
 @dataclass(frozen=True)
 class GenerateRequest(Request):
     """One generation request: the one spelling shared by the `generate-video` flow, `lvd generate` (which adds
-    `--out`, see `GenerateFileRequest`) and `generate_request`. The mode follows from the fields (module
+    `--out`, see `GenerateFileRequest`) and `generate_videos`. The mode follows from the fields (module
     docstring); a None setting takes that mode's default, so the defaults are named in the help only."""
 
     prompts: list[str] | None = setting(None, cli=False, help="text -> video: one video per prompt; with "
@@ -111,13 +111,6 @@ class GenerateRequest(Request):
 
         check_pipeline_source(self.checkpoint)
 
-    def generation_settings(self) -> dict[str, Any]:
-        """The keyword arguments of `generate_videos` (everything but prompts, checkpoint and outputs)."""
-        names = ("image", "image_model", "num_frames", "views", "elevation", "height", "width", "steps", "guidance",
-                 "fps", "motion_bucket_id", "noise_aug", "decode_chunk_size", "image_steps", "image_guidance", "seed",
-                 "dtype", "cpu_offload")
-        return {name: getattr(self, name) for name in names}
-
 
 @dataclass(frozen=True)
 class GenerateFileRequest(GenerateRequest):
@@ -153,18 +146,6 @@ def check_writable_output(out: str | Path) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise RequestError(f"out {text}: cannot write in {folder} ({reason})") from None
-
-
-def generate_request(request: GenerateRequest, *, progress: bool = True) -> GeneratedVideos:
-    """`generate_videos` with every setting from `request`."""
-    return generate_videos(request.prompts, request.checkpoint, progress=progress, **request.generation_settings())
-
-
-def generate_request_files(request: GenerateRequest, *, progress: bool = True,
-                           outputs: tuple[str, ...] = (".mp4", ".gif")) -> list[dict[str, Any]]:
-    """`generate_video_files` into `request.output_dir` with every setting from `request`."""
-    return generate_video_files(request.output_dir, request.prompts, request.checkpoint, out_fps=request.out_fps,
-                                outputs=outputs, progress=progress, **request.generation_settings())
 
 
 def load_image(source: str | Path):
@@ -245,35 +226,14 @@ class GeneratedVideos:
     warnings: list[str] = field(default_factory=list)  # one line each (e.g. a multi-view input not on white)
 
 
-def generate_videos(
-    prompts: list[str] | None = None,
-    checkpoint: str | None = None,
-    *,
-    image: str | None = None,
-    image_model: str | None = None,
-    num_frames: int | None = None,
-    views: int | None = None,
-    elevation: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int | None = None,
-    guidance: str | float | list | None = None,
-    fps: int | None = None,
-    motion_bucket_id: int | None = None,
-    noise_aug: float | None = None,
-    decode_chunk_size: int | None = None,
-    image_steps: int | None = None,
-    image_guidance: float | None = None,
-    seed: int = 0,
-    dtype: str = "float32",
-    cpu_offload: bool = False,
-    progress: bool = True,
-) -> GeneratedVideos:
-    """Run one request in the mode its arguments choose; None settings take that mode's defaults. `views` (and
+def generate_videos(request: GenerateRequest, *, progress: bool = True) -> GeneratedVideos:
+    """Run `request` in the mode its fields choose; None settings take that mode's defaults. `views` (and
     `elevation`) with `image`: multi-view, an orbit of `views` frames (generation/multiview.py)."""
     import torch
 
-    prompts = list(prompts or [])
+    prompts = list(request.prompts or [])
+    image, image_model, checkpoint, seed = request.image, request.image_model, request.checkpoint, request.seed
+    dtype, cpu_offload, views, elevation = request.dtype, request.cpu_offload, request.views, request.elevation
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be non-empty strings")
     if image is not None and image_model is not None:
@@ -299,10 +259,11 @@ def generate_videos(
                         decode_chunk_size=svd["decode_chunk_size"])
     else:
         defaults = dict(height=None, width=None, guidance=DEFAULT_TEXT_GUIDANCE, **TEXT_TO_VIDEO_DEFAULTS)
-    given = dict(height=height, width=width, steps=steps, guidance=guidance, fps=fps,
-                 motion_bucket_id=motion_bucket_id, noise_aug=noise_aug, decode_chunk_size=decode_chunk_size)
+    given = dict(height=request.height, width=request.width, steps=request.steps, guidance=request.guidance,
+                 fps=request.fps, motion_bucket_id=request.motion_bucket_id, noise_aug=request.noise_aug,
+                 decode_chunk_size=request.decode_chunk_size)
     settings: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in given.items()}
-    settings.update(num_frames=num_frames or pipe.unet.config.num_frames, seed=seed,
+    settings.update(num_frames=request.num_frames or pipe.unet.config.num_frames, seed=seed,
                     guidance=parse_guidance(settings["guidance"]))
     warnings: list[str] = []
     camera: dict[str, Any] = {}
@@ -320,8 +281,8 @@ def generate_videos(
     first_frame = None
     if image_model is not None:
         settings.update(image_model=str(image_model),
-                        image_steps=_pick(image_steps, IMAGE_MODEL_DEFAULTS["image_steps"]),
-                        image_guidance=_pick(image_guidance, IMAGE_MODEL_DEFAULTS["image_guidance"]))
+                        image_steps=_pick(request.image_steps, IMAGE_MODEL_DEFAULTS["image_steps"]),
+                        image_guidance=_pick(request.image_guidance, IMAGE_MODEL_DEFAULTS["image_guidance"]))
         drawer = load_image_model(image_model, dtype, cpu_offload)
         first_frame = conditioning = draw_first_frame(drawer, prompts[0], settings["height"], settings["width"],
                                                       seed, settings["image_steps"], settings["image_guidance"])
@@ -343,19 +304,19 @@ def generate_videos(
     return GeneratedVideos(videos=videos, labels=labels, settings=settings, first_frame=first_frame, warnings=warnings)
 
 
-def generate_video_files(output_dir: str | Path, prompts: list[str] | None = None, checkpoint: str | None = None,
-                         *, out_fps: float = 8.0, outputs: tuple[str, ...] = (".mp4", ".gif"),
-                         **request: Any) -> list[dict[str, Any]]:
-    """`generate_videos`, then each video written into `output_dir` as `NNN<suffix>` per suffix in `outputs`
-    ('/' = a folder `NNN/` of PNG frames) with `NNN.json`, its generation record (`dataformat.generation`: prompt,
-    image, seed, checkpoint, settings); returns one record per video (paths, size, settings)."""
+def generate_video_files(request: GenerateRequest, *, progress: bool = True,
+                         outputs: tuple[str, ...] = (".mp4", ".gif")) -> list[dict[str, Any]]:
+    """`generate_videos`, then each video written into `request.output_dir` as `NNN<suffix>` per suffix in
+    `outputs` ('/' = a folder `NNN/` of PNG frames, at `request.out_fps`) with `NNN.json`, its generation record
+    (`dataformat.generation`: prompt, image, seed, checkpoint, settings); returns one record per video (paths,
+    size, settings)."""
     for suffix in outputs:
         if suffix != "/":
             check_output(f"NNN{suffix}")
-    generated = generate_videos(prompts, checkpoint, **request)
-    out = Path(output_dir)
+    generated = generate_videos(request, progress=progress)
+    out, out_fps, checkpoint = Path(request.output_dir), request.out_fps, request.checkpoint
     out.mkdir(parents=True, exist_ok=True)
-    image_sha256 = None if request.get("image") is None else image_digest(request["image"])
+    image_sha256 = None if request.image is None else image_digest(request.image)
     first_frame_path = None
     if generated.first_frame is not None:
         first_frame_path = out / "000-first-frame.png"
@@ -363,7 +324,7 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
     records = []
     for index, (label, video) in enumerate(zip(generated.labels, generated.videos, strict=True)):
         record: dict[str, Any] = {
-            "prompt": label, "image": request.get("image"), "frames": int(video.shape[0]),
+            "prompt": label, "image": request.image, "frames": int(video.shape[0]),
             "height": int(video.shape[1]), "width": int(video.shape[2]), "settings": generated.settings,
             "warnings": generated.warnings,
         }
@@ -375,7 +336,7 @@ def generate_video_files(output_dir: str | Path, prompts: list[str] | None = Non
             else:
                 record[suffix.lstrip(".")] = str(write_frames(video, out / f"{index:03d}{suffix}", out_fps)[0])
         write_generation_record(out / f"{index:03d}", {  # what made it, for comparisons across runs
-            "prompt": label, "image": request.get("image"), "image_sha256": image_sha256,
+            "prompt": label, "image": request.image, "image_sha256": image_sha256,
             "seed": generated.settings["seed"], "checkpoint": None if checkpoint is None else str(checkpoint),
             "settings": generated.settings})
         records.append(record)

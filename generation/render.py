@@ -32,7 +32,7 @@ UPSCALERS = ("lanczos", "realesrgan")
 @dataclass(frozen=True)
 class WalkRequest(Request):
     """One walk between prompts/seeds (or a morph between images): the one spelling shared by the
-    `generate-walk` flow, `lvd walk` and `render_request`."""
+    `generate-walk` flow, `lvd walk` and `render_walk`."""
 
     prompts: list[str] | None = setting(None, help="one prompt per waypoint")
     seeds: list[int] | None = setting(None, help="one noise seed per waypoint (default 0, 1, ...)")
@@ -103,23 +103,7 @@ def render_walk_files(request: WalkRequest, *, progress: bool = True, pipe=None)
         from model.loading import load_pipeline
 
         pipe = load_pipeline(request.checkpoint, dtype=request.dtype, device="auto", cpu_offload=request.cpu_offload)
-    return render_request(pipe, request, progress=progress)
-
-
-def render_request(pipe, request: WalkRequest, *, progress: bool = True) -> dict[str, Any]:
-    """`render_walk` with every setting from `request`."""
-    from generation.generate import parse_guidance
-
-    return render_walk(pipe, request.prompts, request.out, model_id=request.model_id, seeds=request.seeds,
-                       frames=request.segment_frames, images=request.images, work_dir=request.work_dir,
-                       height=request.height, width=request.width, steps=request.steps,
-                       guidance=parse_guidance(request.guidance), fps=request.fps, fps_id=request.fps_id,
-                       motion_bucket_id=request.motion_bucket_id, window=request.window, overlap=request.overlap,
-                       morph_sigma=request.morph_sigma, decode_chunk_size=request.decode_chunk_size,
-                       batch_size=request.batch_size, audio=request.audio, audio_offset=request.audio_offset,
-                       audio_envelope=request.audio_envelope, audio_floor=request.audio_floor,
-                       upscale=request.upscale, upscale_factor=request.upscale_factor,
-                       upscale_weights=request.upscale_weights, progress=progress)
+    return render_walk(pipe, request, progress=progress)
 
 
 def check_render_options(out: str | Path, fps: float, upscale: str | None, audio: str | None) -> None:
@@ -156,73 +140,46 @@ def walk_waypoints(prompts: list[str] | None, seeds: list[int] | None, frames: i
     return waypoints, segment_frames
 
 
-def render_walk(
-    pipe,
-    prompts: list[str] | None,
-    out: str | Path,
-    *,
-    model_id: str,
-    seeds: list[int] | None = None,
-    frames: int | list[int] = 24,
-    images: list[str] | None = None,
-    work_dir: str | Path | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int = 25,
-    guidance: float | tuple[float, float] = 7.0,
-    fps: float = 8.0,
-    fps_id: int = 7,
-    motion_bucket_id: int = 127,
-    window: int | None = None,
-    overlap: int = 2,
-    morph_sigma: float = 1.0,
-    decode_chunk_size: int = 8,
-    batch_size: int = 1,
-    audio: str | None = None,
-    audio_offset: float = 0.0,
-    audio_envelope: str = "onset",
-    audio_floor: float = 0.1,
-    upscale: str | None = None,
-    upscale_factor: int = 2,
-    upscale_weights: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Render a walk with `pipe` to `out` (.mp4) and a preview GIF in the work directory; returns what was
-    written and which segments were rendered or reused. `model_id` names the weights in the segment cache
-    key (a different checkpoint or dtype never reuses segments). `fps`: output frame rate (also the clock
-    the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it sees
-    fps_id - 1, SVD's convention)."""
+def render_walk(pipe, request: WalkRequest, *, progress: bool = True) -> dict[str, Any]:
+    """Render the walk `request` describes with `pipe` to `request.out` (.mp4) and a preview GIF in the work
+    directory; returns what was written and which segments were rendered or reused. `request.model_id` names the
+    weights in the segment cache key (a different checkpoint or dtype never reuses segments). `fps`: output frame
+    rate (also the clock the audio envelope is read with); `fps_id`: the frame rate the model is conditioned on (it
+    sees fps_id - 1, SVD's convention)."""
+    from generation.generate import parse_guidance
     from generation.upscale import upscale_frames
     from generation.walk import WalkSettings, check_walk_inputs, run_walk
 
-    out_path = Path(out)
+    out_path, fps, audio, upscale = Path(request.out), request.fps, request.audio, request.upscale
     check_render_options(out_path, fps, upscale, audio)
-    waypoints, segment_frames = walk_waypoints(prompts, seeds, frames, images)
+    waypoints, segment_frames = walk_waypoints(request.prompts, request.seeds, request.segment_frames,
+                                               request.images)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     settings = WalkSettings(
-        height=height or pipe.unet.config.sample_size * factor, width=width or pipe.unet.config.sample_size * factor,
-        steps=steps, guidance=guidance, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
-        window=window or pipe.unet.config.num_frames, overlap=overlap, morph_sigma=morph_sigma,
-        decode_chunk_size=decode_chunk_size, model_id=model_id,
+        height=request.height or pipe.unet.config.sample_size * factor,
+        width=request.width or pipe.unet.config.sample_size * factor, steps=request.steps,
+        guidance=parse_guidance(request.guidance), fps_id=request.fps_id, motion_bucket_id=request.motion_bucket_id,
+        window=request.window or pipe.unet.config.num_frames, overlap=request.overlap,
+        morph_sigma=request.morph_sigma, decode_chunk_size=request.decode_chunk_size, model_id=request.model_id,
     )
     check_walk_inputs(waypoints, segment_frames)  # before the audio is decoded
     speeds = None
     if audio is not None:
-        envelope = envelope_of(audio, fps, int(sum(segment_frames)), audio_offset, audio_envelope)
-        speeds = envelope_speeds(envelope, audio_floor)
-    work = Path(work_dir) if work_dir else out_path.with_suffix(".walk")
-    result = run_walk(pipe, waypoints, segment_frames, work, settings, speeds=speeds, batch_size=batch_size,
+        envelope = envelope_of(audio, fps, int(sum(segment_frames)), request.audio_offset, request.audio_envelope)
+        speeds = envelope_speeds(envelope, request.audio_floor)
+    work = Path(request.work_dir) if request.work_dir else out_path.with_suffix(".walk")
+    result = run_walk(pipe, waypoints, segment_frames, work, settings, speeds=speeds, batch_size=request.batch_size,
                       progress=progress)
     video = result.frames
     if upscale is not None:
-        video = upscale_frames(video, upscale_factor, upscale, upscale_weights)
+        video = upscale_frames(video, request.upscale_factor, upscale, request.upscale_weights)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if audio is None:
         save_video(video, out_path, fps)
     else:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
             silent = save_video(video, Path(scratch) / "silent.mp4", fps)
-            mux_audio(silent, audio, out_path, offset=audio_offset)
+            mux_audio(silent, audio, out_path, offset=request.audio_offset)
     gif = save_video(result.frames, work / "preview.gif", fps)
     return {
         "mp4": str(out_path), "gif": str(gif), "plan": str(result.plan_path), "frames": int(video.shape[0]),

@@ -159,7 +159,7 @@ def test_stage_three_image_to_video_trains_the_init_unets_frame_count(svd14_dir,
 
 
 def test_generation_defaults_follow_sgm_for_svd_and_svd_xt(svd14_dir, tmp_path):
-    from generation.generate import generate_videos
+    from generation.generate import GenerateRequest, generate_videos
     from model.image_to_video import sampling_defaults
     from tests.svd_helpers import bikes_frame
 
@@ -170,8 +170,8 @@ def test_generation_defaults_follow_sgm_for_svd_and_svd_xt(svd14_dir, tmp_path):
     assert sampling_defaults(6)["max_guidance_scale"] == 3.0  # other frame counts: diffusers' defaults
     image = tmp_path / "bikes.png"
     bikes_frame().resize((96, 64)).save(image)
-    generated = generate_videos(checkpoint=str(svd14_dir), image=str(image), height=64, width=64, num_frames=2,
-                                decode_chunk_size=2, progress=False)
+    generated = generate_videos(GenerateRequest(checkpoint=str(svd14_dir), image=str(image), height=64, width=64,
+                                                num_frames=2, decode_chunk_size=2), progress=False)
     assert generated.settings["guidance"] == (1.0, 2.5) and generated.settings["steps"] == 25
 
 

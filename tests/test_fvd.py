@@ -17,6 +17,7 @@ import flows.evaluate  # noqa: F401  (imports prefect now: its log handler must 
 from common.video import decode_frames_at, write_video
 from curation.sample_data import footage_paths
 from evaluation.fvd import (
+    FolderFvdRequest,
     I3DFeatureExtractor,
     VideoSetError,
     compute_fvd,
@@ -163,10 +164,10 @@ def test_lvd_fvd_json_and_real_feature_cache(tmp_path, monkeypatch, capsys):
     cached = list((tmp_path / "cache" / "fvd").glob("*.npz"))
     assert len(cached) == 1
     # Same content -> cache hit with identical numbers; changed content -> a new cache entry.
-    result = compute_fvd(real, fake, batch_size=4)
+    result = compute_fvd(FolderFvdRequest(str(real), str(fake), batch_size=4))
     assert result["real_features_cached"] and result["fvd"] == pytest.approx(first["fvd"], rel=1e-9)
     write_video(real / "clip00.mp4", real_clips()[7], 25.0, crf=12)
-    assert not compute_fvd(real, fake, batch_size=4)["real_features_cached"]
+    assert not compute_fvd(FolderFvdRequest(str(real), str(fake), batch_size=4))["real_features_cached"]
     assert len(list((tmp_path / "cache" / "fvd").glob("*.npz"))) == 2
 
 
@@ -191,6 +192,6 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
     assert lvd(["fvd", str(good), str(short)]) == 2
     assert "too few frames (5 decoded, 16 needed)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_frames must be >= 9"):
-        compute_fvd(good, good, num_frames=8)
+        compute_fvd(FolderFvdRequest(str(good), str(good), num_frames=8))
     with pytest.raises(VideoSetError, match="too few frames"):
         read_clip(short / "clip00.mp4", 16)

@@ -19,7 +19,7 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
-from generation.generate import generate_video_files, load_image
+from generation.generate import GenerateRequest, generate_video_files, load_image
 from model.image_to_video import ImageToVideoPipeline
 from model.unet import VideoUNet
 from tests.svd_helpers import NUM_FRAMES, tiny_sd
@@ -100,9 +100,11 @@ def test_bad_images_and_outputs_are_one_line_errors(svd_dir, tmp_path):
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and str(image) in lines[0] and message in lines[0], run.stderr
     with pytest.raises(ValueError, match="must end in .mp4, .gif or '/'"):
-        generate_video_files(tmp_path, checkpoint=str(svd_dir), image=str(not_an_image), outputs=(".avi",))
+        generate_video_files(GenerateRequest(output_dir=str(tmp_path), checkpoint=str(svd_dir),
+                                             image=str(not_an_image)), outputs=(".avi",))
     with pytest.raises(ValueError, match="text-to-video checkpoint is needed"):
-        generate_video_files(tmp_path / "t2v", ["a bike"], str(svd_dir), num_frames=2, steps=1)
+        generate_video_files(GenerateRequest(output_dir=str(tmp_path / "t2v"), prompts=["a bike"],
+                                             checkpoint=str(svd_dir), num_frames=2, steps=1))
 
 
 def test_images_open_from_fsspec_urls(image_path):
@@ -128,13 +130,15 @@ def test_text_to_image_to_video_cli_and_flow_helper(svd_dir, tmp_path):
     with av.open(str(video)) as container:
         assert sum(1 for _ in container.decode(video=0)) == NUM_FRAMES
     # the library path the flow uses: the drawn first frame is kept, and animating it alone gives the same video
-    records = generate_video_files(tmp_path / "gen", ["a red bike in a park"], str(svd_dir),
-                                   image_model=str(sd_dir), height=64, width=64, steps=2, image_steps=2, seed=5,
+    records = generate_video_files(GenerateRequest(output_dir=str(tmp_path / "gen"), prompts=["a red bike in a park"],
+                                                   checkpoint=str(svd_dir), image_model=str(sd_dir), height=64,
+                                                   width=64, steps=2, image_steps=2, seed=5),
                                    outputs=("/",), progress=False)
     first_frame = Path(records[0]["first_frame"])
     drawn = np.asarray(Image.open(first_frame))
     assert drawn.shape == (64, 64, 3) and drawn.std() > 5
-    animated = generate_video_files(tmp_path / "again", None, str(svd_dir), image=str(first_frame), height=64,
-                                    width=64, steps=2, seed=5, outputs=("/",), progress=False)
+    animated = generate_video_files(GenerateRequest(output_dir=str(tmp_path / "again"), checkpoint=str(svd_dir),
+                                                    image=str(first_frame), height=64, width=64, steps=2, seed=5),
+                                    outputs=("/",), progress=False)
     assert np.array_equal(_read_pngs(Path(records[0]["png"])), _read_pngs(Path(animated[0]["png"])))
     assert records[0]["settings"]["guidance"] == (1.0, 3.0) and records[0]["settings"]["noise_aug"] == 0.02

@@ -160,7 +160,7 @@ def test_camera_embedding_starts_as_svd_and_trains(svd_dir, orbit_run, tmp_path)
     the export keeps this project's class names (new layers) and generates an orbit with cameras."""
     from dataclasses import replace
 
-    from generation.generate import generate_videos
+    from generation.generate import GenerateRequest, generate_videos
     from model.image_to_video import ImageToVideoPipeline
     from model.multiview import with_camera_embedding
     from training.data import TrainingStream
@@ -191,8 +191,8 @@ def test_camera_embedding_starts_as_svd_and_trains(svd_dir, orbit_run, tmp_path)
     assert index["_class_name"] == "ImageToVideoPipeline"  # not diffusers' SVD: it would drop the camera layers
     image = tmp_path / "view0.png"
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(image)
-    generated = generate_videos(checkpoint=str(tmp_path / "camera"), image=str(image), views=21, elevation=20.0,
-                                height=64, width=64, steps=2, progress=False)
+    generated = generate_videos(GenerateRequest(checkpoint=str(tmp_path / "camera"), image=str(image), views=21,
+                                                elevation=20.0, height=64, width=64, steps=2), progress=False)
     assert generated.videos.shape == (1, 21, 64, 64, 3) and generated.warnings == []
     assert generated.settings["motion_bucket_id"] == 20.0
 
@@ -201,7 +201,7 @@ def test_camera_embedding_starts_as_svd_and_trains(svd_dir, orbit_run, tmp_path)
 def test_two_step_multiview_finetune_exports_and_generates_21_views(svd_dir, orbit_run, tmp_path):
     from diffusers import StableVideoDiffusionPipeline
 
-    from generation.generate import generate_videos
+    from generation.generate import GenerateRequest, generate_videos
     from training.loop import run_stage
     from training.request import StageRunRequest
 
@@ -213,8 +213,8 @@ def test_two_step_multiview_finetune_exports_and_generates_21_views(svd_dir, orb
     assert isinstance(StableVideoDiffusionPipeline.from_pretrained(pipeline), StableVideoDiffusionPipeline)
     image = tmp_path / "photo.png"
     bikes_frame().resize((64, 64)).save(image)
-    generated = generate_videos(checkpoint=str(pipeline), image=str(image), views=21, elevation=15.0, height=64,
-                                width=64, steps=2, progress=False)
+    generated = generate_videos(GenerateRequest(checkpoint=str(pipeline), image=str(image), views=21, elevation=15.0,
+                                                height=64, width=64, steps=2), progress=False)
     assert generated.videos.shape == (1, 21, 64, 64, 3)
     assert len(generated.warnings) == 1 and "white background" in generated.warnings[0]
 

@@ -12,7 +12,7 @@ import httpx
 
 from dataformat.preference import StudyLayout, read_study
 from flows.study import evaluate_preference
-from generation.generate import generate_video_files
+from generation.generate import GenerateRequest, generate_video_files
 from model.pipeline import TextToVideoPipeline
 from tests.preference_helpers import http
 
@@ -51,8 +51,9 @@ def test_flow_builds_serves_and_reports_a_study_of_two_generation_runs(prefect_a
     runs = {}
     for name, seed in (("first", 1), ("second", 2)):
         TextToVideoPipeline.from_preset("tiny", seed=seed).save_pretrained(tmp_path / f"ckpt-{name}")
-        generate_video_files(tmp_path / name, ["a cyclist", "a rabbit"], tmp_path / f"ckpt-{name}", num_frames=6,
-                             steps=2, progress=False)
+        generate_video_files(GenerateRequest(output_dir=str(tmp_path / name), prompts=["a cyclist", "a rabbit"],
+                                             checkpoint=str(tmp_path / f"ckpt-{name}"), num_frames=6, steps=2),
+                             progress=False)
         runs[name] = tmp_path / name
     (tmp_path / "second" / "000.json").rename(tmp_path / "second" / "keep.json")  # names differ across runs:
     (tmp_path / "second" / "000.mp4").rename(tmp_path / "second" / "keep.mp4")  # the records still pair them

@@ -17,6 +17,7 @@ Modes, chosen by the arguments:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,15 @@ class GenerateRequest(Request):
                 raise RequestError(str(error)) from None
 
     def check_inputs(self) -> None:
-        """The checkpoint folder is checked (one line naming the file) before any model loads."""
+        """The checkpoint folder is checked (one line naming the file), and the requested size against the memory
+        sampling it would take (`model.memory`), before any model loads."""
         from model.folder_check import check_pipeline_source
 
         check_pipeline_source(self.checkpoint)
+        try:
+            check_request_memory(self)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,51 @@ class GenerateFileRequest(GenerateRequest):
         loads."""
         super().check_inputs()
         check_writable_output(self.out)
+
+
+def check_request_memory(request: GenerateRequest, available: int | None = None) -> None:
+    """ValueError (one line) when the request's height/width are not multiples of the VAE's downscale, exceed
+    `model.memory.MAX_SIDE`, or sampling them would need more memory than is free where it runs (the estimate
+    of `model.memory`, from the folder's configs and safetensors headers: no weights are read). Folders only;
+    the tiny preset gets the size checks with its downscale of 8."""
+    import json
+
+    from model.memory import (
+        available_memory,
+        check_sampling_memory,
+        check_sampling_size,
+        estimate_sampling_memory,
+        scale_factor_of,
+    )
+
+    folder = Path(request.checkpoint) if request.checkpoint is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        if request.height is not None or request.width is not None:
+            check_sampling_size(request.height or 8, request.width or 8, 8)
+        return
+    from model.folder_check import check_pipeline_folder
+
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    image_mode = request.image is not None or request.image_model is not None
+    factor = scale_factor_of(vae)
+    fallback = (576, 1024) if image_mode else (int(unet.get("sample_size") or 8) * factor,) * 2
+    height, width = request.height or fallback[0], request.width or fallback[1]
+    check_sampling_size(height, width, factor, bound=False)  # the memory estimate first: it says what is needed
+    frames = request.views or request.num_frames or int(unet.get("num_frames") or 14)
+    chunk = request.decode_chunk_size or (14 if image_mode else TEXT_TO_VIDEO_DEFAULTS["decode_chunk_size"])
+    batch = 1 if image_mode else max(1, len(request.prompts or []))
+    estimate = estimate_sampling_memory(unet, vae, parameters=check_pipeline_folder(folder).total_parameters,
+                                        height=height, width=width, num_frames=frames, batch=batch,
+                                        decode_chunk_size=chunk, dtype=request.dtype)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and request.cpu_offload:  # the weights wait on the CPU; one component at a time on the GPU
+        estimate = dataclasses.replace(estimate, weights=estimate.weights // 2)
+    where = "GPU" if device == "cuda" else "CPU"
+    check_sampling_memory(estimate, available_memory(device) if available is None else available, where)
+    check_sampling_size(height, width, factor)
 
 
 def check_writable_output(out: str | Path) -> None:

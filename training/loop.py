@@ -99,6 +99,10 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
     mode = "text" if preset.conditioning == "text" else "image"  # multiview finetunes the image-to-video path
     pipeline = load_initial_pipeline(config.init, config.seed, mode, image_encoder)
+    if preset.conditioning == "multiview" and preset.elevation_condition == "paper":
+        from model.multiview import with_elevation_condition  # SVD-MV's fourth id: add_embedding 768 -> 1024
+
+        pipeline.unet = with_elevation_condition(pipeline.unet)
     if preset.camera_embedding:
         from model.multiview import with_camera_embedding
 
@@ -216,6 +220,8 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
         if trainer.image_mode:  # animate the batch's first conditioning frame
             image = (batch["pixels"][:1, 0].float() + 1.0) / 2.0
             camera = {"camera": batch["camera"][:1]} if trainer.preset.camera_embedding else {}
+            if trainer.elevation_id:
+                camera["elevation"] = float(batch["elevation"][0])
             frames = pipeline(image, decode_chunk_size=max(phase.num_frames, 1), **camera, **common).frames[0]
         else:
             frames = pipeline(config.sample_prompt, guidance_scale=(1.0, 2.5), **common).frames[0]

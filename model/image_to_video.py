@@ -118,6 +118,7 @@ class ImageToVideoPipeline(DiffusionPipeline):
         unet_config["_class_name"] = DIFFUSERS_UNET_CLASS
         if unet_config.get("spatial_resnet_eps") is None:
             unet_config.pop("spatial_resnet_eps", None)  # diffusers' own layout: nothing to record
+        unet_config.pop("camera_embedding", None)  # False here (see above); diffusers' class has no such setting
         unet_config_path.write_text(json.dumps(unet_config, indent=2, sort_keys=True) + "\n")
 
     # --- steps ----------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_pipeline_passes_the_elevation_as_the_fourth_id(svd_dir):
     assert seen[2][:, 3].tolist() == [5.0, 30.0, 5.0, 30.0]
 
 
-def test_generate_passes_the_elevation_of_a_paper_export(svd_dir, tmp_path):
+def test_generate_passes_the_elevation_of_a_paper_export(svd_dir, tmp_path, capsys):
     """`lvd generate --views --elevation` with an SVD-MV export: the elevation reaches the fourth id, so once its
     columns are trained, two elevations give two different orbits (the same at step 0, when they are zero)."""
     from generation.generate import generate_videos
@@ -142,6 +142,11 @@ def test_generate_passes_the_elevation_of_a_paper_export(svd_dir, tmp_path):
     assert np.array_equal(orbit("step0", 0.0), orbit("step0", 30.0))
     low, high = orbit("moved", 0.0), orbit("moved", 30.0)
     assert low.shape == (1, 4, 64, 64, 3) and np.abs(low.astype(int) - high.astype(int)).mean() > 0.5
-    with pytest.raises(ValueError, match="pass elevation=<degrees>"):  # not a multi-view request: no elevation
-        generate_videos(checkpoint=str(tmp_path / "moved"), image=str(image), height=64, width=64, steps=1,
-                        progress=False)
+    from flows.cli import main  # not a multi-view request, so no elevation: one line, exit 2
+
+    assert main(["generate", "--image", str(image), "--checkpoint", str(tmp_path / "moved"), "--height", "64",
+                 "--width", "64", "--steps", "1", "--out", str(tmp_path / "video.gif")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lvd generate: error")]
+    assert len(errors) == 1 and "this U-Net embeds the camera elevation as a fourth added-time id" in errors[0]
+    error = errors[0]
+    assert "--elevation DEG" in error and "\n" not in error and not (tmp_path / "video.gif").exists()

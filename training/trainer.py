@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.conditioning import ImageConditioning, encode_image_conditioning, micro_conditioning
-from model.multiview import added_time_id_count, takes_elevation
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
+from model.multiview import added_time_id_count, takes_elevation
 from model.text import encode_prompts
 from model.vae import encode_frames
 from training.stages import Phase, StagePreset

@@ -324,7 +324,7 @@ def generate_videos(request: GenerateRequest, *, progress: bool = True) -> Gener
 
         elevation = DEFAULT_ELEVATION if elevation is None else float(elevation)
         orbit = multiview_arguments(pipe, views or settings["num_frames"], elevation)
-        camera = {"camera": orbit.pop("camera")} if "camera" in orbit else {}
+        camera = {key: orbit.pop(key) for key in ("camera", "elevation") if key in orbit}  # what the U-Net takes
         settings.update(views=orbit["num_frames"], elevation=elevation, **orbit)
         warning = white_background_warning(conditioning, str(image))
         warnings += [warning] if warning else []

@@ -4,7 +4,8 @@ checkpoint trained here and SVD's released ones see the same numbers for the sam
 
 * `micro_conditioning(fps, motion_bucket_id, noise_aug_strength)` -> the U-Net's `added_time_ids`
   [fps - 1, motion_bucket_id, noise_aug_strength] (SVD trained on fps - 1; diffusers subtracts 1 too). Every
-  caller passes the real frame rate; nobody else subtracts.
+  caller passes the real frame rate; nobody else subtracts. `elevation=` appends SVD-MV's fourth id, the camera
+  elevation in degrees (the paper's way, model/multiview.py).
 * `clip_image_embedding(image_encoder, feature_extractor, frames)`: the conditioning frame, antialiased to
   224 x 224 (Gaussian blur, then bicubic, as diffusers does it) and CLIP-normalised, through the
   `CLIPVisionModelWithProjection`'s projection: ONE cross-attention token (B, 1, D).
@@ -35,13 +36,15 @@ def micro_conditioning(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    elevation: Number | Sequence[Number] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, 3) `added_time_ids` = [fps - 1, motion bucket, noise-aug strength] in SVD's order.
+    """(B, 3) `added_time_ids` = [fps - 1, motion bucket, noise-aug strength] in SVD's order, or (B, 4) with
+    the camera `elevation` (degrees) last, as SVD-MV's U-Net embeds it (model/multiview.py).
 
     `fps` is the video's frame rate (7 for SVD's default); each argument is a number or one value per sample.
     `batch_size` repeats scalars when no argument carries a batch."""
-    columns = [torch.as_tensor(value, dtype=torch.float64).reshape(-1)
-               for value in (fps, motion_bucket_id, noise_aug_strength)]
+    values = (fps, motion_bucket_id, noise_aug_strength) + (() if elevation is None else (elevation,))
+    columns = [torch.as_tensor(value, dtype=torch.float64).reshape(-1) for value in values]
     sizes = {column.numel() for column in columns if column.numel() != 1}
     if len(sizes) > 1 or (batch_size is not None and sizes and sizes != {batch_size}):
         raise ValueError(f"micro-conditioning values disagree on the batch size: "

@@ -15,7 +15,9 @@ augmentation noise first, then the initial latents (times sqrt(1 + sigma_max^2))
 
 API: `pipe(image, height=576, width=1024, num_frames=None (unet config), num_inference_steps=25,
 min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
-decode_chunk_size=14, generator=...) -> ImageToVideoOutput(frames)`, frames uint8 (B, T, H, W, 3).
+decode_chunk_size=14, generator=..., camera=None, elevation=None) -> ImageToVideoOutput(frames)`, frames uint8
+(B, T, H, W, 3). `elevation` (degrees) is the fourth added-time id of an SVD-MV U-Net trained the paper's way
+(`projection_class_embeddings_input_dim` 4 x `addition_time_embed_dim`; model/multiview.py).
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class ImageToVideoPipeline(DiffusionPipeline):
         unet_config["_class_name"] = DIFFUSERS_UNET_CLASS
         if unet_config.get("spatial_resnet_eps") is None:
             unet_config.pop("spatial_resnet_eps", None)  # diffusers' own layout: nothing to record
+        unet_config.pop("camera_embedding", None)  # False here (see above); diffusers' class has no such setting
         unet_config_path.write_text(json.dumps(unet_config, indent=2, sort_keys=True) + "\n")
 
     # --- steps ----------------------------------------------------------------------------------------------
@@ -141,6 +144,16 @@ class ImageToVideoPipeline(DiffusionPipeline):
             raise ValueError(f"decode_chunk_size must be a positive number of frames, got {decode_chunk_size!r}")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+
+    def check_elevation(self, elevation: float | torch.Tensor | None) -> None:
+        """The elevation goes to a U-Net that embeds it as a fourth added-time id, and only there."""
+        ids = self.unet.config.projection_class_embeddings_input_dim // self.unet.config.addition_time_embed_dim
+        if ids == 4 and elevation is None:
+            raise ValueError("this U-Net embeds the camera elevation as a fourth added-time id (an SVD-MV finetune, "
+                             "the paper's way): pass elevation=<degrees> (lvd generate --elevation DEG)")
+        if ids != 4 and elevation is not None:
+            raise ValueError(f"elevation given, but this U-Net embeds {ids} added-time ids, not SVD-MV's 4 "
+                             "(fps, motion bucket, noise aug, elevation): leave elevation out")
 
     @staticmethod
     def prepare_images(image: ImageInput, height: int, width: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -204,14 +217,18 @@ class ImageToVideoPipeline(DiffusionPipeline):
         output_type: str = "np",
         progress: bool = True,
         camera: torch.Tensor | None = None,
+        elevation: float | torch.Tensor | None = None,
     ) -> ImageToVideoOutput:
         """Animate `image` (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]). `fps` is the frame rate the
         video should have (the model sees fps - 1); guidance rises linearly from the first to the last frame
         and is skipped (one conditional pass) when `max_guidance_scale` <= 1, as in diffusers. `camera` (B, T, 2):
-        per-frame [elevation, azimuth] degrees for a U-Net with a camera embedding (model/multiview.py)."""
+        per-frame [elevation, azimuth] degrees for a U-Net with a camera embedding; `elevation` (degrees, a number
+        or one per image): the fourth added-time id of an SVD-MV U-Net trained the paper's way (model/multiview.py),
+        required by such a U-Net and refused by any other."""
         # 1. inputs
         num_frames = num_frames or self.unet.config.num_frames
         self.check_inputs(image, height, width, num_frames, num_inference_steps, decode_chunk_size, output_type)
+        self.check_elevation(elevation)
         device, dtype = self._execution_device, self.unet.dtype
         guided = max_guidance_scale > 1
 
@@ -225,8 +242,11 @@ class ImageToVideoPipeline(DiffusionPipeline):
             conditioning = conditioning.with_unconditional()
         conditioning = ImageConditioning(conditioning.embedding.to(device, dtype),
                                          conditioning.latent.to(device, dtype))
+        if elevation is not None and guided:  # one value per image: the unconditional half sees the same
+            elevation = torch.as_tensor(elevation, dtype=torch.float64).reshape(-1)
+            elevation = torch.cat([elevation, elevation]) if elevation.numel() > 1 else elevation
         ids = micro_conditioning(fps, motion_bucket_id, noise_aug_strength, batch_size=conditioning.latent.shape[0],
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype, elevation=elevation)
 
         if camera is not None:  # per-frame cameras: the same for the unconditional half of guidance
             camera = camera.to(device=device, dtype=torch.float32)

@@ -139,20 +139,61 @@ def test_orbit_run_resumes_and_refuses_other_settings(orbit_run):
 
 
 def test_multiview_reader_gives_view_0_first_and_the_camera(orbit_run):
-    from model.multiview import MULTIVIEW_FPS
+    from dataclasses import replace
+
+    from model.multiview import MULTIVIEW_FPS, MULTIVIEW_MOTION_BUCKET
     from training.data import TrainingStream
     from training.stages import get_stage_preset
 
     request, _ = orbit_run
     preset = get_stage_preset(3, "tiny", "multiview")
-    stream = TrainingStream(index_shards(find_shards(request.output_path)), preset, seed=0, micro_batch_size=2)
-    batch = next(iter(stream))
+    assert preset.elevation_condition == "paper"  # the recipe's default
+    shards = index_shards(find_shards(request.output_path))
+    batch = next(iter(TrainingStream(shards, preset, seed=0, micro_batch_size=2)))
     frames = preset.phases[0].num_frames
     assert batch["pixels"].shape == (2, frames, 3, 64, 64) and batch["camera"].shape == (2, frames, 2)
     elevations = batch["camera"][:, 0, 0]
-    assert torch.equal(batch["motion_bucket"].float(), elevations)  # SVD-MV: the elevation rides a micro-condition
-    assert (batch["fps"] == MULTIVIEW_FPS).all()
+    assert torch.equal(batch["elevation"].float(), elevations)  # the paper's SVD-MV: its own (fourth) id
+    assert (batch["motion_bucket"] == MULTIVIEW_MOTION_BUCKET).all() and (batch["fps"] == MULTIVIEW_FPS).all()
     assert batch["camera"][0, :, 1].tolist() == [60.0 * i * 6 // frames for i in range(frames)]
+    on_bucket = replace(preset, elevation_condition="motion-bucket")
+    batch = next(iter(TrainingStream(shards, on_bucket, seed=0, micro_batch_size=2)))
+    assert torch.equal(batch["motion_bucket"].float(), elevations)  # the option: it rides the motion bucket
+
+
+def test_paper_finetune_learns_the_elevation_and_generates_with_it(svd_dir, orbit_run, tmp_path):
+    """SVD-MV the paper's way on rendered orbits: the widened U-Net starts as SVD for every elevation; after a few
+    optimizer steps the elevation columns moved and the export's orbits differ between two elevations."""
+    from dataclasses import replace
+
+    from generation.generate import generate_videos
+    from model.image_to_video import ImageToVideoPipeline
+    from model.multiview import with_elevation_condition
+    from training.data import TrainingStream
+    from training.stages import get_stage_preset
+    from training.trainer import StageTrainer
+
+    torch.set_num_threads(1)
+    request, _ = orbit_run
+    pipe = ImageToVideoPipeline.from_pretrained(svd_dir)
+    preset = replace(get_stage_preset(3, "tiny", "multiview"), ema_decay=None)
+    with pytest.raises(ValueError, match="'paper' needs a U-Net with 4 added-time ids, this one embeds 3"):
+        StageTrainer(pipe, preset, seed=0)
+    pipe.unet = with_elevation_condition(pipe.unet)
+    trainer = StageTrainer(pipe, preset, seed=0)
+    stream = iter(TrainingStream(index_shards(find_shards(request.output_path)), preset, seed=0,
+                                 micro_batch_size=preset.phases[0].batch_size))  # one micro-batch per step
+    for _ in range(3):
+        trainer.train_step([next(stream)])
+    assert trainer.unet.add_embedding.linear_1.weight[:, -32:].abs().sum() > 0  # the new columns trained
+
+    pipe.unet.eval()
+    pipe.save_pretrained(tmp_path / "mv")
+    image = tmp_path / "view0.png"
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(image)
+    orbits = [generate_videos(checkpoint=str(tmp_path / "mv"), image=str(image), views=6, elevation=elevation,
+                              height=64, width=64, steps=2, progress=False).videos for elevation in (0.0, 30.0)]
+    assert orbits[0].shape == (1, 6, 64, 64, 3) and not np.array_equal(orbits[0], orbits[1])
 
 
 def test_camera_embedding_starts_as_svd_and_trains(svd_dir, orbit_run, tmp_path):
@@ -180,7 +221,8 @@ def test_camera_embedding_starts_as_svd_and_trains(svd_dir, orbit_run, tmp_path)
 
     request, _ = orbit_run
     pipe.unet = extended
-    preset = replace(get_stage_preset(3, "tiny", "multiview"), camera_embedding=True, ema_decay=None)
+    preset = replace(get_stage_preset(3, "tiny", "multiview"), camera_embedding=True, ema_decay=None,
+                     elevation_condition="motion-bucket")
     trainer = StageTrainer(pipe, preset, seed=0)
     stream = TrainingStream(index_shards(find_shards(request.output_path)), preset, seed=0)
     trainer.train_step([next(iter(stream))])
@@ -210,7 +252,8 @@ def test_two_step_multiview_finetune_exports_and_generates_21_views(svd_dir, orb
                                                   data=request.output_path, output_root=str(tmp_path), max_steps=2)))
     pipeline = Path(result["pipeline"])
     assert pipeline == tmp_path.resolve() / "stage3-multiview" / "pipeline" and result["step"] == 2
-    assert isinstance(StableVideoDiffusionPipeline.from_pretrained(pipeline), StableVideoDiffusionPipeline)
+    stock = StableVideoDiffusionPipeline.from_pretrained(pipeline)  # diffusers' classes load the paper's SVD-MV
+    assert stock.unet.add_embedding.linear_1.in_features == 4 * stock.unet.config.addition_time_embed_dim
     image = tmp_path / "photo.png"
     bikes_frame().resize((64, 64)).save(image)
     generated = generate_videos(GenerateRequest(checkpoint=str(pipeline), image=str(image), views=21, elevation=15.0,
@@ -291,6 +334,12 @@ def test_bad_inputs_name_the_setting(tmp_path, mesh_dir, capsys):
         StageRunRequest.build({"stage": 2, "conditioning": "multiview", "data": str(tmp_path)})
     with pytest.raises(RequestError, match="camera_embedding is a multi-view option"):
         StageRunRequest.build({"stage": 3, "conditioning": "image", "camera_embedding": True,
+                               "data": str(tmp_path)})
+    with pytest.raises(RequestError, match="elevation_condition is a multi-view option"):
+        StageRunRequest.build({"stage": 3, "conditioning": "image", "elevation_condition": "motion-bucket",
+                               "data": str(tmp_path)})
+    with pytest.raises(RequestError, match="elevation_condition"):
+        StageRunRequest.build({"stage": 3, "conditioning": "multiview", "elevation_condition": "azimuth",
                                "data": str(tmp_path)})
     (tmp_path / "empty").mkdir()
     assert main(["orbits", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2

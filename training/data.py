@@ -83,8 +83,9 @@ class SampleReader:
 
     def read_orbit(self, sample: IndexedSample, meta: dict[str, Any], phase: Phase) -> dict[str, Any]:
         """Multi-view: T views evenly spaced around the orbit from view 0 (the conditioning image); the elevation
-        rides on a micro-condition (model/multiview.py) and `camera` holds each view's elevation and azimuth
-        relative to view 0."""
+        reaches the U-Net as the preset's `elevation_condition` says (model/multiview.py: `elevation`, the fourth
+        added-time id, or on the motion bucket) and `camera` holds each view's elevation and azimuth relative to
+        view 0."""
         from model.multiview import camera_micro_conditioning, relative_azimuths
 
         if meta.get(Column.ELEVATION) is None or not meta.get(Column.AZIMUTHS) or not sample.is_video:
@@ -100,12 +101,12 @@ class SampleReader:
             raise DataError(f"orbit {sample.key} has fewer frames than its {len(azimuths)} cameras")
         pixels = resize_cover_crop(np.stack(frames), phase.height, phase.width)
         elevation = float(meta[Column.ELEVATION])
-        micro = camera_micro_conditioning(elevation)
+        micro = camera_micro_conditioning(elevation, self.preset.elevation_condition)
         camera = [[elevation, azimuth] for azimuth in relative_azimuths([azimuths[i] for i in indices])]
         return {
             "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),
             "caption": "", "fps": float(micro["fps"]), "motion_bucket": float(micro["motion_bucket_id"]),
-            "camera": torch.tensor(camera, dtype=torch.float32), "key": sample.key,
+            "elevation": elevation, "camera": torch.tensor(camera, dtype=torch.float32), "key": sample.key,
         }
 
     def frame_indices(self, available: int, num_frames: int, rng: np.random.Generator) -> tuple[list[int], int]:
@@ -199,6 +200,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
                 "image_only": plan.phase.image_only,
                 "keys": [e["key"] for e in examples],
                 **({"camera": torch.stack([e["camera"] for e in examples])} if "camera" in examples[0] else {}),
+                **({"elevation": torch.tensor([e["elevation"] for e in examples])} if "elevation" in examples[0]
+                   else {}),
             }
 
 

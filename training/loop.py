@@ -99,6 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
     mode = "text" if preset.conditioning == "text" else "image"  # multiview finetunes the image-to-video path
     pipeline = load_initial_pipeline(config.init, config.seed, mode, image_encoder)
+    pipeline.unet = with_elevation_id(pipeline.unet, preset)
     if preset.camera_embedding:
         from model.multiview import with_camera_embedding
 
@@ -174,6 +175,8 @@ def training_metadata(preset: StagePreset) -> dict[str, Any]:
         "motion_buckets": preset.motion.to_dict(), "target_latents": preset.target_latents,
         "trainable": sorted({p.trainable for p in preset.phases}), "precision": preset.precision,
         "optimizer": preset.optimizer,
+        **({"elevation_condition": preset.elevation_condition, "camera_embedding": preset.camera_embedding}
+           if preset.conditioning == "multiview" else {}),
         "phases": [{"name": p.name, "frames": p.num_frames, "height": p.height, "width": p.width,
                     "p_mean": p.p_mean, "p_std": p.p_std, "steps": p.iterations} for p in preset.phases],
     }
@@ -216,6 +219,8 @@ def _log_sample(trainer, monitor, config: StageRunConfig, batch: dict[str, Any],
         if trainer.image_mode:  # animate the batch's first conditioning frame
             image = (batch["pixels"][:1, 0].float() + 1.0) / 2.0
             camera = {"camera": batch["camera"][:1]} if trainer.preset.camera_embedding else {}
+            if trainer.elevation_id:
+                camera["elevation"] = float(batch["elevation"][0])
             frames = pipeline(image, decode_chunk_size=max(phase.num_frames, 1), **camera, **common).frames[0]
         else:
             frames = pipeline(config.sample_prompt, guidance_scale=(1.0, 2.5), **common).frames[0]
@@ -396,6 +401,16 @@ def calibrate_motion_buckets(preset: StagePreset, shards: list[str], seed: int, 
     return replace(preset, motion=replace(preset.motion, reference=reference))
 
 
+def with_elevation_id(unet, preset: StagePreset):
+    """The U-Net a multi-view stage trains the paper's way: SVD-MV's fourth added-time id, the elevation
+    (`add_embedding` 768 -> 1024 inputs, the new ones zero; model/multiview.py); any other stage's as it is."""
+    if preset.conditioning != "multiview" or preset.elevation_condition != "paper":
+        return unet
+    from model.multiview import with_elevation_condition
+
+    return with_elevation_condition(unet)
+
+
 def weights_moved(config: StageRunConfig, checkpoint: Path) -> dict[str, Any]:
     """How far the export moved from the initial weights, ||w - w0|| / ||w0|| over the parameters the stage
     trains, for the exported weights and (when the export is the EMA) for the raw ones beside it. The initial
@@ -409,7 +424,8 @@ def weights_moved(config: StageRunConfig, checkpoint: Path) -> dict[str, Any]:
     preset = config.preset
     image_encoder = config.image_encoder or ("tiny" if preset.preset == "tiny" else None)
     with torch.no_grad():
-        unet = load_initial_pipeline(config.init, config.seed, preset.conditioning, image_encoder).unet
+        unet = with_elevation_id(load_initial_pipeline(config.init, config.seed, preset.conditioning,
+                                                       image_encoder).unet, preset)
         initial = {name: parameter.detach() for name, parameter in unet.named_parameters()}
     names = sorted(set().union(*(trainable_names(list(initial), phase) for phase in preset.phases)))
 

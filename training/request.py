@@ -67,6 +67,11 @@ class StageRunRequest(Request):
                      "on `lvd orbits` data, view 0 conditions the orbit (writes OUTPUT_ROOT/stage3-multiview/)")
     camera_embedding: bool = setting(False, help="multiview: add SV3D-style per-frame camera embeddings (new "
                                                  "layers: the export then loads with this project only)")
+    elevation_condition: Literal["paper", "motion-bucket"] = setting(
+        "paper", help="multiview: how the orbit's elevation reaches the U-Net. paper: SVD-MV's fourth vector "
+                      "condition (App. D.6; add_embedding 768 -> 1024 inputs, new ones zero; diffusers' U-Net class "
+                      "loads the export, its StableVideoDiffusionPipeline cannot run it, lvd generate does); "
+                      "motion-bucket: on the motion bucket id (no new layers, stock diffusers runs the export)")
     image_encoder: str | None = setting(None, help="image mode from a text-to-video export: an SVD or CLIP vision "
                                                    "folder ('tiny' preset: random)", path="input")
     decoder_steps: int = setting(0, min=0, help="image mode: then finetune the export's temporal VAE decoder for "
@@ -125,6 +130,8 @@ class StageRunRequest(Request):
     def validate(self) -> None:
         if self.camera_embedding and self.conditioning != "multiview":
             raise RequestError("camera_embedding is a multi-view option: use it with conditioning 'multiview'")
+        if self.elevation_condition != "paper" and self.conditioning != "multiview":
+            raise RequestError("elevation_condition is a multi-view option: use it with conditioning 'multiview'")
         stage_preset = self.stage_preset()
         for phase in stage_preset.phases:
             if phase.image_only and phase.trainable == "temporal":
@@ -198,6 +205,7 @@ class StageRunRequest(Request):
         mapping = self.motion_buckets or stage_preset.motion.mapping
         motion = MotionBuckets(mapping, fixed_bucket=self.motion_bucket, scale=self.motion_scale)
         return replace(stage_preset, export=self.export, motion=motion, camera_embedding=self.camera_embedding,
+                       elevation_condition=self.elevation_condition,
                        target_latents=self.target_latents or stage_preset.target_latents)
 
     def check_inputs(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ TRAINABLE_SETS = ("all", "time_embedding", "temporal", "lora")  # training/train
 PRECISIONS = ("auto", "bf16", "fp32")  # autocast: auto = bf16 on CUDA, float32 on a CPU
 OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes, CUDA only
 CONDITIONINGS = ("text", "image", "multiview")
+ELEVATION_CONDITIONS = ("paper", "motion-bucket")  # model/multiview.py's (kept torch-free here)
 EXPORTS = ("ema", "raw")  # the weights a stage exports: its EMA (where it keeps one) or the trained weights
 TARGET_LATENTS = ("sample", "mode")  # VAE posterior draw (sgm) or its mean, as the training targets
 
@@ -94,6 +95,9 @@ class StagePreset:
     lora_rank: int = 16  # [open] a common choice for video LoRA finetunes
     lora_alpha: float = 16.0  # adapter scale = lora_alpha / lora_rank
     camera_embedding: bool = False  # multiview: SV3D-style per-frame camera embeddings (model/multiview.py)
+    # multiview: how the elevation reaches the U-Net (model/multiview.py): "paper" a fourth added-time id (App. D.6,
+    # add_embedding 768 -> 1024 inputs), "motion-bucket" on the motion bucket id (SVD's architecture unchanged).
+    elevation_condition: str = "paper"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS or self.optimizer not in OPTIMIZERS:
@@ -106,6 +110,9 @@ class StagePreset:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.export not in EXPORTS:
             raise ValueError(f"export must be one of {EXPORTS}, got {self.export!r}")
+        if self.elevation_condition not in ELEVATION_CONDITIONS:
+            raise ValueError(f"elevation_condition must be one of {ELEVATION_CONDITIONS}, got "
+                             f"{self.elevation_condition!r}")
         if self.target_latents not in TARGET_LATENTS:
             raise ValueError(f"target_latents must be one of {TARGET_LATENTS}, got {self.target_latents!r}")
         if not 0.0 <= self.image_drop_rate < 1.0 or self.noise_aug_log_std <= 0:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from model.conditioning import ImageConditioning, encode_image_conditioning, micro_conditioning
 from model.edm import EDMLoss, LogNormalNoise, VPredictionPreconditioning
+from model.multiview import added_time_id_count, takes_elevation
 from model.text import encode_prompts
 from model.vae import encode_frames
 from training.stages import Phase, StagePreset
@@ -213,6 +214,13 @@ class StageTrainer:
         else:
             self.text_encoder = pipeline.text_encoder.to(self.device).eval().requires_grad_(False)
             self.tokenizer = pipeline.tokenizer
+        # SVD-MV the paper's way: the elevation is the U-Net's fourth added-time id (model/multiview.py)
+        self.elevation_id = preset.conditioning == "multiview" and preset.elevation_condition == "paper"
+        if self.image_mode and self.elevation_id != takes_elevation(self.unet):
+            raise ValueError(f"elevation_condition {preset.elevation_condition!r} needs a U-Net with "
+                             f"{4 if self.elevation_id else 3} added-time ids, this one embeds "
+                             f"{added_time_id_count(self.unet)} (model.multiview.with_elevation_condition widens "
+                             "SVD's)")
         self.lora = uses_lora(preset)
         if self.lora:  # adapters first: FSDP, the optimizer and the EMA see the U-Net as it trains
             add_lora(self.unet, preset.lora_rank, preset.lora_alpha)
@@ -286,7 +294,9 @@ class StageTrainer:
         with torch.no_grad():
             conditioning = encode_image_conditioning(self.image_encoder, self.feature_extractor, self.vae, first,
                                                      strength.to(self.device), noise.to(self.device))
-        ids = micro_conditioning(batch["fps"], batch["motion_bucket"], strength, device=self.device)
+        elevation = batch["elevation"] if self.elevation_id else None  # SVD-MV the paper's way: a fourth id
+        ids = micro_conditioning(batch["fps"], batch["motion_bucket"], strength, device=self.device,
+                                 elevation=elevation)
         return conditioning.dropped(keep), ids
 
     def per_sample_loss(self, batch: dict[str, Any], phase: Phase, sigma: float | None = None) -> torch.Tensor:

@@ -185,9 +185,29 @@ def test_under_the_fraction_the_stage_trains_and_reports_the_bad_keys(bad_data: 
                 if RANDOM_KEY in {TrainingStream(check.samples, preset, seed).sample_at(p).key for p in (0, 1)})
     summary = run_stage(StageRunRequest.build({
         "stage": 2, "data": str(bad_data), "output_root": str(tmp_path / "runs"), "init": "tiny", "seed": seed,
-        "max_steps": 1, "max_bad_fraction": 0.5, "max_failures": 0}))
+        "max_steps": 2, "max_bad_fraction": 0.5, "max_failures": 0}))
     done = json.loads(Path(summary["output_dir"], "done.json").read_text())["bad_samples"]
     assert done["before_training"] == 7 and done["skipped_in_training"] == 1 and done["total"] == 22
     assert {(Path(s["shard"]).name, s["key"]) for s in done["samples"]} == {
         ("b-empty.tar", None), ("c-truncated.tar", CUT_KEY), ("d-faults.tar", WRONG_TYPE_KEY),
         ("d-faults.tar", NO_VIDEO_KEY), ("d-faults.tar", RANDOM_KEY)}
+
+
+@pytest.mark.slow
+def test_a_bad_clip_past_the_fraction_in_training_ends_the_ray_run_in_one_line(bad_data: Path, tmp_path: Path,
+                                                                              ray_local) -> None:
+    """7 of 22 bad before training passes max_bad_fraction 0.33; the random-bytes clip makes 8 in training: the
+    stage ends with the worker's line (Ray Train's restart returns at once), not Ray's wrapped error."""
+    check = check_training_data(_shards(bad_data), video_only=True, max_bad_fraction=1.0)
+    preset = get_stage_preset(2, "tiny")
+    seed = next(seed for seed in range(100)
+                if RANDOM_KEY in {TrainingStream(check.samples, preset, seed).sample_at(p).key for p in (0, 1)})
+    request = StageRunRequest.build({
+        "stage": 2, "data": str(bad_data), "output_root": str(tmp_path / "runs"), "init": "tiny", "seed": seed,
+        "max_steps": 2, "max_bad_fraction": 0.33})
+    with pytest.raises(BadTrainingData) as raised:
+        run_stage(request)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("8 of 22 training samples are bad in training")
+    assert f"d-faults.tar:{RANDOM_KEY}" in message
+    assert not StageLayout(request.directory).done.exists()

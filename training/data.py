@@ -339,7 +339,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
             try:
                 return self.reader.read(sample, phase, sample_rng(self.seed, position))
             except DECODE_ERRORS as error:
-                self.skip(sample, _one_line(error))
+                reason = _one_line(error)
+            self.skip(sample, reason)  # outside the except: its one-line error carries no decoder traceback
         raise too_many_bad(list(self.skipped.values()), count, self.skip_policy.max_bad_fraction, "in training")
 
     def skip(self, sample: IndexedSample, reason: str) -> None:
@@ -355,7 +356,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
             info = torch.utils.data.get_worker_info()
             name = f"rank{self.rank}-loader{info.id if info else 0}-pid{os.getpid()}.json"
             atomic_write_json(layout.skipped_samples / name, [b.to_dict() for b in self.skipped.values()])
-        found = [*policy.known, *self.skipped.values()]
+        found = [*self.skipped.values(), *policy.known]  # the news first
         if policy.known_bad + len(self.skipped) > policy.max_bad_fraction * policy.total:
             error = too_many_bad(found, policy.total, policy.max_bad_fraction, "in training")
             if layout is not None:

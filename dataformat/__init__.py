@@ -46,6 +46,7 @@ from dataformat.schema import (
     SOURCE_COLUMNS,
     SOURCES_SCHEMA,
     Column,
+    row_type_error,
     select_columns,
 )
 from dataformat.shard_keys import (
@@ -60,10 +61,12 @@ from dataformat.shards import (
     DataError,
     IndexedSample,
     Member,
+    ShardScan,
     find_shards,
     index_shards,
     read_shard_samples,
     sample_json,
+    scan_shard,
     write_shards,
 )
 from dataformat.training import RAY_RUN_NAME, CheckpointLayout, StageLayout, ray_snapshot, stage_name
@@ -80,5 +83,6 @@ __all__ = [
     "fsync_directory", "index_shards", "parquet_dataset", "pick_caption", "read_parquet_rows", "read_shard_samples",
     "remove_stale_temporaries", "sample_json", "sample_key", "select_columns", "source_id", "training_caption",
     "write_parquet_atomic", "write_shards", "native_source", "portable_source", "source_label", "clip_id",
-    "video_frames_path", "CAMERA_FIELDS", "ORBIT_MANIFEST_SCHEMA", "ORBIT_PART_SCHEMA",
+    "video_frames_path", "CAMERA_FIELDS", "ORBIT_MANIFEST_SCHEMA", "ORBIT_PART_SCHEMA", "row_type_error", "scan_shard",
+    "ShardScan",
 ]

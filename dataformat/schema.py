@@ -128,3 +128,35 @@ if _UNKNOWN:  # pragma: no cover - a typo here must stop every import, not read 
 def select_columns(row: dict, schema: pa.Schema) -> dict:
     """The row restricted to the schema's columns (missing ones null), in schema order."""
     return {name: row.get(name) for name in schema.names}
+
+
+def _fits(value: object, data_type: pa.DataType) -> bool:
+    """Whether a JSON value can be read as a column of `data_type` (null always can)."""
+    if value is None:
+        return True
+    if pa.types.is_boolean(data_type):
+        return isinstance(value, bool)
+    if pa.types.is_integer(data_type):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_floating(data_type):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if pa.types.is_string(data_type):
+        return isinstance(value, str)
+    if pa.types.is_list(data_type):
+        return isinstance(value, list) and all(_fits(item, data_type.value_type) for item in value)
+    if pa.types.is_struct(data_type):
+        return isinstance(value, dict) and all(
+            _fits(value.get(field.name), field.type) for field in data_type)
+    return True  # binary columns never reach a KEY.json
+
+
+def row_type_error(row: object, schema: pa.Schema = ORBIT_MANIFEST_SCHEMA) -> str | None:
+    """Why a `KEY.json` row does not fit `schema` (first wrong field, one line), or None when it does. Fields the
+    schema does not name are left alone (image samples carry their own); a present field must have its column's
+    type, so a trainer never reads `"fps": "fast"` as a number."""
+    if not isinstance(row, dict):
+        return f"KEY.json is a {type(row).__name__}, not an object"
+    for field in schema:
+        if field.name in row and not _fits(row[field.name], field.type):
+            return f"KEY.json field {field.name!r} is {row[field.name]!r}, expected {field.type}"
+    return None

@@ -189,6 +189,52 @@ def index_shards(shards: Iterable[str | Path], media_only: bool = True) -> list[
     return [s for s in indexed if s.is_image or s.is_video] if media_only else indexed
 
 
+@dataclass(frozen=True)
+class ShardScan:
+    """What one shard's tar headers say, without raising: its samples (every member wholly inside the file) and
+    its problems as (key or None for the whole shard, one-line reason)."""
+
+    shard: str
+    samples: list[IndexedSample]
+    problems: list[tuple[str | None, str]]
+
+
+def scan_shard(shard: str | Path) -> ShardScan:
+    """Index one shard like `index_shards`, but report an unreadable, empty or truncated tar instead of raising:
+    a sample with a member cut off by the end of the file, or the last one read before the tar broke off, is a
+    problem named by key; a tar that yields no sample at all is a problem of the whole shard."""
+    shard = str(shard)
+    members: dict[str, dict[str, Member]] = {}
+    problems: list[tuple[str | None, str]] = []
+    truncated: set[str] = set()
+    last_key = None
+    try:
+        size = os.path.getsize(shard)
+        with tarfile.open(shard, "r:") as archive:
+            for info in archive:
+                directory, _, base = info.name.rpartition("/")
+                stem, _, extension = base.partition(".")
+                if not info.isfile() or not extension or base.startswith("."):
+                    continue
+                key = last_key = f"{directory}/{stem}" if directory else stem
+                members.setdefault(key, {})[extension.lower()] = Member(shard, info.offset_data, info.size)
+                if info.offset_data + info.size > size:
+                    truncated.add(key)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if last_key is None:
+            problems.append((None, f"not a readable tar file ({reason})"))
+        else:
+            truncated.discard(last_key)
+            problems.append((last_key, f"truncated tar: it breaks off at this sample ({reason})"))
+    if not members and not problems:
+        problems.append((None, "tar holds no samples"))
+    problems += [(key, "truncated tar: a member is cut off by the end of the shard") for key in sorted(truncated)]
+    truncated |= {key for key, _ in problems if key is not None}
+    samples = [IndexedSample(key, found) for key, found in members.items() if key not in truncated]
+    return ShardScan(shard, samples, problems)
+
+
 def read_shard_samples(shard: str | Path) -> Iterator[dict[str, Any]]:
     """Each sample of a shard as {key, json (dict), mp4 (bytes or None), txt (str or None)}."""
     for sample in index_shards([shard], media_only=False):

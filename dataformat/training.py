@@ -9,6 +9,9 @@
       loss.png                    the loss curve
       motion_buckets.png          the motion buckets the stage trained on
       lineage.json                what the stage started from and ran with (its parent stage's lineage inside)
+      bad_samples.json            the data check before Ray: samples left out (shard, key, reason) and the totals
+      skipped_samples/*.json      samples that failed to decode in training, one file per reading process
+      data_failure.json           why the stage stopped for bad data (too many bad samples), one line
       done.json                   written last: the finished stage's summary; a rerun skips the stage
       ray/train/checkpoint_*/     Ray Train's storage: the checkpoints (`CheckpointLayout`)
 
@@ -91,6 +94,21 @@ class StageLayout:
     @property
     def done(self) -> Path:
         return self.root / "done.json"
+
+    @property
+    def bad_samples(self) -> Path:
+        """The pre-Ray data check: the samples it left out and the totals."""
+        return self.root / "bad_samples.json"
+
+    @property
+    def skipped_samples(self) -> Path:
+        """Samples skipped during training (undecodable), one file per reading process (rank, pid)."""
+        return self.root / "skipped_samples"
+
+    @property
+    def data_failure(self) -> Path:
+        """Written by the worker that found too many bad samples; restarted workers and the driver read it."""
+        return self.root / "data_failure.json"
 
     @property
     def ray(self) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from common.requests import flat_parameters
+from common.requests import RequestError, flat_parameters
 from flows.cli import add_request_command
 from flows.markdown import inline_image
 from training.loop import run_stage
@@ -33,7 +33,15 @@ def plan_task(request: StageRunRequest) -> dict[str, Any]:
     return plan_stage(request)
 
 
-@task(name="run-stage", retries=1, retry_delay_seconds=5, task_run_name="train stage {request.stage}")
+def retry_machine_faults(task, task_run, state) -> bool:
+    """Retry a stage that failed on a machine fault; bad input (too many bad samples, a refused checkpoint) is the
+    input's fault and fails the same way again, so it is not retried."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, RequestError)
+
+
+@task(name="run-stage", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_machine_faults,
+      task_run_name="train stage {request.stage}")
 def run_stage_task(request: StageRunRequest) -> dict[str, Any]:
     progress_id = create_progress_artifact(0.0, key=f"train-stage-{request.stage}-progress",
                                            description=f"stage {request.stage} optimizer steps")

@@ -14,23 +14,167 @@ cover the phase resolution and centre-cropped, motion bucket from the sample's o
 the preset's named mapping (`training/motion.py`; `fixed` 127 ignores it), caption drawn from the
 captioners' mix (CoCa 0.5, video 0.25, LLM summary 0.25 among those present), text dropped 15% for CFG.
 Image phases read image samples (jpg/png + txt) or one frame of a clip.
+
+Bad samples (video2dataset-style: skipped and counted, never fatal one by one): `check_training_data` runs before
+Ray starts and leaves out unreadable, empty or truncated shards, samples without a video (or image) and `KEY.json`
+rows whose fields have the wrong types. A sample that passes that check but fails to decode in training (a `.mp4`
+that is not a video: tar headers cannot tell) is replaced by the next sample of the same epoch's order, read with
+the position's own RNG, so the stream stays reproducible; it is counted by key. Above `max_bad_fraction` of the
+data set bad (both kinds together), the stage stops with one line naming shards and keys (`BadTrainingData`).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 import torch
 
+from common.requests import RequestError
 from common.video import decode_frames_at, resize_cover_crop
-from dataformat import Column, DataError, IndexedSample, training_caption
+from dataformat import (
+    Column,
+    DataError,
+    IndexedSample,
+    SampleKey,
+    atomic_write_json,
+    row_type_error,
+    scan_shard,
+    training_caption,
+)
 from training.motion import sample_motion
 from training.stages import Phase, StagePreset
+
+
+class BadTrainingData(DataError, RequestError):
+    """More bad training samples than `max_bad_fraction` allows: the input's fault, so one line (exit 2 on the
+    CLI) and never retried by Ray Train or Prefect."""
+
+
+# What a sample that fails to decode raises (PyAV's InvalidDataError is a ValueError, like DataError).
+DECODE_ERRORS = (ValueError, EOFError, cv2.error, av.FFmpegError)
+
+
+def shard_of(sample: IndexedSample) -> str:
+    return next(iter(sample.members.values())).shard
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """One sample left out: its shard, its key (None: the whole shard, its samples unknown) and why. `count` is
+    how many samples it stands for (an unreadable shard: the mean of the readable shards, at least 1)."""
+
+    shard: str
+    key: str | None
+    reason: str
+    count: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "key": self.key, "reason": self.reason, "count": self.count}
+
+    def name(self) -> str:
+        return f"{self.shard}:{self.key}" if self.key is not None else self.shard
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """The pre-Ray check: usable samples in shard order, the bad ones, and the total both make up."""
+
+    samples: list[IndexedSample]
+    bad: list[BadSample]
+    max_bad_fraction: float
+
+    @property
+    def bad_count(self) -> int:
+        return sum(b.count for b in self.bad)
+
+    @property
+    def total(self) -> int:
+        return len(self.samples) + self.bad_count
+
+    @property
+    def excluded(self) -> frozenset[tuple[str, str | None]]:
+        return frozenset((b.shard, b.key) for b in self.bad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "bad": self.bad_count, "max_bad_fraction": self.max_bad_fraction,
+                "samples": [b.to_dict() for b in self.bad]}
+
+
+def too_many_bad(bad: list[BadSample], total: int, max_bad_fraction: float, when: str) -> BadTrainingData:
+    """The one-line error: the count, the fraction, the first few shards/keys with their reasons."""
+    count = sum(b.count for b in bad)
+    named = "; ".join(f"{b.name()} ({b.reason})" for b in bad[:3])
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return BadTrainingData(f"{count} of {total} training samples are bad {when} ({count / max(total, 1):.1%} > "
+                           f"max_bad_fraction {max_bad_fraction:g}): {named}{more}")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _sample_problem(sample: IndexedSample, video_only: bool) -> str | None:
+    if not (sample.is_video or sample.is_image):
+        return "no video or image member"
+    if video_only and not sample.is_video:
+        return "no video member (every phase of the stage trains on video)"
+    member = sample.members.get(SampleKey.META)
+    if member is None:
+        return None
+    try:
+        row = json.loads(member.read())
+    except (ValueError, OSError) as error:
+        return f"KEY.json is not JSON ({_one_line(error)})"
+    return row_type_error(row)
+
+
+def check_training_data(shards: Iterable[str], video_only: bool, max_bad_fraction: float) -> DataCheck:
+    """Index every shard and check every sample before Ray starts (tar headers and the small `KEY.json`s, no
+    decoding); raises `BadTrainingData` when more than `max_bad_fraction` of the samples are bad."""
+    scans = [scan_shard(shard) for shard in shards]
+    readable = [len(scan.samples) + sum(1 for key, _ in scan.problems if key) for scan in scans
+                if not any(key is None for key, _ in scan.problems)]
+    per_shard = max(1, round(sum(readable) / len(readable))) if readable else 1
+    samples: list[IndexedSample] = []
+    bad: list[BadSample] = []
+    for scan in scans:
+        bad += [BadSample(scan.shard, key, reason, 1 if key else per_shard) for key, reason in scan.problems]
+        for sample in scan.samples:
+            problem = _sample_problem(sample, video_only)
+            if problem is None:
+                samples.append(sample)
+            else:
+                bad.append(BadSample(scan.shard, sample.key, problem))
+    check = DataCheck(samples, bad, max_bad_fraction)
+    if check.bad_count > max_bad_fraction * check.total or (check.total and not samples):
+        raise too_many_bad(bad, check.total, max_bad_fraction, "before training")
+    return check
+
+
+def usable_samples(shards: Iterable[str], excluded: frozenset[tuple[str, str | None]]) -> list[IndexedSample]:
+    """The samples `check_training_data` kept (tar headers only, for the workers): the same list, same order."""
+    return [sample for scan in map(scan_shard, shards) if (scan.shard, None) not in excluded
+            for sample in scan.samples if (scan.shard, sample.key) not in excluded]
+
+
+@dataclass(frozen=True)
+class SkipPolicy:
+    """How a stream treats samples that fail to decode: counted against `max_bad_fraction` of `total` together
+    with the `known_bad` the pre-Ray check left out; `stage_dir` (a StageLayout root) gets the record."""
+
+    max_bad_fraction: float = 0.0
+    known_bad: int = 0
+    total: int = 0
+    stage_dir: str | None = None
+    known: list[BadSample] = field(default_factory=list)
 
 
 def count_frames(meta: dict[str, Any], data: bytes) -> int:
@@ -162,10 +306,13 @@ class TrainingStream(torch.utils.data.IterableDataset):
     """Collated micro-batches for one Ray worker; dataloader worker w yields micro-batches w, w+W, ..."""
 
     def __init__(self, samples: list[IndexedSample], preset: StagePreset, seed: int, rank: int = 0,
-                 world_size: int = 1, micro_batch_size: int = 1, start_step: int = 0) -> None:
+                 world_size: int = 1, micro_batch_size: int = 1, start_step: int = 0,
+                 skip_policy: SkipPolicy | None = None) -> None:
         if not samples:
             raise DataError("no training samples")
         self.samples, self.preset, self.seed = samples, preset, seed
+        self.skip_policy = skip_policy or SkipPolicy(total=len(samples))
+        self.skipped: dict[tuple[str, str], BadSample] = {}  # this process's: loader workers keep their own
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.start_step = micro_batch_size, start_step
         self.reader = SampleReader(preset)
@@ -180,7 +327,42 @@ class TrainingStream(torch.utils.data.IterableDataset):
         return self.samples[order[offset]]
 
     def example(self, position: int, phase: Phase) -> dict[str, Any]:
-        return self.reader.read(self.sample_at(position), phase, sample_rng(self.seed, position))
+        """The example of `position`; a sample that fails to decode is skipped and counted, and the next sample
+        of the epoch's order stands in, read with the position's own RNG (deterministic: the same bad sample
+        fails the same way on every worker and every resume)."""
+        count = len(self.samples)
+        epoch, offset = divmod(position, count)
+        order = np.random.default_rng([self.seed, 1_000_003, epoch]).permutation(count)
+        for attempt in range(count):
+            sample = self.samples[order[(offset + attempt) % count]]
+            if (shard_of(sample), sample.key) in self.skipped:
+                continue
+            try:
+                return self.reader.read(sample, phase, sample_rng(self.seed, position))
+            except DECODE_ERRORS as error:
+                reason = _one_line(error)
+            self.skip(sample, reason)  # outside the except: its one-line error carries no decoder traceback
+        raise too_many_bad(list(self.skipped.values()), count, self.skip_policy.max_bad_fraction, "in training")
+
+    def skip(self, sample: IndexedSample, reason: str) -> None:
+        """Count a sample that failed in training (recorded under the stage directory); past `max_bad_fraction`
+        write the stage's data failure and stop with one line."""
+        from dataformat import StageLayout
+
+        policy = self.skip_policy
+        bad = BadSample(shard_of(sample), sample.key, reason)
+        self.skipped[(bad.shard, bad.key)] = bad
+        layout = StageLayout(policy.stage_dir) if policy.stage_dir else None
+        if layout is not None:
+            info = torch.utils.data.get_worker_info()
+            name = f"rank{self.rank}-loader{info.id if info else 0}-pid{os.getpid()}.json"
+            atomic_write_json(layout.skipped_samples / name, [b.to_dict() for b in self.skipped.values()])
+        found = [*self.skipped.values(), *policy.known]  # the news first
+        if policy.known_bad + len(self.skipped) > policy.max_bad_fraction * policy.total:
+            error = too_many_bad(found, policy.total, policy.max_bad_fraction, "in training")
+            if layout is not None:
+                atomic_write_json(layout.data_failure, {"error": str(error)})
+            raise error
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

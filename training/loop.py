@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataformat import (
     RAY_RUN_NAME,
@@ -44,6 +44,9 @@ from infra.output_lock import acquire_output_lock
 from training.monitor import plot_losses, plot_motion_buckets, read_metrics
 from training.request import StageRunRequest
 from training.stages import StagePreset
+
+if TYPE_CHECKING:
+    from training.data import DataCheck
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ class StageRunConfig:
     image_encoder: str | None = None  # image mode from a text-to-video export: CLIP vision model (or SVD) folder
     sample_prompt: str = "a cyclist riding down a city street"
     lineage: dict[str, Any] = field(default_factory=dict)
+    # the pre-Ray data check (training/data.py): samples it left out, and how many bad samples may be skipped
+    excluded: frozenset = frozenset()
+    skip_policy: Any = None  # training.data.SkipPolicy
 
 
 def group_steps(loader) -> Any:
@@ -84,13 +90,14 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     import ray.train
     import torch
 
-    from dataformat import index_shards
     from model.loading import load_initial_pipeline
-    from training.data import TrainingStream, training_loader
+    from training.data import TrainingStream, training_loader, usable_samples
     from training.monitor import TrainingMonitor
     from training.trainer import StageTrainer
 
     config = loop_config["run"]
+    if StageLayout(config.log_dir).data_failure.exists():
+        return  # a worker stopped the stage for bad data: a restart ends at once, the driver says why
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
@@ -117,8 +124,8 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
         print(f"resuming stage {preset.stage} at step {trainer.step}", flush=True)
 
     monitor = TrainingMonitor(Path(config.log_dir), preset.total_steps, trainer.step, enabled=rank == 0)
-    stream = TrainingStream(index_shards(config.shards), preset, config.seed, rank, world_size,
-                            config.micro_batch_size, start_step=trainer.step)
+    stream = TrainingStream(usable_samples(config.shards, config.excluded), preset, config.seed, rank, world_size,
+                            config.micro_batch_size, start_step=trainer.step, skip_policy=config.skip_policy)
     for micro_batches in group_steps(training_loader(stream, config.loader_workers)):
         metrics = trainer.train_step(micro_batches)
         step = metrics["step"]
@@ -312,10 +319,13 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         shutil.rmtree(leftover, ignore_errors=True)
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
+    data_check = check_stage_data(stage_preset, shards, request.max_bad_fraction)  # before Ray: one line if too bad
     if not resume and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stage_preset = calibrate_motion_buckets(stage_preset, shards, seed, request.motion_reference_samples)
+    atomic_write_json(layout.bad_samples, data_check.to_dict())
+    layout.data_failure.unlink(missing_ok=True)
+    stage_preset = calibrate_motion_buckets(stage_preset, data_check.samples, seed, request.motion_reference_samples)
     lineage = {"stage": stage, "preset": preset, "init": init, "data": str(Path(data).resolve()), "shards": shards,
                "seed": seed, "num_workers": num_workers, "max_steps": max_steps, "strategy": strategy,
                "conditioning": conditioning, "image_encoder": image_encoder, "decoder_steps": decoder_steps,
@@ -325,17 +335,27 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         lineage["parent"] = json.loads(parent.lineage.read_text())
     atomic_write_json(layout.lineage, lineage, indent=None)
 
+    from training.data import SkipPolicy
+
     config = StageRunConfig(
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
         micro_batch_size=request.micro_batch_size or max(p.batch_size for p in stage_preset.phases),
         loader_workers=request.loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
+        excluded=data_check.excluded,
+        skip_policy=SkipPolicy(request.max_bad_fraction, data_check.bad_count, data_check.total, str(directory),
+                               data_check.bad),
     )
     storage = layout.ray
     resumed_from = latest_checkpoint(storage) if resume else None
     drop_stale_ray_snapshot(storage)
     config.resume_from = str(resumed_from) if resumed_from else None
     workers = (request.min_workers, num_workers) if request.min_workers not in (None, num_workers) else num_workers
-    result = _fit(config, workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
+    try:
+        result = _fit(config, workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
+    except Exception:
+        raise_data_failure(layout)  # a worker's bad-data stop, unwrapped from Ray Train's error: one line
+        raise
+    raise_data_failure(layout)  # the restarted workers returned at once
 
     final = Path(tempfile.mkdtemp(prefix=StageLayout.EXPORT_STAGING_PREFIX, dir=directory))
     try:
@@ -367,6 +387,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         "motion_bucket_plot": str(layout.motion_bucket_plot),
         "motion_buckets_trained": {str(bucket): count for bucket, count in enumerate(buckets) if count},
         **({"decoder_finetune": decoder} if decoder else {}),
+        "bad_samples": bad_sample_report(data_check, layout),
     }
     atomic_write_json(done, summary, indent=None)
     return {**summary, "skipped": False}
@@ -389,15 +410,51 @@ def _finetune_decoder(request: StageRunRequest, pipeline: Path, shards: list[str
     return finetune_decoder(pipeline, shards, config, device=device)
 
 
-def calibrate_motion_buckets(preset: StagePreset, shards: list[str], seed: int, samples: int) -> StagePreset:
+def check_stage_data(preset: StagePreset, shards: list[str], max_bad_fraction: float) -> DataCheck:
+    """The pre-Ray data check of the stage's shards (training/data.py); too many bad samples raise
+    `BadTrainingData` naming them before any directory is touched or any worker starts."""
+    from training.data import check_training_data
+
+    video_only = preset.conditioning == "multiview" or all(not phase.image_only for phase in preset.phases)
+    return check_training_data(shards, video_only, max_bad_fraction)
+
+
+def raise_data_failure(layout: StageLayout) -> None:
+    """Raise the one-line `BadTrainingData` a worker recorded, if one did."""
+    from training.data import BadTrainingData
+
+    try:
+        message = json.loads(layout.data_failure.read_text())["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    raise BadTrainingData(message) from None
+
+
+def bad_sample_report(data_check: DataCheck, layout: StageLayout) -> dict[str, Any]:
+    """The stage report's count of bad samples: left out before Ray, and skipped in training (merged over the
+    workers' records, one entry per shard and key)."""
+    skipped: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in sorted(layout.skipped_samples.glob("*.json")):
+        try:
+            entries = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        for entry in entries:
+            skipped.setdefault((entry["shard"], entry["key"]), entry)
+    in_training = [skipped[key] for key in sorted(skipped)]
+    return {"total": data_check.total, "max_bad_fraction": data_check.max_bad_fraction,
+            "before_training": data_check.bad_count, "skipped_in_training": len(in_training),
+            "samples": [b.to_dict() for b in data_check.bad] + in_training}
+
+
+def calibrate_motion_buckets(preset: StagePreset, samples: list, seed: int, count: int) -> StagePreset:
     """A `percentile` mapping gets its reference: the motions of the stream's first `samples` training samples,
     measured as training reads them (deterministic, so a resumed run measures the same)."""
     if preset.motion.calibrated:
         return preset
-    from dataformat import index_shards
     from training.data import reference_motions
 
-    reference = reference_motions(index_shards(shards), preset, seed, samples)
+    reference = reference_motions(samples, preset, seed, count)
     return replace(preset, motion=replace(preset.motion, reference=reference))
 
 

@@ -109,6 +109,11 @@ class StageRunRequest(Request):
                                                                      "(bitsandbytes, CUDA only)")
     gradient_checkpointing: bool | None = setting(None, help="recompute activations in the backward pass "
                                                              "(default: the stage preset's)")
+    max_bad_fraction: float = setting(0.01, min=0.0, max=1.0, help="bad training samples (unreadable, empty or "
+                                                                  "truncated shards, no video, KEY.json of wrong "
+                                                                  "types, undecodable clips) are skipped and "
+                                                                  "counted; above this fraction of the data set the "
+                                                                  "stage stops, naming shards and keys")
     plan: bool = setting(False, help="print the resolved stage and an estimate of peak GPU memory per worker "
                                      "(computed on the CPU, without weights), then stop")
     decoder: DecoderFinetuneSettings = setting(default_factory=DecoderFinetuneSettings,
@@ -229,5 +234,8 @@ class StageRunRequest(Request):
 
         for source in (init, self.image_encoder):  # one line naming the file, before any worker loads it
             check_pipeline_source(source)
+        from training.loop import check_stage_data
+
+        check_stage_data(stage_preset, shards, self.max_bad_fraction)  # too many bad samples: one line, exit 2
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

@@ -294,3 +294,22 @@ def pytest_runtest_protocol(item, nextitem):
             "cpu_s": round(_tree_cpu_seconds() - cpu, 2), "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
     with open(log, "a") as out:
         out.write(json.dumps(line) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams():
+    """A test that captures output (capsys, a CLI run in process) can leave a logging handler, e.g. Prefect's
+    console handler configured while it ran, writing to that test's capture stream, which pytest closes after it.
+    Before each test, such handlers are pointed at the current stderr, so a later flow's log lines do not fail."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.stream = sys.stderr
+                if hasattr(handler, "console"):
+                    handler.console.file = sys.stderr
+    yield

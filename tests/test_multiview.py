@@ -166,7 +166,7 @@ def test_paper_finetune_learns_the_elevation_and_generates_with_it(svd_dir, orbi
     optimizer steps the elevation columns moved and the export's orbits differ between two elevations."""
     from dataclasses import replace
 
-    from generation.generate import generate_videos
+    from generation.generate import GenerateRequest, generate_videos
     from model.image_to_video import ImageToVideoPipeline
     from model.multiview import with_elevation_condition
     from training.data import TrainingStream
@@ -191,8 +191,9 @@ def test_paper_finetune_learns_the_elevation_and_generates_with_it(svd_dir, orbi
     pipe.save_pretrained(tmp_path / "mv")
     image = tmp_path / "view0.png"
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(image)
-    orbits = [generate_videos(checkpoint=str(tmp_path / "mv"), image=str(image), views=6, elevation=elevation,
-                              height=64, width=64, steps=2, progress=False).videos for elevation in (0.0, 30.0)]
+    orbits = [generate_videos(GenerateRequest(checkpoint=str(tmp_path / "mv"), image=str(image), views=6,
+                                              elevation=elevation, height=64, width=64, steps=2), progress=False).videos
+              for elevation in (0.0, 30.0)]
     assert orbits[0].shape == (1, 6, 64, 64, 3) and not np.array_equal(orbits[0], orbits[1])
 
 

@@ -120,7 +120,7 @@ def test_pipeline_passes_the_elevation_as_the_fourth_id(svd_dir):
 def test_generate_passes_the_elevation_of_a_paper_export(svd_dir, tmp_path, capsys):
     """`lvd generate --views --elevation` with an SVD-MV export: the elevation reaches the fourth id, so once its
     columns are trained, two elevations give two different orbits (the same at step 0, when they are zero)."""
-    from generation.generate import generate_videos
+    from generation.generate import GenerateRequest, generate_videos
     from model.image_to_video import ImageToVideoPipeline
     from model.multiview import with_elevation_condition
 
@@ -134,8 +134,9 @@ def test_generate_passes_the_elevation_of_a_paper_export(svd_dir, tmp_path, caps
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(image)
 
     def orbit(checkpoint: str, elevation: float) -> np.ndarray:
-        generated = generate_videos(checkpoint=str(tmp_path / checkpoint), image=str(image), views=4,
-                                    elevation=elevation, height=64, width=64, steps=2, progress=False)
+        generated = generate_videos(GenerateRequest(checkpoint=str(tmp_path / checkpoint), image=str(image),
+                                                    views=4, elevation=elevation, height=64, width=64, steps=2),
+                                    progress=False)
         assert generated.settings["elevation"] == elevation and generated.settings["motion_bucket_id"] == 127
         return generated.videos
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from model.memory import ESTIMATE_FACTOR, estimate_sampling_memory
+from model.memory import ESTIMATE_FACTOR, OVERESTIMATE_FACTOR, estimate_sampling_memory
 
 # Runs in a fresh process: the pipeline is loaded and warmed up at 64 x 64, then the kernel's peak-RSS mark is
 # reset (/proc/self/clear_refs 5) so VmHWM afterwards is the sampling call's own peak.
@@ -49,13 +49,13 @@ def _estimate(folder, height: int, width: int, frames: int, chunk: int) -> int:
 
 @pytest.mark.slow  # two fresh processes sampling at 256 x 256 and 512 x 512 (~25 s on 2 cores)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
-def test_estimate_is_within_its_factor_of_the_measured_peak_at_two_sizes(svd_dir):
+def test_estimate_is_within_its_factors_of_the_measured_peak_at_two_sizes(svd_dir):
     small = (256, 256, 6, 2)
     large = (512, 512, 6, 6)
     measured = [_measured_peak(svd_dir, *size) for size in (small, large)]
     estimated = [_estimate(svd_dir, *size) for size in (small, large)]
     for got, guess in zip(measured, estimated, strict=True):
-        assert 1 / ESTIMATE_FACTOR <= got / guess <= ESTIMATE_FACTOR, (measured, estimated)
+        assert 1 / OVERESTIMATE_FACTOR <= got / guess <= ESTIMATE_FACTOR, (measured, estimated)
     # it scales as the real peak does (4x the pixels, 3x the decode chunk: several times more memory)
     assert measured[1] > 3 * measured[0] and estimated[1] > 3 * estimated[0], (measured, estimated)
 

@@ -411,3 +411,10 @@ def reference_motions(samples: list[IndexedSample], preset: StagePreset, seed: i
     if not measured:
         raise DataError("no sample has a measurable motion (clips of at least two frames)")
     return tuple(measured)
+
+
+def check_stage_data(preset: StagePreset, shards: list[str], max_bad_fraction: float) -> DataCheck:
+    """The pre-Ray data check of the stage's shards (`check_training_data`); too many bad samples raise
+    `BadTrainingData` naming them before any directory is touched or any worker starts."""
+    video_only = preset.conditioning == "multiview" or all(not phase.image_only for phase in preset.phases)
+    return check_training_data(shards, video_only, max_bad_fraction)

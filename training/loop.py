@@ -319,6 +319,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         shutil.rmtree(leftover, ignore_errors=True)
     if resume and done.exists():
         return {**json.loads(done.read_text()), "skipped": True}
+    from training.data import check_stage_data
+
     data_check = check_stage_data(stage_preset, shards, request.max_bad_fraction)  # before Ray: one line if too bad
     if not resume and directory.exists():
         shutil.rmtree(directory)
@@ -409,14 +411,6 @@ def _finetune_decoder(request: StageRunRequest, pipeline: Path, shards: list[str
     device = "cuda" if request.use_gpu and torch.cuda.is_available() else "cpu"
     return finetune_decoder(pipeline, shards, config, device=device)
 
-
-def check_stage_data(preset: StagePreset, shards: list[str], max_bad_fraction: float) -> DataCheck:
-    """The pre-Ray data check of the stage's shards (training/data.py); too many bad samples raise
-    `BadTrainingData` naming them before any directory is touched or any worker starts."""
-    from training.data import check_training_data
-
-    video_only = preset.conditioning == "multiview" or all(not phase.image_only for phase in preset.phases)
-    return check_training_data(shards, video_only, max_bad_fraction)
 
 
 def raise_data_failure(layout: StageLayout) -> None:

@@ -234,7 +234,7 @@ class StageRunRequest(Request):
 
         for source in (init, self.image_encoder):  # one line naming the file, before any worker loads it
             check_pipeline_source(source)
-        from training.loop import check_stage_data
+        from training.data import check_stage_data
 
         check_stage_data(stage_preset, shards, self.max_bad_fraction)  # too many bad samples: one line, exit 2
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,

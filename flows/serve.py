@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from common.requests import ALLOWED_ROOTS_ENV, Request, RequestError, setting
+from flows.cli import add_request_command
 
 DEPLOYMENT_MODULES = [
     "flows.curate",
@@ -23,6 +27,30 @@ DEPLOYMENT_MODULES = [
     "flows.multiview",
     "flows.study",
 ]
+
+
+@dataclass(frozen=True)
+class ServeRequest(Request):
+    """`lvd serve`: which deployments, how many runs at once, and (with `local`) the Prefect server to start."""
+
+    local: bool = setting(False, help="start a Prefect server on 127.0.0.1 first")
+    home: str = setting(".lvd/prefect", path="output", help="PREFECT_HOME for --local (SQLite lives here)")
+    auth: bool = setting(True, help="--local: the API needs the auth string kept in HOME/api-auth (mode 0600)")
+    allow_root: tuple[str, ...] = setting((), path="dir", repeat=True,
+                                          help="runs may only read and write paths inside this directory "
+                                               "(repeatable; default: anywhere)")
+    limit: int | None = setting(None, min=1, help="max concurrent flow runs")
+    flow: tuple[str, ...] = setting((), repeat=True, help="serve only this flow's deployments (repeatable)")
+
+    def check_inputs(self) -> None:
+        """With --local, HOME can be written (the server's SQLite database and the auth string live there)."""
+        if self.local:
+            from curation.dataset import check_output_dir
+
+            try:
+                check_output_dir(self.home)
+            except RequestError as error:
+                raise RequestError(f"home: {error}") from None
 
 
 def all_deployments(flow_names: list[str] | None = None) -> list:
@@ -44,38 +72,26 @@ def serve_all(limit: int | None = None, flow_names: list[str] | None = None) -> 
     serve(*all_deployments(flow_names), limit=limit)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.allow_root:
-        from common.requests import ALLOWED_ROOTS_ENV, RequestError
-
-        roots = [Path(root).expanduser().resolve() for root in args.allow_root]
-        missing = [str(root) for root in roots if not root.is_dir()]
-        if missing:
-            raise RequestError(f"--allow-root: no such directory: {missing[0]}")
+def _run(request: ServeRequest) -> int:
+    if request.allow_root:  # each one an existing directory (checked when the request was built)
+        roots = [Path(root).expanduser().resolve() for root in request.allow_root]
         os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(map(str, roots))  # the flow-run subprocesses check it
-    if args.local:
+    flows = list(request.flow) or None
+    if request.local:
         from infra.local import CLIENT_ENV_FILE, local_prefect_api
 
-        home = Path(args.home)
-        with local_prefect_api(home, auth=args.auth) as client:  # flow-run subprocesses inherit the environment
+        home = Path(request.home)
+        with local_prefect_api(home, auth=request.auth) as client:  # flow-run subprocesses inherit the environment
             print(f"Prefect UI: {client['PREFECT_API_URL'].removesuffix('/api')}", flush=True)
-            if args.auth:
+            if request.auth:
                 print(f"API auth string (the UI asks for it): {home / 'api-auth'}", flush=True)
             print(f"Prefect CLI in another shell: set -a; . {home / CLIENT_ENV_FILE}; set +a", flush=True)
-            serve_all(args.limit, args.flow)
+            serve_all(request.limit, flows)
     else:
-        serve_all(args.limit, args.flow)
+        serve_all(request.limit, flows)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve all deployments (curate-lvd/..., train-stage/..., ...)")
-    parser.add_argument("--local", action="store_true", help="start a Prefect server on 127.0.0.1 first")
-    parser.add_argument("--home", default=".lvd/prefect", help="PREFECT_HOME for --local (SQLite lives here)")
-    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
-                        help="--local: the API needs the auth string kept in HOME/api-auth (mode 0600; default on)")
-    parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
-                        help="runs may only read and write paths inside DIR (repeatable; default: anywhere)")
-    parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
-    parser.add_argument("--flow", action="append", default=None, help="serve only this flow's deployments (repeatable)")
-    parser.set_defaults(func=_run)
+    add_request_command(subparsers, "serve", ServeRequest, _run,
+                        help="serve all deployments (curate-lvd/..., train-stage/..., ...)")

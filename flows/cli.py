@@ -1,11 +1,11 @@
 """`lvd` command line: one sub-command per job, each defined next to the code it drives.
 
 Each sub-command's module (the COMMANDS table) exposes `register(subparsers)`; only the module of the
-command being run is imported, so `lvd --help` is instant. A job's sub-command is generated from its
+command being run is imported, so `lvd --help` is instant. Every sub-command is generated from its job's
 request dataclass by `add_request_command` (options, types, defaults and help come from the request's
-fields; `--config FILE` and `--set a.b=v` merge into it at every depth). `main` is the one error handler: a
-bad value, path or setting ends in one line on stderr and exit code 2; anything else is a bug and keeps
-its traceback.
+fields; `--config FILE` and `--set a.b=v` merge into its nested settings at every depth). `main` is the one
+error handler: a bad value, path or setting ends in one line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -43,7 +43,10 @@ class ServeRequest(Request):
     flow: tuple[str, ...] = setting((), repeat=True, help="serve only this flow's deployments (repeatable)")
 
     def check_inputs(self) -> None:
-        """With --local, HOME can be written (the server's SQLite database and the auth string live there)."""
+        """Every --flow names a served flow, and with --local HOME can be written (the server's SQLite database
+        and the auth string live there): refused before any server starts."""
+        if self.flow:
+            all_deployments(list(self.flow))
         if self.local:
             from curation.dataset import check_output_dir
 
@@ -59,9 +62,11 @@ def all_deployments(flow_names: list[str] | None = None) -> list:
     for module_name in DEPLOYMENT_MODULES:
         deployments.extend(importlib.import_module(module_name).deployments())
     if flow_names:
+        known = sorted({d.flow_name for d in deployments})
+        unknown = [name for name in flow_names if name not in known]
+        if unknown:
+            raise RequestError(f"flow: no deployments for {', '.join(unknown)}; known flows: {', '.join(known)}")
         deployments = [d for d in deployments if d.flow_name in flow_names]
-        if not deployments:
-            raise ValueError(f"no deployments for flows {flow_names}")
     return deployments
 
 

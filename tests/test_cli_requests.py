@@ -196,9 +196,10 @@ def test_the_jobs_get_what_the_command_line_says(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(flows.serve, "serve_all", lambda *args: calls.append(("serve", *args)))
     monkeypatch.delenv(ALLOWED_ROOTS_ENV, raising=False)
     assert main(["demo", "--home", str(tmp_path / "h"), "--output", str(tmp_path / "o"), "--exit"]) == 0
-    assert main(["serve", "--allow-root", str(tmp_path), "--limit", "2", "--flow", "walk"]) == 0
+    assert main(["serve", "--allow-root", str(tmp_path), "--limit", "2", "--flow", "generate-walk"]) == 0
     assert main(["serve"]) == 0
-    assert calls == [("demo", tmp_path / "h", tmp_path / "o", True), ("serve", 2, ["walk"]), ("serve", None, None)]
+    assert calls == [("demo", tmp_path / "h", tmp_path / "o", True), ("serve", 2, ["generate-walk"]),
+                     ("serve", None, None)]
     assert os.environ[ALLOWED_ROOTS_ENV] == str(tmp_path.resolve())
 
     weights = tmp_path / "i3d.safetensors"
@@ -219,6 +220,8 @@ def test_the_jobs_get_what_the_command_line_says(tmp_path, monkeypatch, capsys):
 BAD = {
     "serve limit 0": (["serve", "--limit", "0"], "limit must be >= 1, got 0"),
     "serve limit not a number": (["serve", "--limit", "many"], "setting limit must be int, got 'many'"),
+    "serve unknown flow": (["serve", "--flow", "curate-lvd", "--flow", "nosuch"], "flow: no deployments for nosuch; "
+                                                                                  "known flows: "),
     "serve missing root": (["serve", "--allow-root", "{tmp}/missing"], "allow_root: no such directory: {tmp}/missing"),
     "serve home not writable": (["serve", "--local", "--home", "/proc/x"], "home: output path /proc/x is under /proc"),
     "demo home not writable": (["demo", "--home", "/proc/x"], "home: output path /proc/x is under /proc"),

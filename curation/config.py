@@ -127,7 +127,8 @@ class FilterRule(Settings):
         if not math.isfinite(self.value):
             raise SettingError("value", f"of filter rule {self.name!r} must be a finite number, got {self.value}")
         if self.mode == "percentile" and not 0 <= self.value <= 100:
-            raise SettingError("value", f"of filter rule {self.name!r} is a percentile in [0, 100], got {self.value}")
+            raise SettingError("value", f"of filter rule {self.name!r}: a percentile must be in [0, 100], "
+                                        f"got {self.value}")
 
 
 def default_filter_rules() -> list[FilterRule]:

@@ -76,7 +76,7 @@ def _instances(value: object, where: str = "config"):
 def test_assignment_to_any_section_of_a_built_config_raises():
     config = CurationConfig()
     seen = 0
-    for where, section in _instances(config):
+    for _, section in _instances(config):
         name = dataclasses.fields(section)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(section, name, getattr(section, name))
@@ -156,7 +156,8 @@ def test_a_bad_filter_rule_is_named_by_its_index_in_the_list():
     with pytest.raises(RequestError) as error:
         CurationConfig.from_overrides({"filters": [{**rule, "mode": "percentile", "drop": "middle"}]})
     assert str(error.value) == "setting filters[0].drop must be one of low, high, got 'middle'"
-    with pytest.raises(RequestError, match=r"^setting filters\[1\]\.value of filter rule 'x' is a percentile in "):
+    percentile = r"^setting filters\[1\]\.value of filter rule 'x': a percentile must be in \[0, 100\], got 101"
+    with pytest.raises(RequestError, match=percentile):
         CurationConfig.from_overrides({"filters": [{**rule, "mode": "absolute"}, {**rule, "name": "x",
                                                                                   "mode": "percentile", "value": 101}]})
     assert FilterRule("x", "motion_score", "absolute", "low", -3.0).value == -3.0  # absolute values are unbounded

@@ -3,6 +3,9 @@
 `CurationConfig.from_overrides({"cuts": {"native_adaptive_threshold": 2.5}})` merges a nested dict
 (the flow's `config` parameter, `--config FILE` or `--set cuts.min_shot_s=0.5` on the CLI) onto the
 defaults at every depth and rejects unknown keys by name, so a typo never silently runs with defaults.
+Every section is a frozen `Settings` dataclass of `setting(...)` fields: their min / max / choices and each
+section's `validate()` (checks across fields) run when it is built, and a bad value at any depth is one line
+naming the dotted setting (`setting clips.method must be one of ...`).
 `CurateRequest` is one curate-lvd run: where from, where to, these settings, which Ray.
 """
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from common.requests import SettingError, Settings, setting
 
 TEXT_BACKENDS = ("auto", "ppocr", "craft")
+CAPTION_DECODINGS = ("beam_search", "greedy")
+RAFT_ARCHITECTURES = ("raft_large", "raft_small")  # torchvision's (curation/scorers/raft_motion.py: build_raft)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class CaptionConfig(Settings):
     enabled: bool = setting(True, help="caption the middle frame with CoCa")
     model_name: str = setting("coca_ViT-L-14", help="an open_clip CoCa architecture or 'local-dir:/path'")
     pretrained: str | None = setting(None, help="CoCa weights file (e.g. the mscoco-finetuned laion2b CoCa)")
-    decoding: str = setting("beam_search", choices=("beam_search", "greedy"), help="how the caption is decoded")
+    decoding: str = setting("beam_search", choices=CAPTION_DECODINGS, help="how the caption is decoded")
     num_beams: int = setting(3, min=1, help="beams of the beam search")
     max_tokens: int = setting(30, min=2, help="caption length limit, the start token included")
     min_tokens: int = setting(5, min=1, help="shortest caption in tokens")
@@ -222,7 +224,7 @@ class RaftConfig(Settings):
     """
 
     enabled: bool = setting(True, help="measure RAFT motion in the hq pass")
-    architecture: str = setting("raft_large", choices=("raft_large", "raft_small"), help="torchvision RAFT model")
+    architecture: str = setting("raft_large", choices=RAFT_ARCHITECTURES, help="torchvision RAFT model")
     weights: str | None = setting(None, help="path to a torchvision RAFT state dict (e.g. raft_large_C_T_SKHT_V2)")
     width: int = setting(800, min=128, help="frames are resized to this width for RAFT (its correlation pyramid "
                                             "needs >= 128 px per side)")

@@ -400,8 +400,7 @@ def measure(repeats: int, clip_model: str, coca_model: str, threads: int = 1, lo
     build_sample_data(root)
     truth = json.loads((root / GROUND_TRUTH).read_text())
     files = [root / VIDEO_DIR / name for name, entry in sorted(truth.items()) if not entry["error"]]
-    config = CurationConfig()
-    config.decode.threads = threads
+    config = CurationConfig.from_overrides({"decode": {"threads": threads}})
     steps = {
         "decode": frozenset(),
         "analysis": frozenset({"analysis"}),

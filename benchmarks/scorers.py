@@ -19,6 +19,7 @@ stage spent blocked on full actor queues, the queue occupancy and the actors' ut
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -132,16 +133,16 @@ def part_one(clips: list[ClipFrames], models: dict[str, str], device: str, threa
 def part_two(clips_count: int, models: dict[str, str], threads: int) -> None:
     import ray
 
+    from common.requests import build, deep_merge
     from curation.actors import AnnotateReport, annotate, start_pools
     from curation.scorers.config import ScorersConfig
     from infra.local import ray_init_kwargs
 
     ray.init(**ray_init_kwargs(num_cpus=os.cpu_count() or 2))
-    config = ScorersConfig()
-    config.clip.model_name = models["clip"]
-    config.caption.enabled = False  # decoding 16 tokens per clip dominates; its batching is measured above
-    for name in ("text", "clip"):
-        getattr(config, name).pool.torch_threads = threads
+    pools = {name: {"pool": {"torch_threads": threads}} for name in ("text", "clip")}
+    # CoCa off: decoding 16 tokens per clip dominates; its batching is measured above
+    config = build(ScorersConfig, deep_merge(pools, {"clip": {"model_name": models["clip"]},
+                                                     "caption": {"enabled": False}}))
     names = ["text", "clip"]
     pools = start_pools(names, config)
 
@@ -153,7 +154,7 @@ def part_two(clips_count: int, models: dict[str, str], threads: int) -> None:
     try:
         for batch_size in (1, 8):
             for pool in pools.values():
-                pool.config.batch_size = batch_size
+                pool.config = dataclasses.replace(pool.config, batch_size=batch_size)
             report = AnnotateReport()
             annotate(producer(), config, names=names, report=report, pools=pools)
             occupancy = " / ".join(f"{n} {s.queue_occupancy:.0%}" for n, s in report.pools.items())

@@ -14,6 +14,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from common.requests import Settings, setting
+
 
 class FarnebackSettings(Protocol):
     """OpenCV's Farneback parameters (curation's `MotionConfig` is one)."""
@@ -26,18 +28,18 @@ class FarnebackSettings(Protocol):
     poly_sigma: float
 
 
-@dataclass
-class FarnebackParams:
+@dataclass(frozen=True)
+class FarnebackParams(Settings):
     """Frame size and OpenCV Farneback settings of the motion measurement (docs/recipe.md §1): curation's
     `MotionConfig` extends them with its sampling rate; training measures samples with the defaults."""
 
-    short_side: int = 16
-    pyr_scale: float = 0.5
-    levels: int = 3
-    winsize: int = 5
-    iterations: int = 3
-    poly_n: int = 5
-    poly_sigma: float = 1.1
+    short_side: int = setting(16, min=8, help="frames are shrunk so their short side is this many pixels")
+    pyr_scale: float = setting(0.5, min=0.05, max=0.95, help="Farneback: scale between pyramid levels")
+    levels: int = setting(3, min=1, help="Farneback: pyramid levels")
+    winsize: int = setting(5, min=1, help="Farneback: averaging window size")
+    iterations: int = setting(3, min=1, help="Farneback: iterations per pyramid level")
+    poly_n: int = setting(5, min=1, help="Farneback: pixel neighbourhood of the polynomial expansion")
+    poly_sigma: float = setting(1.1, min=1e-3, help="Farneback: Gaussian sigma smoothing the polynomial expansion")
 
 
 def downscale_short_side(image: np.ndarray, short_side: int) -> np.ndarray:

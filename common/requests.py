@@ -36,13 +36,30 @@ class RequestError(ValueError):
     """A bad value, path or setting in a job request; the message is one line that names the setting."""
 
 
+class SettingError(RequestError):
+    """A value its `setting(...)` refuses, or a failed `validate()`: `setting` names it relative to the dataclass
+    that raised it, and `build` prefixes each enclosing field on the way up, so a nested section's message names
+    the dotted setting (`setting clips.method must be one of ...`) without the section knowing where it sits."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting, self.problem = setting, problem
+        nested = "." in setting or "[" in setting
+        super().__init__(f"setting {setting} {problem}" if nested else f"{setting} {problem}")
+
+    def within(self, parent: str) -> SettingError:
+        """The same problem named from the dataclass (or list) one level up, whose field `parent` holds it."""
+        return SettingError(f"{parent}{'' if self.setting.startswith('[') else '.'}{self.setting}", self.problem)
+
+
 def setting(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING, min: float | None = None,
-            max: float | None = None, path: Literal["file", "dir", "exists", "input", "output"] | None = None,
+            max: float | None = None, choices: tuple[Any, ...] | None = None,
+            path: Literal["file", "dir", "exists", "input", "output"] | None = None,
             flag: str | None = None,
             negate: str | None = None, positional: bool = False, repeat: bool = False, cli: bool = True) -> Any:
     """A request field with its documentation and checks.
 
-    min / max: inclusive bounds (for numbers; for sequences, every element). path: the value (when not None
+    min / max: inclusive bounds (for numbers; for sequences, every element). choices: the values allowed (for
+    sequences, every element must be one). path: the value (when not None
     and not a URL) must be an existing file, directory, or either; "input" (read by the job, checked where it
     is read: a folder or a cached hub id) and "output" (written by the job) are paths that are not checked for
     existence. Every path kind is confined to the allowed roots when they are set (`check_allowed_roots`).
@@ -51,7 +68,7 @@ def setting(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSI
     False (`--restart` for `resume`), positional makes it a positional argument, repeat makes a list
     option repeatable (`--prompt a --prompt b`) instead of taking several values, cli=False hides it.
     """
-    metadata = {"help": help, "min": min, "max": max, "path": path, "flag": flag, "negate": negate,
+    metadata = {"help": help, "min": min, "max": max, "choices": choices, "path": path, "flag": flag, "negate": negate,
                 "positional": positional, "repeat": repeat, "cli": cli}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -109,12 +126,12 @@ def to_data(value: Any) -> Any:
     return value
 
 
-class Request:
-    """Base of the job requests: frozen dataclasses checked on construction.
+class Settings:
+    """Base of frozen settings dataclasses (a request, a section nested in one): checked on construction.
 
-    Subclasses are `@dataclass(frozen=True)` with fields declared by `setting(...)`; `validate()` adds the
-    checks that involve several fields, `check_inputs()` those that read the disk. `build` /
-    `with_overrides` / `to_dict` are the ways in and out.
+    Subclasses are `@dataclass(frozen=True)` with fields declared by `setting(...)`, whose min / max / choices /
+    path `check_fields` enforces; `validate()` adds the checks that involve several fields. A change is a new
+    instance (`merge`, `dataclasses.replace`), so it is checked too.
     """
 
     def __post_init__(self) -> None:
@@ -122,7 +139,15 @@ class Request:
         self.validate()
 
     def validate(self) -> None:
-        """Cross-field checks; raise RequestError naming the settings."""
+        """Cross-field checks; raise SettingError naming the field (`build` adds where the section sits)."""
+
+
+class Request(Settings):
+    """Base of the job requests: frozen `Settings` checked on construction.
+
+    `validate()` adds the checks that involve several fields, `check_inputs()` those that read the disk.
+    `build` / `with_overrides` / `to_dict` are the ways in and out.
+    """
 
     def check_inputs(self) -> Any:
         """Checks that read the disk (inputs present, a previous step's output there); the CLI runs them
@@ -141,22 +166,29 @@ class Request:
 
 
 def check_fields(instance: Any) -> None:
-    """The ranges and paths declared with `setting(...)`, one message naming the first bad field."""
+    """The ranges, choices and paths declared with `setting(...)`: a SettingError naming the first bad field."""
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
         low, high, kind = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("path")
+        choices = f.metadata.get("choices")
         if value is None:
             continue
-        items = value if isinstance(value, list | tuple) else (value,)
+        sequence = isinstance(value, list | tuple)
+        items = value if sequence else (value,)
+        if choices is not None:
+            for item in items:
+                if item not in choices:
+                    within = f" in {value!r}" if sequence else ""
+                    raise SettingError(f.name, f"must be one of {', '.join(map(str, choices))}, got {item!r}{within}")
         for item in items:
             if not isinstance(item, int | float) or isinstance(item, bool):
                 continue
             if item != item and (low is not None or high is not None):  # NaN compares as inside every range
-                raise RequestError(f"{f.name} must be a number in range, got {value!r}")
+                raise SettingError(f.name, f"must be a number in range, got {value!r}")
             if low is not None and item < low:
-                raise RequestError(f"{f.name} must be >= {low}, got {value!r}")
+                raise SettingError(f.name, f"must be >= {low}, got {value!r}")
             if high is not None and item > high:
-                raise RequestError(f"{f.name} must be <= {high}, got {value!r}")
+                raise SettingError(f.name, f"must be <= {high}, got {value!r}")
         if kind is not None:
             for item in items:
                 if not isinstance(item, str) or "://" in item:
@@ -217,20 +249,6 @@ def check_path_allowed(name: str, item: str, roots: list[Path], optional: bool =
         raise RequestError(f"{name}: {item} is outside the allowed roots ({allowed})")
 
 
-def check_ranges(section: Any, name: str, limits: Mapping[str, tuple[float | None, float | None]]) -> None:
-    """Raise a one-line RequestError naming the first field of the dataclass `section` (settings `name`.field)
-    outside its inclusive (low, high) range, None meaning unbounded. Sequences are checked element by element,
-    None values (automatic) are skipped, and NaN is outside every range."""
-    for key, (low, high) in limits.items():
-        values = getattr(section, key)
-        for value in values if isinstance(values, tuple | list) else (values,):
-            if value is None:
-                continue
-            if value != value or (low is not None and value < low) or (high is not None and value > high):
-                bounds = f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
-                raise RequestError(f"setting {name}.{key} must be {bounds}, got {values!r}")
-
-
 # ------------------------------------------------------------------------------------------ internals
 
 
@@ -263,7 +281,10 @@ def _build(cls: type[T], base: Any, overrides: Any, path: str) -> T:
         else:
             current = _MISSING
         if name in overrides:
-            values[name] = coerce(overrides[name], hints[name], _join(path, name), current)
+            try:
+                values[name] = coerce(overrides[name], hints[name], _join(path, name), current)
+            except SettingError as error:  # a nested section refused a value: name it from here
+                raise error.within(name) from None
         elif current is _MISSING:
             raise RequestError(f"missing setting {_join(path, name)}")
         else:
@@ -363,8 +384,12 @@ def coerce(value: Any, hint: Any, name: str, current: Any = _MISSING) -> Any:
             element_types = list(args)
         else:
             element_types = [args[0] if args else Any] * len(value)
-        items = [coerce(item, kind, f"{name}[{index}]") for index, (item, kind)
-                 in enumerate(zip(value, element_types, strict=True))]
+        items = []
+        for index, (item, kind) in enumerate(zip(value, element_types, strict=True)):
+            try:
+                items.append(coerce(item, kind, f"{name}[{index}]"))
+            except SettingError as error:
+                raise error.within(f"[{index}]") from None
         return tuple(items) if (origin or hint) is tuple else items
     if origin in (dict, Mapping) or hint in (dict, Mapping):
         if isinstance(value, str):
@@ -373,7 +398,13 @@ def coerce(value: Any, hint: Any, name: str, current: Any = _MISSING) -> Any:
             raise RequestError(f"setting {name} must be a mapping, got {value!r}")
         value_type = args[1] if len(args) == 2 else Any
         merged = deep_merge(current, value) if isinstance(current, Mapping) else dict(value)
-        return {key: coerce(item, value_type, _join(name, str(key))) for key, item in merged.items()}
+        coerced = {}
+        for key, item in merged.items():
+            try:
+                coerced[key] = coerce(item, value_type, _join(name, str(key)))
+            except SettingError as error:
+                raise error.within(str(key)) from None
+        return coerced
     if isinstance(hint, type) and isinstance(value, hint):
         return value
     raise RequestError(f"setting {name} must be {_describe(hint)}, got {value!r}")

@@ -33,7 +33,7 @@ from curation.scorers import build_scorer, pool_config
 from curation.scorers.base import error_row
 from curation.scorers.captions import merge_captions
 from curation.scorers.config import ActorPoolConfig, ScorersConfig
-from curation.scorers.graph import inputs_in_call, schedule, spec_of
+from curation.scorers.graph import inputs_in_call, schedule, settings_of, spec_of
 from curation.types import ClipFrames
 from dataformat.schema import Column
 
@@ -171,7 +171,7 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
     placements: dict[str, _Placement] = {}
 
     def auto_gpus(name: str) -> float:
-        if gpus <= 0 or not _can_use_gpu(name, config):
+        if gpus <= 0 or not spec_of(name).gpu_usable(settings_of(config, name)):
             return 0.0
         return 1.0 / pool_config(name, config).actors_per_gpu
 
@@ -213,15 +213,6 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
             "2 or more CPUs or run the scorers in process (scorers.use_ray=false)"
         )
     return placements
-
-
-def _can_use_gpu(name: str, config: ScorersConfig) -> bool:
-    """PP-OCR runs on onnxruntime: without its CUDA provider (the CPU wheel) a GPU would sit idle."""
-    if name != "text" or config.text.resolved_backend() != "ppocr":
-        return True
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 class ScorerPool:
@@ -420,7 +411,6 @@ def annotate(
     across calls; otherwise pools are started here and stopped on return. `on_clip_done(clip_id, row)`
     is called as soon as every scorer has finished a clip (the flow persists results per source with it).
     """
-    config.validate()
     report = report if report is not None else AnnotateReport()
     report.unavailable = ({n: why for n, why in config.unavailable().items() if spec_of(n).per_clip}
                           if names is None else {})

@@ -3,6 +3,9 @@
 `CurationConfig.from_overrides({"cuts": {"native_adaptive_threshold": 2.5}})` merges a nested dict
 (the flow's `config` parameter, `--config FILE` or `--set cuts.min_shot_s=0.5` on the CLI) onto the
 defaults at every depth and rejects unknown keys by name, so a typo never silently runs with defaults.
+Every section is a frozen `Settings` dataclass of `setting(...)` fields: their min / max / choices and each
+section's `validate()` (checks across fields) run when it is built, and a bad value at any depth is one line
+naming the dotted setting (`setting clips.method must be one of ...`).
 `CurateRequest` is one curate-lvd run: where from, where to, these settings, which Ray.
 """
 
@@ -10,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from common.flow import FarnebackParams
-from common.requests import Request, RequestError, build, check_fields, check_ranges, setting
+from common.requests import Request, RequestError, SettingError, Settings, build, setting
 from curation.scorers.config import ScorersConfig
 from dataformat import SCORE_COLUMNS, VIDEO_SUFFIXES
 
@@ -22,28 +25,25 @@ from dataformat import SCORE_COLUMNS, VIDEO_SUFFIXES
 MAX_PIXELS_8K = 7680 * 4320
 
 
-@dataclass
-class DecodeConfig:
+@dataclass(frozen=True)
+class DecodeConfig(Settings):
     """How sources are opened. Frames stream through the chain; nothing holds a whole video."""
 
-    analysis_width: int = 64  # cut detectors and motion see frames scaled to this width
-    sample_long_side: int = 640  # frames kept for the learned scorers (first/middle/last of each clip)
-    min_side: int = 32  # sources smaller than this (either side) are refused
-    max_pixels: int = MAX_PIXELS_8K  # sources with more pixels per frame than this are refused
-    max_duration_s: float = 6 * 3600.0  # absurdly long sources are refused up front
-    min_frames: int = 2
-    # CPU threads one source may use to decode and re-encode; 0: the CPUs this process was given (a Ray task's
-    # CPUs; outside Ray, every core this process may run on). A task given 1 CPU then uses 1 core.
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "decode", {"analysis_width": (16, None), "sample_long_side": (16, None),
-                                      "min_side": (1, None), "max_pixels": (1, None), "threads": (0, None),
-                                      "max_duration_s": (1e-3, None), "min_frames": (1, None)})
+    analysis_width: int = setting(64, min=16, help="cut detectors and motion see frames scaled to this width")
+    sample_long_side: int = setting(640, min=16, help="long side of the frames kept for the learned scorers "
+                                                      "(first/middle/last of each clip)")
+    min_side: int = setting(32, min=1, help="sources smaller than this (either side) are refused")
+    max_pixels: int = setting(MAX_PIXELS_8K, min=1, help="sources with more pixels per frame than this are refused "
+                                                        "(default 8K UHD)")
+    max_duration_s: float = setting(6 * 3600.0, min=1e-3, help="absurdly long sources are refused up front")
+    min_frames: int = setting(2, min=1, help="sources with fewer frames are refused")
+    threads: int = setting(0, min=0, help="CPU threads one source may use to decode and re-encode; 0: the CPUs this "
+                                          "process was given (a Ray task's CPUs; outside Ray, every core this "
+                                          "process may run on), so a task given 1 CPU uses 1 core")
 
 
-@dataclass
-class CutConfig:
+@dataclass(frozen=True)
+class CutConfig(Settings):
     """The detector cascade (docs/recipe.md §1: three PySceneDetect detectors at three frame rates).
 
     Level 1, AdaptiveDetector at the native rate: hard and jump cuts, robust to camera motion.
@@ -53,95 +53,85 @@ class CutConfig:
     jumps keep it) and a gradual candidate must look like a blend of the shots on either side.
     """
 
-    native_adaptive_threshold: float = 3.0
-    native_min_content: float = 15.0
-    native_window: int = 2
-    mid_fps: float = 8.0
-    mid_threshold: float = 27.0
-    low_fps: float = 2.0
-    low_threshold: float = 30.0
-    fade_threshold: int = 12  # mean 8-bit intensity below which a frame counts as black
-    min_shot_s: float = 0.4  # shots as short as half a second must survive
-    same_shot_correlation: float = 0.94  # structure correlation above which a candidate is a flash, not a cut
-    max_blend_residual: float = 0.3  # gradual candidates: inner frames must be this close to a blend of the ends
-    min_dissolve_colour_change: float = 0.4  # Bhattacharyya distance of the ends' hue-saturation histograms
-    dissolve_lengths: tuple[int, ...] = (8, 12, 16, 20, 24)  # transition lengths searched (frames @25fps)
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "cuts", {"native_adaptive_threshold": (0, None), "native_min_content": (0, None),
-                                    "native_window": (1, None), "mid_fps": (1e-3, None), "mid_threshold": (0, None),
-                                    "low_fps": (1e-3, None), "low_threshold": (0, None), "fade_threshold": (0, 255),
-                                    "min_shot_s": (0, None), "same_shot_correlation": (-1, 1),
-                                    "max_blend_residual": (0, None), "min_dissolve_colour_change": (0, None),
-                                    "dissolve_lengths": (2, None)})
+    native_adaptive_threshold: float = setting(3.0, min=0, help="level 1 AdaptiveDetector threshold (native rate)")
+    native_min_content: float = setting(15.0, min=0, help="level 1 AdaptiveDetector minimum content value")
+    native_window: int = setting(2, min=1, help="level 1 AdaptiveDetector window (frames)")
+    mid_fps: float = setting(8.0, min=1e-3, help="level 2 ContentDetector frame rate")
+    mid_threshold: float = setting(27.0, min=0, help="level 2 ContentDetector threshold")
+    low_fps: float = setting(2.0, min=1e-3, help="level 3 ContentDetector frame rate")
+    low_threshold: float = setting(30.0, min=0, help="level 3 ContentDetector threshold")
+    fade_threshold: int = setting(12, min=0, max=255, help="mean 8-bit intensity below which a frame counts as black")
+    min_shot_s: float = setting(0.4, min=0, help="shortest shot in seconds (shots as short as half a second must "
+                                                 "survive)")
+    same_shot_correlation: float = setting(0.94, min=-1, max=1, help="structure correlation above which a candidate "
+                                                                     "is a flash, not a cut")
+    max_blend_residual: float = setting(0.3, min=0, help="gradual candidates: inner frames must be this close to a "
+                                                         "blend of the ends")
+    min_dissolve_colour_change: float = setting(0.4, min=0, help="gradual candidates: least Bhattacharyya distance "
+                                                                 "of the ends' hue-saturation histograms")
+    dissolve_lengths: tuple[int, ...] = setting((8, 12, 16, 20, 24), min=2, help="transition lengths searched "
+                                                                                 "(frames at 25 fps)")
 
 
 CLIP_METHODS = ("exact-copy", "keyframe", "reencode")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
-@dataclass
-class ClipConfig:
+@dataclass(frozen=True)
+class ClipConfig(Settings):
     """Clips are shots (between cuts), written by one of `CLIP_METHODS` (docs/exact-clips.md).
 
     `exact-copy` stream-copies whole groups of pictures and shows exactly the shot through an MP4 edit list;
     `keyframe` stream-copies the shot snapped inwards to keyframes (re-encoding it when too little is left);
     `reencode` re-encodes every clip with x264."""
 
-    min_clip_s: float = 1.0
-    max_clip_s: float = 30.0  # longer shots are split (at keyframes when copying)
-    method: str = "exact-copy"
-    reencode_crf: int = 18
-    reencode_preset: str = "ultrafast"  # x264 preset of re-encoded clips (see benchmarks/curation.py)
-    # Re-encoded clips are written while decoding from frames held back until their cuts settle (a few
-    # seconds of video); above this many MiB of held frames (large frames) a second decode pass writes them.
-    lookahead_mb: int = 512
+    min_clip_s: float = setting(1.0, min=1e-3, help="shorter shots give no clip")
+    max_clip_s: float = setting(30.0, min=1e-3, help="longer shots are split (at keyframes when copying); at least "
+                                                     "min_clip_s")
+    method: str = setting("exact-copy", choices=CLIP_METHODS, help="how clips are written (docs/exact-clips.md)")
+    reencode_crf: int = setting(18, min=0, max=51, help="x264 CRF of re-encoded clips")
+    reencode_preset: str = setting("ultrafast", choices=X264_PRESETS, help="x264 preset of re-encoded clips (see "
+                                                                           "benchmarks/curation.py)")
+    lookahead_mb: int = setting(512, min=0, help="re-encoded clips are written while decoding from frames held back "
+                                                 "until their cuts settle (a few seconds of video); above this many "
+                                                 "MiB of held frames (large frames) a second decode pass writes them")
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "clips", {"min_clip_s": (1e-3, None), "max_clip_s": (self.min_clip_s, None),
-                                     "reencode_crf": (0, 51), "lookahead_mb": (0, None)})
-        if self.method not in CLIP_METHODS:
-            raise ValueError(f"clips.method must be one of {', '.join(CLIP_METHODS)}, got {self.method!r}")
-        if self.reencode_preset not in X264_PRESETS:
-            raise ValueError(f"clips.reencode_preset must be one of {', '.join(X264_PRESETS)}, "
-                             f"got {self.reencode_preset!r}")
+    def validate(self) -> None:
+        if self.max_clip_s < self.min_clip_s:
+            raise SettingError("max_clip_s", f"must be >= {self.min_clip_s:g}, got {self.max_clip_s!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MotionConfig(FarnebackParams):
     """Farneback dense flow at 2 fps on frames whose short side is 16 px (docs/recipe.md §1)."""
 
-    fps: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "motion", {"fps": (1e-3, None), "short_side": (8, None), "pyr_scale": (0.05, 0.95),
-                                      "levels": (1, None), "winsize": (1, None), "iterations": (1, None),
-                                      "poly_n": (1, None), "poly_sigma": (1e-3, None)})
+    fps: float = setting(2.0, min=1e-3, help="frames per second the motion score samples")
 
 
-@dataclass
-class FilterRule:
+FILTER_MODES = ("percentile", "absolute")
+FILTER_ENDS = ("low", "high")
+
+
+@dataclass(frozen=True)
+class FilterRule(Settings):
     """One LVD-F rule over a manifest column.
 
     mode 'percentile': drop the `value` percent of clips at the `drop` end ('low' or 'high') of this
     run's distribution; mode 'absolute': drop clips below (`drop='low'`) or above (`'high'`) `value`.
     """
 
-    name: str
-    column: str
-    mode: str
-    drop: str
-    value: float
+    name: str = setting(help="the rule's name in the manifest's drop reasons and the report")
+    column: str = setting(help="the manifest column it reads")
+    mode: str = setting(choices=FILTER_MODES, help="'percentile' of this run's distribution or 'absolute' value")
+    drop: str = setting(choices=FILTER_ENDS, help="which end is dropped: 'low' or 'high'")
+    value: float = setting(help="percent of clips (mode 'percentile', 0 to 100) or the threshold ('absolute')")
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("percentile", "absolute"):
-            raise ValueError(f"filter rule {self.name!r}: mode must be 'percentile' or 'absolute', got {self.mode!r}")
-        if self.drop not in ("low", "high"):
-            raise ValueError(f"filter rule {self.name!r}: drop must be 'low' or 'high', got {self.drop!r}")
-        if self.mode == "percentile" and not 0 <= self.value <= 100:
-            raise ValueError(f"filter rule {self.name!r}: percentile must be in [0, 100], got {self.value}")
+    def validate(self) -> None:
         if not math.isfinite(self.value):
-            raise ValueError(f"filter rule {self.name!r}: value must be a finite number, got {self.value}")
+            raise SettingError("value", f"of filter rule {self.name!r} must be a finite number, got {self.value}")
+        if self.mode == "percentile" and not 0 <= self.value <= 100:
+            raise SettingError("value", f"of filter rule {self.name!r}: a percentile must be in [0, 100], "
+                                        f"got {self.value}")
 
 
 def default_filter_rules() -> list[FilterRule]:
@@ -160,15 +150,15 @@ CLIP_LENGTH = "length"  # `DedupConfig.keep_best`'s name for a clip's duration (
 CLIP_PIXELS = "pixels"  # and for its resolution (width x height): of two copies, the sharper
 
 
-@dataclass
-class DedupConfig:
+@dataclass(frozen=True)
+class DedupConfig(Settings):
     """Near-duplicate removal after scoring (docs/dedup.md): clips whose signatures are this close form a group,
     the best of each group is kept and the others are dropped by the `duplicate` rule."""
 
     enabled: bool = setting(True, help="group near-identical clips and keep one per group")
-    method: str = setting("auto", help="signature: 'clip' (the CLIP scorer's image embeddings), 'phash' (a "
-                                       "perceptual hash of first/middle/last frame), 'auto' (clip when the CLIP "
-                                       "scorer runs, else phash)")
+    method: str = setting("auto", choices=DEDUP_METHODS,
+                          help="signature: 'clip' (the CLIP scorer's image embeddings), 'phash' (a perceptual hash "
+                               "of first/middle/last frame), 'auto' (clip when the CLIP scorer runs, else phash)")
     clip_min_cosine: float = setting(0.95, min=0.5, max=1.0,
                                      help="two clips are duplicates when their mean CLIP image embeddings have at "
                                           "least this cosine similarity [open]")
@@ -176,6 +166,7 @@ class DedupConfig:
                                   help="two clips are duplicates when their 192-bit perceptual hashes (or one's and "
                                        "the other's 90 percent centre crop's) differ in at most this many bits [open]")
     keep_best: tuple[str, ...] = setting(("aesthetic_score", CLIP_PIXELS, CLIP_LENGTH, "motion_score"),
+                                         choices=(*SCORE_COLUMNS, CLIP_PIXELS, CLIP_LENGTH),
                                          help="the clip kept of a group: the best by the first column, ties and "
                                               "missing scores decided by the next ('pixels': width x height, "
                                               "'length': the clip's duration)")
@@ -188,43 +179,36 @@ class DedupConfig:
                                       "boundary, at more work); None: 2 for CLIP embeddings, 4 for hashes "
                                       "(benchmarks/dedup.py)")
 
-    def __post_init__(self) -> None:
-        try:
-            check_fields(self)
-        except RequestError as error:
-            raise RequestError(f"setting dedup.{error}") from None
-        if self.method not in DEDUP_METHODS:
-            raise RequestError(f"setting dedup.method must be one of {', '.join(DEDUP_METHODS)}, got {self.method!r}")
-        known = (*SCORE_COLUMNS, CLIP_PIXELS, CLIP_LENGTH)
-        unknown = [name for name in self.keep_best if name not in known]
-        if unknown or not self.keep_best:
-            raise RequestError(f"setting dedup.keep_best names columns from {', '.join(known)}; "
-                               f"got {list(self.keep_best)!r}")
+    def validate(self) -> None:
+        if not self.keep_best:
+            raise SettingError("keep_best", "must name at least one column")
 
 
-@dataclass
-class ShardConfig:
-    max_samples: int = 256
-    max_bytes: int = 1 << 30
+@dataclass(frozen=True)
+class ShardConfig(Settings):
+    """How the LVD-F WebDataset shards are cut."""
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "shards", {"max_samples": (1, None), "max_bytes": (1, None)})
+    max_samples: int = setting(256, min=1, help="samples per shard at most")
+    max_bytes: int = setting(1 << 30, min=1, help="bytes per shard at most")
 
 
-@dataclass
-class CurationConfig:
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    cuts: CutConfig = field(default_factory=CutConfig)
-    clips: ClipConfig = field(default_factory=ClipConfig)
-    motion: MotionConfig = field(default_factory=MotionConfig)
-    filters: list[FilterRule] = field(default_factory=default_filter_rules)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    scorers: ScorersConfig = field(default_factory=ScorersConfig)  # learned scorers + actor pools (issue 4)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    video_extensions: tuple[str, ...] = VIDEO_SUFFIXES
+@dataclass(frozen=True)
+class CurationConfig(Settings):
+    """Every curation setting, section by section; each section checks its own fields when it is built."""
 
-    def __post_init__(self) -> None:
-        self.scorers.validate()  # the other sections check their own ranges; the scorers' names need their path
+    decode: DecodeConfig = setting(default_factory=DecodeConfig, help="how sources are opened and refused")
+    cuts: CutConfig = setting(default_factory=CutConfig, help="the cut detector cascade")
+    clips: ClipConfig = setting(default_factory=ClipConfig, help="clip lengths and how clips are written")
+    motion: MotionConfig = setting(default_factory=MotionConfig, help="the Farneback motion score")
+    filters: list[FilterRule] = setting(default_factory=default_filter_rules,
+                                        help="the LVD-F drop rules over manifest columns (replaces the whole list)")
+    shards: ShardConfig = setting(default_factory=ShardConfig, help="WebDataset shard sizes")
+    scorers: ScorersConfig = setting(default_factory=ScorersConfig, help="the learned scorers and their actor pools")
+    dedup: DedupConfig = setting(default_factory=DedupConfig, help="near-duplicate removal after scoring")
+    video_extensions: tuple[str, ...] = setting(VIDEO_SUFFIXES, help="file suffixes read as videos in an input "
+                                                                     "folder")
+
+    def validate(self) -> None:
         if self.dedup.enabled and self.dedup.method == "clip" and "clip" not in self.scorers.active():
             why = self.scorers.unavailable().get("clip", "off: scorers.clip.enabled is false")
             raise RequestError(f"setting dedup.method='clip' needs the CLIP scorer, which is {why}; "
@@ -279,5 +263,3 @@ class CurateRequest(Request):
         except ConnectionError as error:
             raise RequestError(str(error)) from None
 
-    def validate(self) -> None:
-        self.config.scorers.validate()  # configured weights that do not exist are named before any work starts

@@ -159,7 +159,7 @@ def test_connect_matches_a_plain_union_find():
     ({"probes": 0}, "setting dedup.probes must be >= 1, got 0"),
     ({"clip_min_cosine": 1.5}, "setting dedup.clip_min_cosine must be <= 1.0, got 1.5"),
     ({"method": "minhash"}, "setting dedup.method must be one of auto, clip, phash, got 'minhash'"),
-    ({"keep_best": ["sharpness"]}, "setting dedup.keep_best names columns from"),
+    ({"keep_best": ["sharpness"]}, "setting dedup.keep_best must be one of motion_score, text_area, "),
     ({"method": "clip"}, "setting dedup.method='clip' needs the CLIP scorer, which is off: no weights configured"),
 ])
 def test_bad_settings_are_named(overrides, message):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.requests import RequestError, check_fields, setting
+from common.requests import RequestError, Settings, build, setting
 from curation.actors import AnnotateReport, annotate
 from curation.config import CurationConfig
 from curation.scorers import SCORER_NAMES
@@ -21,19 +21,13 @@ from dataformat.schema import Column
 from tests.scorer_helpers import real_clips, text_clip
 
 
-@dataclass
-class BrightnessSettings:
+@dataclass(frozen=True)
+class BrightnessSettings(Settings):
     """Settings of the test's scorer: a gamma on the mean brightness."""
 
     enabled: bool = setting(True, help="score brightness")
     gamma: float = setting(1.0, min=0.1, max=10.0, help="brightness ** gamma")
     pool: ActorPoolConfig = setting(default_factory=ActorPoolConfig, help="its actor pool")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def validate(self) -> None:
-        check_fields(self)
 
 
 SCORED_AFTER: list[tuple[str, Any]] = []  # (clip_id, the text area it was handed) in the order it ran
@@ -140,11 +134,7 @@ def test_the_table_reproduces_the_hand_wired_activation():
                "llm_summary": {"model_path": "m"}, "raft": {"weights": "r"}}
 
     def scorers(**overrides: Any) -> ScorersConfig:
-        config = ScorersConfig()
-        for name, values in overrides.items():
-            for key, value in values.items():
-                setattr(getattr(config, name), key, value)
-        return config
+        return build(ScorersConfig, overrides)
 
     everything = scorers(**weights)
     assert everything.active() == ["text", "caption", "video_caption", "llm_summary", "clip"]

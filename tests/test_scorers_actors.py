@@ -4,10 +4,12 @@ batching and queue statistics, placement rules for CPU and GPU clusters."""
 from __future__ import annotations
 
 import math
+from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
 
+from common.requests import RequestError, build, deep_merge, merge
 from curation.actors import AnnotateReport, annotate, plan_placement, start_pools
 from curation.scorers.config import ActorPoolConfig, ScorersConfig
 from curation.types import ClipFrames
@@ -17,11 +19,9 @@ from tests.scorer_helpers import real_clips, text_clip, tiny_models, tiny_scorer
 def _config(use_ray: bool, batch_size: int = 3) -> ScorersConfig:
     from curation.config import CurationConfig
 
-    config = CurationConfig.from_overrides({"scorers": tiny_scorer_overrides(tiny_models())}).scorers
-    config.use_ray = use_ray
-    for name in ("text", "clip", "caption"):
-        getattr(config, name).pool.batch_size = batch_size
-    return config
+    pools = {name: {"pool": {"batch_size": batch_size}} for name in ("text", "clip", "caption")}
+    overrides = deep_merge(tiny_scorer_overrides(tiny_models()), {"use_ray": use_ray, **pools})
+    return CurationConfig.from_overrides({"scorers": overrides}).scorers
 
 
 def _clips() -> list[ClipFrames]:
@@ -61,10 +61,10 @@ def test_producer_waits_only_when_every_actor_queue_is_full(prefect_api, ray_loc
     clips = real_clips(8)
     pools = start_pools(["text"], config)
     try:
-        pools["text"].config.max_batches_in_flight = 1
+        pools["text"].config = replace(pools["text"].config, max_batches_in_flight=1)
         tight = AnnotateReport()
         annotate(clips, config, names=["text"], report=tight, pools=pools)
-        pools["text"].config.max_batches_in_flight = 100
+        pools["text"].config = replace(pools["text"].config, max_batches_in_flight=100)
         loose = AnnotateReport()
         annotate(clips, config, names=["text"], report=loose, pools=pools)
     finally:
@@ -74,8 +74,7 @@ def test_producer_waits_only_when_every_actor_queue_is_full(prefect_api, ray_loc
 
 
 def test_no_active_scorer_still_consumes_every_clip():
-    config = ScorersConfig(use_ray=False)
-    config.text.enabled = False
+    config = build(ScorersConfig, {"use_ray": False, "text": {"enabled": False}})
     seen = []
 
     def produce():
@@ -95,14 +94,13 @@ def test_placement_shares_gpus_between_pools_and_fits_cpu_reservations():
     assert gpu["text"].num_gpus == 0 and gpu["text"].num_actors == 1
     assert gpu["clip"].num_gpus == 0.5 and gpu["clip"].num_actors == 2 and gpu["caption"].num_actors == 2
     assert sum(p.num_actors * p.num_gpus for p in gpu.values()) <= 2.0
-    config.text.backend = "craft"  # CRAFT is torch: it takes its GPU share
-    gpu = plan_placement(["text", "clip", "caption"], config, {"GPU": 3.0, "CPU": 32.0})
+    craft = merge(config, {"text": {"backend": "craft"}})  # CRAFT is torch: it takes its GPU share
+    gpu = plan_placement(["text", "clip", "caption"], craft, {"GPU": 3.0, "CPU": 32.0})
     assert gpu["text"].num_gpus == 0.25 and gpu["text"].num_actors == 4 and gpu["clip"].num_actors == 2
-    config.text.backend = "auto"
     cpu = plan_placement(["text", "clip", "caption"], config, {"CPU": 2.0})
     assert all(p.num_gpus == 0 and p.num_actors == 1 for p in cpu.values())
     assert sum(p.num_cpus for p in cpu.values()) <= 1.0  # half the CPUs stay with decode
-    config.clip.pool = ActorPoolConfig(num_actors=4, num_gpus=1.0)
+    config = replace(config, clip=replace(config.clip, pool=ActorPoolConfig(num_actors=4, num_gpus=1.0)))
     with pytest.raises(ValueError, match=r"num_actors / num_gpus"):
         plan_placement(["clip"], config, {"GPU": 2.0, "CPU": 8.0})
 
@@ -119,13 +117,19 @@ def test_a_cluster_too_small_for_the_pools_and_a_source_task_is_refused_naming_t
     assert "curate-batch task needs 1" in message
     fitted = plan_placement(["text", "clip"], config, {"CPU": 2.0})  # two CPUs: one for the pools, one for a task
     assert 2.0 - sum(p.num_actors * p.num_cpus for p in fitted.values()) >= 1.0
-    config.clip.pool = ActorPoolConfig(num_actors=3, num_cpus=1.0)  # many actors: scaled, a task still fits
+    config = merge(config, {"clip": {"pool": {"num_actors": 3, "num_cpus": 1.0}}})  # many actors: scaled, a task fits
     scaled = plan_placement(["clip"], config, {"CPU": 4.0})
     assert 4.0 - sum(p.num_actors * p.num_cpus for p in scaled.values()) >= 1.0
 
 
 def test_pool_settings_are_validated():
+    """Pools are frozen: a bad batch size can only come in through a new instance, which is checked."""
+    from curation.config import CurationConfig
+
     config = ScorersConfig()
-    config.text.pool.batch_size = 0
-    with pytest.raises(ValueError, match=r"scorers\.text\.pool"):
-        config.validate()
+    with pytest.raises(FrozenInstanceError):
+        config.text.pool.batch_size = 0  # type: ignore[misc]
+    with pytest.raises(RequestError, match=r"^batch_size must be >= 1, got 0$"):
+        replace(config.text.pool, batch_size=0)
+    with pytest.raises(RequestError, match=r"^setting scorers\.text\.pool\.batch_size must be >= 1, got 0$"):
+        CurationConfig.from_overrides({"scorers": {"text": {"pool": {"batch_size": 0}}}})

@@ -4,12 +4,14 @@ decode stage, batching, per-clip errors, the `captions` struct, the Ray pools, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 
+from common.requests import merge
 from curation.actors import AnnotateReport, annotate
 from curation.config import CurationConfig
 from curation.scorers.base import MissingWeightsError
@@ -131,7 +133,7 @@ def test_bad_weights_paths_name_the_setting(models, tmp_path):
     with pytest.raises(ValueError, match=llm_setting + ".*not a language model"):
         LlmCaptionSummarizer(LlmSummaryConfig(model_path=models["git_video"]), "cpu")
     with pytest.raises(ValueError, match=r"scorers\.llm_summary\.prompt"):
-        LlmSummaryConfig(prompt="Summarise {coca}.").validate()
+        CurationConfig.from_overrides({"scorers": {"llm_summary": {"prompt": "Summarise {coca}."}}})
 
 
 def test_captioners_are_off_with_the_setting_to_fill():
@@ -155,7 +157,7 @@ def test_three_captions_in_process_and_on_ray_pools(models, ray_local):
     assert config.active() == ["caption", "video_caption", "llm_summary"]
     clips = [*video_clips(4), ClipFrames("broken", np.zeros((3, 4, 4, 3), np.uint8),
                                          video_frames=np.zeros((6, 4, 4, 3), np.uint8))]
-    config.use_ray = False
+    config = dataclasses.replace(config, use_ray=False)
     local = _annotated(config, clips)
     for clip in clips[:4]:
         captions = local[clip.clip_id]["captions"]
@@ -168,9 +170,8 @@ def test_three_captions_in_process_and_on_ray_pools(models, ray_local):
     assert broken["captions"] is None and len(broken["scorer_errors"]) == 3
     assert any(e.startswith("llm_summary: needs both") for e in broken["scorer_errors"])
 
-    config.use_ray = True
-    for name in ("caption", "video_caption", "llm_summary"):
-        getattr(config, name).pool.batch_size = 2
+    config = merge(config, {"use_ray": True, **{name: {"pool": {"batch_size": 2}}
+                                                for name in ("caption", "video_caption", "llm_summary")}})
     report = AnnotateReport()
     remote = _annotated(config, clips, report)
     assert {cid: row["captions"] for cid, row in remote.items()} == {cid: row["captions"] for cid, row in local.items()}

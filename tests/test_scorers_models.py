@@ -191,7 +191,7 @@ def test_raft_configuration_errors(models, tmp_path):
     with pytest.raises(ValueError, match=r"scorers\.raft\.architecture"):
         RaftMotionScorer(RaftConfig(weights=models["raft_small"], architecture="raft_large"), "cpu")
     with pytest.raises(ValueError, match=">= 128"):
-        RaftConfig(width=100).validate()
+        RaftConfig(width=100)
 
 
 def test_build_scorer_rejects_unknown_names():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.config import default_filter_rules
+from curation.config import CurationConfig, default_filter_rules
 from curation.filtering import apply_filters
 from curation.scorers.base import MissingWeightsError
 from curation.scorers.config import TextAreaConfig
@@ -132,7 +132,7 @@ def test_missing_weights_name_the_setting(tmp_path):
     with pytest.raises(MissingWeightsError, match=r"scorers\.text\.ppocr_det_model"):
         TextAreaScorer(TextAreaConfig(ppocr_det_model=str(tmp_path / "det.onnx")), device="cpu")
     with pytest.raises(ValueError, match=r"scorers\.text\.backend"):
-        TextAreaConfig(backend="tesseract").validate()
+        CurationConfig.from_overrides({"scorers": {"text": {"backend": "tesseract"}}})
 
 
 class _PicklePayload:

@@ -33,7 +33,7 @@ def has_own_caption(clip: ClipFrames) -> bool:
 
 for _spec in (
     ScorerSpec("text", "curation.scorers.text_area:TextAreaScorer", TextAreaConfig, (Column.TEXT_AREA,),
-               error_prefix="text_area"),
+               error_prefix="text_area", can_use_gpu=TextAreaConfig.can_use_gpu),
     ScorerSpec("caption", "curation.scorers.captions:CocaCaptioner", CaptionConfig,
                (Column.CAPTION, Column.CAPTIONS), shows="caption"),
     ScorerSpec("video_caption", "curation.scorers.video_captions:GitVideoCaptioner", VideoCaptionConfig,

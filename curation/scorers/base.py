@@ -29,9 +29,8 @@ MIN_FRAME_SIDE = 16
 
 
 def scorer_device(config: Any, device: str, threads: int) -> str:
-    """Check a scorer's settings and pick its device, before any weights load; on the CPU torch gets the
-    actor's `threads` (an actor owns that many cores, no more)."""
-    config.validate()
+    """Pick a scorer's device before any weights load (its settings were checked when they were built); on the
+    CPU torch gets the actor's `threads` (an actor owns that many cores, no more)."""
     chosen = pick_device(device)
     if chosen == "cpu":
         import torch

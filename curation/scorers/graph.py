@@ -25,7 +25,7 @@ class ScorerSpec:
 
     name: str  # also its settings field in ScorersConfig and its pool's name in reports
     scorer: str  # "module:Class" of its `ClipScorer`, imported only when an actor builds it
-    settings: type  # its settings dataclass (enabled, pool, missing_setting(), validate())
+    settings: type  # its frozen `Settings` dataclass (enabled, pool, missing_setting()), checked when built
     columns: tuple[str, ...]  # the manifest columns it writes (dataformat.schema.Column members)
     needs: tuple[str, ...] = ()  # scorers whose output it reads; it is off unless they run
     uses: tuple[str, ...] = ()  # scorers whose output it reads when they run in the same call
@@ -35,6 +35,12 @@ class ScorerSpec:
     per_clip: bool = True  # False: not active per clip; a later pass asks `annotate` for it (RAFT in hq)
     shows: str = ""  # what the run report says it fills; default: its columns
     error_prefix: str = ""  # how its error rows begin (the name `score_isolated` gets); default: its name
+    # whether its actors can use a GPU with these settings (a backend without a GPU build); default: they can
+    can_use_gpu: Callable[[Any], bool] | None = None
+
+    def gpu_usable(self, settings: Any) -> bool:
+        """Whether a GPU share helps this scorer with `settings` (else its actors take none)."""
+        return self.can_use_gpu is None or self.can_use_gpu(settings)
 
     @property
     def report_label(self) -> str:

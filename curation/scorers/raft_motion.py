@@ -28,13 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_raft(architecture: str):
-    """An uninitialised torchvision RAFT of the named size (weights are loaded from a file afterwards)."""
+    """An uninitialised torchvision RAFT of the named size (weights are loaded from a file afterwards); the name is
+    one of `RAFT_ARCHITECTURES`, which `RaftConfig.architecture` checks."""
     from torchvision.models.optical_flow import raft_large, raft_small
 
-    builders = {"raft_large": raft_large, "raft_small": raft_small}
-    if architecture not in builders:
-        raise ValueError(f"scorers.raft.architecture must be one of {sorted(builders)}, got {architecture!r}")
-    return builders[architecture](weights=None, progress=False)
+    return {"raft_large": raft_large, "raft_small": raft_small}[architecture](weights=None, progress=False)
 
 
 def pair_schedule(num_frames: int, fps: float, sample_fps: float, max_pairs: int) -> list[tuple[int, int]]:

@@ -201,7 +201,6 @@ class TextAreaScorer:
 
     def __init__(self, config: TextAreaConfig | None = None, device: str = "auto", threads: int = 1) -> None:
         self.config = config or TextAreaConfig()
-        self.config.validate()
         self.device = pick_device(device)
         started = time.perf_counter()
         self.detector = build_text_detector(self.config, self.device, threads)

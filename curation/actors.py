@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common.requests import RequestError
 from curation.scorers import build_scorer, pool_config
 from curation.scorers.base import error_row
 from curation.scorers.captions import merge_captions
@@ -213,6 +214,27 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
             "2 or more CPUs or run the scorers in process (scorers.use_ray=false)"
         )
     return placements
+
+
+def check_cluster_fits(config: ScorersConfig, ray_address: str | None) -> None:
+    """Before any work (no output written, no driver connected): refuse a Ray cluster at `ray_address` that
+    `plan_placement` would refuse once the run is under way, in one line (RequestError) naming the pools and
+    the CPUs/GPUs they need against those the cluster has. Found only there, the refusal comes after the
+    sources were discovered and their first batches submitted, as a flow run's tracebacks. Nothing to check
+    for in-process scorers, a local run (its Ray starts with the run) or a Ray Client address (ray://)."""
+    if not config.use_ray or not ray_address:
+        return
+    from infra.local import RayConnectionError, ray_cluster_resources
+
+    names = schedule(config.active())
+    if not names:
+        return
+    try:
+        resources = ray_cluster_resources(ray_address)
+        if resources is not None:
+            plan_placement(names, config, resources)
+    except (RayConnectionError, ValueError) as error:
+        raise RequestError(str(error)) from None
 
 
 def _can_use_gpu(name: str, config: ScorersConfig) -> bool:

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from common.cache import sample_cache
 from common.requests import flat_parameters, to_data
+from curation.actors import check_cluster_fits
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
 from curation.dataset import (
@@ -255,7 +256,9 @@ def deployments() -> list:
 
 
 def _run(request: CurateRequest) -> int:
-    check_output_dir(request.output_path)  # before any service starts: OutputPathError is a one-line error, exit 2
+    # before any service starts or anything is written: each refusal is one line, exit 2
+    check_cluster_fits(request.config.scorers, request.ray_address)  # a cluster too small for the scorer pools
+    check_output_dir(request.output_path)
     report = curate_lvd(**request.with_overrides(progress=True).to_dict())
     print(json.dumps({k: report[k] for k in ("sources", "sources_ok", "sources_error", "clips", "kept")}))
     return 0

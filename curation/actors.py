@@ -206,7 +206,9 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
         for placement in placements.values():
             placement.num_cpus = round(placement.num_cpus * scale, 4)
     reserved = sum(p.num_actors * p.num_cpus for p in placements.values())
-    if placements and cpus - reserved < SOURCE_TASK_CPUS - 1e-9:
+    # A cluster without any CPU yet is an autoscaling one at zero workers (the KubeRay config's head has none):
+    # the CPUs it will have are not known here, so it is not refused.
+    if placements and cluster.get("CPU", 0.0) > 0 and cpus - reserved < SOURCE_TASK_CPUS - 1e-9:
         detail = ", ".join(f"{n}: {p.num_actors} x {p.num_cpus:g}" for n, p in placements.items())
         raise ValueError(
             f"the Ray cluster has {cpus:g} CPU(s): the scorer pools reserve {reserved:g} ({detail}) and each "

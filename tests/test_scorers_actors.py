@@ -123,6 +123,9 @@ def test_a_cluster_too_small_for_the_pools_and_a_source_task_is_refused_naming_t
     config.clip.pool = ActorPoolConfig(num_actors=3, num_cpus=1.0)  # many actors: scaled, a task still fits
     scaled = plan_placement(["clip"], config, {"CPU": 4.0})
     assert 4.0 - sum(p.num_actors * p.num_cpus for p in scaled.values()) >= 1.0
+    # an autoscaling cluster at zero workers (a head with num-cpus 0) lists no CPU yet: not refused
+    assert plan_placement(["text", "clip"], ScorersConfig(), {"memory": 1e9})
+    assert plan_placement(["text", "clip"], ScorersConfig(), {"CPU": 0.0})
 
 
 def test_a_cluster_address_is_checked_for_fit_before_any_work(monkeypatch):

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common.requests import RequestError
 from curation.scorers import build_scorer, pool_config
 from curation.scorers.base import error_row
 from curation.scorers.captions import merge_captions
@@ -205,7 +206,9 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
         for placement in placements.values():
             placement.num_cpus = round(placement.num_cpus * scale, 4)
     reserved = sum(p.num_actors * p.num_cpus for p in placements.values())
-    if placements and cpus - reserved < SOURCE_TASK_CPUS - 1e-9:
+    # A cluster without any CPU yet is an autoscaling one at zero workers (the KubeRay config's head has none):
+    # the CPUs it will have are not known here, so it is not refused.
+    if placements and cluster.get("CPU", 0.0) > 0 and cpus - reserved < SOURCE_TASK_CPUS - 1e-9:
         detail = ", ".join(f"{n}: {p.num_actors} x {p.num_cpus:g}" for n, p in placements.items())
         raise ValueError(
             f"the Ray cluster has {cpus:g} CPU(s): the scorer pools reserve {reserved:g} ({detail}) and each "
@@ -213,6 +216,27 @@ def plan_placement(names: list[str], config: ScorersConfig, cluster: dict[str, f
             "2 or more CPUs or run the scorers in process (scorers.use_ray=false)"
         )
     return placements
+
+
+def check_cluster_fits(config: ScorersConfig, ray_address: str | None) -> None:
+    """Before any work (no output written, no driver connected): refuse a Ray cluster at `ray_address` that
+    `plan_placement` would refuse once the run is under way, in one line (RequestError) naming the pools and
+    the CPUs/GPUs they need against those the cluster has. Found only there, the refusal comes after the
+    sources were discovered and their first batches submitted, as a flow run's tracebacks. Nothing to check
+    for in-process scorers, a local run (its Ray starts with the run) or a Ray Client address (ray://)."""
+    if not config.use_ray or not ray_address:
+        return
+    from infra.local import RayConnectionError, ray_cluster_resources
+
+    names = schedule(config.active())
+    if not names:
+        return
+    try:
+        resources = ray_cluster_resources(ray_address)
+        if resources is not None:
+            plan_placement(names, config, resources)
+    except (RayConnectionError, ValueError) as error:
+        raise RequestError(str(error)) from None
 
 
 class ScorerPool:

@@ -255,11 +255,14 @@ class CurateRequest(Request):
     progress: bool = setting(False, cli=False, help="show a console progress bar (used by `lvd curate`)")
 
     def check_inputs(self) -> None:
-        """The Ray cluster named by `ray_address` accepts this driver (one line when it does not)."""
+        """The Ray cluster named by `ray_address` accepts this driver and can fit the scorer pools beside one
+        curate-batch task (one line when it does not), before anything is written."""
+        from curation.actors import check_cluster_fits
         from infra.local import check_ray_connection
 
         try:
             check_ray_connection(self.ray_address)
         except ConnectionError as error:
             raise RequestError(str(error)) from None
+        check_cluster_fits(self.config.scorers, self.ray_address)
 

@@ -8,6 +8,7 @@ server and `ray_address` at the cluster (`ray://head:10001`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -298,12 +299,19 @@ _GCS_PROBE = """
 import sys
 from ray._private.authentication import authentication_token_setup as auth
 auth.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+import json
+from collections import Counter
 from ray._raylet import GcsClient
-GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+total = Counter()
+for info in GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values():
+    if info.state == 0:  # ALIVE
+        total.update(dict(info.resources_total))
+print("RESOURCES " + json.dumps(total))
 """
 
 
-_JOINED_ADDRESSES: set[str] = set()  # clusters that accepted this process's authentication
+# clusters that accepted this process's authentication: {address: their total resources when probed}
+_JOINED_ADDRESSES: dict[str, dict[str, float]] = {}
 
 
 def _default_to_token_auth() -> None:
@@ -340,7 +348,9 @@ def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
     except subprocess.TimeoutExpired:
         raise RayConnectionError(f"no Ray cluster answered at {address} within {timeout_s:.0f} s") from None
     if probe.returncode == 0:
-        _JOINED_ADDRESSES.add(address)  # `lvd train` checks before its flow starts, the flow's first task again
+        # `lvd train` checks before its flow starts, the flow's first task again
+        line = next((line for line in probe.stdout.splitlines() if line.startswith("RESOURCES ")), "RESOURCES {}")
+        _JOINED_ADDRESSES[address] = json.loads(line.removeprefix("RESOURCES "))
         return
     output = probe.stderr + probe.stdout
     if "InvalidAuthToken" in output or "AuthenticationError" in output or "auth token" in output.lower():
@@ -352,6 +362,17 @@ def check_ray_connection(address: str | None, timeout_s: float = 120.0) -> None:
                                  "on its head node")
     last = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "no output")
     raise RayConnectionError(f"cannot join the Ray cluster at {address}: {last.strip()[:300]}")
+
+
+def ray_cluster_resources(address: str | None, timeout_s: float = 120.0) -> dict[str, float] | None:
+    """The total resources ({"CPU": 4.0, "GPU": 1.0, ...}) of the alive nodes of the cluster at `address` (host:port
+    of its GCS), read by `check_ray_connection`'s probe (no driver connection: a process joins one Ray at a time).
+    None where there is nothing to probe: a local run (its Ray is not started yet) or a Ray Client address
+    (ray://, no GCS to reach). RayConnectionError (one line) when the cluster cannot be joined."""
+    if not address or address.startswith("ray://") or address in ("local", "auto"):
+        return None
+    check_ray_connection(address, timeout_s)
+    return dict(_JOINED_ADDRESSES[address])
 
 
 # --- a multi-node Ray cluster on one machine ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.requests import RequestError, build, deep_merge, merge
-from curation.actors import AnnotateReport, annotate, plan_placement, start_pools
+from curation.actors import AnnotateReport, annotate, check_cluster_fits, plan_placement, start_pools
 from curation.scorers.config import ActorPoolConfig, ScorersConfig
 from curation.types import ClipFrames
 from tests.scorer_helpers import real_clips, text_clip, tiny_models, tiny_scorer_overrides
@@ -120,6 +120,33 @@ def test_a_cluster_too_small_for_the_pools_and_a_source_task_is_refused_naming_t
     config = merge(config, {"clip": {"pool": {"num_actors": 3, "num_cpus": 1.0}}})  # many actors: scaled, a task fits
     scaled = plan_placement(["clip"], config, {"CPU": 4.0})
     assert 4.0 - sum(p.num_actors * p.num_cpus for p in scaled.values()) >= 1.0
+    # an autoscaling cluster at zero workers (a head with num-cpus 0) lists no CPU yet: not refused
+    assert plan_placement(["text", "clip"], ScorersConfig(), {"memory": 1e9})
+    assert plan_placement(["text", "clip"], ScorersConfig(), {"CPU": 0.0})
+
+
+def test_a_cluster_address_is_checked_for_fit_before_any_work(monkeypatch):
+    """`lvd curate --ray-address` asks the cluster's GCS for its resources (no driver connection) and refuses one
+    the pools cannot share with a curate-batch task as a one-line RequestError (exit 2); nothing is asked where
+    no cluster is named or the scorers run in process. (End to end on a real 1-CPU node: test_ray_start_node.py.)"""
+    import infra.local
+
+    asked: list[str] = []
+
+    def resources(address: str) -> dict[str, float]:
+        asked.append(address)
+        return {"CPU": 1.0 if address.startswith("small") else 2.0}
+
+    monkeypatch.setattr(infra.local, "ray_cluster_resources", resources)
+    config = ScorersConfig()
+    assert config.active(), "no scorer on actors by default: nothing would be checked"
+    with pytest.raises(RequestError) as refused:
+        check_cluster_fits(config, "small:6379")
+    assert "\n" not in str(refused.value) and "1 CPU(s)" in str(refused.value)
+    check_cluster_fits(config, "big:6379")
+    check_cluster_fits(config, None)
+    check_cluster_fits(merge(config, {"use_ray": False}), "small:6379")
+    assert asked == ["small:6379", "big:6379"]
 
 
 def test_pool_settings_are_validated():

@@ -509,7 +509,8 @@ def _fit(config: StageRunConfig, num_workers: int | tuple[int, int], use_gpu: bo
 
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(ray_address))
-    trainer = TorchTrainer(
+    trainer_class = TorchTrainer if ray_address else _own_ray_trainer_class()
+    trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"run": config},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -521,6 +522,27 @@ def _fit(config: StageRunConfig, num_workers: int | tuple[int, int], use_gpu: bo
     )
     with follow_progress(StageLayout(config.log_dir).progress, on_progress):
         return trainer.fit()
+
+
+def _own_ray_trainer_class() -> type:
+    """TorchTrainer without Ray Train's PlacementGroupCleaner, for a run on this machine's own Ray.
+
+    The cleaner is a detached actor that asks Ray's state API every second whether the training controller
+    lives, to remove the workers' placement group should the controller die while the cluster lives on. A Ray
+    of this process (`ray_init_kwargs()`, no dashboard) has no HTTP API server to ask: the cleaner then logs a
+    warning every second, and with another Ray on the machine (a `ray start` cluster, another run) it cannot
+    even tell which Ray is its own and its thread dies with a 30-line traceback in the run's output. Nor is
+    there anything for it to do: this Ray, placement groups included, goes away with the driver.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class OwnRayTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return OwnRayTorchTrainer
 
 
 @contextmanager

@@ -18,9 +18,9 @@ import pytest
 
 from curation.config import CurateRequest
 from dataformat import RunLayout
-from flows.ledger import Ledger
 from evaluation.generated import FvdRequest
 from flows.cli import main
+from flows.ledger import Ledger
 from flows.pipeline import (
     DagSteps,
     FvdOverrides,

@@ -350,7 +350,7 @@ def evaluate_step(run: DagRun) -> StepOutcome:
         export_real_clips(str(paths["shards"]), request.real_dir)
         real_set = REAL_SET_NOTE
     real_dir = request.real_dir
-    # what the generated videos depend on: the trained pipeline and every setting but the real side
+    # what the generated videos depend on: the trained pipeline and the request's settings (not the real folder)
     generation = fingerprint(run.upstream, {**request.to_dict(), "real_dir": None})
 
     def drop_stale_videos(previous: dict[str, Any] | None) -> None:

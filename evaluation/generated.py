@@ -37,19 +37,21 @@ class FvdRequest(Request):
     """One zero-shot UCF-101 FVD run of a checkpoint: the one spelling shared by the `evaluate-fvd` flow,
     `lvd evaluate-fvd` and the pipeline's evaluate step. Defaults are the paper's protocol (docs/recipe.md §5)."""
 
-    real_dir: str = setting(path="dir", positional=True, help="folder with the real UCF-101 videos (any videos)")
+    # "input": checked by `check_inputs` (the CLI, before the run) and where the run reads it, so the pipeline can
+    # name the folder its own export fills before the export has run.
+    real_dir: str = setting(path="input", positional=True, help="folder with the real UCF-101 videos (any videos)")
     checkpoint: str | None = setting(None, path="input", help="pipeline directory (default: tiny random preset)")
     output_dir: str = setting("out/evaluate-fvd", flag="--out", path="output",
                               help="videos/, shards/, results.json, sample grid")
-    num_videos: int = setting(13_320, help="generated videos, in UCF-101's class distribution")
+    num_videos: int = setting(13_320, min=2, help="generated videos, in UCF-101's class distribution")
     batch_size: int = setting(4, min=1, help="videos per model call (and per I3D batch)")
     seed: int = setting(0, help="seed of the first video (video i uses seed + i)")
-    steps: int = setting(25, help="sampling steps")
+    steps: int = setting(25, min=1, help="sampling steps")
     guidance_scale: float = setting(7.0, help="classifier-free guidance w")
-    num_frames: int = setting(16, help="frames per video")
-    fps: int = setting(25, help="frame rate conditioning and of the written videos")
-    height: int = setting(320, help="generated height (resized and centre-cropped to 240x320 for I3D)")
-    width: int = setting(576, help="generated width")
+    num_frames: int = setting(16, min=1, help="frames per video (I3D needs at least 9)")
+    fps: int = setting(25, min=1, help="frame rate conditioning and of the written videos")
+    height: int = setting(320, min=8, help="generated height (resized and centre-cropped to 240x320 for I3D)")
+    width: int = setting(576, min=8, help="generated width")
     shard_size: int = setting(64, min=1, help="videos per resumable shard task")
     num_real: int | None = setting(None, min=2, help="use only the first N real videos (default: all)")
     dtype: str = setting("float32", help=f"weights dtype ({', '.join(DTYPES)})")
@@ -65,6 +67,10 @@ class FvdRequest(Request):
         except ValueError as error:
             raise RequestError(str(error)) from None
 
+    def check_inputs(self) -> None:
+        if "://" not in self.real_dir and not Path(self.real_dir).expanduser().is_dir():
+            raise RequestError(f"real_dir: no such directory: {self.real_dir}")
+
     def protocol(self) -> ProtocolSettings:
         """The generation protocol (what keys the generated shards)."""
         return ProtocolSettings(num_videos=self.num_videos, num_frames=self.num_frames, fps=self.fps,
@@ -72,9 +78,9 @@ class FvdRequest(Request):
                                 steps=self.steps, seed=self.seed)
 
 
-def settings_key(settings: dict[str, Any], checkpoint: str | None) -> str:
+def settings_key(protocol: ProtocolSettings, checkpoint: str | None) -> str:
     """Identifies a generated set: shards from other settings are never mixed in."""
-    text = json.dumps({"settings": settings, "checkpoint": checkpoint}, sort_keys=True)
+    text = json.dumps({"settings": protocol.as_dict(), "checkpoint": checkpoint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

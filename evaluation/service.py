@@ -79,7 +79,7 @@ def generate_fvd_shard(request: FvdRequest, start: int, stop: int, models: Evalu
     from evaluation import generated
 
     protocol = request.protocol()
-    key = generated.settings_key(protocol.as_dict(), request.checkpoint)
+    key = generated.settings_key(protocol, request.checkpoint)
     output_dir = Path(request.output_dir).resolve()
     shard = EvaluationLayout(output_dir).shard(start, stop)
     if generated.is_finished(shard, key):

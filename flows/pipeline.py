@@ -17,6 +17,7 @@ whether it ran or was skipped; `OUT/pipeline.json` holds the same as data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -27,11 +28,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from common.requests import Request, RequestError, flat_parameters, setting
+from common.requests import Request, RequestError, Settings, flat_parameters, setting
 from curation.config import CurateRequest, CurationConfig
 from dataformat import PipelineLayout, RunLayout, StageLayout, atomic_write, atomic_write_json
+from evaluation.generated import FvdRequest
 from flows.cli import add_request_command
 from flows.ledger import Ledger, file_fingerprint, fingerprint, listing_fingerprint
+from generation.generate import GenerateRequest
 from training.request import StageRunRequest
 from training.stages import FVD_PRESETS, GENERATE_PRESETS, STAGE_PRESETS
 
@@ -39,6 +42,64 @@ DEFAULT_PROMPTS = ("a cyclist riding down a city street", "a rabbit in a meadow"
 STAGES = (1, 2, 3)
 REAL_SET_NOTE = ("smoke-test reference: the curated clips of this run, NOT UCF-101; the number checks that "
                  "the DAG works and is not comparable to the paper's FVD")
+
+
+def override(request_type: type, name: str) -> Any:
+    """A pipeline setting that overrides `request_type`'s setting `name`: the same help and bounds (written once,
+    in the step's request); None means the preset's value, or else the request's default."""
+    (target,) = [f for f in dataclasses.fields(request_type) if f.name == name]
+    return setting(None, help=target.metadata["help"], min=target.metadata["min"], max=target.metadata["max"],
+                   choices=target.metadata.get("choices"))
+
+
+@dataclass(frozen=True)
+class StepOverrides(Settings):
+    """Base of the pipeline's override sections (`fvd`, `generate`): each field overrides the step request's field
+    of the same name on top of the preset's value; a value out of its bounds is refused naming `section.field`."""
+
+    def given(self) -> dict[str, Any]:
+        """The settings this section sets (not None)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class FvdOverrides(StepOverrides):
+    """evaluate-fvd's settings in the pipeline (`--set fvd.steps=4`); its paths are the DAG's."""
+
+    num_videos: int | None = override(FvdRequest, "num_videos")
+    batch_size: int | None = override(FvdRequest, "batch_size")
+    seed: int | None = override(FvdRequest, "seed")
+    steps: int | None = override(FvdRequest, "steps")
+    guidance_scale: float | None = override(FvdRequest, "guidance_scale")
+    num_frames: int | None = override(FvdRequest, "num_frames")
+    fps: int | None = override(FvdRequest, "fps")
+    height: int | None = override(FvdRequest, "height")
+    width: int | None = override(FvdRequest, "width")
+    shard_size: int | None = override(FvdRequest, "shard_size")
+    num_real: int | None = override(FvdRequest, "num_real")
+    dtype: str | None = override(FvdRequest, "dtype")
+    clip_model: str | None = override(FvdRequest, "clip_model")
+    clip_pretrained: str | None = override(FvdRequest, "clip_pretrained")
+    i3d_weights: str | None = override(FvdRequest, "i3d_weights")
+
+
+@dataclass(frozen=True)
+class GenerateOverrides(StepOverrides):
+    """generate-video's settings in the pipeline (`--set generate.height=64`): text-to-video with stage 3's
+    pipeline, so no image-conditioning settings; prompts are the pipeline's `prompts`, the paths the DAG's."""
+
+    num_frames: int | None = override(GenerateRequest, "num_frames")
+    height: int | None = override(GenerateRequest, "height")
+    width: int | None = override(GenerateRequest, "width")
+    steps: int | None = override(GenerateRequest, "steps")
+    guidance: str | None = override(GenerateRequest, "guidance")
+    fps: int | None = override(GenerateRequest, "fps")
+    motion_bucket_id: int | None = override(GenerateRequest, "motion_bucket_id")
+    decode_chunk_size: int | None = override(GenerateRequest, "decode_chunk_size")
+    seed: int | None = override(GenerateRequest, "seed")
+    dtype: str | None = override(GenerateRequest, "dtype")
+    cpu_offload: bool | None = override(GenerateRequest, "cpu_offload")
+    out_fps: float | None = override(GenerateRequest, "out_fps")
 
 
 @dataclass(frozen=True)
@@ -62,18 +123,47 @@ class PipelineRequest(Request):
                                           "preset's", path="input")
     fvd_real_dir: str | None = setting(None, path="dir", help="the real UCF-101 videos; default: this run's curated"
                                        " clips, a smoke-test reference only (labelled as such in the report)")
-    fvd: dict[str, Any] = setting(default_factory=dict, help="overrides of evaluate-fvd's parameters (on top of "
-                                                             "the preset's)")
+    fvd: FvdOverrides = setting(default_factory=FvdOverrides, help="evaluate-fvd's settings on top of the preset's, "
+                                'e.g. {"steps": 4} (`--set fvd.steps=4`)')
     prompts: tuple[str, ...] = setting(DEFAULT_PROMPTS, flag="--prompt", repeat=True,
                                        help="prompts for generate-video (repeatable)")
-    generate: dict[str, Any] = setting(default_factory=dict, help="overrides of generate-video's parameters (on "
-                                                                  "top of the preset's)")
+    generate: GenerateOverrides = setting(default_factory=GenerateOverrides, help="generate-video's settings on "
+                                          'top of the preset\'s, e.g. {"height": 64} (`--set generate.height=64`)')
 
     def validate(self) -> None:
         if self.preset not in STAGE_PRESETS:
             raise RequestError(f"preset must be one of {', '.join(sorted(STAGE_PRESETS))}, got {self.preset!r}")
         if not self.prompts:
             raise RequestError("prompts: give at least one prompt for generate-video")
+        fvd_request(self)  # the steps' requests are checked now, not after three training stages
+        generate_request(self)
+
+
+def fvd_request(request: PipelineRequest) -> FvdRequest:
+    """evaluate-fvd's request in the DAG: FvdRequest's defaults (the paper's protocol) < the preset's
+    `FVD_PRESETS` entry < `request.fvd`; stage 3's pipeline against `fvd_real_dir` or this run's exported clips."""
+    layout = PipelineLayout(request.output_root)
+    preset = FVD_PRESETS.get(request.preset)
+    settings = {**(dataclasses.asdict(preset) if preset else {}), **request.fvd.given()}
+    return _step_request("fvd", FvdRequest, settings, real_dir=request.fvd_real_dir or str(layout.fvd_real),
+                         checkpoint=str(layout.stage(STAGES[-1]).pipeline), output_dir=str(layout.evaluate.root))
+
+
+def generate_request(request: PipelineRequest) -> GenerateRequest:
+    """generate-video's request in the DAG: GenerateRequest's defaults < the preset's `GENERATE_PRESETS` entry <
+    `request.generate`; the pipeline's prompts with stage 3's pipeline."""
+    layout = PipelineLayout(request.output_root)
+    preset = GENERATE_PRESETS.get(request.preset)
+    settings = {**(dataclasses.asdict(preset) if preset else {}), **request.generate.given()}
+    return _step_request("generate", GenerateRequest, settings, prompts=list(request.prompts),
+                         checkpoint=str(layout.stage(STAGES[-1]).pipeline), output_dir=str(layout.generate))
+
+
+def _step_request(section: str, request_type: type, settings: dict[str, Any], **paths: Any) -> Any:
+    try:
+        return request_type(**settings, **paths)
+    except RequestError as error:  # a check across settings (dtype, guidance, I3D's frames): name the section
+        raise RequestError(f"{section}: {error}") from None
 
 
 def output_layout(output_root: str | Path) -> dict[str, Path]:
@@ -102,12 +192,12 @@ def output_layout(output_root: str | Path) -> dict[str, Path]:
 @dataclass(frozen=True)
 class DagSteps:
     """The flows the DAG calls; the real ones by default (`default_steps`), swappable to test the wiring.
-    curate and train take their request; evaluate and generate their flow's keyword parameters."""
+    Each takes its frozen request; the real ones hand its fields to the subflow's flat parameters, once."""
 
     curate: Callable[[CurateRequest], dict[str, Any]]
     train: Callable[[StageRunRequest], dict[str, Any]]
-    evaluate: Callable[..., dict[str, Any]]
-    generate: Callable[..., list[dict[str, Any]]]
+    evaluate: Callable[[FvdRequest], dict[str, Any]]
+    generate: Callable[[GenerateRequest], list[dict[str, Any]]]
 
 
 def default_steps() -> DagSteps:
@@ -118,16 +208,8 @@ def default_steps() -> DagSteps:
 
     return DagSteps(curate=lambda request: curate_lvd(**request.to_dict()),
                     train=lambda request: train_stage(**request.to_dict()),
-                    evaluate=evaluate_fvd, generate=generate_video)
-
-
-def check_overrides(kind: str, overrides: dict[str, Any] | None, allowed: set[str]) -> dict[str, Any]:
-    """A typo in a settings dict is an error naming the key, never a silently ignored setting."""
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise RequestError(f"unknown {kind} setting(s) {unknown}; allowed: {sorted(allowed)}")
-    return overrides
+                    evaluate=lambda request: evaluate_fvd(**request.to_dict()),
+                    generate=lambda request: generate_video(**request.to_dict()))
 
 
 def has_pending_sources(input_path: str, curate_dir: Path, config: CurationConfig) -> bool:
@@ -186,14 +268,15 @@ def summary_markdown(record: dict[str, Any]) -> str:
 
 @dataclass
 class DagRun:
-    """What the steps share: the request, where things go, the ledger, and what upstream steps produced."""
+    """What the steps share: the request, where things go, the ledger, the evaluate and generate steps' requests
+    (built once, `fvd_request` / `generate_request`), and what upstream steps produced."""
 
     request: PipelineRequest
     steps: DagSteps
     paths: dict[str, Path]
     ledger: Ledger
-    fvd_settings: dict[str, Any]
-    generate_settings: dict[str, Any]
+    fvd: FvdRequest
+    generate: GenerateRequest
     upstream: str = ""  # fingerprint of the last step's output: what the next step depends on
     checkpoint: str | None = None  # the newest stage's exported pipeline
     state: dict[str, Any] = field(default_factory=dict)  # record entries: "fvd", "videos"
@@ -251,13 +334,15 @@ def train_step(stage: int, run: DagRun) -> StepOutcome:
 
 def evaluate_step(run: DagRun) -> StepOutcome:
     """evaluate-fvd on the last stage's pipeline, against `fvd_real_dir` or this run's curated clips."""
-    paths = run.paths
+    paths, request = run.paths, run.fvd
     if run.request.fvd_real_dir:
-        real_dir, real_set = run.request.fvd_real_dir, f"`{run.request.fvd_real_dir}`"
+        real_set = f"`{run.request.fvd_real_dir}`"
     else:
-        real_dir = export_real_clips(str(paths["shards"]), str(paths["fvd_real"]))["real_dir"]
+        export_real_clips(str(paths["shards"]), request.real_dir)
         real_set = REAL_SET_NOTE
-    generation = fingerprint(run.checkpoint, run.upstream, run.fvd_settings)
+    real_dir = request.real_dir
+    # what the generated videos depend on: the trained pipeline and the request's settings (not the real folder)
+    generation = fingerprint(run.upstream, {**request.to_dict(), "real_dir": None})
 
     def drop_stale_videos(previous: dict[str, Any] | None) -> None:
         # evaluate-fvd keys its shards by checkpoint *path*; a retrained checkpoint must not reuse them.
@@ -265,8 +350,7 @@ def evaluate_step(run: DagRun) -> StepOutcome:
             PipelineLayout(paths["root"]).drop_fvd_videos()
 
     def evaluate() -> dict[str, Any]:
-        summary = run.steps.evaluate(real_dir=real_dir, checkpoint=run.checkpoint,
-                                     output_dir=str(paths["evaluate"]), **run.fvd_settings)
+        summary = run.steps.evaluate(request)
         return {**{key: summary[key] for key in ("fvd", "kvd", "clipsim", "num_real", "num_fake")},
                 "real_set": real_set}
 
@@ -280,15 +364,14 @@ def evaluate_step(run: DagRun) -> StepOutcome:
 
 def generate_step(run: DagRun) -> StepOutcome:
     """generate-video with the last stage's pipeline."""
-    prompts = list(run.request.prompts)
+    request = run.generate
 
     def generate() -> list[dict[str, Any]]:
-        videos = run.steps.generate(prompts=prompts, checkpoint=run.checkpoint,
-                                    output_dir=str(run.paths["generate"]), **run.generate_settings)
+        videos = run.steps.generate(request)
         return [{key: video[key] for key in ("prompt", "mp4", "gif")} for video in videos]
 
     videos, skipped = run.ledger.run(
-        "generate-video", fingerprint(run.checkpoint, run.upstream, prompts, run.generate_settings), generate,
+        "generate-video", fingerprint(run.upstream, request.to_dict()), generate,
         reusable=lambda result: all(Path(video["mp4"]).exists() for video in result))
     run.state["videos"] = videos
     return StepOutcome(skipped, {video["prompt"]: video["mp4"] for video in videos})
@@ -305,16 +388,9 @@ DAG: tuple[tuple[str, Callable[[DagRun], StepOutcome]], ...] = (
 
 def run_dag(steps: DagSteps, request: PipelineRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the DAG's steps in order, passing each step's outputs to the next; see the module docstring."""
-    import inspect
-
-    fixed = {"real_dir", "checkpoint", "output_dir"}
-    fvd_settings = {**FVD_PRESETS.get(request.preset, {}), **check_overrides(
-        "fvd", request.fvd, set(inspect.signature(steps.evaluate).parameters) - fixed)}
-    generate_settings = {**GENERATE_PRESETS.get(request.preset, {}), **check_overrides(
-        "generate", request.generate, set(inspect.signature(steps.generate).parameters) - fixed - {"prompts"})}
     paths = output_layout(request.output_root)
+    run = DagRun(request, steps, paths, Ledger(paths["root"]), fvd_request(request), generate_request(request))
     PipelineLayout(request.output_root).prepare()
-    run = DagRun(request, steps, paths, Ledger(paths["root"]), fvd_settings, generate_settings)
     record: dict[str, Any] = {"output_root": str(paths["root"]), "preset": request.preset, "steps": []}
     for name, step in DAG:
         started = time.monotonic()
@@ -367,5 +443,5 @@ def _run(request: PipelineRequest) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    add_request_command(subparsers, "pipeline", PipelineRequest, _run, settings="curate_config",
+    add_request_command(subparsers, "pipeline", PipelineRequest, _run, settings="",
                         help="the whole DAG: curate -> train stages 1-3 -> FVD -> generate")

@@ -136,13 +136,13 @@ def test_set_reaches_every_settings_tree_of_every_command(commands, tmp_path, mo
 
 def test_pipeline_config_file_and_set_reach_the_fvd_and_generate_overrides(tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"clips": {"min_clip_s": 2.5}, "fvd": {"num_videos": 8},
+    settings.write_text(json.dumps({"curate_config": {"clips": {"min_clip_s": 2.5}}, "fvd": {"num_videos": 8},
                                     "generate": {"num_frames": 4}}))
-    argv = ["pipeline", "--config", str(settings), "--set", "fvd.num_videos=6", "--set", "cuts.mid_fps=5",
-            "--set", "generate.seed=3"]
+    argv = ["pipeline", "--config", str(settings), "--set", "fvd.num_videos=6", "--set",
+            "curate_config.cuts.mid_fps=5", "--set", "generate.seed=3"]
     args = build_parser(argv).parse_args(argv)
     request = args.build_request(args)
-    assert request.fvd == {"num_videos": "6"} and request.generate == {"num_frames": 4, "seed": "3"}
+    assert request.fvd.given() == {"num_videos": 6} and request.generate.given() == {"num_frames": 4, "seed": 3}
     assert request.curate_config.clips.min_clip_s == 2.5 and request.curate_config.cuts.mid_fps == 5.0
 
 

@@ -64,19 +64,18 @@ def test_prefect_yaml_deploys_every_served_flow_on_the_process_pool():
 
 def test_prefect_yaml_settings_are_valid_for_their_flows():
     """Nested settings (curation config, FVD/generate overrides) are checked the way the flows check them."""
+    from common.requests import build
     from curation.config import CurationConfig
-    from flows.pipeline import check_overrides
+    from flows.pipeline import FvdOverrides, GenerateOverrides
 
     for deployment, _ in _project_deployments():
         parameters = deployment.get("parameters", {})
         for key in ("config", "curate_config"):
             if key in parameters:
                 CurationConfig.from_overrides(parameters[key])  # every section checks itself when built
-        for key, target in (("fvd", "flows.evaluate:evaluate_fvd"), ("generate", "flows.generate:generate_video")):
+        for key, section in (("fvd", FvdOverrides), ("generate", GenerateOverrides)):
             if key in parameters:
-                module, name = target.split(":")
-                allowed = set(getattr(importlib.import_module(module), name).parameters.properties)
-                check_overrides(key, parameters[key], allowed)
+                assert build(section, parameters[key], name=key).given(), deployment["name"]
         if "ray_address" in parameters:
             assert parameters["ray_address"].startswith("ray://"), deployment["name"]
 

@@ -8,6 +8,7 @@ done.json) the way the real flows do.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,22 @@ import pytest
 
 from curation.config import CurateRequest
 from dataformat import RunLayout
+from evaluation.generated import FvdRequest
+from flows.cli import main
 from flows.ledger import Ledger
-from flows.pipeline import DagSteps, PipelineRequest, check_overrides, output_layout, run_dag
+from flows.pipeline import (
+    DagSteps,
+    FvdOverrides,
+    GenerateOverrides,
+    PipelineRequest,
+    fvd_request,
+    generate_request,
+    output_layout,
+    run_dag,
+)
+from generation.generate import GenerateRequest
 from training.request import StageRunRequest
+from training.stages import FVD_PRESETS, GENERATE_PRESETS, STAGE_PRESETS
 
 
 class Recorder:
@@ -61,28 +75,24 @@ class Recorder:
             (out / "done.json").write_text(json.dumps({**result, "run": len(self.calls)}))
             return {**result, "skipped": False}
 
-        def evaluate(real_dir: str, checkpoint: str | None = None, output_dir: str = "out/evaluate-fvd",
-                     num_videos: int = 13_320, batch_size: int = 4, steps: int = 25, num_frames: int = 16,
-                     height: int = 320, width: int = 576, shard_size: int = 64) -> dict:
-            self.calls.append(("evaluate", dict(real_dir=real_dir, checkpoint=checkpoint, output_dir=output_dir,
-                                                num_videos=num_videos, height=height)))
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "shards").mkdir(exist_ok=True)
-            (Path(output_dir) / "results.json").write_text("{}")
-            return {"fvd": 123.4, "kvd": 0.5, "clipsim": None, "num_real": 3, "num_fake": num_videos}
+        def evaluate(request: FvdRequest) -> dict:
+            self.calls.append(("evaluate", request.to_dict()))
+            output_dir = Path(request.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "shards").mkdir(exist_ok=True)
+            (output_dir / "results.json").write_text("{}")
+            return {"fvd": 123.4, "kvd": 0.5, "clipsim": None, "num_real": 3, "num_fake": request.num_videos}
 
-        def generate(prompts: list[str] | None = None, checkpoint: str | None = None, output_dir: str = "out/gen",
-                     num_frames: int = 14, height: int | None = None, width: int | None = None,
-                     steps: int = 25) -> list[dict]:
-            self.calls.append(("generate", dict(prompts=prompts, checkpoint=checkpoint, output_dir=output_dir,
-                                                num_frames=num_frames)))
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
+        def generate(request: GenerateRequest) -> list[dict]:
+            self.calls.append(("generate", request.to_dict()))
+            output_dir = Path(request.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
             results = []
-            for index, prompt in enumerate(prompts):
-                mp4 = Path(output_dir) / f"{index:03d}.mp4"
+            for index, prompt in enumerate(request.prompts or []):
+                mp4 = output_dir / f"{index:03d}.mp4"
                 mp4.write_bytes(b"video")
                 results.append({"prompt": prompt, "mp4": str(mp4), "gif": str(mp4.with_suffix(".gif")),
-                                "frames": num_frames})
+                                "frames": request.num_frames})
             return results
 
         return DagSteps(curate=curate, train=train, evaluate=evaluate, generate=generate)
@@ -126,6 +136,7 @@ def test_outputs_flow_from_step_to_step(raw, tmp_path):
     assert evaluate["checkpoint"] == generate["checkpoint"] == str(layout["stage3_pipeline"])
     assert evaluate["real_dir"] == str(raw)
     assert evaluate["num_videos"] == 4 and evaluate["height"] == 64  # the tiny FVD preset
+    assert evaluate["output_dir"] == str(layout["evaluate"]) and generate["output_dir"] == str(layout["generate"])
     assert generate["prompts"] == ["a dog"] and generate["num_frames"] == 14
 
     assert record["skipped"] == [] and record["fvd"]["fvd"] == 123.4
@@ -179,15 +190,20 @@ def test_interrupted_step_is_not_skipped(raw, tmp_path):
 
 
 def test_bad_settings_are_named(raw, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown fvd setting\(s\) \['num_vidoes'\]"):
+    with pytest.raises(ValueError, match=r"unknown setting fvd.num_vidoes; known: batch_size, clip_model"):
         _run(Recorder(), raw, tmp_path / "run", fvd={"num_vidoes": 3})
-    with pytest.raises(ValueError, match="unknown generate setting"):
+    with pytest.raises(ValueError, match="unknown setting generate.checkpoint"):  # the DAG's path, not a setting
         _run(Recorder(), raw, tmp_path / "run", generate={"checkpoint": "/elsewhere"})
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
         _run(Recorder(), raw, tmp_path / "run", num_workers=0)
     with pytest.raises(ValueError, match="unknown setting curate_config.clips.min_clipz"):
         _run(Recorder(), raw, tmp_path / "run", curate_config={"clips": {"min_clipz": 1}})
-    assert check_overrides("x", None, {"a"}) == {}
+    # checks across settings run when the request is built, before any step (nothing written)
+    with pytest.raises(ValueError, match="fvd: num_frames must be >= 9 for I3D, got 4"):
+        _run(Recorder(), raw, tmp_path / "early", fvd={"num_frames": 4})
+    with pytest.raises(ValueError, match="generate: guidance must be 'w' or 'min,max'"):
+        _run(Recorder(), raw, tmp_path / "early", generate={"guidance": "1,2,3"})
+    assert not (tmp_path / "early").exists()
 
 
 def test_stage3_finetunes_on_the_hq_subset_when_curation_selected_one(raw, tmp_path):
@@ -222,3 +238,87 @@ def test_demo_prints_where_every_output_is(raw, tmp_path, capsys):
         assert str(layout[key]) in printed, key
     assert str(layout["generate"] / "000.mp4") in printed and "FVD:" in printed and "123.40" in printed
     assert f"tensorboard --logdir {layout['train']}" in printed
+
+
+def _request(**overrides: Any) -> PipelineRequest:
+    return PipelineRequest.build({"output_root": "/tmp/lvd-run", **overrides})
+
+
+def test_presets_are_typed_settings_of_the_step_requests():
+    """Every preset field lands on a setting of the same name and type in the step's request."""
+    import dataclasses
+
+    from common.requests import type_hints
+
+    for presets, request_type in ((FVD_PRESETS, FvdRequest), (GENERATE_PRESETS, GenerateRequest)):
+        hints = type_hints(request_type)
+        for preset in presets.values():
+            for f in dataclasses.fields(preset):
+                assert f.name in hints, f.name
+                assert type_hints(type(preset))[f.name] in (hints[f.name], *typing.get_args(hints[f.name])), f.name
+    # an override section's fields: the request's, optional, with the request's bounds and help
+    for section, request_type in ((FvdOverrides, FvdRequest), (GenerateOverrides, GenerateRequest)):
+        targets = {f.name: f for f in dataclasses.fields(request_type)}
+        for f in dataclasses.fields(section):
+            assert {key: f.metadata[key] for key in ("help", "min", "max")} == \
+                {key: targets[f.name].metadata[key] for key in ("help", "min", "max")}, f.name
+            assert type_hints(section)[f.name] == type_hints(request_type)[f.name] | None, f.name
+    assert set(FVD_PRESETS) | set(GENERATE_PRESETS) <= set(STAGE_PRESETS)
+
+
+def test_tiny_preset_sets_the_step_requests_and_svd_keeps_the_papers_protocol():
+    tiny = _request(preset="tiny", fvd_real_dir=None)
+    fvd = fvd_request(tiny)
+    assert (fvd.num_videos, fvd.batch_size, fvd.shard_size, fvd.steps, fvd.num_frames, fvd.height, fvd.width) == \
+        (4, 2, 4, 2, 16, 64, 112)
+    layout = output_layout("/tmp/lvd-run")
+    assert fvd.real_dir == str(layout["fvd_real"]) and fvd.checkpoint == str(layout["stage3_pipeline"])
+    assert fvd.output_dir == str(layout["evaluate"])
+    generate = generate_request(tiny)
+    assert (generate.num_frames, generate.height, generate.width, generate.steps) == (14, 96, 128, 8)
+    assert generate.prompts == list(tiny.prompts) and generate.checkpoint == str(layout["stage3_pipeline"])
+
+    svd = _request(preset="svd")
+    assert fvd_request(svd).protocol() == FvdRequest(real_dir="x").protocol()  # the paper's: 13,320 at 320x576
+    assert fvd_request(svd).num_videos == 13_320 and fvd_request(svd).shard_size == 64
+    paper = generate_request(svd)
+    assert (paper.num_frames, paper.height, paper.width, paper.steps) == (None, None, None, None)  # the mode's
+
+
+def test_overrides_apply_on_top_of_the_preset(tmp_path):
+    request = _request(preset="tiny", fvd_real_dir=str(tmp_path), fvd={"steps": "4", "dtype": "bfloat16"},
+                       generate={"height": 64, "guidance": "1.0,3.0"})
+    fvd, generate = fvd_request(request), generate_request(request)
+    assert fvd.steps == 4 and fvd.dtype == "bfloat16" and fvd.num_videos == 4  # the rest stays the preset's
+    assert fvd.real_dir == str(tmp_path)
+    assert generate.height == 64 and generate.width == 128 and generate.guidance == "1.0,3.0"
+    assert request.fvd == FvdOverrides(steps=4, dtype="bfloat16")
+    again = PipelineRequest.build(json.loads(json.dumps(request.to_dict())))  # a flow's parameters round trip
+    assert again == request and fvd_request(again) == fvd
+
+
+def test_cli_reaches_the_sections_and_refuses_bad_ones_in_one_line(tmp_path, capsys, monkeypatch):
+    import flows.pipeline as pipeline
+
+    built: list[PipelineRequest] = []
+    monkeypatch.setattr(pipeline, "_run", lambda request: built.append(request) or 0)
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"fvd": {"num_videos": 6}, "generate": {"width": 96}}))
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--config", str(settings), "--set", "fvd.steps=4",
+                 "--set", "generate.height=64", "--set", "curate_config.clips.min_clip_s=2.5"]) == 0
+    (request,) = built
+    assert (fvd_request(request).steps, fvd_request(request).num_videos) == (4, 6)
+    assert (generate_request(request).height, generate_request(request).width) == (64, 96)
+    assert request.curate_config.clips.min_clip_s == 2.5
+    capsys.readouterr()
+
+    for argv, expected in (
+        (["--set", "fvd.bogus=1"], "unknown setting fvd.bogus; known: batch_size, clip_model"),
+        (["--set", "generate.steps=0"], "setting generate.steps must be >= 1, got 0"),
+        (["--set", "fvd.height=abc"], "setting fvd.height must be int, got 'abc'"),
+        (["--set", "fvd.dtype=float13"], "fvd: setting dtype must be one of"),
+    ):
+        assert main(["pipeline", "--out", str(tmp_path / "run"), *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lvd pipeline: error: ") and expected in lines[0], lines
+    assert len(built) == 1  # no bad request reached the run

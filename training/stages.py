@@ -211,17 +211,43 @@ _SVD_XT_STAGES = {
 
 STAGE_PRESETS: dict[str, dict[int, StagePreset]] = {"svd": _SVD_STAGES, "svd-xt": _SVD_XT_STAGES, "tiny": _TINY_STAGES}
 
-# What the whole DAG (lvd-pipeline) evaluates and generates after training with a preset: overrides of the
-# evaluate-fvd and generate-video defaults. `tiny` is a smoke test that fits a laptop: 4 FVD videos of 16
-# frames at 64x112 (the protocol's 5:9 aspect, rounded to the VAE's factor 8) with 2 sampling steps, and
-# 14-frame videos at stage 3's training resolution (96x128). A preset without an entry (`svd`) uses the
-# flows' defaults, i.e. the paper's protocol (docs/recipe.md §5: 13,320 videos, 320x576).
-FVD_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"num_videos": 4, "batch_size": 2, "shard_size": 4, "steps": 2, "num_frames": 16, "height": 64,
-             "width": 112},
+# What the whole DAG (lvd-pipeline) evaluates and generates after training with a preset: the protocol settings
+# a preset overrides in evaluate-fvd's and generate-video's requests (flows/pipeline.py applies them; training/
+# cannot see those requests, so these are plain values, and tests/test_pipeline.py checks that every field is a
+# setting of the request it lands in). `tiny` is a smoke test that fits a laptop: 4 FVD videos of 16 frames at
+# 64x112 (the protocol's 5:9 aspect, rounded to the VAE's factor 8) with 2 sampling steps, and 14-frame videos at
+# stage 3's training resolution (96x128). A preset without an entry (`svd`) uses the requests' defaults, i.e.
+# the paper's protocol (docs/recipe.md §5: 13,320 videos, 320x576).
+
+
+@dataclass(frozen=True)
+class FvdPreset:
+    """A preset's zero-shot FVD run: how many videos, in what batches and shards, how they are sampled."""
+
+    num_videos: int
+    batch_size: int
+    shard_size: int
+    steps: int
+    num_frames: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class GeneratePreset:
+    """A preset's sample videos: their size and sampling steps."""
+
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+
+
+FVD_PRESETS: dict[str, FvdPreset] = {
+    "tiny": FvdPreset(num_videos=4, batch_size=2, shard_size=4, steps=2, num_frames=16, height=64, width=112),
 }
-GENERATE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"num_frames": 14, "height": 96, "width": 128, "steps": 8},
+GENERATE_PRESETS: dict[str, GeneratePreset] = {
+    "tiny": GeneratePreset(num_frames=14, height=96, width=128, steps=8),
 }
 
 

@@ -194,7 +194,9 @@ def test_the_jobs_get_what_the_command_line_says(tmp_path, monkeypatch, capsys):
     calls: list[tuple] = []
     monkeypatch.setattr(flows.demo, "run_demo", lambda *args: calls.append(("demo", *args)) or 0)
     monkeypatch.setattr(flows.serve, "serve_all", lambda *args: calls.append(("serve", *args)))
-    monkeypatch.delenv(ALLOWED_ROOTS_ENV, raising=False)
+    # serve's job sets it for its flow runs: restored after the test (a bare delenv of an unset name records nothing)
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, "")
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV)
     assert main(["demo", "--home", str(tmp_path / "h"), "--output", str(tmp_path / "o"), "--exit"]) == 0
     assert main(["serve", "--allow-root", str(tmp_path), "--limit", "2", "--flow", "generate-walk"]) == 0
     assert main(["serve"]) == 0

@@ -140,10 +140,25 @@ class GenerateFileRequest(GenerateRequest):
 
 
 def check_request_memory(request: GenerateRequest, available: int | None = None) -> None:
-    """ValueError (one line) when the request's height/width are not multiples of the VAE's downscale, exceed
-    `model.memory.MAX_SIDE`, or sampling them would need more memory than is free where it runs (the estimate
-    of `model.memory`, from the folder's configs and safetensors headers: no weights are read). Folders only;
-    the tiny preset gets the size checks with its downscale of 8."""
+    """`check_sampling_request` for one `lvd generate` request: its sizes, mode, prompts and dtype."""
+    image_mode = request.image is not None or request.image_model is not None
+    check_sampling_request(request.checkpoint, height=request.height, width=request.width,
+                           num_frames=request.views or request.num_frames, decode_chunk_size=request.decode_chunk_size,
+                           batch=1 if image_mode else max(1, len(request.prompts or [])), dtype=request.dtype,
+                           cpu_offload=request.cpu_offload, image_mode=image_mode, available=available)
+
+
+def check_sampling_request(checkpoint: str | None, *, height: int | None, width: int | None,
+                           num_frames: int | None, decode_chunk_size: int | None, batch: int = 1,
+                           dtype: str = "float32", cpu_offload: bool = False, image_mode: bool = False,
+                           available: int | None = None) -> tuple[int, int]:
+    """ValueError (one line) when height/width are not multiples of the VAE's downscale, exceed
+    `model.memory.MAX_SIDE`, or one sampling call at these sizes (`num_frames` frames, `batch` videos) would need
+    more memory than is free where it runs (the estimate of `model.memory`, from the folder's configs and safetensors
+    headers: no weights are read). A None size takes the mode's default (image mode 576x1024, else the U-Net's
+    sample size; frames: the U-Net's). Folders only; the tiny preset gets the size checks with its downscale of 8.
+    Shared by `lvd generate` and `lvd walk`, so both refuse the same way before loading anything. Returns the
+    height and width sampled (the tiny preset's: as given, at least 8)."""
     import json
 
     from model.memory import (
@@ -154,34 +169,33 @@ def check_request_memory(request: GenerateRequest, available: int | None = None)
         scale_factor_of,
     )
 
-    folder = Path(request.checkpoint) if request.checkpoint is not None else None
+    folder = Path(checkpoint) if checkpoint is not None else None
     if folder is None or not (folder / "model_index.json").is_file():
-        if request.height is not None or request.width is not None:
-            check_sampling_size(request.height or 8, request.width or 8, 8)
-        return
+        if height is not None or width is not None:
+            check_sampling_size(height or 8, width or 8, 8)
+        return height or 8, width or 8
     from model.folder_check import check_pipeline_folder
 
     unet = json.loads((folder / "unet" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    image_mode = request.image is not None or request.image_model is not None
     factor = scale_factor_of(vae)
     fallback = (576, 1024) if image_mode else (int(unet.get("sample_size") or 8) * factor,) * 2
-    height, width = request.height or fallback[0], request.width or fallback[1]
+    height, width = height or fallback[0], width or fallback[1]
     check_sampling_size(height, width, factor, bound=False)  # the memory estimate first: it says what is needed
-    frames = request.views or request.num_frames or int(unet.get("num_frames") or 14)
-    chunk = request.decode_chunk_size or (14 if image_mode else TEXT_TO_VIDEO_DEFAULTS["decode_chunk_size"])
-    batch = 1 if image_mode else max(1, len(request.prompts or []))
+    frames = num_frames or int(unet.get("num_frames") or 14)
+    chunk = decode_chunk_size or (14 if image_mode else TEXT_TO_VIDEO_DEFAULTS["decode_chunk_size"])
     estimate = estimate_sampling_memory(unet, vae, parameters=check_pipeline_folder(folder).total_parameters,
                                         height=height, width=width, num_frames=frames, batch=batch,
-                                        decode_chunk_size=chunk, dtype=request.dtype)
+                                        decode_chunk_size=chunk, dtype=dtype)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and request.cpu_offload:  # the weights wait on the CPU; one component at a time on the GPU
+    if device == "cuda" and cpu_offload:  # the weights wait on the CPU; one component at a time on the GPU
         estimate = dataclasses.replace(estimate, weights=estimate.weights // 2)
     where = "GPU" if device == "cuda" else "CPU"
     check_sampling_memory(estimate, available_memory(device) if available is None else available, where)
     check_sampling_size(height, width, factor)
+    return height, width
 
 
 def check_writable_output(out: str | Path) -> None:

@@ -75,13 +75,21 @@ class WalkRequest(Request):
             raise RequestError(str(error)) from None
 
     def check_inputs(self) -> None:
-        """The audio file, the images and the waypoint lists, before any model is loaded."""
+        """The audio file, the images, the waypoint lists and the sizes against memory (one model call's estimate
+        as `lvd generate` checks it, and the walk's frames), before any model is loaded."""
+        from generation.generate import check_sampling_request
         from generation.walk import check_walk_inputs
 
         try:
             check_render_options(self.out, self.fps, self.upscale, self.audio)
             waypoints, segment_frames = walk_waypoints(self.prompts, self.seeds, self.segment_frames, self.images)
             check_walk_inputs(waypoints, segment_frames)
+            height, width = check_sampling_request(
+                self.checkpoint, height=self.height, width=self.width, num_frames=self.window,
+                decode_chunk_size=self.decode_chunk_size, batch=self.batch_size, dtype=self.dtype,
+                cpu_offload=self.cpu_offload)
+            check_walk_frames_memory(int(sum(segment_frames)), height, width,
+                                     self.upscale_factor if self.upscale else 1)
         except ValueError as error:
             raise RequestError(str(error)) from None
 
@@ -104,6 +112,27 @@ def render_walk_files(request: WalkRequest, *, progress: bool = True, pipe=None)
 
         pipe = load_pipeline(request.checkpoint, dtype=request.dtype, device="auto", cpu_offload=request.cpu_offload)
     return render_walk(pipe, request, progress=progress)
+
+
+WALK_FRAME_COPIES = 2  # the rendered segments and the assembled walk (each frame uint8 RGB)
+
+
+def check_walk_frames_memory(total_frames: int, height: int, width: int, upscale_factor: int = 1,
+                             available: int | None = None) -> None:
+    """ValueError (one line) when the walk's frames cannot be held in the CPU's free memory: the walk keeps every
+    frame (its segments and the assembled video, plus the upscaled copy), `total_frames x H x W x 3` bytes each."""
+    from model.memory import available_memory
+
+    frame = height * width * 3
+    needed = total_frames * frame * (WALK_FRAME_COPIES + (WALK_FRAME_COPIES * upscale_factor**2
+                                                          if upscale_factor > 1 else 0))
+    free = available_memory("cpu") if available is None else available
+    if needed > free:
+        gib = 2**30
+        upscaled = f", upscaled x{upscale_factor}" if upscale_factor > 1 else ""
+        raise ValueError(f"the walk holds about {needed / gib:.1f} GiB of frames ({total_frames} frames at "
+                         f"{height}x{width}{upscaled}); {free / gib:.1f} GiB is available on the CPU: use fewer "
+                         "--frames or a smaller --height/--width")
 
 
 def check_render_options(out: str | Path, fps: float, upscale: str | None, audio: str | None) -> None:

@@ -97,3 +97,49 @@ def test_size_not_a_multiple_of_the_vae_downscale_is_refused_before_loading(svd_
                     "--out", str(tmp_path / "x.mp4"))
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "multiples of 8" in lines[0], run.stderr[-2000:]
+
+
+def _walk(capsys, *args: str) -> tuple[int, list[str], float]:
+    from flows.cli import main
+
+    started = time.monotonic()
+    code = main(["walk", *args])
+    return code, capsys.readouterr().err.strip().splitlines(), time.monotonic() - started
+
+
+def test_walk_of_absurd_size_is_refused_in_one_line_naming_the_estimate(svd_dir, image_path, tmp_path, capsys,
+                                                                         monkeypatch):
+    """`lvd walk` checks one model call's sizes the way `lvd generate` does (the same estimate), before loading."""
+    import model.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model.loading, "load_pipeline", no_loading)
+    out = tmp_path / "walk.mp4"
+    code, lines, elapsed = _walk(capsys, "--images", str(image_path), str(image_path), "--checkpoint", str(svd_dir),
+                                 "--height", "100000", "--width", "100000", "--out", str(out))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("lvd walk: error: sampling needs about") and "GiB is available" in lines[0], lines
+    assert not out.exists() and elapsed < 60
+
+
+def test_walk_whose_frames_cannot_be_held_is_refused_in_one_line(svd_dir, image_path, tmp_path, capsys):
+    """Each model call fits, but the walk keeps all its frames: 10^7 frames of 64 x 64 need ~230 GiB."""
+    code, lines, _ = _walk(capsys, "--images", str(image_path), str(image_path), "--checkpoint", str(svd_dir),
+                           "--height", "64", "--width", "64", "--frames", "10000000", "--out",
+                           str(tmp_path / "walk.mp4"))
+    assert code == 2 and len(lines) == 1, lines
+    assert "the walk holds about 228.9 GiB" in lines[0] and "10000000 frames at 64x64" in lines[0], lines
+
+
+def test_walk_sizes_go_through_the_generate_check(svd_dir):
+    """The walk's estimate is `lvd generate`'s for the same call: the shared check refuses both alike."""
+    from generation.generate import check_sampling_request
+
+    with pytest.raises(ValueError, match="sampling needs about"):
+        check_sampling_request(str(svd_dir), height=4096, width=4096, num_frames=14, decode_chunk_size=14,
+                               available=2**30)
+    # a walk's default size is the U-Net's sample size (8 latents x the VAE's downscale 8), not image mode's 576x1024
+    assert check_sampling_request(str(svd_dir), height=None, width=None, num_frames=None, decode_chunk_size=None,
+                                  available=2**40) == (64, 64)

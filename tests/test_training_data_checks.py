@@ -17,8 +17,9 @@ import pytest
 
 from dataformat import StageLayout, read_shard_samples
 from flows.cli import main
+from training import data as training_data
 from training import loop
-from training.data import BadTrainingData, SkipPolicy, TrainingStream, check_training_data, usable_samples
+from training.data import BadTrainingData, SkipPolicy, TrainingStream, check_training_data
 from training.loop import run_stage
 from training.request import StageRunRequest
 from training.stages import get_stage_preset
@@ -89,8 +90,6 @@ def test_the_check_before_ray_names_exactly_the_bad_samples(bad_data: Path) -> N
     keys = [s.key for s in check.samples]
     assert RANDOM_KEY in keys  # tar headers cannot tell: training skips it
     assert "kept-before-cut" in keys and "after-cut" not in keys and len(keys) == 12 + 1 + 2
-    # the workers' list (headers only) is the driver's, in the same order
-    assert [s.key for s in usable_samples(_shards(bad_data), check.excluded)] == keys
     assert check.bad_count == 3 + 4  # an unreadable shard stands for the mean readable shard (4 samples)
 
 
@@ -116,6 +115,63 @@ def test_the_cli_says_it_in_one_line_with_exit_2(bad_data: Path, tmp_path: Path,
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("lvd train: error: 7 of 22 training samples are bad") and "b-empty.tar" in lines[0]
+
+
+class FitStarted(Exception):
+    """Raised by the stand-in for Ray Train's fit: what run_stage handed to the workers has been captured."""
+
+
+def _count_scans(monkeypatch) -> dict[str, int]:
+    scans: dict[str, int] = {}
+    real = training_data.scan_shard
+
+    def counting(shard):
+        scans[str(shard)] = scans.get(str(shard), 0) + 1
+        return real(shard)
+
+    monkeypatch.setattr(training_data, "scan_shard", counting)
+    return scans
+
+
+def _capture_fit(monkeypatch) -> list:
+    handed: list = []
+
+    def fit(config, *args, **kwargs):
+        handed.append(config)
+        raise FitStarted
+
+    monkeypatch.setattr(loop, "_fit", fit)
+    return handed
+
+
+def test_each_shard_is_scanned_once_per_stage_run_and_the_workers_get_the_index(bad_data: Path, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """`lvd train` checks the request (CLI), the flow's validate task checks it again, then run_stage starts Ray:
+    one scan of each shard for all three, and the workers read the samples the check kept instead of rescanning."""
+    scans, handed = _count_scans(monkeypatch), _capture_fit(monkeypatch)
+    request = StageRunRequest.build({"stage": 2, "data": str(bad_data), "output_root": str(tmp_path / "runs"),
+                                     "init": "tiny", "max_bad_fraction": 0.5})
+    request.check_inputs()  # the CLI's
+    request.check_inputs()  # the flow's validate task
+    with pytest.raises(FitStarted):
+        run_stage(request)
+    assert scans == {shard: 1 for shard in _shards(bad_data)}
+    expected = check_training_data(_shards(bad_data), video_only=True, max_bad_fraction=1.0)
+    assert [(s.key, s.members) for s in handed[0].samples] == [(s.key, s.members) for s in expected.samples]
+    assert handed[0].skip_policy.known_bad == 7 and handed[0].skip_policy.total == 22
+    # run_stage took the kept check: a later run (a Prefect retry) checks afresh
+    scans.clear()
+    with pytest.raises(FitStarted):
+        run_stage(request)
+    assert scans == {shard: 1 for shard in _shards(bad_data)}
+    # a shard changed after the request's check (its mtime here): run_stage does not trust the kept check
+    scans.clear()
+    request.check_inputs()
+    shard = _shards(bad_data)[0]
+    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))
+    with pytest.raises(FitStarted):
+        run_stage(request)
+    assert scans == {shard: 2 for shard in _shards(bad_data)}
 
 
 def _stream(samples, stage_dir: Path, max_bad_fraction: float, seed: int = 0) -> TrainingStream:
@@ -197,7 +253,7 @@ def test_under_the_fraction_the_stage_trains_and_reports_the_bad_keys(bad_data: 
 def test_a_bad_clip_past_the_fraction_in_training_ends_the_ray_run_in_one_line(bad_data: Path, tmp_path: Path,
                                                                               ray_local) -> None:
     """7 of 22 bad before training passes max_bad_fraction 0.33; the random-bytes clip makes 8 in training: the
-    stage ends with the worker's line (Ray Train's restart returns at once), not Ray's wrapped error."""
+    stage ends with the worker's line, not Ray's wrapped error."""
     check = check_training_data(_shards(bad_data), video_only=True, max_bad_fraction=1.0)
     preset = get_stage_preset(2, "tiny")
     seed = next(seed for seed in range(100)
@@ -210,4 +266,62 @@ def test_a_bad_clip_past_the_fraction_in_training_ends_the_ray_run_in_one_line(b
     message = str(raised.value)
     assert "\n" not in message and message.startswith("8 of 22 training samples are bad in training")
     assert f"d-faults.tar:{RANDOM_KEY}" in message
+    assert not StageLayout(request.directory).done.exists()
+
+
+@pytest.fixture
+def corrupt_clips(tmp_path: Path, clips: list[dict]) -> Path:
+    """Valid tars of valid `KEY.json`s, half of whose `KEY.mp4` are random bytes: the pre-Ray check passes them
+    (tar headers and JSON cannot tell), training finds them."""
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    for shard in range(2):
+        members = [m for i in range(2) for m in _sample(f"good-{shard}-{i}", clips[i % len(clips)])]
+        members += [m for i in range(2) for m in _sample(f"garbage-{shard}-{i}",
+                                                           {**clips[i], "mp4": os.urandom(len(clips[i]["mp4"]))})]
+        _write_tar(folder / f"s-{shard}.tar", members)
+    return folder
+
+
+def _train_attempts(started_ns: int) -> int:
+    """Ray Train's worker-group starts (attempts) of the runs started since `started_ns`, from its state actor."""
+    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    actor = get_state_actor()
+    assert actor is not None, "Ray Train's state tracking is off"
+    runs = ray.get(actor.get_train_runs.remote())
+    attempts = ray.get(actor.get_train_run_attempts.remote())
+    ours = [run_id for run_id, run in runs.items() if run.start_time_ns >= started_ns]
+    assert len(ours) == 1, ours
+    return len(attempts.get(ours[0], {}))
+
+
+@pytest.mark.slow
+def test_corrupt_clips_past_the_fraction_end_the_stage_without_a_ray_restart(corrupt_clips: Path, tmp_path: Path,
+                                                                            ray_local, monkeypatch) -> None:
+    """Two workers; the seed puts a corrupt clip in rank 1's first step and a good one in rank 0's. Rank 1's stream
+    stops past max_bad_fraction, rank 0 learns it at the step's flag all-reduce, both return: Ray Train starts
+    the worker group once (with max_failures 2 it would restart a failed one twice) and the driver raises the one
+    line naming the shard and key."""
+    import time
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    check = check_training_data(_shards(corrupt_clips), video_only=True, max_bad_fraction=0.0)
+    assert not check.bad and len(check.samples) == 8  # the pre-Ray check cannot tell
+    preset = get_stage_preset(2, "tiny")
+    seed = next(seed for seed in range(100)
+                if [TrainingStream(check.samples, preset, seed).sample_at(p).key.startswith("garbage")
+                    for p in (0, 1)] == [False, True])
+    bad_key = TrainingStream(check.samples, preset, seed).sample_at(1).key
+    request = StageRunRequest.build({
+        "stage": 2, "data": str(corrupt_clips), "output_root": str(tmp_path / "runs"), "init": "tiny", "seed": seed,
+        "max_steps": 2, "num_workers": 2, "micro_batch_size": 1, "max_bad_fraction": 0.1, "max_failures": 2})
+    started = time.time_ns()
+    with pytest.raises(BadTrainingData) as raised:
+        run_stage(request)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("1 of 8 training samples are bad in training"), message
+    assert f"s-{bad_key.split('-')[1]}.tar:{bad_key}" in message
+    assert _train_attempts(started) == 1
     assert not StageLayout(request.directory).done.exists()

@@ -17,10 +17,12 @@ Image phases read image samples (jpg/png + txt) or one frame of a clip.
 
 Bad samples (video2dataset-style: skipped and counted, never fatal one by one): `check_training_data` runs before
 Ray starts and leaves out unreadable, empty or truncated shards, samples without a video (or image) and `KEY.json`
-rows whose fields have the wrong types. A sample that passes that check but fails to decode in training (a `.mp4`
+rows whose fields have the wrong types; it scans each shard once per run, and its index of the samples kept is what
+the Ray workers read. A sample that passes that check but fails to decode in training (a `.mp4`
 that is not a video: tar headers cannot tell) is replaced by the next sample of the same epoch's order, read with
 the position's own RNG, so the stream stays reproducible; it is counted by key. Above `max_bad_fraction` of the
-data set bad (both kinds together), the stage stops with one line naming shards and keys (`BadTrainingData`).
+data set bad (both kinds together), the stage stops with one line naming shards and keys (`BadTrainingData`),
+without a Ray Train restart or a Prefect retry: bad input fails the same way every time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -99,10 +102,6 @@ class DataCheck:
     def total(self) -> int:
         return len(self.samples) + self.bad_count
 
-    @property
-    def excluded(self) -> frozenset[tuple[str, str | None]]:
-        return frozenset((b.shard, b.key) for b in self.bad)
-
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "bad": self.bad_count, "max_bad_fraction": self.max_bad_fraction,
                 "samples": [b.to_dict() for b in self.bad]}
@@ -157,12 +156,6 @@ def check_training_data(shards: Iterable[str], video_only: bool, max_bad_fractio
     if check.bad_count > max_bad_fraction * check.total or (check.total and not samples):
         raise too_many_bad(bad, check.total, max_bad_fraction, "before training")
     return check
-
-
-def usable_samples(shards: Iterable[str], excluded: frozenset[tuple[str, str | None]]) -> list[IndexedSample]:
-    """The samples `check_training_data` kept (tar headers only, for the workers): the same list, same order."""
-    return [sample for scan in map(scan_shard, shards) if (scan.shard, None) not in excluded
-            for sample in scan.samples if (scan.shard, sample.key) not in excluded]
 
 
 @dataclass(frozen=True)
@@ -342,7 +335,9 @@ class TrainingStream(torch.utils.data.IterableDataset):
             except DECODE_ERRORS as error:
                 reason = _one_line(error)
             self.skip(sample, reason)  # outside the except: its one-line error carries no decoder traceback
-        raise too_many_bad(list(self.skipped.values()), count, self.skip_policy.max_bad_fraction, "in training")
+        policy = self.skip_policy
+        raise self.data_failure(too_many_bad([*self.skipped.values(), *policy.known], policy.total or count,
+                                             policy.max_bad_fraction, "in training"))
 
     def skip(self, sample: IndexedSample, reason: str) -> None:
         """Count a sample that failed in training (recorded under the stage directory); past `max_bad_fraction`
@@ -359,10 +354,16 @@ class TrainingStream(torch.utils.data.IterableDataset):
             atomic_write_json(layout.skipped_samples / name, [b.to_dict() for b in self.skipped.values()])
         found = [*self.skipped.values(), *policy.known]  # the news first
         if policy.known_bad + len(self.skipped) > policy.max_bad_fraction * policy.total:
-            error = too_many_bad(found, policy.total, policy.max_bad_fraction, "in training")
-            if layout is not None:
-                atomic_write_json(layout.data_failure, {"error": str(error)})
-            raise error
+            raise self.data_failure(too_many_bad(found, policy.total, policy.max_bad_fraction, "in training"))
+
+    def data_failure(self, error: BadTrainingData) -> BadTrainingData:
+        """Record the stage's data failure (its one line, under the stage directory) for the driver, which raises
+        it once the workers have stopped; returns `error` to raise here."""
+        if self.skip_policy.stage_dir:
+            from dataformat import StageLayout
+
+            atomic_write_json(StageLayout(self.skip_policy.stage_dir).data_failure, {"error": str(error)})
+        return error
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -413,8 +414,36 @@ def reference_motions(samples: list[IndexedSample], preset: StagePreset, seed: i
     return tuple(measured)
 
 
-def check_stage_data(preset: StagePreset, shards: list[str], max_bad_fraction: float) -> DataCheck:
+def check_stage_data(preset: StagePreset, shards: list[str], max_bad_fraction: float, *,
+                     keep: bool = True) -> DataCheck:
     """The pre-Ray data check of the stage's shards (`check_training_data`); too many bad samples raise
-    `BadTrainingData` naming them before any directory is touched or any worker starts."""
+    `BadTrainingData` naming them before any directory is touched or any worker starts.
+
+    A stage run meets the check up to three times in one process (`lvd train`'s request check, the flow's
+    validate task, `run_stage`); the shards are scanned once: the result is kept for the same shards (path, size,
+    mtime, inode) and settings, and `keep=False` (run_stage, which carries it to the workers) takes it out, so
+    no index of a finished run stays in memory."""
     video_only = preset.conditioning == "multiview" or all(not phase.image_only for phase in preset.phases)
-    return check_training_data(shards, video_only, max_bad_fraction)
+    key = (video_only, max_bad_fraction, tuple(_fingerprint(shard) for shard in shards))
+    with _CHECKED_LOCK:
+        check = _CHECKED.pop(key, None)
+    if check is None:
+        check = check_training_data(shards, video_only, max_bad_fraction)
+    if keep:
+        with _CHECKED_LOCK:
+            _CHECKED.clear()  # one entry: the latest check
+            _CHECKED[key] = check
+    return check
+
+
+_CHECKED: dict[tuple, DataCheck] = {}
+_CHECKED_LOCK = threading.Lock()
+
+
+def _fingerprint(shard: str) -> tuple:
+    """What tells a shard changed since it was checked (a rewrite changes its inode, size or mtime)."""
+    try:
+        stat = os.stat(shard)
+    except OSError:
+        return (shard,)
+    return shard, stat.st_ino, stat.st_size, stat.st_mtime_ns

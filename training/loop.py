@@ -4,7 +4,10 @@
 `train_loop_per_worker` on `num_workers` Ray workers (DDP, or FSDP2 with `strategy="fsdp"`; gloo on CPU / NCCL
 on GPU). Rank 0 reports a checkpoint every `checkpoint_every` steps through Ray Train (storage under the
 stage directory; under FSDP every rank joins the gather of full weights first); a rerun after a crash or
-SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it.
+SIGKILL resumes from the newest one, and `FailureConfig` restarts lost workers from it. Too many bad samples are
+not a lost worker: the ranks agree to stop (`until_data_failure`) and return, so Ray Train has nothing to restart,
+and the driver raises `BadTrainingData` in one line. The workers read the samples the driver's pre-Ray check kept
+(`StageRunConfig.samples`), so the shards' tar headers are scanned once per run.
 The last report carries the exported diffusers pipeline, which the driver moves to `stageN/pipeline`.
 With `min_workers` the worker group is elastic: after losing a node it restarts from the newest checkpoint with the
 workers that still fit (the global batch is split over however many there are, so the result does not change).
@@ -26,7 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,8 +71,9 @@ class StageRunConfig:
     image_encoder: str | None = None  # image mode from a text-to-video export: CLIP vision model (or SVD) folder
     sample_prompt: str = "a cyclist riding down a city street"
     lineage: dict[str, Any] = field(default_factory=dict)
-    # the pre-Ray data check (training/data.py): samples it left out, and how many bad samples may be skipped
-    excluded: frozenset = frozenset()
+    # the pre-Ray data check (training/data.py): the samples it kept (the workers read the shards by this index,
+    # scanned once on the driver), and how many bad samples may be skipped
+    samples: list = field(default_factory=list)  # dataformat.IndexedSample
     skip_policy: Any = None  # training.data.SkipPolicy
 
 
@@ -91,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
     import torch
 
     from model.loading import load_initial_pipeline
-    from training.data import TrainingStream, training_loader, usable_samples
+    from training.data import TrainingStream, training_loader
     from training.monitor import TrainingMonitor
     from training.trainer import StageTrainer
 
@@ -124,9 +128,10 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
         print(f"resuming stage {preset.stage} at step {trainer.step}", flush=True)
 
     monitor = TrainingMonitor(Path(config.log_dir), preset.total_steps, trainer.step, enabled=rank == 0)
-    stream = TrainingStream(usable_samples(config.shards, config.excluded), preset, config.seed, rank, world_size,
+    stream = TrainingStream(config.samples, preset, config.seed, rank, world_size,
                             config.micro_batch_size, start_step=trainer.step, skip_policy=config.skip_policy)
-    for micro_batches in group_steps(training_loader(stream, config.loader_workers)):
+    steps = group_steps(training_loader(stream, config.loader_workers))
+    for micro_batches in until_data_failure(steps, StageLayout(config.log_dir), device, world_size):
         metrics = trainer.train_step(micro_batches)
         step = metrics["step"]
         if step % preset.log_every == 0 or step == preset.total_steps:
@@ -137,6 +142,40 @@ def train_loop_per_worker(loop_config: dict[str, StageRunConfig]) -> None:
         if step % preset.checkpoint_every == 0 or final:  # a report is a barrier: only with checkpoints
             _report_checkpoint(trainer, monitor, config, metrics, final)
     monitor.close()
+
+
+def until_data_failure(steps: Iterator[list[dict[str, Any]]], layout: StageLayout, device: Any,
+                       world_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Each optimizer step's micro-batches until this rank's or another rank's stream stops for bad data
+    (`BadTrainingData`: past max_bad_fraction). Then every rank returns instead of raising: Ray Train restarts the
+    worker group after any worker error (FailureConfig's max_failures cannot tell bad input from a lost node), and
+    a restart would meet the same samples. The ranks agree through one all-reduce of a flag per step, before the
+    step's own collectives; the driver raises the one line the stream recorded (`data_failure.json`)."""
+    import torch
+    import torch.distributed as dist
+
+    from training.data import BadTrainingData
+
+    shared = world_size > 1 and dist.is_available() and dist.is_initialized()
+    iterator = iter(steps)
+    while True:
+        micro_batches, stopped = None, False
+        try:
+            micro_batches = next(iterator)
+        except StopIteration:
+            return  # every rank has the same steps: all end here together
+        except BadTrainingData as error:  # from a loader worker: the same type, its traceback in the message
+            stopped = True
+            if not layout.data_failure.exists():
+                message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                atomic_write_json(layout.data_failure, {"error": message})
+        if shared:
+            flag = torch.tensor([1.0 if stopped else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopped = bool(flag.item())
+        if stopped:
+            return
+        yield micro_batches
 
 
 def _report_checkpoint(trainer, monitor, config: StageRunConfig, metrics: dict[str, Any], final: bool) -> None:
@@ -321,7 +360,8 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         return {**json.loads(done.read_text()), "skipped": True}
     from training.data import check_stage_data
 
-    data_check = check_stage_data(stage_preset, shards, request.max_bad_fraction)  # before Ray: one line if too bad
+    # before Ray: one line if too bad; the request's check already scanned the shards in this process (kept for us)
+    data_check = check_stage_data(stage_preset, shards, request.max_bad_fraction, keep=False)
     if not resume and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -343,7 +383,7 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
         preset=stage_preset, shards=shards, init=init, log_dir=str(directory), seed=seed, use_gpu=use_gpu,
         micro_batch_size=request.micro_batch_size or max(p.batch_size for p in stage_preset.phases),
         loader_workers=request.loader_workers, lineage=lineage, strategy=strategy, image_encoder=image_encoder,
-        excluded=data_check.excluded,
+        samples=data_check.samples,
         skip_policy=SkipPolicy(request.max_bad_fraction, data_check.bad_count, data_check.total, str(directory),
                                data_check.bad),
     )
@@ -355,9 +395,9 @@ def run_stage(request: StageRunRequest, on_progress: Callable[[dict[str, Any]], 
     try:
         result = _fit(config, workers, use_gpu, storage, request.ray_address, request.max_failures, on_progress)
     except Exception:
-        raise_data_failure(layout)  # a worker's bad-data stop, unwrapped from Ray Train's error: one line
+        raise_data_failure(layout)  # a bad-data stop that still came as a worker error: its one line
         raise
-    raise_data_failure(layout)  # the restarted workers returned at once
+    raise_data_failure(layout)  # the workers stopped together for bad data (no restart): the recorded line
 
     final = Path(tempfile.mkdtemp(prefix=StageLayout.EXPORT_STAGING_PREFIX, dir=directory))
     try:

@@ -236,6 +236,7 @@ class StageRunRequest(Request):
             check_pipeline_source(source)
         from training.data import check_stage_data
 
-        check_stage_data(stage_preset, shards, self.max_bad_fraction)  # too many bad samples: one line, exit 2
+        # too many bad samples: one line, exit 2; the result is kept in this process for `run_stage` (one scan)
+        check_stage_data(stage_preset, shards, self.max_bad_fraction)
         return {"shards": len(shards), "init": init, "steps": stage_preset.total_steps,
                 "phases": [phase.name for phase in stage_preset.phases]}

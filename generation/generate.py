@@ -142,16 +142,30 @@ class GenerateFileRequest(GenerateRequest):
 def check_request_memory(request: GenerateRequest, available: int | None = None) -> None:
     """`check_sampling_request` for one `lvd generate` request: its sizes, mode, prompts and dtype."""
     image_mode = request.image is not None or request.image_model is not None
-    check_sampling_request(request.checkpoint, height=request.height, width=request.width,
-                           num_frames=request.views or request.num_frames, decode_chunk_size=request.decode_chunk_size,
-                           batch=1 if image_mode else max(1, len(request.prompts or [])), dtype=request.dtype,
-                           cpu_offload=request.cpu_offload, image_mode=image_mode, available=available)
+    call = SamplingCall(request.checkpoint, height=request.height, width=request.width,
+                        num_frames=request.views or request.num_frames, decode_chunk_size=request.decode_chunk_size,
+                        batch=1 if image_mode else max(1, len(request.prompts or [])), dtype=request.dtype,
+                        cpu_offload=request.cpu_offload, image_mode=image_mode)
+    check_sampling_request(call, available=available)
 
 
-def check_sampling_request(checkpoint: str | None, *, height: int | None, width: int | None,
-                           num_frames: int | None, decode_chunk_size: int | None, batch: int = 1,
-                           dtype: str = "float32", cpu_offload: bool = False, image_mode: bool = False,
-                           available: int | None = None) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class SamplingCall:
+    """One sampling call as `lvd generate` and `lvd walk` make it: what its memory and sizes depend on. None sizes
+    take the mode's defaults (see `check_sampling_request`)."""
+
+    checkpoint: str | None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    decode_chunk_size: int | None = None
+    batch: int = 1
+    dtype: str = "float32"
+    cpu_offload: bool = False
+    image_mode: bool = False
+
+
+def check_sampling_request(call: SamplingCall, available: int | None = None) -> tuple[int, int]:
     """ValueError (one line) when height/width are not multiples of the VAE's downscale, exceed
     `model.memory.MAX_SIDE`, or one sampling call at these sizes (`num_frames` frames, `batch` videos) would need
     more memory than is free where it runs (the estimate of `model.memory`, from the folder's configs and safetensors
@@ -169,7 +183,8 @@ def check_sampling_request(checkpoint: str | None, *, height: int | None, width:
         scale_factor_of,
     )
 
-    folder = Path(checkpoint) if checkpoint is not None else None
+    folder = Path(call.checkpoint) if call.checkpoint is not None else None
+    height, width = call.height, call.width
     if folder is None or not (folder / "model_index.json").is_file():
         if height is not None or width is not None:
             check_sampling_size(height or 8, width or 8, 8)
@@ -179,18 +194,18 @@ def check_sampling_request(checkpoint: str | None, *, height: int | None, width:
     unet = json.loads((folder / "unet" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
     factor = scale_factor_of(vae)
-    fallback = (576, 1024) if image_mode else (int(unet.get("sample_size") or 8) * factor,) * 2
+    fallback = (576, 1024) if call.image_mode else (int(unet.get("sample_size") or 8) * factor,) * 2
     height, width = height or fallback[0], width or fallback[1]
     check_sampling_size(height, width, factor, bound=False)  # the memory estimate first: it says what is needed
-    frames = num_frames or int(unet.get("num_frames") or 14)
-    chunk = decode_chunk_size or (14 if image_mode else TEXT_TO_VIDEO_DEFAULTS["decode_chunk_size"])
+    frames = call.num_frames or int(unet.get("num_frames") or 14)
+    chunk = call.decode_chunk_size or (14 if call.image_mode else TEXT_TO_VIDEO_DEFAULTS["decode_chunk_size"])
     estimate = estimate_sampling_memory(unet, vae, parameters=check_pipeline_folder(folder).total_parameters,
-                                        height=height, width=width, num_frames=frames, batch=batch,
-                                        decode_chunk_size=chunk, dtype=dtype)
+                                        height=height, width=width, num_frames=frames, batch=call.batch,
+                                        decode_chunk_size=chunk, dtype=call.dtype)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and cpu_offload:  # the weights wait on the CPU; one component at a time on the GPU
+    if device == "cuda" and call.cpu_offload:  # the weights wait on the CPU; one component at a time on the GPU
         estimate = dataclasses.replace(estimate, weights=estimate.weights // 2)
     where = "GPU" if device == "cuda" else "CPU"
     check_sampling_memory(estimate, available_memory(device) if available is None else available, where)

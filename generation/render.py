@@ -77,17 +77,17 @@ class WalkRequest(Request):
     def check_inputs(self) -> None:
         """The audio file, the images, the waypoint lists and the sizes against memory (one model call's estimate
         as `lvd generate` checks it, and the walk's frames), before any model is loaded."""
-        from generation.generate import check_sampling_request
+        from generation.generate import SamplingCall, check_sampling_request
         from generation.walk import check_walk_inputs
 
         try:
             check_render_options(self.out, self.fps, self.upscale, self.audio)
             waypoints, segment_frames = walk_waypoints(self.prompts, self.seeds, self.segment_frames, self.images)
             check_walk_inputs(waypoints, segment_frames)
-            height, width = check_sampling_request(
+            height, width = check_sampling_request(SamplingCall(
                 self.checkpoint, height=self.height, width=self.width, num_frames=self.window,
                 decode_chunk_size=self.decode_chunk_size, batch=self.batch_size, dtype=self.dtype,
-                cpu_offload=self.cpu_offload)
+                cpu_offload=self.cpu_offload))
             check_walk_frames_memory(int(sum(segment_frames)), height, width,
                                      self.upscale_factor if self.upscale else 1)
         except ValueError as error:

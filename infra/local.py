@@ -429,8 +429,24 @@ class LocalRayCluster:
         return {node_id: by_temp_dir[temp_dir] for node_id, (temp_dir, alive) in _gcs_nodes(self.address).items()
                 if temp_dir in by_temp_dir and (alive or not alive_only)}
 
-    def _start_node(self, index: int) -> LocalRayNode:
-        """`ray start` node `index` (0: the head) in a session of its own; returns once `ray start` has exited."""
+    def _start_node(self, index: int, attempts: int = 3) -> LocalRayNode:
+        """`ray start` node `index` (0: the head) in a session of its own; returns once `ray start` has exited.
+
+        A loaded machine can miss Ray's fixed start-up deadlines (30 s for the raylet to register with the GCS, the
+        agent's port file): a failed start is stopped, its temp dir cleared, and started again with fresh ports, up
+        to `attempts` times; the last failure raises with the end of its log."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_node_once(index)
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                shutil.rmtree(self.root / f"n{index}", ignore_errors=True)
+                if index == 0:  # nothing has joined yet: a fresh port, in case the failed GCS's lingers
+                    self.address = f"127.0.0.1:{free_port()}"
+        raise AssertionError("unreachable")
+
+    def _start_node_once(self, index: int) -> LocalRayNode:
         temp_dir = self.root / f"n{index}"
         temp_dir.mkdir(parents=True, exist_ok=True)
         head_port = int(self.address.rsplit(":", 1)[1])
@@ -459,10 +475,7 @@ class LocalRayCluster:
             raise ValueError("the head cannot be restarted: the cluster's state lives in it")
         if _stop_session(self.nodes[index].session_id):
             raise RuntimeError(f"node {index} of {self.address} cannot be stopped")
-        try:
-            self.nodes[index] = self._start_node(index)
-        except RuntimeError:  # a loaded machine can miss Ray's start-up deadlines once (e.g. its agent's port file)
-            self.nodes[index] = self._start_node(index)
+        self.nodes[index] = self._start_node(index)
         _wait_for_nodes(self.address, len(self.nodes), self.timeout_s)
         return self.nodes[index]
 

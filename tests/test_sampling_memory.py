@@ -135,11 +135,10 @@ def test_walk_whose_frames_cannot_be_held_is_refused_in_one_line(svd_dir, image_
 
 def test_walk_sizes_go_through_the_generate_check(svd_dir):
     """The walk's estimate is `lvd generate`'s for the same call: the shared check refuses both alike."""
-    from generation.generate import check_sampling_request
+    from generation.generate import SamplingCall, check_sampling_request
 
     with pytest.raises(ValueError, match="sampling needs about"):
-        check_sampling_request(str(svd_dir), height=4096, width=4096, num_frames=14, decode_chunk_size=14,
-                               available=2**30)
+        check_sampling_request(SamplingCall(str(svd_dir), height=4096, width=4096, num_frames=14,
+                                            decode_chunk_size=14), available=2**30)
     # a walk's default size is the U-Net's sample size (8 latents x the VAE's downscale 8), not image mode's 576x1024
-    assert check_sampling_request(str(svd_dir), height=None, width=None, num_frames=None, decode_chunk_size=None,
-                                  available=2**40) == (64, 64)
+    assert check_sampling_request(SamplingCall(str(svd_dir)), available=2**40) == (64, 64)

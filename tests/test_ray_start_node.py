@@ -92,3 +92,26 @@ def test_a_driver_without_token_auth_is_told_what_to_set_in_one_line(one_cpu_nod
     assert lines[0].startswith("lvd curate: error: ") and "set RAY_AUTH_MODE=token" in lines[0], lines[0]
     assert "~/.ray/auth_token" in lines[0], lines[0]
     assert not out.exists()
+
+
+def test_a_failed_ray_start_is_started_again(monkeypatch):
+    """Under load a `ray start` can miss Ray's fixed start-up deadlines (CI: the head's raylet did not register
+    within 30 s). Here the head's first start fails for real (its port is taken by another listener): the failed
+    start leaves nothing running and the head comes up on a fresh port."""
+    import socket
+
+    import infra.local as local
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        ports = iter([taken_port])
+        real_free_port = local.free_port
+        monkeypatch.setattr(local, "free_port", lambda: next(ports, None) or real_free_port())
+        with local_ray_cluster(nodes=1, cpus_per_node=1) as cluster:
+            assert cluster.address != f"127.0.0.1:{taken_port}"
+            assert cluster.head.raylet_pid() is not None
+            log = (cluster.root / "node0.log").read_text(errors="replace")
+            assert str(taken_port) in log, "the first start did not fail on the taken port: nothing was tested"
+        assert not cluster.head.pids()

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from common.cache import sample_cache
-from common.requests import flat_parameters, to_data
+from common.requests import flat_parameters
 from curation.annotations import annotate_sources, read_annotations
 from curation.config import CurateRequest, CurationConfig
 from curation.dataset import (
@@ -53,13 +53,12 @@ def default_input() -> str:
 
 
 @task(name="discover-sources")
-def discover_task(input_path: str, output_path: str, config: dict[str, Any]) -> int:
+def discover_task(input_path: str, output_path: str, config: CurationConfig) -> int:
     """Count the sources still to curate (the listing streams; `curate-sources` walks it again, in the same
     order, while it submits batches)."""
-    cfg = CurationConfig.from_overrides(config)
-    layout = prepare_output(output_path, cfg)
+    layout = prepare_output(output_path, config)
     total = pending = 0
-    for relative_path in discover_sources(input_path, cfg.video_extensions):
+    for relative_path in discover_sources(input_path, config.video_extensions):
         total += 1
         pending += not layout.is_committed(relative_path)
     get_run_logger().info("%d sources, %d already done, %d to process", total, total - pending, pending)
@@ -75,18 +74,17 @@ WORKER_CRASH_RETRIES = 2
 
 @task(name="curate-batch", retries=2, retry_delay_seconds=5, task_run_name="curate {label}")
 def curate_batch_task(input_path: str, relative_paths: list[str], label: str, output_path: str,
-                      config: dict[str, Any], driver: dict[str, Any]) -> list[dict]:
+                      config: CurationConfig, driver: dict[str, Any]) -> list[dict]:
     """On a Ray worker: stage a batch of sources (the driver commits them); the worker exits if the driver is
     gone. Its result has one row per source (status, clips, timings)."""
     stop_with_driver(DriverProcess.from_dict(driver))
-    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path,
-                         CurationConfig.from_overrides(config))
+    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path, config)
 
 
 @task(name="find-duplicates")
-def duplicates_task(output_path: str, config: dict[str, Any]) -> dict:
+def duplicates_task(output_path: str, config: CurationConfig) -> dict:
     """Global across sources, so after every source is scored (docs/dedup.md); a rerun reuses its groups."""
-    result = find_duplicates(output_path, CurationConfig.from_overrides(config))
+    result = find_duplicates(output_path, config)
     if result.get("method"):
         get_run_logger().info("near-duplicates (%s): %d groups, %d duplicate clips of %d%s", result["method"],
                               result["groups"], result["duplicates"], result["clips"],
@@ -95,24 +93,23 @@ def duplicates_task(output_path: str, config: dict[str, Any]) -> dict:
 
 
 @task(name="finalize")
-def finalize_task(output_path: str, config: dict[str, Any]) -> dict:
-    cfg = CurationConfig.from_overrides(config)
-    return finalize(prepare_output(output_path, cfg), cfg, read_annotations(output_path))
+def finalize_task(output_path: str, config: CurationConfig) -> dict:
+    return finalize(prepare_output(output_path, config), config, read_annotations(output_path))
 
 
 @task(name="lvd-f-report")
-def report_task(output_path: str, config: dict[str, Any]) -> str:
-    return write_report(output_path, CurationConfig.from_overrides(config))
+def report_task(output_path: str, config: CurationConfig) -> str:
+    return write_report(output_path, config)
 
 
 @flow(name="select-hq")
-def select_hq(output_path: str, config: dict[str, Any]) -> dict:
+def select_hq(output_path: str, config: CurationConfig) -> dict:
     """Stage III subset: RAFT actors on the flow's Ray (task runner) score the kept clips."""
-    return hq_pass(output_path, CurationConfig.from_overrides(config))
+    return hq_pass(output_path, config)
 
 
 @flow(name="curate-sources")
-def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pending: int, progress: bool,
+def curate_sources(input_path: str, output_path: str, config: CurationConfig, pending: int, progress: bool,
                    sources_per_task: int = 8, batches_in_flight: int | None = None,
                    local_ray: bool = True) -> dict[str, int]:
     """Stream the uncommitted sources to Ray in batches (one `curate-batch` task run each), at most
@@ -125,12 +122,11 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
 
     worker_deaths = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
     logger = get_run_logger()
-    cfg = CurationConfig.from_overrides(config)
     layout = RunLayout(output_path)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     limit = batches_in_flight or 2 * cpus
     size = batch_size(pending, min(cpus, limit), sources_per_task)  # at most `limit` workers can be busy
-    batches = source_batches(pending_sources(layout, discover_sources(input_path, cfg.video_extensions)), size)
+    batches = source_batches(pending_sources(layout, discover_sources(input_path, config.video_extensions)), size)
     numbered = ((f"batch {number}", [portable_source(rel) for rel in batch]) for number, batch in enumerate(batches, 1))
     logger.info("%d sources to curate in batches of %d, at most %d batches in flight", pending, size, limit)
     # Ray workers rebuild this run's Prefect settings; with no API URL in them each would start a temporary server of
@@ -193,7 +189,7 @@ def curate_sources(input_path: str, output_path: str, config: dict[str, Any], pe
             yield from results
 
     # Learned scorers run on Ray actors while the remaining sources are still being decoded.
-    scoring = annotate_sources(output_path, cfg, finished_sources(), pending > 0)
+    scoring = annotate_sources(output_path, config, finished_sources(), pending > 0)
     for line in scoring.lines():
         logger.info("scorers: %s", line)
     if bar is not None:
@@ -210,7 +206,7 @@ def curate_lvd(request: CurateRequest) -> dict:
     """Curate a folder of raw videos into LVD-F: cuts, clips, scores, filters, WebDataset shards."""
     from prefect_ray import RayTaskRunner
 
-    config = to_data(request.config)  # tasks (on Ray workers) get plain data and rebuild the settings
+    config = request.config  # frozen: it crosses to the tasks and the Ray workers as it is, validated once
     input_path = request.input_path or default_input()
     output_path = str(Path(request.output_path).resolve())
     pending = discover_task(input_path, output_path, config)

@@ -361,7 +361,7 @@ def test_an_output_path_that_cannot_hold_a_run_is_a_one_line_error_with_exit_cod
 
 @task(name="curate-batch")
 def _curate_batch_whose_decoder_crashes(input_path: str, relative_paths: list[str], label: str, output_path: str,
-                                        config: dict, driver: dict) -> list[dict]:
+                                        config: CurationConfig, driver: dict) -> list[dict]:
     """The real batch task, except that for `crash*` sources the decoder kills its process with SIGSEGV after
     ten real frames (as a crash in native decoder code does) and notes each try in OUT/crash-tries."""
     import signal
@@ -379,8 +379,7 @@ def _curate_batch_whose_decoder_crashes(input_path: str, relative_paths: list[st
             yield frame
 
     curation.chain.stream_frames = crashing_decoder  # this worker dies with its patched module
-    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path,
-                         CurationConfig.from_overrides(config))
+    return stage_sources(input_path, [native_source(rel) for rel in relative_paths], output_path, config)
 
 
 def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(prefect_api, ray_local, sample_dir,
@@ -405,7 +404,7 @@ def test_a_source_that_crashes_its_worker_on_every_try_becomes_an_error_row(pref
     layout = prepare_output(out, config)
     runner = RayTaskRunner(**flows.curate._runner_args(None))  # as curate-lvd runs its sources
     counts = flows.curate.curate_sources.with_options(task_runner=runner)(
-        str(videos), str(out), settings, pending=2, progress=False, sources_per_task=2, batches_in_flight=1)
+        str(videos), str(out), config, pending=2, progress=False, sources_per_task=2, batches_in_flight=1)
     summary = finalize(layout, config)  # the rest of the run
     tries = [line.split("\t") for line in (out / "crash-tries").read_text().splitlines()]
     # The batch of both sources dies twice, then the crashing source alone dies twice, each on a new worker.

@@ -139,17 +139,7 @@ class GenerateFileRequest(GenerateRequest):
         check_writable_output(self.out)
 
 
-def check_request_memory(request: GenerateRequest, available: int | None = None) -> None:
-    """`check_sampling_request` for one `lvd generate` request: its sizes, mode, prompts and dtype."""
-    image_mode = request.image is not None or request.image_model is not None
-    call = SamplingCall(request.checkpoint, height=request.height, width=request.width,
-                        num_frames=request.views or request.num_frames, decode_chunk_size=request.decode_chunk_size,
-                        batch=1 if image_mode else max(1, len(request.prompts or [])), dtype=request.dtype,
-                        cpu_offload=request.cpu_offload, image_mode=image_mode)
-    check_sampling_request(call, available=available)
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class SamplingCall:
     """One sampling call as `lvd generate` and `lvd walk` make it: what its memory and sizes depend on. None sizes
     take the mode's defaults (see `check_sampling_request`)."""
@@ -163,6 +153,16 @@ class SamplingCall:
     dtype: str = "float32"
     cpu_offload: bool = False
     image_mode: bool = False
+
+
+def check_request_memory(request: GenerateRequest, available: int | None = None) -> None:
+    """`check_sampling_request` for one `lvd generate` request: its sizes, mode, prompts and dtype."""
+    image_mode = request.image is not None or request.image_model is not None
+    call = SamplingCall(request.checkpoint, height=request.height, width=request.width,
+                        num_frames=request.views or request.num_frames, decode_chunk_size=request.decode_chunk_size,
+                        batch=1 if image_mode else max(1, len(request.prompts or [])), dtype=request.dtype,
+                        cpu_offload=request.cpu_offload, image_mode=image_mode)
+    check_sampling_request(call, available=available)
 
 
 def check_sampling_request(call: SamplingCall, available: int | None = None) -> tuple[int, int]:

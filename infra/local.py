@@ -435,16 +435,14 @@ class LocalRayCluster:
         A loaded machine can miss Ray's fixed start-up deadlines (30 s for the raylet to register with the GCS, the
         agent's port file): a failed start is stopped, its temp dir cleared, and started again with fresh ports, up
         to `attempts` times; the last failure raises with the end of its log."""
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts - 1):
             try:
                 return self._start_node_once(index)
             except RuntimeError:
-                if attempt == attempts:
-                    raise
                 shutil.rmtree(self.root / f"n{index}", ignore_errors=True)
                 if index == 0:  # nothing has joined yet: a fresh port, in case the failed GCS's lingers
                     self.address = f"127.0.0.1:{free_port()}"
-        raise AssertionError("unreachable")
+        return self._start_node_once(index)
 
     def _start_node_once(self, index: int) -> LocalRayNode:
         temp_dir = self.root / f"n{index}"
